@@ -1,0 +1,1 @@
+"""Pure, jittable post-hoc methods over logits and parameter pytrees."""

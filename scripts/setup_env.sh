@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Creates .venv (if missing) and installs glajax with its test extras. Idempotent.
+# torch is the test-only parity oracle: its CPU build is installed first, pinned, so that an
+# unpinned torch does not pull several GB of CUDA packages.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then "$PY" -m venv .venv; fi
+. .venv/bin/activate
+python -m pip install -q --upgrade pip
+python -m pip install -q "torch==${GLAJAX_TORCH_VERSION:-2.13.0}"
+python -m pip install -q -e ".[test]"
