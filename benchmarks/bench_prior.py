@@ -1,0 +1,151 @@
+"""Prior estimation on 50 000 × 1 000 logits: glajax's exact solver vs GLA's reference solver.
+
+The reference is GLA's released estimator written in PyTorch the way the original does it
+(q = uniform, ``requires_grad``, ``torch.optim.SGD`` with lr = 1e-5·(N/C)/50, 1000 steps of
+``F.cross_entropy(logits - log q, labels)``). Both run on the same logits in the same process;
+the optimum θ* is computed independently in float64 NumPy (fixed point to residual < 1e-12).
+
+    python benchmarks/bench_prior.py [--num-samples 50000] [--num-classes 1000] [--threads 2]
+        [--solvers newton,fixed_point,lbfgs] [--reference-steps 1000] [--out results.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+
+import numpy as np
+
+
+def make_logits(num_samples: int, num_classes: int, seed: int = 0):
+  """CLIP-like logits with a known long-tailed prior: z = 4·(ε + 6·onehot(y)) + log π_true.
+
+  ε ~ N(0, 2²) i.i.d.; labels balanced (every class occurs); log π_true sorted Zipf-like.
+  """
+  rng = np.random.default_rng(seed)
+  log_prior = np.sort(rng.normal(0.0, 1.5, num_classes))[::-1]
+  log_prior -= np.log(np.exp(log_prior).sum())
+  labels = np.arange(num_samples) % num_classes
+  rng.shuffle(labels)
+  logits = rng.normal(0.0, 2.0, (num_samples, num_classes))
+  logits[np.arange(num_samples), labels] += 6.0
+  logits = 4.0 * logits + log_prior
+  return logits.astype(np.float32), labels.astype(np.int32), log_prior
+
+
+def optimum_float64(logits, labels, tol=1e-12, max_iter=20000):
+  """θ* by the fixed point θ ← θ + log(p̄/freq) in float64 (factored: one exp pass)."""
+  z = logits.astype(np.float64)
+  num_samples, num_classes = z.shape
+  freq = np.bincount(labels, minlength=num_classes) / num_samples
+  exp_z = np.exp(z - z.max(axis=1, keepdims=True))
+  theta = np.zeros(num_classes)
+  for it in range(max_iter):
+    w = np.exp(theta.min() - theta)
+    pbar = w * (exp_z.T @ (1.0 / (exp_z @ w))) / num_samples
+    if np.abs(pbar - freq).max() < tol:
+      break
+    theta += np.log(pbar / freq)
+  return theta, it
+
+
+def residual_float64(logits, labels, theta):
+  """max_c |mean_i softmax(z_i − θ)_c − freq_c| in float64."""
+  z = logits.astype(np.float64) - theta
+  z -= z.max(axis=1, keepdims=True)
+  probs = np.exp(z)
+  probs /= probs.sum(axis=1, keepdims=True)
+  freq = np.bincount(labels, minlength=z.shape[1]) / z.shape[0]
+  return float(np.abs(probs.mean(axis=0) - freq).max())
+
+
+def normalised(log_prior):
+  log_prior = np.asarray(log_prior, np.float64)
+  return log_prior - np.log(np.exp(log_prior - log_prior.max()).sum()) - log_prior.max()
+
+
+def gla_reference_torch(logits, labels, steps, threads):
+  """GLA's solver, in PyTorch as released: plain SGD on q from uniform; returns (log q, s/step)."""
+  import torch
+  import torch.nn.functional as F
+  torch.set_num_threads(threads)
+  logits_t, labels_t = torch.from_numpy(logits), torch.from_numpy(labels).long()
+  num_samples, num_classes = logits.shape
+  q = torch.ones(num_classes) / num_classes
+  q.requires_grad_(True)
+  optimizer = torch.optim.SGD([q], lr=1e-5 * (num_samples / num_classes) / 50)
+  start = time.perf_counter()
+  for _ in range(steps):
+    loss = F.cross_entropy(logits_t - torch.log(q), labels_t)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+  seconds = time.perf_counter() - start
+  return torch.log(q.detach()).double().numpy(), seconds, torch.__version__
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--num-samples", type=int, default=50000)
+  parser.add_argument("--num-classes", type=int, default=1000)
+  parser.add_argument("--threads", type=int, default=2)
+  parser.add_argument("--solvers", default="newton,fixed_point,lbfgs")
+  parser.add_argument("--reference-steps", type=int, default=1000)
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--out", default=None)
+  args = parser.parse_args()
+
+  logits, labels, true_log_prior = make_logits(args.num_samples, args.num_classes)
+  freq = np.bincount(labels, minlength=args.num_classes) / args.num_samples
+  results = {"N": args.num_samples, "C": args.num_classes, "threads": args.threads,
+             "cpu": platform.processor() or platform.machine(), "load_avg_start": os.getloadavg()}
+  theta_star, star_iters = optimum_float64(logits, labels)
+  log_prior_star = normalised(theta_star + np.log(freq))
+  results["optimum"] = {"iterations": star_iters,
+                        "residual": residual_float64(logits, labels, theta_star),
+                        "corr_with_truth": float(np.corrcoef(log_prior_star, true_log_prior)[0, 1])}
+
+  def report(log_prior, seconds):
+    theta = log_prior - np.log(freq)
+    return {"seconds": seconds, "residual": residual_float64(logits, labels, theta),
+            "max_abs_log_prior_error_vs_optimum": float(np.abs(normalised(log_prior)
+                                                               - log_prior_star).max()),
+            "corr_with_optimum": float(np.corrcoef(log_prior, log_prior_star)[0, 1])}
+
+  log_q, seconds, torch_version = gla_reference_torch(logits, labels, args.reference_steps,
+                                                      args.threads)
+  results["torch_version"] = torch_version
+  results["gla_reference_torch"] = {**report(log_q + np.log(freq), seconds),
+                                    "steps": args.reference_steps,
+                                    "seconds_per_step": seconds / args.reference_steps}
+  print(json.dumps(results, indent=1), flush=True)
+
+  import jax
+  import jax.numpy as jnp
+  from glajax import methods as M
+  results["jax_version"] = jax.__version__
+  z, y = jnp.asarray(logits), jnp.asarray(labels)
+  for solver in args.solvers.split(","):
+    log_prior, info = M.estimate_log_prior(z, y, solver=solver, return_info=True)  # compile
+    times = []
+    for _ in range(args.repeats):
+      start = time.perf_counter()
+      log_prior, info = M.estimate_log_prior(z, y, solver=solver, return_info=True)
+      log_prior.block_until_ready()
+      times.append(time.perf_counter() - start)
+    results[solver] = {**report(np.asarray(log_prior), min(times)), "all_seconds": times,
+                       "iterations": int(info["iterations"]),
+                       "reported_residual_float32": float(info["residual"]),
+                       "speedup_vs_reference": seconds / min(times)}
+    print(solver, json.dumps(results[solver]), flush=True)
+  results["load_avg_end"] = os.getloadavg()
+  print(json.dumps(results, indent=1))
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,46 @@
+"""The ``glajax`` command line: ``glajax demo [--workdir DIR] [--quick]``."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+
+def _parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog="glajax", description="Fine-tuning CLIP without inheriting its biases, in JAX.")
+  commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+  demo = commands.add_parser("demo", help="run the embedded end-to-end example",
+                             description="Runs the embedded end-to-end example and writes "
+                             "report.json, report.md and plots into --workdir.")
+  demo.add_argument("--workdir", default="glajax-demo",
+                    help="where results and cached models go (default: %(default)s)")
+  demo.add_argument("--quick", action="store_true", help="a smaller, faster run")
+  demo.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+  return parser
+
+
+def _demo(args) -> int:
+  try:
+    demo = importlib.import_module("glajax.demo")
+  except ModuleNotFoundError as e:
+    if e.name != "glajax.demo":
+      raise
+    print("glajax demo: this installation has no glajax.demo package (the embedded example); "
+          "reinstall glajax from a complete source tree.", file=sys.stderr)
+    return 1
+  return demo.main(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+  """Entry point of the ``glajax`` console script; returns the exit status."""
+  parser = _parser()
+  args = parser.parse_args(argv)
+  if args.command == "demo":
+    return _demo(args)
+  parser.print_help(sys.stderr)
+  return 2
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,306 @@
+"""tf.data input pipelines: CLIP preprocessing, per-process slices, global batches on the mesh.
+
+Every example has an index: its position in the split, in TFDS's stored order (the order
+``read_labels`` returns and ``subsample`` selects from). Each process reads its own contiguous
+slice of the split (``tfds.even_splits``); ``batch_size`` is the global batch, each process
+yields ``batch_size / process_count`` examples per step; with a ``mesh`` they arrive as global
+``jax.Array``s sharded over its ``data`` axis (``glajax.train.mesh.shard_batch``), without one as
+NumPy arrays.
+
+Resuming training: ``train_batches(..., start_step=k)`` yields exactly the batches a fresh
+iterator yields from step k on. Epoch e shuffles the process's slice with a seed drawn (Philox) from
+(seed, e, process) and every example's augmentation uses the stateless seed (that epoch seed, its
+position in the shuffled epoch), so skipping k·B encoded records (no decoding) lands on the same
+state. Resuming costs a read of at most one epoch of encoded records.
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterator, NamedTuple
+
+import jax
+import numpy as np
+import tensorflow as tf
+
+from glajax.data import builders, preprocess, registry
+from glajax.errors import DatasetError, bad_argument
+from glajax.train import mesh as mesh_lib
+
+AUTOTUNE = tf.data.AUTOTUNE
+
+
+def _info_of(name_or_dataset) -> registry.DatasetInfo | None:
+  if isinstance(name_or_dataset, str):
+    return registry.get(name_or_dataset)
+  if isinstance(name_or_dataset, registry.DatasetInfo):
+    return name_or_dataset
+  if isinstance(name_or_dataset, tf.data.Dataset):
+    return None
+  raise bad_argument("name_or_dataset", "a registry name, DatasetInfo or tf.data.Dataset",
+                     type(name_or_dataset).__name__)
+
+
+def _default_data_dir() -> str:
+  return os.path.expanduser(os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets"))
+
+
+def tfds_builder(info: registry.DatasetInfo, data_dir=None, manual_dir=None):
+  """The prepared TFDS builder of ``info`` (prepared now if needed; manual ones need manual_dir).
+
+  Its label feature must have ``info.num_classes`` classes (a missing class folder would
+  otherwise shift every label after it).
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  if info.source is not None:
+    builder = builders.prepare(info.source, manual_dir, data_dir or _default_data_dir())
+  else:
+    builder = tfds.builder(info.tfds_name, data_dir=data_dir)
+    if not builder.is_prepared():
+      if info.manual_download or builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
+        if manual_dir is None or not os.path.isdir(os.path.expanduser(manual_dir)):
+          raise bad_argument("manual_dir", f"the manual-download directory of {info.tfds_name} "
+                             f"(not prepared in {builder.data_dir})", manual_dir, DatasetError)
+      builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+          manual_dir=manual_dir and os.path.expanduser(manual_dir)))
+  stored = builder.info.features[info.label_key].num_classes
+  if info.source_labels is None and stored != info.num_classes:
+    raise bad_argument(f"{info.tfds_name} labels", f"{info.num_classes} classes ({info.name})",
+                       f"{stored}", DatasetError)
+  return builder
+
+
+def _relabel(info: registry.DatasetInfo | None):
+  """Stored label -> class index (ImageNet-R/A store ImageNet-1k labels); bad labels fail."""
+  if info is None or info.source_labels is None:
+    return lambda label: tf.cast(label, tf.int32)
+  table = np.full(max(info.source_labels) + 1, -1, np.int32)
+  table[list(info.source_labels)] = np.arange(len(info.source_labels))
+  table = tf.constant(table)
+
+  def relabel(label):
+    label = tf.cast(label, tf.int32)
+    mapped = tf.gather(table, tf.clip_by_value(label, 0, len(table) - 1))
+    tf.debugging.assert_equal(tf.logical_and(mapped >= 0, label < len(table)), True,
+                              message=f"a label outside {info.name}'s classes")
+    return mapped
+  return relabel
+
+
+class _Slice(NamedTuple):
+  """This process's contiguous slice [offset, offset + size) of a split, with its ``info``
+  (None for a tf.data.Dataset) and every process's example count (None with one process)."""
+  ds: tf.data.Dataset
+  info: registry.DatasetInfo | None
+  offset: int
+  size: int | None
+  counts: list[int] | None
+
+
+def _even_counts(total: int, processes: int) -> list[int]:
+  return [total * (p + 1) // processes - total * p // processes for p in range(processes)]
+
+
+def _local_examples(name_or_dataset, split, data_dir, manual_dir) -> _Slice:
+  """This process's slice as a dataset of {"image": bytes or uint8, "label", "index"}."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  info = _info_of(name_or_dataset)
+  processes, me = jax.process_count(), jax.process_index()
+  if info is None:
+    ds, counts = name_or_dataset, None
+    if processes > 1:
+      total = int(ds.cardinality())
+      if total < 0:
+        raise bad_argument("name_or_dataset", "a tf.data.Dataset of known cardinality for "
+                           "multi-process reading", "unknown cardinality")
+      counts = _even_counts(total, processes)
+      ds = ds.skip(sum(counts[:me])).take(counts[me])
+    image_key, label_key = "image", "label"
+  else:
+    split = split or info.eval_split
+    builder = tfds_builder(info, data_dir, manual_dir)
+    splits = tfds.even_splits(split, processes) if processes > 1 else [split]
+    try:
+      counts = ([builder.info.splits[s].num_examples for s in splits] if processes > 1
+                else None)
+      ds = builder.as_dataset(split=splits[me], shuffle_files=False,
+                              decoders={info.image_key: tfds.decode.SkipDecoding()})
+    except (KeyError, ValueError) as e:
+      raise bad_argument("split", f"a split of {info.tfds_name}", f"{split!r} ({e})",
+                         DatasetError) from e
+    image_key, label_key = info.image_key, info.label_key
+  relabel = _relabel(info)
+  offset = sum(counts[:me]) if counts else 0
+  size = counts[me] if counts else int(ds.cardinality())
+  ds = ds.enumerate().map(lambda i, ex: {"image": ex[image_key], "label": relabel(ex[label_key]),
+                                         "index": tf.cast(i, tf.int64) + offset},
+                          num_parallel_calls=AUTOTUNE)
+  return _Slice(ds, info, offset, size if size >= 0 else None, counts)
+
+
+def _uint8_image(image: tf.Tensor) -> tf.Tensor:
+  return preprocess.decode_image(image) if image.dtype == tf.string else image
+
+
+def _check_batch_size(batch_size: int, mesh) -> int:
+  """The per-process batch; it must split evenly over processes and local devices."""
+  processes = jax.process_count()
+  if not isinstance(batch_size, (int, np.integer)) or batch_size <= 0 or batch_size % processes:
+    raise bad_argument("batch_size", f"a positive multiple of the {processes} processes",
+                       batch_size)
+  local = batch_size // processes
+  if mesh is not None:
+    devices = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+    if local % devices:
+      raise bad_argument("batch_size", f"a per-process batch divisible by its {devices} "
+                         "devices in the mesh", batch_size)
+  return local
+
+
+def _batches(ds: tf.data.Dataset, what: str) -> Iterator[dict]:
+  """NumPy batches; TF errors while reading (corrupt images, bad labels) -> DatasetError."""
+  iterator = ds.as_numpy_iterator()
+  while True:
+    try:
+      batch = next(iterator)
+    except StopIteration:
+      return
+    except tf.errors.OpError as e:
+      raise DatasetError(f"{what}: reading failed: {e.message.splitlines()[0]}") from e
+    yield batch
+
+
+def _pad(batch: dict, size: int) -> dict:
+  """Pads a partial batch to ``size`` rows (zeros, index -1, mask False)."""
+  missing = size - len(batch["label"])
+  fill = {"index": -1}
+  return {k: np.concatenate([v, np.full((missing, *v.shape[1:]), fill.get(k, 0), v.dtype)])
+          for k, v in batch.items()}
+
+
+def _place(batch: dict, mesh):
+  return batch if mesh is None else mesh_lib.shard_batch(batch, mesh)
+
+
+def eval_batches(name_or_dataset, *, split: str | None = None, batch_size: int,
+                 image_size: int = 224, mesh=None, data_dir=None, manual_dir=None
+                 ) -> Iterator[dict]:
+  """Every example of ``split`` (default: the eval split) exactly once, CLIP-preprocessed.
+
+  Yields {"image": (B, S, S, 3) float32, "label": (B,) int32, "mask": (B,) bool,
+  "index": (B,) int64}; the last batches are padded (mask False, index -1), and every process
+  yields the same number of batches. ``name_or_dataset``: a registry name, a DatasetInfo or a
+  tf.data.Dataset of {"image": encoded bytes or uint8 (H, W, 3), "label"}.
+  """
+  local = _check_batch_size(batch_size, mesh)
+  ds, info, _, _, counts = _local_examples(name_or_dataset, split, data_dir, manual_dir)
+  border = info.border_crop if info else 0
+
+  def transform(ex):
+    return {"image": preprocess.eval_transform(_uint8_image(ex["image"]), image_size, border),
+            "label": tf.cast(ex["label"], tf.int32), "mask": tf.constant(True),
+            "index": tf.cast(ex["index"], tf.int64)}
+
+  ds = ds.map(transform, num_parallel_calls=AUTOTUNE).batch(local).prefetch(AUTOTUNE)
+  what = info.name if info else "dataset"
+  yielded = 0
+  for batch in _batches(ds, what):
+    yielded += 1
+    yield _place(_pad(batch, local) if len(batch["label"]) < local else batch, mesh)
+  total = -(-max(counts) // local) if counts else yielded
+  for _ in range(total - yielded):  # Other processes hold more examples: keep in step.
+    empty = {"image": np.zeros((local, image_size, image_size, 3), np.float32),
+             "label": np.zeros(local, np.int32), "mask": np.zeros(local, bool),
+             "index": np.full(local, -1, np.int64)}
+    yield _place(empty, mesh)
+
+
+def train_batches(name_or_dataset, *, batch_size: int, seed: int, split: str | None = None,
+                  image_size: int = 224, flip: bool = True, scale=(0.9, 1.0), indices=None,
+                  start_step: int = 0, shuffle_buffer: int = 10_000, mesh=None, data_dir=None,
+                  manual_dir=None) -> Iterator[dict]:
+  """Endless shuffled, augmented batches {"image", "label"} of ``split`` (default: train split).
+
+  RandomResizedCrop(image_size, scale, bicubic) + optional flip + CLIP normalisation; shuffling
+  and augmentation are a function of (seed, step) only. ``indices``: positions in the split to
+  train on (from ``subsample``); ``start_step``: resume at that step (see the module docstring).
+  """
+  local = _check_batch_size(batch_size, mesh)
+  if start_step < 0:
+    raise bad_argument("start_step", "a step >= 0", start_step)
+  info = _info_of(name_or_dataset)
+  if info is not None and split is None:
+    if info.train_split is None:
+      raise bad_argument("split", f"a split ({info.name} has no train split)", None, DatasetError)
+    split = info.train_split
+  ds, info, offset, size, counts = _local_examples(name_or_dataset, split, data_dir, manual_dir)
+  if size is None:  # A tf.data.Dataset of unknown length: count it once (no decoding).
+    size = int(ds.reduce(np.int64(0), lambda n, _: n + 1))
+  if indices is not None:
+    indices = np.unique(np.asarray(indices))
+    total = sum(counts) if counts else size
+    if indices.ndim != 1 or not indices.size or indices.dtype.kind not in "iu":
+      raise bad_argument("indices", "a non-empty 1-D array of integer positions", indices)
+    if indices[0] < 0 or indices[-1] >= total:
+      raise bad_argument("indices", f"positions in [0, {total}) of the split",
+                         f"[{indices[0]}, {indices[-1]}]", DatasetError)
+    mine = indices[(indices >= offset) & (indices < offset + size)] - offset
+    keep = np.zeros(size, bool)
+    keep[mine] = True
+    keep = tf.constant(keep)
+    ds = ds.filter(lambda ex: tf.gather(keep, ex["index"] - offset))
+    size = len(mine)
+  ds = ds.map(lambda ex: {"image": ex["image"], "label": ex["label"]})
+  if size == 0:
+    raise bad_argument("split", "at least one example for this process", "none", DatasetError)
+  start_epoch, skip = divmod(start_step * local, size)
+  processes, me = jax.process_count(), jax.process_index()
+
+  def epoch(e):
+    key = tf.stack([tf.constant(seed, tf.int64), e * processes + me])
+    epoch_seed = tf.random.stateless_uniform([], key, minval=None, maxval=None, dtype=tf.int64)
+    shuffled = ds.shuffle(shuffle_buffer, seed=epoch_seed, reshuffle_each_iteration=False)
+    return shuffled.enumerate().map(lambda i, ex: (tf.stack([epoch_seed, i]), ex))
+
+  def augment(example_seed, ex):
+    image = preprocess.train_transform(_uint8_image(ex["image"]), image_size, example_seed,
+                                       flip, scale)
+    return {"image": image, "label": tf.cast(ex["label"], tf.int32)}
+
+  stream = (tf.data.Dataset.range(start_epoch, np.iinfo(np.int64).max).flat_map(epoch)
+            .skip(skip).map(augment, num_parallel_calls=AUTOTUNE)
+            .batch(local, drop_remainder=True).prefetch(AUTOTUNE))
+  for batch in _batches(stream, info.name if info else "dataset"):
+    yield _place(batch, mesh)
+
+
+def read_labels(name_or_dataset, split: str | None = None, data_dir=None,
+                manual_dir=None) -> np.ndarray:
+  """(N,) int32 labels of the whole split in index order (every process reads all of them).
+
+  ``split`` defaults to the train split (the eval split for test-only datasets).
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  info = _info_of(name_or_dataset)
+  if info is None:
+    ds = name_or_dataset.map(lambda ex: ex["label"])
+  else:
+    builder = tfds_builder(info, data_dir, manual_dir)
+    ds = builder.as_dataset(split=split or info.train_split or info.eval_split,
+                            shuffle_files=False,
+                            decoders={info.image_key: tfds.decode.SkipDecoding()})
+    relabel = _relabel(info)
+    ds = ds.map(lambda ex: relabel(ex[info.label_key]), num_parallel_calls=AUTOTUNE)
+  labels = [b for b in _batches(ds.batch(4096), info.name if info else "dataset")]
+  return np.concatenate(labels).astype(np.int32) if labels else np.zeros(0, np.int32)
+
+
+def class_names(name_or_info, data_dir=None, manual_dir=None) -> tuple[str, ...]:
+  """The registry's class names, or (when it has none) those stored with the prepared dataset,
+  with "_" and "/" turned into spaces."""
+  info = _info_of(name_or_info)
+  if info is None:
+    raise bad_argument("name_or_info", "a registry name or DatasetInfo", "a tf.data.Dataset")
+  if info.classnames:
+    return info.classnames
+  names = tfds_builder(info, data_dir, manual_dir).info.features[info.label_key].names
+  return tuple(map(registry.clean_classname, names))

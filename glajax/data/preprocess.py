@@ -1,0 +1,128 @@
+"""CLIP image preprocessing as small TensorFlow ops (eager or inside tf.data).
+
+Evaluation follows CLIP's torchvision transform: Resize(short side -> S, bicubic) -> CenterCrop(S)
+-> ToTensor (/255) -> Normalize(mean, std). Training uses RandomResizedCrop(S, scale (0.9, 1.0),
+ratio (3/4, 4/3), bicubic) and an optional horizontal flip, as in WiSE-FT / FLYP.
+Resizing is TF's antialiased Keys bicubic (a = -0.5, like PIL's), rounded and clipped to
+[0, 255] as PIL's uint8 output is; TF and PIL still differ by a few grey levels at edges (see
+tests/test_data_preprocess.py for the measured tolerance). Images are HWC; outputs float32.
+Random ops take a stateless seed (shape (2,) int), so a crop depends on the seed only.
+"""
+from __future__ import annotations
+
+import math
+
+import tensorflow as tf
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def decode_image(encoded: tf.Tensor) -> tf.Tensor:
+  """Encoded JPEG/PNG/GIF/BMP bytes -> (H, W, 3) uint8 (grey and RGBA converted to RGB)."""
+  image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+  image.set_shape([None, None, 3])
+  return image
+
+
+def crop_border(image: tf.Tensor, pixels: int) -> tf.Tensor:
+  """Removes ``pixels`` rows/columns from every side (ObjectNet's 2-px border crop)."""
+  if not pixels:
+    return image
+  return image[pixels:-pixels, pixels:-pixels]
+
+
+def _resize_bicubic(image: tf.Tensor, height, width) -> tf.Tensor:
+  """Antialiased bicubic resize to (height, width), rounded and clipped like PIL's uint8 result."""
+  resized = tf.image.resize(tf.cast(image, tf.float32), tf.stack([height, width]),
+                            method="bicubic", antialias=True)
+  return tf.clip_by_value(tf.round(resized), 0.0, 255.0)
+
+
+def resize_short_side(image: tf.Tensor, size: int) -> tf.Tensor:
+  """Bicubic resize so the short side is ``size``; long side ``int(size * long / short)``
+  (torchvision's Resize(size)). Returns float32 in [0, 255]."""
+  shape = tf.shape(image)
+  height, width = shape[0], shape[1]
+  short, long = tf.minimum(height, width), tf.maximum(height, width)
+  new_long = tf.cast(tf.cast(size, tf.float64) * tf.cast(long, tf.float64)
+                     / tf.cast(short, tf.float64), tf.int32)
+  new_height = tf.where(height <= width, size, new_long)
+  new_width = tf.where(height <= width, new_long, size)
+  return _resize_bicubic(image, new_height, new_width)
+
+
+def center_crop(image: tf.Tensor, size: int) -> tf.Tensor:
+  """The central (size, size) window; offsets round((H - size) / 2) half to even, as
+  torchvision's CenterCrop (tf.round is round-half-to-even too)."""
+  shape = tf.shape(image)
+  top = tf.cast(tf.round((shape[0] - size) / 2), tf.int32)
+  left = tf.cast(tf.round((shape[1] - size) / 2), tf.int32)
+  return image[top:top + size, left:left + size]
+
+
+def normalize(image: tf.Tensor) -> tf.Tensor:
+  """x / 255, then (x - mean) / std per channel with CLIP's mean and std."""
+  image = tf.cast(image, tf.float32) / 255.0
+  return (image - tf.constant(CLIP_MEAN)) / tf.constant(CLIP_STD)
+
+
+def eval_transform(image: tf.Tensor, size: int, border: int = 0) -> tf.Tensor:
+  """CLIP's evaluation transform of a uint8 (H, W, 3) image -> (size, size, 3) float32."""
+  image = crop_border(image, border)
+  image = center_crop(resize_short_side(image, size), size)
+  image = tf.ensure_shape(image, [size, size, 3])
+  return normalize(image)
+
+
+def sample_crop(height, width, seed, scale=(0.9, 1.0), ratio=(3 / 4, 4 / 3), attempts: int = 10):
+  """torchvision's RandomResizedCrop.get_params with stateless randomness.
+
+  Up to ``attempts`` draws of area fraction ~ U(scale) and log aspect ratio ~ U(log ratio);
+  w = round(sqrt(A·r)), h = round(sqrt(A/r)); the first draw that fits is placed uniformly at
+  random. If none fits: the largest central crop whose ratio lies in ``ratio``.
+  Returns (top, left, crop_height, crop_width) int32.
+  """
+  seeds = tf.random.experimental.stateless_split(seed, 3)
+  h, w = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
+  area = h * w * tf.random.stateless_uniform([attempts], seeds[0], scale[0], scale[1])
+  aspect = tf.exp(tf.random.stateless_uniform([attempts], seeds[1], math.log(ratio[0]),
+                                              math.log(ratio[1])))
+  crop_w, crop_h = tf.round(tf.sqrt(area * aspect)), tf.round(tf.sqrt(area / aspect))
+  fits = (crop_w > 0) & (crop_h > 0) & (crop_w <= w) & (crop_h <= h)
+  first = tf.argmax(tf.cast(fits, tf.int32))
+  in_ratio = w / h
+  fallback_w = tf.where(in_ratio > ratio[1], tf.round(h * ratio[1]), w)
+  fallback_h = tf.where(in_ratio < ratio[0], tf.round(w / ratio[0]), h)
+  any_fits = tf.reduce_any(fits)
+  crop_h = tf.where(any_fits, crop_h[first], fallback_h)
+  crop_w = tf.where(any_fits, crop_w[first], fallback_w)
+  u = tf.random.stateless_uniform([2], seeds[2])
+  top = tf.where(any_fits, tf.floor(u[0] * (h - crop_h + 1)), tf.floor((h - crop_h) / 2))
+  left = tf.where(any_fits, tf.floor(u[1] * (w - crop_w + 1)), tf.floor((w - crop_w) / 2))
+  return tuple(tf.cast(v, tf.int32) for v in (top, left, crop_h, crop_w))
+
+
+def random_resized_crop(image: tf.Tensor, size: int, seed, scale=(0.9, 1.0),
+                        ratio=(3 / 4, 4 / 3)) -> tf.Tensor:
+  """RandomResizedCrop: a :func:`sample_crop` window resized (bicubic) to (size, size)."""
+  shape = tf.shape(image)
+  top, left, crop_h, crop_w = sample_crop(shape[0], shape[1], seed, scale, ratio)
+  crop = image[top:top + crop_h, left:left + crop_w]
+  return tf.ensure_shape(_resize_bicubic(crop, size, size), [size, size, 3])
+
+
+def random_flip(image: tf.Tensor, seed) -> tf.Tensor:
+  """Mirrors the image left-right with probability 1/2."""
+  flip = tf.random.stateless_uniform([], seed) < 0.5
+  return tf.cond(flip, lambda: image[:, ::-1], lambda: image)
+
+
+def train_transform(image: tf.Tensor, size: int, seed, flip: bool = True,
+                    scale=(0.9, 1.0)) -> tf.Tensor:
+  """RandomResizedCrop(size, scale) -> optional flip -> CLIP normalisation; uint8 in."""
+  crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+  image = random_resized_crop(image, size, crop_seed, scale)
+  if flip:
+    image = random_flip(image, flip_seed)
+  return normalize(image)

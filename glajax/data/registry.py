@@ -1,0 +1,305 @@
+"""Dataset registry: name -> TFDS name, splits, class names, prompt templates and label maps.
+
+Class names are in the order of the dataset's TFDS labels, taken from CLIP's curated per-dataset
+names (``assets/clip_prompts.json``, reordered where TFDS orders its labels differently) or from
+OpenAI's curated ImageNet names. ImageNet-R and ImageNet-A are stored by TFDS with ImageNet-1k
+labels; the registry maps them to their 200 classes and restricts ImageNet logits to those 200
+columns. ObjectNet's 113 classes are scored as the max over the logits of their mapped ImageNet
+classes (Barbu et al., NeurIPS 2019; as in WiSE-FT's evaluation).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from importlib import resources
+from typing import Callable
+
+import numpy as np
+
+from glajax.errors import DatasetError, bad_argument
+
+PHOTO_TEMPLATES = ("a photo of a {}.",)
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  """Everything the pipelines and the zero-shot head need to know about one dataset.
+
+  Attributes:
+    name: the registry name, e.g. ``"imagenet_r"``.
+    tfds_name: TFDS name with config (``"eurosat/rgb"``); for datasets built by glajax's own
+      builders (``source`` set), the name of the prepared TFDS dataset under ``data_dir``.
+    train_split: TFDS split to fine-tune on, or None for test-only sets.
+    eval_split: TFDS split to evaluate on.
+    classnames: class names cleaned for prompts, in label order; empty when the names come with
+      the data (Office-Home's folders): see ``pipeline.class_names``.
+    templates: prompt templates with one ``{}``.
+    num_classes: number of classes the labels range over.
+    source_labels: the stored label of each class when the source uses a larger label space
+      (ImageNet-R/A are stored with ImageNet-1k labels); the pipeline maps them to 0..C-1.
+    imagenet_classes: for each class, the ImageNet-1k classes whose max logit is its logit
+      (ImageNet-R/A: one each; ObjectNet: one or more). None when logits are the dataset's own.
+    border_crop: pixels cropped from every side before evaluation preprocessing (ObjectNet: 2).
+    manual_download: whether preparing the dataset needs a manual-download directory.
+    source: for glajax's own builders, the ``builders.LocalSource`` that reads the raw files.
+    image_key, label_key: feature names in the TFDS examples.
+  """
+  name: str
+  tfds_name: str
+  train_split: str | None
+  eval_split: str
+  classnames: tuple[str, ...]
+  templates: tuple[str, ...]
+  num_classes: int
+  source_labels: tuple[int, ...] | None = None
+  imagenet_classes: tuple[tuple[int, ...], ...] | None = None
+  border_crop: int = 0
+  manual_download: bool = False
+  source: object | None = None
+  image_key: str = "image"
+  label_key: str = "label"
+
+
+_REGISTERED: dict[str, DatasetInfo] = {}
+
+
+def _asset(filename: str):
+  return json.loads(resources.files("glajax.data").joinpath("assets", filename).read_text())
+
+
+@functools.cache
+def _clip_prompts() -> dict:
+  return _asset("clip_prompts.json")
+
+
+def _clip(key: str, order: Callable[[list[str]], list[str]] = list):
+  entry = _clip_prompts()[key]
+  return tuple(order(list(entry["classes"]))), tuple(entry["templates"])
+
+
+def _swap(a: str, b: str) -> Callable[[list[str]], list[str]]:
+  """Swaps two of CLIP's names that TFDS orders the other way round."""
+  def order(names):
+    i, j = names.index(a), names.index(b)
+    names[i], names[j] = b, a
+    return names
+  return order
+
+
+def _caltech101_order(names: list[str]) -> list[str]:
+  """CLIP lists Caltech-101 in ASCII order of its folders (five capitalised ones first: background,
+  faces, faces_easy, leopards, motorbikes); TFDS sorts them lower-cased, at these positions."""
+  rest = names[5:]
+  for tfds_index, name in zip((4, 37, 38, 57, 66), names[:5]):
+    rest.insert(tfds_index, name)
+  return rest
+
+
+def _eurosat_order(names: list[str]) -> list[str]:
+  """CLIP's EuroSAT order -> TFDS's (AnnualCrop, Forest, HerbaceousVegetation, Highway,
+  Industrial, Pasture, PermanentCrop, Residential, River, SeaLake)."""
+  return [names[i] for i in (7, 0, 6, 9, 8, 4, 1, 2, 3, 5)]
+
+
+@functools.cache
+def imagenet_classnames() -> tuple[str, ...]:
+  """OpenAI's curated names of the 1000 ImageNet classes, in label order."""
+  return tuple(_asset("imagenet_classnames.json"))
+
+
+@functools.cache
+def imagenet_templates() -> tuple[str, ...]:
+  """CLIP's 80 ImageNet prompt templates."""
+  return tuple(_asset("openai_imagenet_templates.json"))
+
+
+@functools.cache
+def _imagenet_lemmas() -> dict[str, int]:
+  """ImageNet-1k WordNet lemma strings ("tench, Tinca tinca") -> label, from TFDS's copy."""
+  try:
+    from tensorflow_datasets.datasets.siscore import labels  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise DatasetError("ObjectNet's ImageNet map needs ImageNet's lemma names from "
+                       "tensorflow_datasets.datasets.siscore (tensorflow-datasets >= 4.9)") from e
+  return {lemma: i for i, lemma in enumerate(labels.IMAGENET_LABELS_LIST)}
+
+
+@functools.cache
+def objectnet_imagenet_classes() -> tuple[tuple[int, ...], ...]:
+  """For each ObjectNet class (``objectnet_classnames.json`` order), its ImageNet-1k labels.
+
+  ObjectNet's ``objectnet_to_imagenet_1k.json`` names ImageNet classes by their lemma strings,
+  several joined by "; "; 113 classes map to 125 ImageNet classes.
+  """
+  mapping = _asset("objectnet_to_imagenet_1k.json")
+  lemmas = _imagenet_lemmas()
+  return tuple(tuple(sorted(lemmas[lemma] for lemma in mapping[name].split("; ")))
+               for name in _asset("objectnet_classnames.json"))
+
+
+@functools.cache
+def objectnet_folder_labels() -> dict[str, int]:
+  """ObjectNet image folder -> class index, for the folders of the 113 ImageNet-mapped classes."""
+  labels = {name: i for i, name in enumerate(_asset("objectnet_classnames.json"))}
+  return {folder: labels[name] for folder, name in _asset("objectnet_folder_to_label.json").items()
+          if name in labels}
+
+
+def _imagenet_subset(name: str, tfds_name: str, indices_file: str) -> DatasetInfo:
+  indices = tuple(_asset(indices_file))
+  return DatasetInfo(name=name, tfds_name=tfds_name, train_split=None, eval_split="test",
+                     classnames=tuple(imagenet_classnames()[i] for i in indices),
+                     templates=imagenet_templates(), num_classes=len(indices),
+                     source_labels=indices, imagenet_classes=tuple((i,) for i in indices))
+
+
+def clean_classname(name: str) -> str:
+  """A stored label name made fit for a prompt: "apartment_building/outdoor" ->
+  "apartment building outdoor"."""
+  return " ".join(name.replace("_", " ").replace("/", " ").split())
+
+
+def _tfds_classnames(tfds_name: str) -> tuple[str, ...]:
+  """Cleaned class names of a TFDS builder's label feature (reads the builder's code only)."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  return tuple(map(clean_classname, tfds.builder(tfds_name).info.features["label"].names))
+
+
+def _clip_dataset(name, tfds_name, key, train="train", test="test", order=list) -> DatasetInfo:
+  classnames, templates = _clip(key, order)
+  return DatasetInfo(name=name, tfds_name=tfds_name, train_split=train, eval_split=test,
+                     classnames=classnames, templates=templates, num_classes=len(classnames))
+
+
+@functools.cache
+def _builtin() -> dict[str, Callable[[], DatasetInfo]]:
+  """Factories of the built-in entries (built on first use: some read TFDS builder code)."""
+  from glajax.data import builders  # pylint: disable=g-import-not-at-top
+  imagenet = dict(classnames=imagenet_classnames(), templates=imagenet_templates(),
+                  num_classes=1000)
+  objectnet_names = tuple(_asset("objectnet_classnames.json"))
+  entries = {
+      "imagenet2012": lambda: DatasetInfo("imagenet2012", "imagenet2012", "train", "validation",
+                                          manual_download=True, **imagenet),
+      "imagenet_v2": lambda: DatasetInfo("imagenet_v2", "imagenet_v2/matched-frequency", None,
+                                         "test", **imagenet),
+      "imagenet_sketch": lambda: DatasetInfo("imagenet_sketch", "imagenet_sketch", None, "test",
+                                             **imagenet),
+      "imagenet_r": lambda: _imagenet_subset("imagenet_r", "imagenet_r",
+                                             "imagenet_r_imagenet_indices.json"),
+      "imagenet_a": lambda: _imagenet_subset("imagenet_a", "imagenet_a",
+                                             "imagenet_a_imagenet_indices.json"),
+      "objectnet": lambda: DatasetInfo(
+          "objectnet", builders.OBJECTNET.tfds_name, None, "test", classnames=objectnet_names,
+          templates=imagenet_templates(), num_classes=len(objectnet_names),
+          imagenet_classes=objectnet_imagenet_classes(), border_crop=2, manual_download=True,
+          source=builders.OBJECTNET),
+      "imagenet_lt": lambda: DatasetInfo("imagenet_lt", builders.IMAGENET_LT.tfds_name, "train",
+                                         "test", manual_download=True,
+                                         source=builders.IMAGENET_LT, **imagenet),
+      "cifar10": lambda: _clip_dataset("cifar10", "cifar10", "CIFAR10"),
+      "cifar100": lambda: _clip_dataset("cifar100", "cifar100", "CIFAR100"),
+      "caltech101": lambda: _clip_dataset("caltech101", "caltech101", "Caltech101",
+                                          order=_caltech101_order),
+      "oxford_iiit_pet": lambda: _clip_dataset(
+          "oxford_iiit_pet", "oxford_iiit_pet", "OxfordPets",
+          order=lambda names: sorted(names, key=str.lower)),
+      "cars196": lambda: _clip_dataset("cars196", "cars196", "StanfordCars"),
+      "oxford_flowers102": lambda: _clip_dataset("oxford_flowers102", "oxford_flowers102",
+                                                 "Flowers102"),
+      "food101": lambda: _clip_dataset("food101", "food101", "Food101", test="validation",
+                                       order=_swap("cheese plate", "cheesecake")),
+      "sun397": lambda: _clip_dataset("sun397", "sun397/tfds", "SUN397",
+                                      order=_swap("jail cell", "jail indoor")),
+      "dtd": lambda: _clip_dataset("dtd", "dtd", "DescribableTextures"),
+      # TFDS serves EuroSAT as one 27k-image split; the last 20 % is held out for evaluation.
+      "eurosat": lambda: _clip_dataset("eurosat", "eurosat/rgb", "EuroSAT", train="train[:80%]",
+                                       test="train[80%:]", order=_eurosat_order),
+      "fgvc_aircraft": lambda: _local_clip("fgvc_aircraft", builders.FGVC_AIRCRAFT,
+                                           "FGVCAircraft"),
+      "ucf101": lambda: _local_clip("ucf101", builders.UCF101, "UCF101"),
+      "places365": lambda: _places("places365", "places365_small", "train", "validation"),
+      "places_lt": lambda: dataclasses.replace(
+          _places("places_lt", builders.PLACES_LT.tfds_name, "train", "test"),
+          manual_download=True, source=builders.PLACES_LT),
+      "inaturalist2018": lambda: DatasetInfo(
+          "inaturalist2018", builders.INATURALIST_2018.tfds_name, "train", "validation",
+          classnames=(), templates=PHOTO_TEMPLATES, num_classes=8142, manual_download=True,
+          source=builders.INATURALIST_2018),
+  }
+  for domain, source in builders.OFFICE_HOME.items():
+    entries[f"office_home_{domain}"] = functools.partial(
+        DatasetInfo, f"office_home_{domain}", source.tfds_name, "train", "train", classnames=(),
+        templates=PHOTO_TEMPLATES, num_classes=65, manual_download=True, source=source)
+  return entries
+
+
+def _local_clip(name, source, key) -> DatasetInfo:
+  classnames, templates = _clip(key)
+  return DatasetInfo(name, source.tfds_name, "train", "test", classnames=classnames,
+                     templates=templates, num_classes=len(classnames), manual_download=True,
+                     source=source)
+
+
+def _places(name, tfds_name, train, test) -> DatasetInfo:
+  classnames = _tfds_classnames("places365_small")
+  return DatasetInfo(name, tfds_name, train, test, classnames=classnames,
+                     templates=PHOTO_TEMPLATES, num_classes=len(classnames))
+
+
+def names() -> tuple[str, ...]:
+  """Every known dataset name, built-in and registered, sorted."""
+  return tuple(sorted({*_builtin(), *_REGISTERED}))
+
+
+def register(info: DatasetInfo) -> None:
+  """Adds (or replaces) a dataset, e.g. a procedurally generated TFDS dataset or a folder."""
+  if not isinstance(info, DatasetInfo):
+    raise bad_argument("info", "a glajax.data.registry.DatasetInfo", type(info).__name__)
+  if len(info.classnames) not in (0, info.num_classes):
+    raise bad_argument("info.classnames", f"{info.num_classes} names (num_classes) or none",
+                       f"{len(info.classnames)} names")
+  _REGISTERED[info.name] = info
+
+
+@functools.cache
+def _builtin_info(name: str) -> DatasetInfo:
+  return _builtin()[name]()
+
+
+def get(name: str) -> DatasetInfo:
+  """The ``DatasetInfo`` of ``name``; unknown names raise a DatasetError listing the known ones."""
+  if name in _REGISTERED:
+    return _REGISTERED[name]
+  if name not in _builtin():
+    raise bad_argument("name", f"one of {', '.join(names())}", repr(name), DatasetError)
+  return _builtin_info(name)
+
+
+def eval_logits_transform(name_or_info: str | DatasetInfo) -> Callable | None:
+  """How to turn ImageNet-1k logits (N, 1000) into the dataset's logits (N, C), or None.
+
+  Class c's logit is max_{j in M(c)} z_j over its mapped ImageNet classes M(c): one column for
+  ImageNet-R/A (a restriction to 200 columns), one or more for ObjectNet (113 classes). The
+  returned function is pure and jittable (``jnp`` gather + max).
+  """
+  info = get(name_or_info) if isinstance(name_or_info, str) else name_or_info
+  if info.imagenet_classes is None:
+    return None
+  return functools.partial(imagenet_logits_to_classes, groups=info.imagenet_classes)
+
+
+def _group_matrix(groups: tuple[tuple[int, ...], ...]) -> np.ndarray:
+  """(C, G) ImageNet columns per class, each row padded by repeating its first entry."""
+  width = max(len(g) for g in groups)
+  return np.asarray([g + (g[0],) * (width - len(g)) for g in groups], np.int32)
+
+
+def imagenet_logits_to_classes(logits, groups: tuple[tuple[int, ...], ...]):
+  """z'_c = max_{j in groups[c]} z_j over the last axis of ``logits`` (..., 1000) -> (..., C)."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  logits = jnp.asarray(logits)
+  if logits.shape[-1] != 1000:
+    raise bad_argument("logits", "ImageNet-1k logits with 1000 columns", f"shape {logits.shape}")
+  return jnp.max(jnp.take(logits, _group_matrix(groups), axis=-1), axis=-1)

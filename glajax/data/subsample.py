@@ -1,0 +1,105 @@
+"""Index-level subsampling (pure NumPy, seeded): long-tailed, k-shot and seen/absent class splits.
+
+Indices are positions in a split (``pipeline.read_labels`` order); pass them to
+``pipeline.train_batches(indices=...)``. Every function draws from
+``np.random.default_rng(seed)`` only, so a seed fixes the selection on every machine.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from glajax.errors import DatasetError, bad_argument
+
+
+def _labels(labels) -> np.ndarray:
+  labels = np.asarray(labels)
+  if labels.ndim != 1 or labels.dtype.kind not in "iu" or (labels.size and labels.min() < 0):
+    raise bad_argument("labels", "a 1-D array of integer labels >= 0",
+                       f"shape {labels.shape}, dtype {labels.dtype}")
+  return labels
+
+
+def long_tail_counts(num_classes: int, n_max: int, imbalance_ratio: float) -> np.ndarray:
+  """n_c = floor(n_max · ratio^(−c/(C−1))), c = 0..C−1: the CIFAR-LT profile (Cao et al.,
+  NeurIPS 2019); class 0 keeps n_max, the last class n_max / ratio."""
+  if imbalance_ratio < 1:
+    raise bad_argument("imbalance_ratio", "a ratio >= 1 (n_max / n_min)", imbalance_ratio)
+  exponent = np.arange(num_classes) / max(num_classes - 1, 1)
+  return np.floor(n_max * imbalance_ratio ** -exponent).astype(np.int64)
+
+
+def long_tail_indices(labels, imbalance_ratio: float, seed: int) -> np.ndarray:
+  """Sorted indices of a long-tailed subset of ``labels``: class c keeps a random draw of
+  n_c = n_max · ratio^(−c/(C−1)) of its examples (n_max: the smallest class's size, so every
+  class can provide its count). Classes are ranked by label, as in CIFAR-10/100-LT."""
+  labels = _labels(labels)
+  num_classes = int(labels.max()) + 1
+  sizes = np.bincount(labels, minlength=num_classes)
+  if sizes.min() == 0:
+    raise bad_argument("labels", "every class 0..C-1 present",
+                       f"classes {np.flatnonzero(sizes == 0)[:5].tolist()} missing", DatasetError)
+  counts = long_tail_counts(num_classes, int(sizes.min()), imbalance_ratio)
+  if counts[-1] == 0:
+    raise bad_argument("imbalance_ratio", f"at most {sizes.min()} (the smallest class's size, "
+                       "so the rarest class keeps an example)", imbalance_ratio, DatasetError)
+  rng = np.random.default_rng(seed)
+  chosen = [rng.choice(np.flatnonzero(labels == c), counts[c], replace=False)
+            for c in range(num_classes)]
+  return np.sort(np.concatenate(chosen))
+
+
+def k_shot_indices(labels, k: int, seed: int, val_k: int = 0):
+  """(train, val) sorted indices: per class, k training and val_k validation examples drawn
+  without replacement, so the two sets are disjoint. A class with fewer than k + val_k
+  examples raises a DatasetError."""
+  labels = _labels(labels)
+  if k < 1 or val_k < 0:
+    raise bad_argument("k, val_k", "k >= 1 and val_k >= 0", (k, val_k))
+  rng = np.random.default_rng(seed)
+  train, val = [], []
+  for c in np.unique(labels):
+    members = np.flatnonzero(labels == c)
+    if len(members) < k + val_k:
+      raise bad_argument("k", f"at most the size of every class (k + val_k = {k + val_k})",
+                         f"class {c} with {len(members)} examples", DatasetError)
+    draw = rng.permutation(members)
+    train.append(draw[:k])
+    val.append(draw[k:k + val_k])
+  return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
+
+
+def class_subset(num_classes: int, num_seen: int, seed: int):
+  """(seen, absent) boolean masks of shape (C,): ``num_seen`` classes drawn at random are seen
+  during fine-tuning, the rest absent (Mai et al., NeurIPS 2024)."""
+  if not 0 < num_seen <= num_classes:
+    raise bad_argument("num_seen", f"in [1, {num_classes}]", num_seen)
+  seen = np.zeros(num_classes, bool)
+  seen[np.random.default_rng(seed).choice(num_classes, num_seen, replace=False)] = True
+  return seen, ~seen
+
+
+def indices_in_classes(labels, classes_mask) -> np.ndarray:
+  """Sorted indices of the examples whose class is set in ``classes_mask`` (C,) bool."""
+  labels = _labels(labels)
+  return np.flatnonzero(np.asarray(classes_mask, bool)[labels])
+
+
+def read_split_list(path: str | os.PathLike):
+  """A published split list (ImageNet-LT / Places-LT / iNaturalist-2018 lines
+  ``relative/path label``) -> (paths, labels int32); a leading "/" of a path is dropped."""
+  if not os.path.isfile(path):
+    raise bad_argument("split list", "a file of 'relative/path label' lines", f"no file {path}",
+                       DatasetError)
+  with open(path) as f:
+    lines = [line.strip() for line in f if line.strip()]
+  paths, labels = [], []
+  for number, line in enumerate(lines, 1):
+    fields = line.rsplit(maxsplit=1)
+    if len(fields) != 2 or not fields[1].isdigit():
+      raise bad_argument(f"{os.path.basename(path)} line {number}", "'relative/path label'",
+                         repr(line), DatasetError)
+    paths.append(fields[0].lstrip("/"))
+    labels.append(int(fields[1]))
+  return paths, np.asarray(labels, np.int32)

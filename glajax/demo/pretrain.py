@@ -1,0 +1,132 @@
+"""Pre-training the demo's small foundation models: contrastive image–caption training on the
+world's long-tailed pre-training sets, with the library's CLIP, tokenizer, pipeline and engine.
+
+Captions are few (class × domain), so they are tokenised once into a table and every example's
+"label" is its caption's row: ``caption_id = label · |DOMAINS| + domain``. The text tower is causal
+and pools at the first EOS, so dropping the padding after the longest caption changes nothing.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import tensorflow as tf
+
+from glajax.demo import world
+from glajax.errors import bad_argument
+from glajax.train import losses
+
+FOUNDATION_DIR = "foundation_{}"
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainSpec:
+  """Model size and optimisation of one small foundation model."""
+  width: int = 64
+  layers: int = 2
+  projection_dim: int = 32
+  steps: int = 600
+  batch_size: int = 256
+  learning_rate: float = 2e-3
+  warmup_steps: int = 50
+  weight_decay: float = 0.1
+
+
+def foundation_config(spec: PretrainSpec, image_size: int = 32):
+  """A tiny ``CLIPConfig`` (patch 8, both towers ``spec.width`` wide and ``spec.layers`` deep)."""
+  from glajax.models.clip import CLIPConfig  # pylint: disable=import-outside-toplevel
+  heads = max(1, spec.width // 16)
+  return CLIPConfig.tiny(
+      image_size=image_size, patch_size=8, projection_dim=spec.projection_dim,
+      vision_hidden_size=spec.width, vision_intermediate_size=2 * spec.width,
+      vision_num_hidden_layers=spec.layers, vision_num_attention_heads=heads,
+      text_hidden_size=spec.width, text_intermediate_size=2 * spec.width,
+      text_num_hidden_layers=spec.layers, text_num_attention_heads=heads)
+
+
+def token_table(tokenizer, texts, eos_token_id: int = 49407) -> np.ndarray:
+  """(K, L) int32 ids of ``texts``, cut after the longest text's first EOS (exact for CLIP's
+  causal text tower, which pools at the first EOS)."""
+  ids = np.asarray(tokenizer(list(texts)), np.int32)
+  if ids.ndim != 2 or ids.shape[0] != len(texts) or not (ids == eos_token_id).any(1).all():
+    raise bad_argument("tokenizer", f"({len(texts)}, L) ids with an EOS ({eos_token_id}) each",
+                       f"shape {ids.shape}")
+  return ids[:, : int(np.argmax(ids == eos_token_id, axis=1).max()) + 1]
+
+
+def caption_texts() -> tuple[str, ...]:
+  """Every caption of the world, in ``caption_id = label · |DOMAINS| + domain`` order."""
+  return tuple(world.CAPTION_TEMPLATES[d].format(c) for c in world.CLASSNAMES
+               for d in world.DOMAINS)
+
+
+def caption_dataset(builder, split: str) -> tf.data.Dataset:
+  """{"image": encoded bytes, "label": caption_id} of ``split`` of the prepared world builder."""
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  ds = builder.as_dataset(split=split, shuffle_files=False,
+                          decoders={"image": tfds.decode.SkipDecoding()})
+  return ds.map(lambda ex: {"image": ex["image"],
+                            "label": ex["label"] * len(world.DOMAINS) + ex["domain"]})
+
+
+def contrastive_loss_fn(text_ids):
+  """loss(model, teacher, batch, rng): CLIP's symmetric loss between the batch's images and the
+  captions ``text_ids[batch["label"]]`` (FLYP's loss on the world's captions)."""
+  text_ids = jnp.asarray(text_ids)
+
+  def loss_fn(model, teacher, batch, rng):
+    del teacher, rng
+    image = model.encode_image(batch["image"])
+    text = model.encode_text(text_ids[batch["label"]])
+    loss = losses.clip_contrastive_loss(image, text, model.logit_scale[...])
+    return loss, {"logit_scale": jnp.exp(model.logit_scale[...])}
+
+  return loss_fn
+
+
+def engine_config(spec: PretrainSpec, seed: int, progress: bool = True):
+  """The engine's config for pre-training: AdamW, warmup + cosine, no checkpoints."""
+  from glajax.train import engine  # pylint: disable=import-outside-toplevel
+  config = engine.default_config()
+  config.seed = seed
+  config.total_steps = spec.steps
+  config.log_every = max(1, spec.steps // 10)
+  config.checkpoint_every = 0
+  config.tensorboard = False
+  config.progress = progress
+  config.optimizer.update(learning_rate=spec.learning_rate, warmup_steps=spec.warmup_steps,
+                          weight_decay=spec.weight_decay, grad_clip_norm=1.0)
+  return config
+
+
+def pretrain(builder, index: int, spec: PretrainSpec, workdir: str, *, tokenizer, seed: int = 0,
+             progress: bool = True):
+  """Trains foundation model ``index`` on split ``pretrain_<index>``; returns the CLIP.
+
+  Cached: if ``workdir/foundation_<index>`` holds a ``save_clip`` checkpoint it is loaded instead.
+  """
+  import glajax  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from glajax.data import pipeline  # pylint: disable=import-outside-toplevel
+  from glajax.train import engine  # pylint: disable=import-outside-toplevel
+  directory = os.path.join(workdir, FOUNDATION_DIR.format(index))
+  if os.path.isfile(os.path.join(directory, "config.json")):
+    return glajax.load_clip(directory)
+  world_spec = builder.builder_config.spec
+  model = glajax.CLIP(foundation_config(spec, world_spec.image_size),
+                      rngs=nnx.Rngs(seed * 1000 + index))
+  text_ids = token_table(tokenizer, caption_texts())
+
+  def data(start_step):
+    return pipeline.train_batches(caption_dataset(builder, f"pretrain_{index}"),
+                                  batch_size=spec.batch_size, seed=seed * 1000 + index,
+                                  image_size=world_spec.image_size, flip=False,
+                                  start_step=start_step)
+
+  model, _ = engine.fit(model, contrastive_loss_fn(text_ids),
+                        engine_config(spec, seed * 1000 + index, progress), data,
+                        os.path.join(workdir, "runs", f"pretrain_{index}"))
+  glajax.save_clip(model, directory)
+  return model

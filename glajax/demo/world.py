@@ -1,0 +1,327 @@
+"""The demo world: coloured shapes rendered procedurally, as a TFDS dataset of the project's own.
+
+Classes are ``colour × shape`` (10 × 10 = 100), captioned "a photo of a red triangle.". Four domains
+share the classes: ``photo`` (filled shape on a smooth textured background; the fine-tuning domain),
+``sketch`` (outline only, on paper), ``noise`` (a photo under heavy pixel noise) and ``texture``
+(a filled shape on high-contrast stripes). Pre-training pairs follow a steep long tail over classes
+(exponential profile, max/min = ``pretrain_imbalance``), like web data, so the pre-trained model's
+label prior is known: :func:`pretrain_class_counts` is the ground truth of GLA's prior estimation.
+Everything is a deterministic function of the builder config: no download, no shipped file.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import tensorflow_datasets as tfds
+from etils import epath
+
+from glajax.errors import bad_argument
+
+SHAPES = ("circle", "square", "triangle", "diamond", "cross", "ring", "star", "hexagon",
+          "crescent", "ellipse")
+COLOURS = {"red": (220, 40, 40), "orange": (245, 140, 20), "yellow": (235, 215, 40),
+           "green": (40, 165, 60), "cyan": (40, 200, 210), "blue": (40, 70, 220),
+           "purple": (140, 50, 190), "pink": (245, 130, 190), "brown": (130, 80, 40),
+           "black": (25, 25, 25)}
+DOMAINS = ("photo", "sketch", "noise", "texture")
+CAPTION_TEMPLATES = {"photo": "a photo of a {}.", "sketch": "a sketch of a {}.",
+                     "noise": "a noisy photo of a {}.", "texture": "a {} on a striped background."}
+CLASSNAMES = tuple(f"{colour} {shape}" for shape in SHAPES for colour in COLOURS)
+NUM_CLASSES = len(CLASSNAMES)
+TEMPLATES = tuple(CAPTION_TEMPLATES.values())
+
+# Share of each domain among pre-training pairs (web data is mostly photos, but not only).
+PRETRAIN_DOMAIN_MIX = {"photo": 0.55, "sketch": 0.15, "noise": 0.15, "texture": 0.15}
+
+
+def class_of(shape: int, colour: int) -> int:
+  """Label of ``(shape, colour)``: ``shape * len(COLOURS) + colour`` (the order of CLASSNAMES)."""
+  return shape * len(COLOURS) + colour
+
+
+def long_tail_counts(total: int, imbalance: float, rng: np.random.Generator,
+                     num_classes: int = NUM_CLASSES) -> np.ndarray:
+  """Exponential long tail: n_c ∝ imbalance^(-rank_c / (C - 1)), ranks a random permutation.
+
+  Every class gets one example plus its share of the rest; counts sum to ``total`` exactly.
+  """
+  if total < num_classes or imbalance < 1:
+    raise bad_argument("total, imbalance", f"total >= {num_classes} and imbalance >= 1",
+                       (total, imbalance))
+  ranks = rng.permutation(num_classes)
+  weights = imbalance ** (-ranks / (num_classes - 1))
+  counts = 1 + np.floor((total - num_classes) * weights / weights.sum()).astype(np.int64)
+  order = np.argsort(-weights)
+  counts[order[:total - counts.sum()]] += 1  # what flooring left over, to the head classes
+  return counts
+
+
+# ----------------------------------------------------------------------------------------------
+# Rendering: every shape is a (signed-distance-like) function of local coordinates, negative inside.
+
+
+def _polygon(u, v, normal_angles, inradius):
+  return np.max([u * np.cos(a) + v * np.sin(a) for a in normal_angles], axis=0) - inradius
+
+
+def _shape_distance(shape: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+  radius = np.hypot(u, v)
+  if shape == 0:  # circle
+    return radius - 0.9
+  if shape == 1:  # square
+    return np.maximum(np.abs(u), np.abs(v)) - 0.75
+  if shape == 2:  # triangle
+    return _polygon(u, v, np.deg2rad([-90, 30, 150]), 0.5)
+  if shape == 3:  # diamond
+    return (np.abs(u) + 1.6 * np.abs(v)) / 1.9 - 0.55
+  if shape == 4:  # cross
+    return np.minimum(np.maximum(np.abs(u) - 0.28, np.abs(v) - 0.95),
+                      np.maximum(np.abs(u) - 0.95, np.abs(v) - 0.28))
+  if shape == 5:  # ring
+    return np.abs(radius - 0.7) - 0.22
+  if shape == 6:  # star
+    return radius - (0.62 + 0.36 * np.cos(5 * np.arctan2(v, u)))
+  if shape == 7:  # hexagon
+    return _polygon(u, v, np.deg2rad(np.arange(0, 360, 60)), 0.8)
+  if shape == 8:  # crescent
+    return np.maximum(radius - 0.9, 0.75 - np.hypot(u - 0.45, v))
+  if shape == 9:  # ellipse
+    return (np.hypot(u, v / 0.45) - 1.0) * 0.45
+  raise bad_argument("shape", f"an index in [0, {len(SHAPES)})", shape)
+
+
+def _uniform(rng, low, high, shape):
+  return rng.uniform(low, high, shape).astype(np.float32)
+
+
+def _smooth_background(rng, n, grid_x, grid_y):
+  """Two random low-frequency gratings around a tinted grey: the 'photo' background."""
+  base = _uniform(rng, 0.4, 0.65, (n, 1, 1, 1)) + _uniform(rng, -0.06, 0.06, (n, 1, 1, 3))
+  image = np.broadcast_to(base, (n,) + grid_x.shape + (3,)).copy()
+  for _ in range(2):
+    freq = _uniform(rng, 1.0, 4.0, (n, 1, 1))
+    angle = _uniform(rng, 0, np.pi, (n, 1, 1))
+    phase = _uniform(rng, 0, 2 * np.pi, (n, 1, 1))
+    wave = np.sin(np.pi * freq * (grid_x * np.cos(angle) + grid_y * np.sin(angle)) + phase)
+    image += 0.08 * wave[..., None]
+  return image
+
+
+def _striped_background(rng, n, grid_x, grid_y):
+  """High-frequency, high-contrast stripes between two greys: the 'texture' background."""
+  low, high = _uniform(rng, 0.05, 0.3, (n, 1, 1, 1)), _uniform(rng, 0.7, 0.95, (n, 1, 1, 1))
+  freq = _uniform(rng, 5.0, 9.0, (n, 1, 1))
+  angle = _uniform(rng, 0, np.pi, (n, 1, 1))
+  stripes = np.sin(np.pi * freq * (grid_x * np.cos(angle) + grid_y * np.sin(angle))) > 0
+  return np.where(stripes[..., None], high, low)
+
+
+def render(labels: np.ndarray, domains: np.ndarray, rng: np.random.Generator,
+           image_size: int = 32) -> np.ndarray:
+  """Renders one image per ``(label, domain)``: uint8 (N, image_size, image_size, 3).
+
+  Pose (centre, scale, rotation) and colour jitter are drawn from ``rng``; anti-aliased edges.
+  """
+  labels, domains = np.asarray(labels), np.asarray(domains)
+  if labels.shape != domains.shape or labels.ndim != 1:
+    raise bad_argument("labels, domains", "two 1-D arrays of one length",
+                       (labels.shape, domains.shape))
+  if labels.size and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
+    raise bad_argument("labels", f"values in [0, {NUM_CLASSES})", (labels.min(), labels.max()))
+  if domains.size and (domains.min() < 0 or domains.max() >= len(DOMAINS)):
+    raise bad_argument("domains", f"values in [0, {len(DOMAINS)})", (domains.min(), domains.max()))
+  n = labels.size
+  pixel = 2.0 / image_size
+  axis = ((np.arange(image_size) + 0.5) * pixel - 1.0).astype(np.float32)
+  grid_x, grid_y = np.meshgrid(axis, axis)  # x to the right, y down, both in [-1, 1]
+
+  centre = _uniform(rng, -0.25, 0.25, (n, 2, 1, 1))
+  scale = _uniform(rng, 0.5, 0.72, (n, 1, 1))
+  angle = _uniform(rng, 0, 2 * np.pi, (n, 1, 1))
+  dx, dy = grid_x - centre[:, 0], grid_y - centre[:, 1]
+  u = (dx * np.cos(angle) + dy * np.sin(angle)) / scale
+  v = (-dx * np.sin(angle) + dy * np.cos(angle)) / scale
+  distance = np.empty((n, image_size, image_size), np.float32)
+  shapes = labels // len(COLOURS)
+  for shape in np.unique(shapes):
+    sel = shapes == shape
+    distance[sel] = _shape_distance(int(shape), u[sel], v[sel])
+  distance_px = distance * scale / pixel  # distance in pixels
+  fill = np.clip(0.5 - distance_px, 0.0, 1.0)
+  outline = np.clip(1.5 - np.abs(distance_px + 1.0), 0.0, 1.0)  # a ~2 px stroke inside the edge
+
+  palette = np.asarray(list(COLOURS.values()), np.float32) / 255.0
+  colour = palette[labels % len(COLOURS)] + _uniform(rng, -0.06, 0.06, (n, 3))
+  colour = np.clip(colour, 0.0, 1.0)[:, None, None, :]
+
+  image = _smooth_background(rng, n, grid_x, grid_y)
+  is_texture, is_sketch = domains == DOMAINS.index("texture"), domains == DOMAINS.index("sketch")
+  if is_texture.any():
+    image[is_texture] = _striped_background(rng, int(is_texture.sum()), grid_x, grid_y)
+  if is_sketch.any():
+    image[is_sketch] = _uniform(rng, 0.88, 0.98, (int(is_sketch.sum()), 1, 1, 1))
+  alpha = np.where(is_sketch[:, None, None], outline, fill)[..., None]
+  image = (1 - alpha) * image + alpha * colour
+  noise_level = np.where(domains == DOMAINS.index("noise"), 0.25, 0.02).astype(np.float32)
+  image += noise_level[:, None, None, None] * rng.standard_normal(image.shape, np.float32)
+  return np.clip(np.round(image * 255), 0, 255).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------------------------
+# Splits.
+
+
+@dataclasses.dataclass(frozen=True)
+class WorldSpec:
+  """Sizes and seeds of every split of the world (a TFDS builder config carries one)."""
+  seed: int = 0
+  image_size: int = 32
+  num_pretrain_sets: int = 2           # one per small foundation model (backdoor ensemble)
+  pretrain_size: int = 20_000          # image–caption pairs per pre-training set
+  pretrain_imbalance: float = 100.0    # max / min class count of pre-training
+  train_per_class: int = 20            # balanced downstream fine-tuning set (photo)
+  train_lt_size: int = 3_000           # long-tailed downstream fine-tuning set (photo)
+  train_lt_imbalance: float = 50.0
+  validation_per_class: int = 5        # held-out photo set (temperature, γ)
+  test_per_class: int = 10             # per domain
+
+
+def pretrain_class_counts(spec: WorldSpec, index: int = 0) -> np.ndarray:
+  """Class counts of pre-training set ``index``: the known label prior of foundation model ``index``."""
+  if not 0 <= index < spec.num_pretrain_sets:
+    raise bad_argument("index", f"a pre-training set in [0, {spec.num_pretrain_sets})", index)
+  rng = np.random.default_rng([spec.seed, 1, index])
+  return long_tail_counts(spec.pretrain_size, spec.pretrain_imbalance, rng)
+
+
+def train_lt_class_counts(spec: WorldSpec) -> np.ndarray:
+  """Class counts of the long-tailed downstream training set (its own, independent tail)."""
+  return long_tail_counts(spec.train_lt_size, spec.train_lt_imbalance,
+                          np.random.default_rng([spec.seed, 2]))
+
+
+def split_names(spec: WorldSpec) -> tuple[str, ...]:
+  """Every split the world defines."""
+  return (tuple(f"pretrain_{i}" for i in range(spec.num_pretrain_sets))
+          + ("train", "train_lt", "validation") + tuple(f"test_{d}" for d in DOMAINS))
+
+
+def split_plan(spec: WorldSpec, split: str) -> tuple[np.ndarray, np.ndarray]:
+  """(labels, domains) of every example of ``split``, in a seeded shuffled order."""
+  names = split_names(spec)
+  if split not in names:
+    raise bad_argument("split", f"one of {names}", repr(split))
+  rng = np.random.default_rng([spec.seed, 3, names.index(split)])
+  photo = DOMAINS.index("photo")
+  if split.startswith("pretrain_"):
+    labels = np.repeat(np.arange(NUM_CLASSES), pretrain_class_counts(spec, int(split[9:])))
+    mix = np.asarray([PRETRAIN_DOMAIN_MIX[d] for d in DOMAINS])
+    domains = rng.choice(len(DOMAINS), size=labels.size, p=mix / mix.sum())
+  elif split == "train_lt":
+    labels = np.repeat(np.arange(NUM_CLASSES), train_lt_class_counts(spec))
+    domains = np.full(labels.size, photo)
+  else:
+    per_class = {"train": spec.train_per_class,
+                 "validation": spec.validation_per_class}.get(split, spec.test_per_class)
+    labels = np.repeat(np.arange(NUM_CLASSES), per_class)
+    domain = photo if split in ("train", "validation") else DOMAINS.index(split[5:])
+    domains = np.full(labels.size, domain)
+  order = rng.permutation(labels.size)
+  return labels[order].astype(np.int64), domains[order].astype(np.int64)
+
+
+def generate_split(spec: WorldSpec, split: str, chunk: int = 2048):
+  """Yields ``(index, example)`` for every example of ``split`` (rendered in chunks, seeded)."""
+  labels, domains = split_plan(spec, split)
+  rng = np.random.default_rng([spec.seed, 4, split_names(spec).index(split)])
+  for start in range(0, labels.size, chunk):
+    stop = min(start + chunk, labels.size)
+    images = render(labels[start:stop], domains[start:stop], rng, spec.image_size)
+    for i in range(start, stop):
+      domain = DOMAINS[domains[i]]
+      yield i, {"image": images[i - start], "label": labels[i], "domain": domain,
+                "caption": CAPTION_TEMPLATES[domain].format(CLASSNAMES[labels[i]])}
+
+
+# ----------------------------------------------------------------------------------------------
+# TFDS builder.
+
+
+class DemoShapesConfig(tfds.core.BuilderConfig):
+  """A builder config that carries a :class:`WorldSpec`."""
+
+  def __init__(self, *, spec: WorldSpec = WorldSpec(), **kwargs):
+    super().__init__(**kwargs)
+    self.spec = spec
+
+
+def _config(name: str, description: str, **spec_fields) -> DemoShapesConfig:
+  return DemoShapesConfig(name=name, description=description, spec=WorldSpec(**spec_fields))
+
+
+class DemoShapes(tfds.core.GeneratorBasedBuilder):
+  """Coloured shapes × domains, with a long-tailed pre-training set of image–caption pairs."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "First release."}
+  BUILDER_CONFIGS = [
+      _config("default", "The world of `glajax demo`."),
+      _config("quick", "A smaller world for `glajax demo --quick`.", pretrain_size=8_000,
+              train_per_class=10, train_lt_size=1_500, validation_per_class=4, test_per_class=6),
+      _config("tiny", "A few examples per split, for tests.", pretrain_size=400,
+              train_per_class=2, train_lt_size=200, validation_per_class=1, test_per_class=1),
+  ]
+
+  @tfds.core.utils.classproperty
+  @classmethod
+  def code_path(cls) -> epath.Path:
+    # TFDS 4.9.10 finds a builder's file through `importlib_resources`, a package it no longer
+    # depends on for Python >= 3.9; the path is plain here.
+    return epath.Path(__file__)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    size = self.builder_config.spec.image_size
+    return self.dataset_info_from_configs(
+        features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(shape=(size, size, 3)),
+            "label": tfds.features.ClassLabel(names=CLASSNAMES),
+            "domain": tfds.features.ClassLabel(names=DOMAINS),
+            "caption": tfds.features.Text(),
+        }),
+        supervised_keys=("image", "label"),
+        homepage="https://github.com/glajax/glajax",
+    )
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # nothing to download: the world is rendered from its seed
+    spec = self.builder_config.spec
+    return {split: self._generate_examples(split) for split in split_names(spec)}
+
+  def _generate_examples(self, split: str):
+    yield from generate_split(self.builder_config.spec, split)
+
+
+def builder(config: str = "default", data_dir: str | None = None) -> DemoShapes:
+  """The ``demo_shapes`` builder for ``config`` ("default", "quick" or "tiny") under ``data_dir``."""
+  return DemoShapes(config=config, data_dir=data_dir)
+
+
+def dataset_name(config: str = "default") -> str:
+  """The registry name of the world's ``config``: "demo_shapes", "demo_shapes_quick", ..."""
+  return "demo_shapes" if config == "default" else f"demo_shapes_{config}"
+
+
+def register(config: str = "default") -> str:
+  """Registers the world's ``config`` with ``glajax.data.registry``; returns its name.
+
+  Its train split is the balanced photo set, its eval split the photo test set; the other
+  splits (``split_names``) are read by name.
+  """
+  from glajax.data import registry  # pylint: disable=import-outside-toplevel
+  name = dataset_name(config)
+  registry.register(registry.DatasetInfo(
+      name=name, tfds_name=f"demo_shapes/{config}", train_split="train",
+      eval_split="test_photo", classnames=CLASSNAMES, templates=TEMPLATES,
+      num_classes=NUM_CLASSES))
+  return name

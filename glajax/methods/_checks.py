@@ -1,0 +1,95 @@
+"""Input validation shared by the methods, safe under ``jax.jit``.
+
+Two kinds of check, one rule:
+
+* **static** checks (rank, shape, dtype, Python scalars) always run: under ``jit`` shapes and
+  dtypes are known at trace time, so a mismatch is reported before anything is compiled;
+* **value** checks (labels in range, finite logits, a non-empty absent set, ``alpha`` in [0, 1])
+  need the numbers. They go through :func:`concrete`, which returns the value as a NumPy array
+  when the input is concrete (a NumPy array, a Python number or a committed ``jax.Array``) and
+  ``None`` when it is a tracer. Inside ``jit`` the value checks are therefore skipped; they run
+  on every eager call, including the eager call around an internally jitted core.
+
+All errors are :class:`glajax.InputError` built with :func:`glajax.errors.bad_argument`.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from glajax.errors import bad_argument
+
+
+def concrete(x) -> np.ndarray | None:
+  """Returns ``x`` as a NumPy array when its value is known, ``None`` when it is a tracer."""
+  if isinstance(x, jax.core.Tracer):
+    return None
+  return np.asarray(x)
+
+
+def float_array(name: str, x, ndim: int | None = None) -> jax.Array:
+  """Checks ``x`` is a floating array of rank ``ndim`` (static); returns it as ``jax.Array``."""
+  x = jnp.asarray(x)
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise bad_argument(name, "a floating-point array (float32 or bfloat16)", f"dtype {x.dtype}")
+  if ndim is not None and x.ndim != ndim:
+    raise bad_argument(name, f"an array of rank {ndim}", f"shape {x.shape}")
+  return x
+
+
+def logits_array(name: str, logits, ndim: int = 2) -> jax.Array:
+  """A floating (N, C) (or rank-``ndim``) array, all finite when concrete."""
+  logits = float_array(name, logits, ndim)
+  values = concrete(logits)
+  if values is not None and not np.isfinite(values.astype(np.float32)).all():
+    bad = int((~np.isfinite(values.astype(np.float32))).sum())
+    raise bad_argument(name, "finite values", f"{bad} non-finite entries")
+  return logits
+
+
+def labels_array(name: str, labels, num_samples: int, num_classes: int) -> jax.Array:
+  """Integer labels of shape (num_samples,), in [0, num_classes) when concrete."""
+  labels = jnp.asarray(labels)
+  if not jnp.issubdtype(labels.dtype, jnp.integer):
+    raise bad_argument(name, "an integer array", f"dtype {labels.dtype}")
+  if labels.shape != (num_samples,):
+    raise bad_argument(name, f"shape ({num_samples},) to match the logits", f"shape {labels.shape}")
+  values = concrete(labels)
+  if values is not None and values.size and (values.min() < 0 or values.max() >= num_classes):
+    raise bad_argument(name, f"labels in [0, {num_classes})",
+                       f"range [{values.min()}, {values.max()}]")
+  return labels
+
+
+def mask_array(name: str, mask, num_classes: int, nonempty: bool = True) -> jax.Array:
+  """A boolean (C,) class mask; when concrete and ``nonempty``, neither empty nor full."""
+  mask = jnp.asarray(mask)
+  if mask.dtype != jnp.bool_ or mask.shape != (num_classes,):
+    raise bad_argument(name, f"a boolean mask of shape ({num_classes},)",
+                       f"dtype {mask.dtype}, shape {mask.shape}")
+  values = concrete(mask)
+  if nonempty and values is not None and not values.any():
+    raise bad_argument(name, "at least one absent class", "an empty absent set")
+  if nonempty and values is not None and values.all():
+    raise bad_argument(name, "at least one seen (non-absent) class", "every class marked absent")
+  return mask
+
+
+def same_shape(name: str, x, expected: tuple[int, ...]) -> None:
+  """Raises unless ``x.shape == expected``."""
+  if tuple(x.shape) != tuple(expected):
+    raise bad_argument(name, f"shape {tuple(expected)}", f"shape {tuple(x.shape)}")
+
+
+def in_range(name: str, x, lo: float, hi: float) -> None:
+  """Raises when ``x`` is concrete and not in [lo, hi]."""
+  values = concrete(x)
+  if values is not None and not ((values >= lo) & (values <= hi)).all():
+    raise bad_argument(name, f"a value in [{lo}, {hi}]", values.tolist())
+
+
+def choice(name: str, value, options) -> None:
+  """Raises unless ``value`` is one of ``options`` (a static string argument)."""
+  if value not in options:
+    raise bad_argument(name, f"one of {list(options)}", repr(value))

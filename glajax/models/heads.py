@@ -1,0 +1,94 @@
+"""Classification heads on CLIP image features, and the image classifier that joins them.
+
+* :class:`LinearHead` on L2-normalised projected features, initialised from the zero-shot head
+  (WiSE-FT, Wortsman et al. 2022): at initialisation its logits are the zero-shot logits.
+* :class:`CosineClassifier` with scale 25 on the pre-projection CLS feature, initialised from text
+  features mapped back through the visual projection with its pseudo-inverse (backdoor adjustment,
+  Chen et al. 2025).
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from glajax.errors import bad_argument
+
+COSINE_SCALE = 25.0
+
+
+def _normalize(x):
+  return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def cosine_logits(features, weights, scale: float = COSINE_SCALE):
+  """s · norm(f) · norm(W)ᵀ: (N, D) features and (C, D) class weights -> (N, C) float32 logits."""
+  features = features.astype(jnp.float32)
+  weights = weights.astype(jnp.float32)
+  return scale * _normalize(features) @ _normalize(weights).T
+
+
+def _as_matrix(name, array):
+  array = np.asarray(array, np.float32)
+  if array.ndim != 2:
+    raise bad_argument(name, "a 2-D array", f"shape {array.shape}")
+  return array
+
+
+class LinearHead(nnx.Module):
+  """logits = norm(f) · W + b, with W (D, C) float32; ``from_zeroshot`` gives the zero-shot logits."""
+
+  def __init__(self, kernel, bias=None):
+    kernel = _as_matrix("kernel", kernel)
+    self.kernel = nnx.Param(jnp.asarray(kernel))
+    self.bias = nnx.Param(jnp.zeros(kernel.shape[1], jnp.float32) if bias is None
+                          else jnp.asarray(bias, jnp.float32))
+
+  @classmethod
+  def from_zeroshot(cls, zeroshot_head):
+    """W = headᵀ, b = 0 for a (C, D) zero-shot head already scaled by exp(logit_scale)."""
+    return cls(_as_matrix("zeroshot_head", zeroshot_head).T)
+
+  def __call__(self, features):
+    return _normalize(features.astype(jnp.float32)) @ self.kernel[...] + self.bias[...]
+
+
+class CosineClassifier(nnx.Module):
+  """logits = s · cos(f, w_c) with learned (C, D) weights w and fixed scale s (25)."""
+
+  def __init__(self, weights, scale: float = COSINE_SCALE):
+    self.weight = nnx.Param(jnp.asarray(_as_matrix("weights", weights)))
+    self.scale = scale
+
+  @classmethod
+  def from_text_features(cls, text_features, projection_kernel, scale: float = COSINE_SCALE):
+    """w_c = t_c · pinv(W_v): (C, P) text features mapped back through the (D, P) visual projection.
+
+    The minimum-norm pre-projection vector whose projection is t_c (Chen et al. 2025).
+    """
+    text = _as_matrix("text_features", text_features)
+    kernel = _as_matrix("projection_kernel", projection_kernel)
+    if text.shape[1] != kernel.shape[1]:
+      raise bad_argument("text_features", f"width {kernel.shape[1]} (the projection's output)",
+                         f"shape {text.shape}")
+    return cls(text @ np.linalg.pinv(kernel.astype(np.float64)).astype(np.float32), scale)
+
+  def __call__(self, features):
+    return cosine_logits(features, self.weight[...], self.scale)
+
+
+class CLIPClassifier(nnx.Module):
+  """A CLIP image tower with a head: ``features="projected"`` feeds ``encode_image`` (WiSE-FT),
+  ``"pre_projection"`` the pooled CLS ``vision_features`` (backdoor adjustment)."""
+
+  def __init__(self, clip, head, features: str = "projected"):
+    if features not in ("projected", "pre_projection"):
+      raise bad_argument("features", "'projected' or 'pre_projection'", repr(features))
+    self.clip = clip
+    self.head = head
+    self.features = features
+
+  def __call__(self, images):
+    if self.features == "projected":
+      return self.head(self.clip.encode_image(images))
+    return self.head(self.clip.vision_features(images))

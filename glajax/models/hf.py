@@ -1,0 +1,384 @@
+"""Hugging Face (transformers-format) CLIP checkpoints <-> glajax ``CLIP``.
+
+The conversion is one table: each row pairs an HF key template with a glajax parameter path
+template and names the transform between them (Linear ``weight[out, in]`` <-> ``kernel[in, out]``;
+Conv OIHW <-> HWIO; the rest as is). Loading builds the model abstractly (``nnx.eval_shape``),
+shape-checks every tensor and reports every problem in one ``CheckpointError``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from glajax.errors import CheckpointError, ConfigError, bad_argument
+from glajax.models.clip import (CLIP, CLIPConfig, _Adapter, interpolate_position_embedding)
+
+# Placeholder -> the regex it stands for, in both key spellings (glajax paths use '.' too).
+_SLOTS = {
+    "tower": r"vision|text",
+    "i": r"\d+",
+    "linear": r"self_attn\.(?:q|k|v|out)_proj|mlp\.fc[12]",
+    "ln": r"layer_norm[12]",
+    "embedding": r"token_embedding|position_embedding",
+    "final_ln": r"post_layernorm|final_layer_norm",
+    "projection": r"visual_projection|text_projection",
+}
+
+# (HF key, glajax path, transform)
+_TABLE = (
+    ("{tower}_model.encoder.layers.{i}.{linear}.weight",
+     "{tower}_model.layers.{i}.{linear}.kernel", "linear"),
+    ("{tower}_model.encoder.layers.{i}.{linear}.bias", "{tower}_model.layers.{i}.{linear}.bias",
+     "same"),
+    ("{tower}_model.encoder.layers.{i}.{ln}.weight", "{tower}_model.layers.{i}.{ln}.scale", "same"),
+    ("{tower}_model.encoder.layers.{i}.{ln}.bias", "{tower}_model.layers.{i}.{ln}.bias", "same"),
+    ("vision_model.embeddings.class_embedding", "vision_model.class_embedding", "same"),
+    ("vision_model.embeddings.patch_embedding.weight", "vision_model.patch_embedding.kernel",
+     "conv"),
+    ("{tower}_model.embeddings.{embedding}.weight", "{tower}_model.{embedding}.embedding", "same"),
+    ("vision_model.pre_layrnorm.weight", "vision_model.pre_layernorm.scale", "same"),
+    ("vision_model.pre_layrnorm.bias", "vision_model.pre_layernorm.bias", "same"),
+    ("{tower}_model.{final_ln}.weight", "{tower}_model.{final_ln}.scale", "same"),
+    ("{tower}_model.{final_ln}.bias", "{tower}_model.{final_ln}.bias", "same"),
+    ("{projection}.weight", "{projection}.kernel", "linear"),
+    ("logit_scale", "logit_scale", "same"),
+)
+_SKIPPED = re.compile(r".*position_ids$")  # buffers, not parameters
+
+# transform name -> (HF -> glajax, glajax -> HF)
+_TRANSFORMS = {
+    "same": (lambda w: w, lambda w: w),
+    "linear": (lambda w: w.T, lambda w: w.T),
+    "conv": (lambda w: w.transpose(2, 3, 1, 0), lambda w: w.transpose(3, 2, 0, 1)),
+}
+
+ADAPTERS_FILE = "glajax_adapters.safetensors"
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt"]  # config, weights, tokenizer
+
+
+def _compile(template: str) -> re.Pattern:
+  pattern = re.escape(template)
+  for slot, regex in _SLOTS.items():
+    pattern = pattern.replace(re.escape("{" + slot + "}"), f"(?P<{slot}>{regex})")
+  return re.compile(pattern + "$")
+
+
+_ROWS = tuple((_compile(hf), hf, _compile(ours), ours, name) for hf, ours, name in _TABLE)
+
+
+def hf_to_glajax_key(key: str) -> tuple[str, str] | None:
+  """HF key -> (glajax path, transform name), or None if the key is not a CLIP parameter."""
+  for hf_re, _, _, ours, name in _ROWS:
+    if m := hf_re.match(key):
+      return ours.format(**m.groupdict()), name
+  return None
+
+
+def _glajax_to_hf_key(path: str) -> tuple[str, str] | None:
+  for _, hf, ours_re, _, name in _ROWS:
+    if m := ours_re.match(path):
+      return hf.format(**m.groupdict()), name
+  return None
+
+
+def _path_str(path) -> str:
+  return ".".join(str(p) for p in path)
+
+
+def _is_adapter(path: str) -> bool:
+  return ".adapter." in path
+
+
+# ---------------------------------------------------------------------------------------------
+# Locating and reading checkpoints
+
+
+def resolve_checkpoint(path_or_hub_id: str | os.PathLike, allow_patterns=None) -> str:
+  """A local directory for ``path_or_hub_id``: the directory itself or its hub snapshot.
+
+  Hub ids go through ``huggingface_hub.snapshot_download`` (its cache; HF_HUB_OFFLINE honoured).
+  """
+  path = os.fspath(path_or_hub_id)
+  if os.path.isdir(path):
+    return path
+  if os.path.exists(path):
+    raise bad_argument("path_or_hub_id", "a checkpoint directory", f"the file {path}",
+                       CheckpointError)
+  if not re.fullmatch(r"[\w.-]+/[\w.-]+", path) or path.startswith((".", "/")):
+    raise bad_argument("path_or_hub_id", "an existing checkpoint directory or a hub id (org/name)",
+                       f"{path} (no such directory)", CheckpointError)
+  from huggingface_hub import snapshot_download
+  try:
+    return snapshot_download(path, allow_patterns=allow_patterns)
+  except Exception as e:  # offline cache miss, unknown repo, network error: one message
+    raise bad_argument("path_or_hub_id", "an existing directory or a downloadable hub id",
+                       f"{path!r}: no such directory, and the hub said {type(e).__name__}: {e} "
+                       f"(HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')})",
+                       CheckpointError) from None
+
+
+def _weight_files(directory: str) -> list[str]:
+  """The weight files of a checkpoint directory, in the order transformers prefers them."""
+  for index, single in (("model.safetensors.index.json", "model.safetensors"),
+                        ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+    index_path = os.path.join(directory, index)
+    if os.path.exists(index_path):
+      try:
+        with open(index_path) as f:
+          weight_map = json.load(f)["weight_map"]
+      except (OSError, ValueError, KeyError) as e:
+        raise bad_argument("checkpoint", f"a valid {index}", f"{index_path} ({e})",
+                           CheckpointError) from None
+      return [os.path.join(directory, name) for name in sorted(set(weight_map.values()))]
+    if os.path.exists(os.path.join(directory, single)):
+      return [os.path.join(directory, single)]
+  raise bad_argument("checkpoint", "model.safetensors (sharded or not) or pytorch_model.bin",
+                     f"none in {directory} (files: {sorted(os.listdir(directory))})",
+                     CheckpointError)
+
+
+def _has_weights(directory: str) -> bool:
+  try:
+    _weight_files(directory)
+  except CheckpointError:
+    return False
+  return True
+
+
+def _read_safetensors(path: str) -> dict[str, np.ndarray]:
+  from safetensors import safe_open
+  try:
+    with safe_open(path, framework="flax") as f:
+      return {k: np.asarray(f.get_tensor(k).astype(jnp.float32)) for k in f.keys()}
+  except Exception as e:  # SafetensorError on a truncated or corrupt file
+    raise bad_argument("checkpoint", "a readable safetensors file",
+                       f"{path} ({type(e).__name__}: {e})", CheckpointError) from None
+
+
+def _read_torch(path: str) -> dict[str, np.ndarray]:
+  try:
+    import torch
+  except ImportError:
+    raise bad_argument("checkpoint", "model.safetensors (reading pytorch_model.bin needs torch)",
+                       path, CheckpointError) from None
+  try:
+    tensors = torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:
+    raise bad_argument("checkpoint", "a readable pytorch_model.bin",
+                       f"{path} ({type(e).__name__}: {e})", CheckpointError) from None
+  return {k: v.detach().float().numpy() for k, v in tensors.items()}
+
+
+def _read_weights(directory: str) -> dict[str, np.ndarray]:
+  tensors = {}
+  for path in _weight_files(directory):
+    if not os.path.exists(path):
+      raise bad_argument("checkpoint", "every shard named in the index", f"{path} is missing",
+                         CheckpointError)
+    tensors.update(_read_safetensors(path) if path.endswith(".safetensors") else _read_torch(path))
+  return tensors
+
+
+def _read_config(directory: str) -> CLIPConfig:
+  path = os.path.join(directory, "config.json")
+  if not os.path.exists(path):
+    raise bad_argument("checkpoint", "a directory with config.json", f"none in {directory}",
+                       CheckpointError)
+  try:
+    return CLIPConfig.from_hf(path)
+  except ConfigError as e:
+    raise CheckpointError(f"checkpoint {directory} is not a CLIP checkpoint: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Load / save
+
+
+def _convert(tensors: dict[str, np.ndarray], expected: dict[str, jax.ShapeDtypeStruct],
+             source: str) -> dict[str, np.ndarray]:
+  """HF tensors -> glajax arrays by path; every problem collected into one CheckpointError."""
+  converted, found, problems = {}, set(), []
+  for key, value in tensors.items():
+    if _SKIPPED.match(key):
+      continue
+    target = hf_to_glajax_key(key)
+    if target is None:
+      problems.append(f"unexpected tensor {key} {value.shape}")
+      continue
+    path, transform = target
+    found.add(path)
+    if path not in expected:
+      problems.append(f"unexpected tensor {key} {value.shape} (no {path} in the model)")
+      continue
+    value = _TRANSFORMS[transform][0](value)
+    if value.shape != expected[path].shape:
+      problems.append(f"{key}: expected shape {expected[path].shape} (after {transform} "
+                      f"transform), found {value.shape}")
+      continue
+    converted[path] = value
+  problems += [f"missing tensor {_glajax_to_hf_key(p)[0]}" for p in sorted(expected)
+               if p not in found and not _is_adapter(p)]
+  if problems:
+    raise CheckpointError(f"checkpoint {source} does not fit its config "
+                          f"({len(problems)} problems):\n  " + "\n  ".join(problems))
+  return converted
+
+
+def load_clip(path_or_hub_id: str | os.PathLike, *, dtype=jnp.float32, param_dtype=jnp.float32,
+              image_size: int | None = None, adapter_dim: int | None = None,
+              adapter_scale: float = 0.1, remat: bool = False, seed: int = 0) -> CLIP:
+  """Loads a transformers-format CLIP checkpoint (local directory or hub id) as a ``CLIP``.
+
+  Reads ``config.json`` and ``model.safetensors`` (sharded or not) or ``pytorch_model.bin``.
+  ``image_size`` resizes the position embeddings bicubically. ``adapter_dim > 0`` adds freshly
+  initialised AdaptFormer adapters (``up`` zero, so outputs equal the checkpoint's); adapters
+  saved by ``save_clip`` in ``glajax_adapters.safetensors`` are restored when ``adapter_dim`` is
+  None.
+  """
+  directory = resolve_checkpoint(path_or_hub_id, allow_patterns=_HUB_PATTERNS)
+  if not _has_weights(directory) and not os.path.isdir(path_or_hub_id):
+    # a hub repo without safetensors: fetch its PyTorch weights too
+    directory = resolve_checkpoint(path_or_hub_id,
+                                   allow_patterns=[*_HUB_PATTERNS, "pytorch_model*.bin"])
+  config = _read_config(directory)
+  adapters = _read_adapters(directory) if adapter_dim is None else None
+  if adapters is not None:
+    adapter_dim, adapter_scale = adapters[1], adapters[2]
+  vision = dataclasses.replace(config.vision, adapter_dim=adapter_dim or 0,
+                               adapter_scale=adapter_scale, remat=remat)
+  config = dataclasses.replace(config, vision=vision,
+                               text=dataclasses.replace(config.text, remat=remat))
+  model = clip_from_hf_tensors(config, _read_weights(directory), dtype=dtype,
+                               param_dtype=param_dtype, seed=seed,
+                               adapters=None if adapters is None else adapters[0], source=directory)
+  if image_size is not None and image_size != config.vision.image_size:
+    interpolate_position_embedding(model, image_size)
+  return model
+
+
+def clip_from_hf_tensors(config: CLIPConfig, tensors: dict[str, np.ndarray], *, dtype=jnp.float32,
+                         param_dtype=jnp.float32, seed: int = 0, adapters=None,
+                         source: str = "tensors") -> CLIP:
+  """A ``CLIP`` from HF-named tensors (a transformers ``state_dict`` as NumPy arrays).
+
+  The model is built abstractly; adapter parameters come from ``adapters`` (glajax paths) or,
+  when ``config.vision.adapter_dim > 0`` and none are given, a fresh init with ``seed``.
+  """
+  abstract = nnx.eval_shape(lambda: CLIP(config, dtype=dtype, param_dtype=param_dtype,
+                                         rngs=nnx.Rngs(seed)))
+  graphdef, state = nnx.split(abstract)
+  flat = nnx.to_flat_state(state)
+  expected = {_path_str(path): var.get_value() for path, var in flat}
+  converted = _convert(tensors, expected, source)
+  if adapters is not None:
+    converted.update(_check_adapters(adapters, expected, source))
+  elif config.vision.adapter_dim:
+    converted.update(_init_adapters(config, dtype, param_dtype, seed))
+  for path, var in flat:
+    key = _path_str(path)
+    var.set_raw_value(jnp.asarray(converted[key], expected[key].dtype))
+  return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def _init_adapters(config: CLIPConfig, dtype, param_dtype, seed: int) -> dict[str, jax.Array]:
+  rngs = nnx.Rngs(seed)
+  out = {}
+  for i in range(config.vision.num_hidden_layers):
+    adapter = _Adapter(config.vision.hidden_size, config.vision.adapter_dim, dtype=dtype,
+                       param_dtype=param_dtype, rngs=rngs)
+    for path, var in nnx.to_flat_state(nnx.state(adapter, nnx.Param)):
+      out[f"vision_model.layers.{i}.adapter.{_path_str(path)}"] = var.get_value()
+  return out
+
+
+def _read_adapters(directory: str):
+  path = os.path.join(directory, ADAPTERS_FILE)
+  if not os.path.exists(path):
+    return None
+  from safetensors import safe_open
+  try:
+    with safe_open(path, framework="numpy") as f:
+      meta = f.metadata() or {}
+      tensors = {k: f.get_tensor(k) for k in f.keys()}
+    return tensors, int(meta["adapter_dim"]), float(meta["adapter_scale"])
+  except Exception as e:
+    raise bad_argument("checkpoint", f"a readable {ADAPTERS_FILE}",
+                       f"{path} ({type(e).__name__}: {e})", CheckpointError) from None
+
+
+def _check_adapters(tensors, expected, source) -> dict[str, np.ndarray]:
+  wanted = {p: s for p, s in expected.items() if _is_adapter(p)}
+  problems = [f"missing adapter tensor {p}" for p in wanted if p not in tensors]
+  problems += [f"{p}: expected shape {wanted[p].shape}, found {v.shape}"
+               for p, v in tensors.items() if p in wanted and v.shape != wanted[p].shape]
+  problems += [f"unexpected adapter tensor {p}" for p in tensors if p not in wanted]
+  if problems:
+    raise CheckpointError(f"{ADAPTERS_FILE} in {source} does not fit the model:\n  "
+                          + "\n  ".join(problems))
+  return tensors
+
+
+def save_clip(model: CLIP, directory: str | os.PathLike) -> str:
+  """Writes ``config.json`` + ``model.safetensors`` that transformers' ``CLIPModel`` loads.
+
+  Adapter parameters (not part of transformers' CLIP) go to ``glajax_adapters.safetensors``,
+  which ``load_clip`` restores. Atomic: files are written into a temporary directory next to
+  ``directory``, which then replaces it, so a crash never leaves a half-written checkpoint.
+  """
+  from safetensors.numpy import save_file
+  if not isinstance(model, CLIP):
+    raise bad_argument("model", "a glajax CLIP", type(model).__name__)
+  directory = os.path.abspath(os.fspath(directory))
+  if os.path.exists(directory) and not os.path.isdir(directory):
+    raise bad_argument("directory", "a directory path", f"the file {directory}", CheckpointError)
+  weights, adapters = {}, {}
+  for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    key = _path_str(path)
+    value = np.asarray(jax.device_get(var.get_value()), np.float32)
+    if _is_adapter(key):
+      adapters[key] = value
+      continue
+    hf_key, transform = _glajax_to_hf_key(key)
+    weights[hf_key] = _TRANSFORMS[transform][1](value).copy()
+  parent = os.path.dirname(directory)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=parent)
+  try:
+    config = model.config
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+      json.dump(config.to_hf(), f, indent=2)
+    save_file(weights, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    if adapters:
+      save_file(adapters, os.path.join(tmp, ADAPTERS_FILE),
+                metadata={"adapter_dim": str(config.vision.adapter_dim),
+                          "adapter_scale": repr(config.vision.adapter_scale)})
+    _replace_directory(tmp, directory)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return directory
+
+
+def _replace_directory(new: str, target: str) -> None:
+  """Moves ``new`` to ``target``; an existing ``target`` is moved aside first, then deleted."""
+  if not os.path.exists(target):
+    os.rename(new, target)
+    return
+  old = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.old-", dir=os.path.dirname(target))
+  os.rmdir(old)
+  os.rename(target, old)
+  try:
+    os.rename(new, target)
+  except BaseException:
+    os.rename(old, target)
+    raise
+  shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,104 @@
+"""Training losses of the fine-tuning recipes (all pure, jittable, float32 reductions).
+
+* cross-entropy with label smoothing (WiSE-FT recipe, Wortsman et al. 2022);
+* logit-adjusted cross-entropy CE(z + τ·log π_train, y) (Menon et al. 2021; backdoor-adjustment recipe);
+* the symmetric CLIP contrastive loss (FLYP, Goyal et al. 2023);
+* CaRot's terms (Oh et al., NeurIPS 2024): orthogonality ‖W_vᵀW_v − I‖_F, EMA self-distillation L_SD,
+  and the teacher's momentum schedule.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from glajax.errors import bad_argument
+
+
+def cross_entropy(logits, labels, label_smoothing: float = 0.0, where=None):
+  """Mean CE(z, y) against the smoothed one-hot target (1 − ε)·onehot(y) + ε/C.
+
+  ``where`` (N,) weights rows (e.g. a batch's padding ``mask``): Σ w_i CE_i / max(Σ w_i, 1).
+  """
+  if not 0.0 <= label_smoothing < 1.0:
+    raise bad_argument("label_smoothing", "a value in [0, 1)", label_smoothing)
+  logits = logits.astype(jnp.float32)
+  targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+  per_example = optax.softmax_cross_entropy(logits, targets)
+  if where is None:
+    return per_example.mean()
+  where = where.astype(jnp.float32)
+  return (per_example * where).sum() / jnp.maximum(where.sum(), 1.0)
+
+
+def logit_adjusted_cross_entropy(logits, labels, log_prior, tau: float = 1.0,
+                                 label_smoothing: float = 0.0, where=None):
+  """Menon et al.'s logit-adjusted loss: mean CE(z + τ·log π_train, y)."""
+  return cross_entropy(logits.astype(jnp.float32) + tau * log_prior, labels, label_smoothing,
+                       where)
+
+
+def _normalize(x):
+  x = x.astype(jnp.float32)
+  return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def contrastive_logits(image_features, text_features, logit_scale):
+  """CLIP's image→text logits exp(s)·norm(f_img)·norm(f_txt)ᵀ, shape (B, B); text→image is the .T."""
+  return jnp.exp(logit_scale.astype(jnp.float32)) * (
+      _normalize(image_features) @ _normalize(text_features).T)
+
+
+def clip_contrastive_loss(image_features, text_features, logit_scale):
+  """FLYP's symmetric CLIP loss: ½[CE(L, arange) + CE(Lᵀ, arange)], L the image→text logits."""
+  logits = contrastive_logits(image_features, text_features, logit_scale)
+  labels = jnp.arange(logits.shape[0])
+  return 0.5 * (cross_entropy(logits, labels) + cross_entropy(logits.T, labels))
+
+
+def orthogonality_penalty(projection_kernel):
+  """CaRot's orthogonality constraint ‖W_vᵀW_v − I‖_F (Frobenius norm, not squared).
+
+  ``projection_kernel`` is the visual projection as a Flax kernel, shape (hidden, projection_dim),
+  the layout of OpenCLIP's ``visual.proj`` that CaRot constrains.
+  """
+  w = projection_kernel.astype(jnp.float32)
+  gram = w.T @ w
+  return jnp.linalg.norm(gram - jnp.eye(gram.shape[0], dtype=gram.dtype))
+
+
+def projection_cross_penalty(visual_kernel, text_kernel):
+  """‖W_v W_tᵀ‖_F for the (hidden_v, P) and (hidden_t, P) projection kernels (CaRot's scripts)."""
+  return jnp.linalg.norm(visual_kernel.astype(jnp.float32) @ text_kernel.astype(jnp.float32).T)
+
+
+def _soft_cross_entropy(teacher_logits, student_logits):
+  """mean_i −Σ_j softmax(t)_ij · log_softmax(s)_ij."""
+  return optax.softmax_cross_entropy(student_logits, jax.nn.softmax(teacher_logits)).mean()
+
+
+def self_distillation_loss(student_image, student_text, student_logit_scale,
+                           teacher_image, teacher_text, teacher_logit_scale):
+  """CaRot's L_SD: row-mean CE between teacher and student softmaxes, image→text plus text→image.
+
+  Each model uses its own logit scale; the teacher is a constant (its gradient is stopped).
+  """
+  student = contrastive_logits(student_image, student_text, student_logit_scale)
+  teacher = jax.lax.stop_gradient(
+      contrastive_logits(teacher_image, teacher_text, teacher_logit_scale))
+  return _soft_cross_entropy(teacher, student) + _soft_cross_entropy(teacher.T, student.T)
+
+
+def teacher_momentum(step, total_steps: int, start: float = 0.05, end: float = 0.9,
+                     warmup_fraction: float = 0.2):
+  """CaRot's EMA momentum: m = start + (end − start)·step/(f·total) while step < f·total, then end."""
+  if total_steps <= 0:
+    raise bad_argument("total_steps", "a positive number of steps", total_steps)
+  ramp_steps = warmup_fraction * total_steps
+  ramp = start + (end - start) * jnp.asarray(step, jnp.float32) / ramp_steps
+  return jnp.where(step < ramp_steps, ramp, end)
+
+
+def ema_update(teacher, student, momentum):
+  """θ_t ← m·θ_t + (1 − m)·θ_s over every leaf (CaRot's teacher update)."""
+  return jax.tree.map(lambda t, s: momentum * t + (1.0 - momentum) * s, teacher, student)

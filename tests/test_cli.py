@@ -1,0 +1,32 @@
+"""The ``glajax`` command line dispatches to its subcommands."""
+import sys
+
+import pytest
+
+from glajax import cli
+
+
+def test_demo_passes_its_arguments(monkeypatch, tmp_path):
+  import glajax.demo
+  seen = []
+  monkeypatch.setattr(glajax.demo, "main", lambda args: seen.append(args) or 0)
+  assert cli.main(["demo", "--workdir", str(tmp_path), "--quick"]) == 0
+  assert (seen[0].workdir, seen[0].quick, seen[0].seed) == (str(tmp_path), True, 0)
+  assert cli.main(["demo"]) == 0
+  assert (seen[1].workdir, seen[1].quick) == ("glajax-demo", False)
+
+
+def test_demo_missing_says_so(monkeypatch, capsys):
+  monkeypatch.setitem(sys.modules, "glajax.demo", None)  # import now raises ModuleNotFoundError
+  assert cli.main(["demo"]) == 1
+  assert "no glajax.demo package" in capsys.readouterr().err
+
+
+def test_no_command_prints_help(capsys):
+  assert cli.main([]) == 2
+  assert "demo" in capsys.readouterr().err
+  with pytest.raises(SystemExit) as info:
+    cli.main(["--help"])
+  assert info.value.code == 0
+  with pytest.raises(SystemExit):
+    cli.main(["nonsense"])

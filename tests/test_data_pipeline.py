@@ -1,0 +1,147 @@
+"""tf.data pipelines: exact eval coverage, shapes/dtypes/ranges, seeded training, resume, mesh."""
+import jax
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from glajax import DatasetError, InputError
+from glajax.data import pipeline, preprocess, registry
+from glajax.train import mesh as mesh_lib
+
+_LOW = (0 - np.asarray(preprocess.CLIP_MEAN)) / np.asarray(preprocess.CLIP_STD)
+_HIGH = (1 - np.asarray(preprocess.CLIP_MEAN)) / np.asarray(preprocess.CLIP_STD)
+
+
+def _numbered(n, size=(20, 30)):
+  """Example i: a constant image of grey level 10·i (survives crops and resizes), label i % 3."""
+  images = np.repeat(np.arange(n, dtype=np.uint8)[:, None, None, None] * 10, 3, axis=-1)
+  images = np.broadcast_to(images, (n, *size, 3)).copy()
+  return tf.data.Dataset.from_tensor_slices({"image": images, "label": np.arange(n) % 3})
+
+
+def _identity(image_batch):
+  """Recovers i from a normalised constant image of level 10·i."""
+  level = image_batch[..., 0] * preprocess.CLIP_STD[0] + preprocess.CLIP_MEAN[0]
+  return np.rint(level.reshape(len(image_batch), -1).mean(axis=1) * 255 / 10).astype(int)
+
+
+def test_eval_covers_every_example_once_with_padding_masked():
+  batches = list(pipeline.eval_batches(_numbered(11), batch_size=4, image_size=16))
+  assert len(batches) == 3
+  for b in batches:
+    assert b["image"].shape == (4, 16, 16, 3) and b["image"].dtype == np.float32
+    assert b["label"].dtype == np.int32 and b["mask"].dtype == bool
+  index = np.concatenate([b["index"] for b in batches])
+  mask = np.concatenate([b["mask"] for b in batches])
+  np.testing.assert_array_equal(index[mask], np.arange(11))
+  np.testing.assert_array_equal(mask, np.arange(12) < 11)
+  images = np.concatenate([b["image"] for b in batches])
+  np.testing.assert_array_equal(_identity(images[mask]), np.arange(11))
+  np.testing.assert_array_equal(np.concatenate([b["label"] for b in batches])[mask],
+                                np.arange(11) % 3)
+
+
+def test_eval_on_mock_tfds_and_mesh_sharding():
+  mesh = mesh_lib.make_mesh()
+  assert mesh.size == 8
+  with tfds.testing.mock_data(num_examples=19):
+    batches = list(pipeline.eval_batches("cifar10", batch_size=8, image_size=32, mesh=mesh))
+  assert len(batches) == 3
+  image = batches[0]["image"]
+  assert isinstance(image, jax.Array) and image.shape == (8, 32, 32, 3)
+  assert image.sharding.is_equivalent_to(mesh_lib.data_sharding(mesh), 4)
+  assert {s.data.shape for s in image.addressable_shards} == {(1, 32, 32, 3)}
+  mask = np.concatenate([np.asarray(b["mask"]) for b in batches])
+  assert mask.sum() == 19
+  values = np.asarray(image)
+  assert np.all(values >= _LOW - 1e-5) and np.all(values <= _HIGH + 1e-5)
+  labels = np.concatenate([np.asarray(b["label"]) for b in batches])[mask]
+  assert labels.min() >= 0 and labels.max() < 10
+  with pytest.raises(InputError, match="divisible by its 8 devices"):
+    next(pipeline.eval_batches("cifar10", batch_size=4, mesh=mesh))
+
+
+def _imagenet_labels(labels):
+  def as_dataset(self, split, decoders=None, read_config=None, **kwargs):
+    del self, split, decoders, read_config, kwargs
+    images = tf.io.encode_jpeg(np.zeros((8, 8, 3), np.uint8)).numpy()
+    return tf.data.Dataset.from_tensor_slices(
+        {"image": [images] * len(labels), "label": np.asarray(labels, np.int64)})
+  return tfds.testing.mock_data(as_dataset_fn=as_dataset)
+
+
+def test_imagenet_r_labels_map_to_its_200_classes():
+  indices = registry.get("imagenet_r").source_labels
+  with _imagenet_labels([indices[0], indices[57], indices[199]]):
+    batch = next(pipeline.eval_batches("imagenet_r", batch_size=4, image_size=8))
+    np.testing.assert_array_equal(batch["label"][:3], [0, 57, 199])
+    np.testing.assert_array_equal(pipeline.read_labels("imagenet_r", "test"), [0, 57, 199])
+  with _imagenet_labels([0]):  # tench is not an ImageNet-R class
+    with pytest.raises(DatasetError, match="imagenet_r: reading failed"):
+      next(pipeline.eval_batches("imagenet_r", batch_size=4, image_size=8))
+
+
+def _take(iterator, n):
+  return [next(iterator) for _ in range(n)]
+
+
+def test_train_is_seeded_endless_and_resumes_exactly():
+  def run(seed, start_step=0, n=6):
+    return _take(pipeline.train_batches(_numbered(10), batch_size=4, seed=seed, image_size=16,
+                                        start_step=start_step, shuffle_buffer=10), n)
+  first, again, other = run(0), run(0), run(1)
+  for a, b in zip(first, again):
+    np.testing.assert_array_equal(a["image"], b["image"])
+  assert any(not np.array_equal(a["label"], b["label"]) for a, b in zip(first, other))
+  assert first[0]["image"].shape == (4, 16, 16, 3) and first[0]["label"].dtype == np.int32
+  ids = _identity(np.concatenate([b["image"] for b in first]))
+  np.testing.assert_array_equal(np.sort(ids[:10]), np.arange(10))  # epoch 0: each once
+  np.testing.assert_array_equal(np.sort(ids[10:20]), np.arange(10))  # epoch 1: each once
+  assert not np.array_equal(ids[:10], ids[10:20])  # reshuffled per epoch
+  resumed = run(0, start_step=3, n=3)  # step 3 starts mid epoch 1
+  for a, b in zip(first[3:], resumed):
+    np.testing.assert_array_equal(a["image"], b["image"])
+    np.testing.assert_array_equal(a["label"], b["label"])
+
+
+def test_train_augments_and_reads_only_the_given_indices():
+  size = (60, 80)
+  batches = _take(pipeline.train_batches(_numbered(12, size), batch_size=4, seed=0,
+                                         image_size=16, indices=[1, 5, 7]), 3)
+  ids = _identity(np.concatenate([b["image"] for b in batches]))
+  assert set(ids) == {1, 5, 7}
+  with pytest.raises(DatasetError, match=r"positions in \[0, 4\).*found \[1, 9\]"):
+    next(pipeline.train_batches(_numbered(4), batch_size=2, seed=0, indices=[1, 9]))
+  with pytest.raises(DatasetError, match="no train split"):
+    next(pipeline.train_batches("imagenet_r", batch_size=2, seed=0))
+
+
+def test_missing_manual_dir_and_corrupt_images_raise(tmp_path):
+  with pytest.raises(DatasetError, match="manual_dir"):
+    next(pipeline.eval_batches("imagenet2012", batch_size=2, data_dir=str(tmp_path),
+                               manual_dir=str(tmp_path / "nowhere")))
+  good = tf.io.encode_jpeg(np.zeros((8, 8, 3), np.uint8)).numpy()
+  ds = tf.data.Dataset.from_tensor_slices({"image": [good, b"not an image"], "label": [0, 1]})
+  with pytest.raises(DatasetError, match="reading failed"):
+    list(pipeline.eval_batches(ds, batch_size=2, image_size=8))
+  with pytest.raises(InputError, match="batch_size"):
+    next(pipeline.eval_batches(ds, batch_size=0))
+
+
+@pytest.mark.parametrize("processes", [2, 3])
+def test_processes_read_disjoint_slices_in_step(monkeypatch, processes):
+  """Simulated multi-host: each process's eval slice, together exactly once, same batch count."""
+  monkeypatch.setattr(jax, "process_count", lambda: processes)
+  seen, lengths = [], set()
+  for me in range(processes):
+    monkeypatch.setattr(jax, "process_index", lambda me=me: me)
+    batches = list(pipeline.eval_batches(_numbered(10), batch_size=2 * processes, image_size=8))
+    lengths.add(len(batches))
+    for b in batches:
+      seen.extend(b["index"][b["mask"]].tolist())
+      np.testing.assert_array_equal(_identity(b["image"][b["mask"]]), b["index"][b["mask"]])
+    train = next(pipeline.train_batches(_numbered(10), batch_size=2 * processes, seed=0,
+                                        image_size=8, indices=[0, 5, 9]))
+    assert set(_identity(train["image"])) <= {0, 5, 9}
+  assert sorted(seen) == list(range(10)) and len(lengths) == 1

@@ -1,0 +1,118 @@
+"""The demo world: rendering, split plans and the TFDS builder (tiny config, offline)."""
+import time
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from glajax.demo import world
+from glajax.errors import InputError
+
+TINY = world.WorldSpec(pretrain_size=400, train_per_class=2, train_lt_size=200,
+                       validation_per_class=1, test_per_class=1)
+
+
+def _render(labels, domains, seed=0, image_size=32):
+  return world.render(np.asarray(labels), np.asarray(domains), np.random.default_rng(seed),
+                      image_size)
+
+
+def test_render_shapes_dtype_and_sizes():
+  for size in (32, 48):
+    images = _render(np.arange(100), np.arange(100) % 4, image_size=size)
+    assert images.shape == (100, size, size, 3) and images.dtype == np.uint8
+
+
+def test_render_is_deterministic_given_the_seed():
+  labels, domains = np.arange(50), np.arange(50) % 4
+  np.testing.assert_array_equal(_render(labels, domains, seed=3), _render(labels, domains, seed=3))
+  assert np.abs(_render(labels, domains, 3).astype(int) - _render(labels, domains, 4)).mean() > 10
+
+
+def test_render_paints_the_class_colour():
+  """Photo: the filled shape covers >= 8 % of pixels within 0.15 (RGB, [0,1]) of the class colour;
+  sketch: the outline covers 0.8-30 %. Reference: the palette, independent of the renderer's maths."""
+  palette = np.asarray(list(world.COLOURS.values())) / 255.0
+  labels = np.repeat(np.arange(world.NUM_CLASSES), 3)
+  for domain, lo, hi in (("photo", 0.08, 0.8), ("sketch", 0.008, 0.3)):
+    images = _render(labels, np.full(labels.size, world.DOMAINS.index(domain))) / 255.0
+    colour = palette[labels % len(world.COLOURS)][:, None, None, :]
+    close = np.linalg.norm(images - colour, axis=-1) < 0.15
+    share = close.mean(axis=(1, 2))
+    assert lo <= np.median(share) <= hi, (domain, np.median(share))
+    assert share.min() > 0.002, (domain, labels[share.argmin()])
+
+
+def test_render_speed():
+  """10k 32x32 images in under 30 s on a shared 2-core CPU (about 4 s unloaded)."""
+  start = time.perf_counter()
+  _render(np.arange(10_000) % 100, np.arange(10_000) % 4)
+  assert time.perf_counter() - start < 30
+
+
+def test_render_rejects_bad_labels():
+  with pytest.raises(InputError, match="labels"):
+    _render([0, 100], [0, 0])
+  with pytest.raises(InputError, match="domains"):
+    _render([0, 1], [0, 4])
+
+
+@pytest.mark.parametrize("total,imbalance", [(20_000, 100.0), (3_000, 50.0), (200, 10.0)])
+def test_long_tail_counts(total, imbalance):
+  counts = world.long_tail_counts(total, imbalance, np.random.default_rng(0))
+  assert counts.sum() == total and counts.min() >= 1
+  ratio = counts.max() / counts.min()
+  assert imbalance / 2 <= ratio <= imbalance * 1.05, ratio
+  # The exponential profile: log counts are linear in the rank (the sorted order).
+  ranks = np.argsort(np.argsort(-counts))
+  fit = np.polyfit(ranks, np.log(counts), 1)
+  if total >= 3000:
+    np.testing.assert_allclose(fit[0], -np.log(imbalance) / 99, rtol=0.1)
+
+
+def test_split_plans_balance_and_domains():
+  spec = world.WorldSpec()
+  for split in world.split_names(spec):
+    labels, domains = world.split_plan(spec, split)
+    counts = np.bincount(labels, minlength=world.NUM_CLASSES)
+    if split.startswith("pretrain_"):
+      np.testing.assert_array_equal(counts, world.pretrain_class_counts(spec, int(split[-1])))
+      mix = np.bincount(domains, minlength=4) / domains.size
+      expected = np.asarray([world.PRETRAIN_DOMAIN_MIX[d] for d in world.DOMAINS])
+      np.testing.assert_allclose(mix, expected, atol=0.02)
+    elif split == "train_lt":
+      np.testing.assert_array_equal(counts, world.train_lt_class_counts(spec))
+      assert set(domains) == {0}
+    else:
+      assert set(counts) == {{"train": 20, "validation": 5}.get(split, 10)}
+      domain = 0 if split in ("train", "validation") else world.DOMAINS.index(split[5:])
+      assert set(domains) == {domain}
+  # The two foundation models see different long tails.
+  a, b = world.pretrain_class_counts(spec, 0), world.pretrain_class_counts(spec, 1)
+  assert np.corrcoef(np.log(a), np.log(b))[0, 1] < 0.5
+
+
+def test_split_plan_rejects_unknown_split():
+  with pytest.raises(InputError, match="split"):
+    world.split_plan(TINY, "pretrain_7")
+
+
+def test_tfds_builder_round_trip(tmp_path):
+  """The prepared tiny dataset reads back exactly what generate_split rendered."""
+  builder = world.builder("tiny", data_dir=str(tmp_path))
+  builder.download_and_prepare()
+  spec = builder.builder_config.spec
+  assert spec == TINY
+  for split in world.split_names(spec):
+    assert builder.info.splits[split].num_examples == world.split_plan(spec, split)[0].size
+  expected = {i: ex for i, ex in world.generate_split(spec, "test_sketch")}
+  read = list(tfds.as_numpy(builder.as_dataset(split="test_sketch")))
+  assert len(read) == len(expected)
+  by_caption = {}
+  for ex in read:
+    by_caption.setdefault((ex["caption"].decode(), ex["label"]), []).append(ex["image"])
+  for ex in expected.values():
+    images = by_caption[(ex["caption"], ex["label"])]
+    assert any(np.array_equal(ex["image"], image) for image in images)
+  assert read[0]["caption"].decode() == "a sketch of a {}.".format(
+      world.CLASSNAMES[read[0]["label"]])

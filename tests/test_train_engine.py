@@ -1,0 +1,299 @@
+"""The engine on a small stand-in NNX model: training, mesh invariance, accumulation, optimiser
+groups, the EMA teacher, eval logits, checkpoints (resume, SIGKILL, unfinalised saves), NaN stop,
+and two processes with jax.distributed."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from glajax.errors import TrainingError
+from glajax.train import engine, losses
+from glajax.train.checkpoint import Checkpointer
+from glajax.train.mesh import make_mesh
+from glajax.train.state import param_path
+
+DIM, CLASSES, BATCH = 8, 4, 16
+_CENTERS = np.random.default_rng(123).normal(size=(CLASSES, DIM)).astype(np.float32) * 2
+
+
+class _MLP(nnx.Module):
+
+  def __init__(self, dtype=jnp.float32):
+    rngs = nnx.Rngs(0)
+    self.body = nnx.Linear(DIM, 16, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+    self.head = nnx.Linear(16, CLASSES, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+
+  def __call__(self, x):
+    return self.head(nnx.relu(self.body(x)))
+
+
+def _loss(model, teacher, batch, rng):
+  del teacher, rng
+  logits = model(batch["image"]).astype(jnp.float32)
+  accuracy = (logits.argmax(-1) == batch["label"]).mean()
+  return losses.cross_entropy(logits, batch["label"]), {"accuracy": accuracy}
+
+
+def _batch(step, nan_at=None):
+  rng = np.random.default_rng(step)
+  label = rng.integers(0, CLASSES, BATCH).astype(np.int32)
+  image = (_CENTERS[label] + rng.normal(size=(BATCH, DIM))).astype(np.float32)
+  if step == nan_at:
+    image[0, 0] = np.nan
+  return {"image": image, "label": label}
+
+
+class _Interrupted(Exception):
+  pass
+
+
+def _data(nan_at=None, delay=0.0, stop_after=None):
+  """Global batch of step s, sliced to this process's share."""
+  n, i = jax.process_count(), jax.process_index()
+
+  def batches(start):
+    step = start
+    while True:
+      step += 1
+      if step == stop_after:
+        raise _Interrupted
+      if delay:
+        time.sleep(delay)
+      yield jax.tree.map(lambda x: np.array_split(x, n)[i], _batch(step, nan_at))
+
+  return batches
+
+
+def _config(total=8, **overrides):
+  config = engine.default_config()
+  config.total_steps = total
+  config.log_every = 2
+  config.checkpoint_every = 0
+  config.progress = False
+  config.optimizer.learning_rate = 0.05
+  config.optimizer.warmup_steps = 2
+  for key, value in overrides.items():
+    config[key] = value
+  return config
+
+
+def _params(model):
+  return jax.tree.map(np.asarray, engine.split_model(model)[1])
+
+
+def _assert_params_close(a, b, rtol=1e-5, atol=1e-6):
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol, atol), a, b)
+
+
+def test_loss_falls_and_metrics_are_logged(tmp_path):
+  model, state = engine.fit(_MLP(), _loss, _config(total=30), _data(), str(tmp_path))
+  lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  assert [l["step"] for l in lines] == list(range(2, 31, 2))
+  assert lines[-1]["loss"] < 0.5 * lines[0]["loss"]
+  assert {"accuracy", "learning_rate", "examples_per_s"} <= set(lines[0])
+  assert int(state.step) == 30
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.opt_state)
+             if jnp.issubdtype(x.dtype, jnp.floating))
+
+
+def test_bfloat16_compute_keeps_float32_params(tmp_path):
+  model, state = engine.fit(_MLP(jnp.bfloat16), _loss, _config(total=4), _data(), str(tmp_path))
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
+  assert model.body.kernel[...].dtype == jnp.float32
+  assert model(jnp.ones((2, DIM))).dtype == jnp.bfloat16
+
+
+def test_one_device_equals_eight_devices(tmp_path):
+  assert len(jax.devices()) == 8
+  one, _ = engine.fit(_MLP(), _loss, _config(), _data(), str(tmp_path / "one"),
+                      mesh=make_mesh(jax.devices()[:1]))
+  eight, _ = engine.fit(_MLP(), _loss, _config(), _data(), str(tmp_path / "eight"),
+                        mesh=make_mesh())
+  _assert_params_close(_params(one), _params(eight))
+  assert not np.allclose(_params(one)["head"]["kernel"], _params(_MLP())["head"]["kernel"])
+
+
+def test_gradient_accumulation_equals_full_batch(tmp_path):
+  full, _ = engine.fit(_MLP(), _loss, _config(), _data(), str(tmp_path / "full"))
+  accum, _ = engine.fit(_MLP(), _loss, _config(accum_steps=4), _data(), str(tmp_path / "acc"))
+  _assert_params_close(_params(full), _params(accum))
+
+
+def test_frozen_params_and_group_learning_rates_match_plain_sgd(tmp_path):
+  config = _config(total=1)
+  config.optimizer.update(name="sgd", momentum=0.0, weight_decay=0.0, warmup_steps=0,
+                          schedule="constant", grad_clip_norm=0.0, learning_rate=0.1,
+                          trainable=("head",), groups=({"name": "bias", "pattern": "bias$",
+                                                        "lr_scale": 0.5},))
+  init = _params(_MLP())
+  trained, _ = engine.fit(_MLP(), _loss, config, _data(), str(tmp_path))
+  got = _params(trained)
+
+  def reference_loss(params):
+    return _loss(nnx.merge(nnx.graphdef(_MLP()), params), None, _batch(1), None)[0]
+
+  grads = jax.grad(reference_loss)(init)
+  _assert_params_close(got["body"], init["body"], 0, 0)          # frozen: bit-for-bit
+  np.testing.assert_allclose(got["head"]["kernel"],
+                             init["head"]["kernel"] - 0.1 * grads["head"]["kernel"], 1e-5, 1e-6)
+  np.testing.assert_allclose(got["head"]["bias"],
+                             init["head"]["bias"] - 0.05 * grads["head"]["bias"], 1e-5, 1e-6)
+
+
+def test_ema_teacher_follows_carot_schedule(tmp_path):
+  total = 20   # the momentum ramps over the first 0.2 * 20 = 4 steps: m(2) = 0.475, then 0.9
+  config = _config(total=total, checkpoint_every=2, keep_checkpoints=total)
+  config.teacher.update(enabled=True, every=2)
+  _, state = engine.fit(_MLP(), _loss, config, _data(), str(tmp_path))
+  ck = Checkpointer(str(tmp_path / "checkpoints"), 2, keep=total)
+  student = {s: jax.tree.map(np.asarray, ck.restore(s, state).params) for s in range(2, total + 1, 2)}
+  ck.close()
+  want = _params(_MLP())   # the teacher starts as the initial student
+  for s in range(2, total + 1, 2):
+    m = 0.05 + (0.9 - 0.05) * s / (0.2 * total) if s < 0.2 * total else 0.9
+    want = jax.tree.map(lambda t, p: m * t + (1 - m) * p, want, student[s])
+  _assert_params_close(jax.tree.map(np.asarray, state.teacher), want)
+  _assert_params_close(jax.tree.map(np.asarray, state.params), student[total])
+
+
+def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path):
+  config = _config(total=10, checkpoint_every=4, keep_checkpoints=2)
+  whole, _ = engine.fit(_MLP(), _loss, config, _data(), str(tmp_path / "whole"))
+  with pytest.raises(_Interrupted):
+    engine.fit(_MLP(), _loss, config, _data(stop_after=7), str(tmp_path / "resumed"))
+  ck = Checkpointer(str(tmp_path / "resumed" / "checkpoints"), 4, keep=2)
+  assert ck.all_steps() == [4]
+  ck.close()
+  resumed, state = engine.fit(_MLP(), _loss, config, _data(), str(tmp_path / "resumed"))
+  _assert_params_close(_params(whole), _params(resumed), 0, 0)
+  ck = Checkpointer(str(tmp_path / "resumed" / "checkpoints"), 4, keep=2)
+  assert ck.all_steps() == [8, 10]   # keep-last-2
+  ck.close()
+  steps = [json.loads(l)["step"] for l in open(tmp_path / "resumed" / "metrics.jsonl")]
+  assert steps == [2, 4, 6, 6, 8, 10]   # steps 5-6 ran twice, from the step-4 checkpoint
+
+
+def test_unfinalised_checkpoint_directory_is_ignored(tmp_path):
+  config = _config(total=8, checkpoint_every=2)
+  with pytest.raises(_Interrupted):
+    engine.fit(_MLP(), _loss, config, _data(stop_after=6), str(tmp_path))
+  ckdir = tmp_path / "checkpoints"
+  # A save of step 6 that a kill interrupted: Orbax's not yet renamed temporary directory.
+  partial = ckdir / "6.orbax-checkpoint-tmp"
+  partial.mkdir()
+  (partial / "_CHECKPOINT_METADATA").write_text("{}")
+  ck = Checkpointer(str(ckdir), 2)
+  assert ck.latest_step() == 4
+  assert not partial.exists()       # removed when the directory is opened
+  ck.close()
+  resumed, _ = engine.fit(_MLP(), _loss, config, _data(), str(tmp_path))
+  direct, _ = engine.fit(_MLP(), _loss, config, _data(), str(tmp_path / "direct"))
+  _assert_params_close(_params(resumed), _params(direct), 0, 0)
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+  config = _config(total=10, checkpoint_every=2, log_every=1)
+  with pytest.raises(TrainingError, match=r"loss: expected a finite value, found nan at step 5"
+                     r".*last good checkpoint is step 4"):
+    engine.fit(_MLP(), _loss, config, _data(nan_at=5), str(tmp_path))
+  ck = Checkpointer(str(tmp_path / "checkpoints"), 2)
+  assert ck.all_steps() == [2, 4]
+  _, like = engine.fit(_MLP(), _loss, _config(total=1), _data(), str(tmp_path / "like"))
+  restored = ck.restore(4, like)
+  ck.close()
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(restored.params)))
+
+
+def test_eval_hook_caches_logits(tmp_path):
+  rng = np.random.default_rng(7)
+  images = rng.normal(size=(24, DIM)).astype(np.float32)
+  labels = rng.integers(0, CLASSES, 24).astype(np.int32)
+  mask = np.ones(24, np.int32)
+  mask[-5:] = 0    # padding rows of the last batch
+
+  def batches():
+    for i in range(0, 24, 8):
+      yield {"image": images[i:i + 8], "label": labels[i:i + 8], "mask": mask[i:i + 8]}
+
+  evaluators = {"val": (batches, lambda model, batch: model(batch["image"]))}
+  model, _ = engine.fit(_MLP(), _loss, _config(total=4, eval_every=2), _data(), str(tmp_path),
+                        evaluators=evaluators)
+  cached = np.load(tmp_path / "logits" / "val_step4.npz")
+  np.testing.assert_allclose(cached["logits"], np.asarray(model(images[:19])), 1e-5, 1e-5)
+  np.testing.assert_array_equal(cached["labels"], labels[:19])
+  assert json.loads(str(cached["metadata"]))["step"] == 4
+  assert (tmp_path / "logits" / "val_step2.npz").exists()
+
+
+def _child_main(workdir, total, every, delay):
+  """Entry point of the subprocess runs below (SIGKILL, jax.distributed)."""
+  config = _config(total=total, checkpoint_every=every)
+  model, _ = engine.fit(_MLP(), _loss, config, _data(delay=delay), workdir)
+  if jax.process_index() == 0:
+    np.savez(os.path.join(workdir, "params.npz"), **_flat(_params(model)))
+
+
+def _child(code, env=None):
+  return subprocess.Popen(
+      [sys.executable, "-c", f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); "
+       f"import test_train_engine as t; {code}"],
+      env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def _saved_params(workdir):
+  with np.load(os.path.join(workdir, "params.npz")) as f:
+    return {k: f[k] for k in f.files}
+
+
+def _flat(params):
+  return {param_path(k): v for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+
+@pytest.mark.slow
+def test_sigkill_after_checkpoint_then_resume_equals_uninterrupted(tmp_path):
+  workdir = str(tmp_path / "killed")
+  proc = _child(f"t._child_main({workdir!r}, 12, 4, 0.3)")
+  deadline = time.time() + 120
+  while not os.path.isdir(os.path.join(workdir, "checkpoints", "4")):
+    assert proc.poll() is None and time.time() < deadline, proc.stdout.read().decode()
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  ck = Checkpointer(os.path.join(workdir, "checkpoints"), 4)
+  assert 4 in ck.all_steps() and 12 not in ck.all_steps()
+  ck.close()
+  resumed, _ = engine.fit(_MLP(), _loss, _config(total=12, checkpoint_every=4), _data(), workdir)
+  direct, _ = engine.fit(_MLP(), _loss, _config(total=12, checkpoint_every=4), _data(),
+                         str(tmp_path / "direct"))
+  _assert_params_close(_params(resumed), _params(direct), 0, 0)
+
+
+@pytest.mark.slow
+def test_two_processes_with_jax_distributed_equal_one_process(tmp_path):
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  workdir = str(tmp_path / "two")
+  env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+  procs = [_child("import jax; jax.config.update('jax_cpu_collectives_implementation', 'gloo'); "
+                  f"jax.distributed.initialize('localhost:{port}', 2, {i}); "
+                  f"assert jax.device_count() == 8; t._child_main({workdir!r}, 8, 4, 0)", env)
+           for i in range(2)]
+  for proc in procs:
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out.decode()[-3000:]
+  one, _ = engine.fit(_MLP(), _loss, _config(total=8), _data(), str(tmp_path / "one"))
+  want = _flat(_params(one))
+  got = _saved_params(workdir)
+  assert set(got) == set(want)
+  for k in want:
+    np.testing.assert_allclose(got[k], want[k], 1e-5, 1e-6)

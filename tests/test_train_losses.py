@@ -1,0 +1,154 @@
+"""Each training loss under jax.jit against a plain NumPy reference on fixed random inputs."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from glajax.errors import InputError
+from glajax.models import heads
+from glajax.train import losses
+
+RTOL, ATOL = 1e-5, 1e-5
+
+
+def _np_log_softmax(z):
+  z = z - z.max(-1, keepdims=True)
+  return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def _np_normalize(x):
+  return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def _np_ce(logits, labels, eps=0.0):
+  c = logits.shape[1]
+  target = np.full(logits.shape, eps / c)
+  target[np.arange(len(labels)), labels] += 1.0 - eps
+  return float(-(target * _np_log_softmax(logits)).sum(-1).mean())
+
+
+@pytest.fixture
+def rng():
+  return np.random.default_rng(0)
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_cross_entropy_with_label_smoothing(rng, eps):
+  logits = rng.normal(size=(16, 7)).astype(np.float32) * 3
+  labels = rng.integers(0, 7, 16).astype(np.int32)
+  got = jax.jit(losses.cross_entropy, static_argnums=2)(logits, labels, eps)
+  np.testing.assert_allclose(got, _np_ce(logits.astype(np.float64), labels, eps), RTOL, ATOL)
+
+
+def test_cross_entropy_weights_rows(rng):
+  logits = rng.normal(size=(10, 4)).astype(np.float32)
+  labels = rng.integers(0, 4, 10).astype(np.int32)
+  mask = np.array([1] * 7 + [0] * 3, np.int32)
+  got = jax.jit(losses.cross_entropy, static_argnums=2)(logits, labels, 0.0, mask)
+  np.testing.assert_allclose(got, _np_ce(logits[:7].astype(np.float64), labels[:7]), RTOL, ATOL)
+
+
+def test_cross_entropy_rejects_bad_smoothing():
+  with pytest.raises(InputError, match="label_smoothing"):
+    losses.cross_entropy(jnp.zeros((2, 3)), jnp.zeros(2, jnp.int32), 1.0)
+
+
+def test_logit_adjusted_cross_entropy(rng):
+  logits = rng.normal(size=(32, 5)).astype(np.float32)
+  labels = rng.integers(0, 5, 32).astype(np.int32)
+  counts = np.array([100, 40, 10, 5, 1.0])
+  log_prior = np.log(counts / counts.sum()).astype(np.float32)
+  got = jax.jit(losses.logit_adjusted_cross_entropy)(logits, labels, log_prior, 0.7)
+  want = _np_ce(logits.astype(np.float64) + 0.7 * log_prior, labels)
+  np.testing.assert_allclose(got, want, RTOL, ATOL)
+
+
+def _np_contrastive_logits(img, txt, scale):
+  return np.exp(scale) * _np_normalize(img.astype(np.float64)) @ _np_normalize(
+      txt.astype(np.float64)).T
+
+
+def test_clip_contrastive_loss(rng):
+  img, txt = rng.normal(size=(2, 8, 6)).astype(np.float32)
+  scale = np.float32(np.log(1 / 0.07))
+  logits = _np_contrastive_logits(img, txt, scale)
+  ids = np.arange(8)
+  want = 0.5 * (_np_ce(logits, ids) + _np_ce(logits.T, ids))
+  got = jax.jit(losses.clip_contrastive_loss)(img, txt, scale)
+  np.testing.assert_allclose(got, want, 1e-5, 1e-5)
+
+
+def test_orthogonality_penalty_is_frobenius_not_squared(rng):
+  w = rng.normal(size=(12, 5)).astype(np.float32)
+  want = np.sqrt(((w.T.astype(np.float64) @ w - np.eye(5)) ** 2).sum())
+  np.testing.assert_allclose(jax.jit(losses.orthogonality_penalty)(w), want, 1e-5)
+  q, _ = np.linalg.qr(rng.normal(size=(12, 5)))
+  assert float(losses.orthogonality_penalty(q.astype(np.float32))) < 1e-5
+
+
+def test_projection_cross_penalty(rng):
+  wv, wt = rng.normal(size=(7, 4)), rng.normal(size=(5, 4))
+  want = np.sqrt(((wv @ wt.T) ** 2).sum())
+  got = jax.jit(losses.projection_cross_penalty)(wv.astype(np.float32), wt.astype(np.float32))
+  np.testing.assert_allclose(got, want, 1e-5)
+
+
+def test_self_distillation_loss(rng):
+  s_img, s_txt, t_img, t_txt = rng.normal(size=(4, 6, 5)).astype(np.float32)
+  s_scale, t_scale = np.float32(2.0), np.float32(3.5)
+  s = _np_contrastive_logits(s_img, s_txt, s_scale)
+  t = _np_contrastive_logits(t_img, t_txt, t_scale)
+
+  def row_ce(teacher, student):
+    p = np.exp(_np_log_softmax(teacher))
+    return float(-(p * _np_log_softmax(student)).sum(-1).mean())
+
+  want = row_ce(t, s) + row_ce(t.T, s.T)
+  got = jax.jit(losses.self_distillation_loss)(s_img, s_txt, s_scale, t_img, t_txt, t_scale)
+  np.testing.assert_allclose(got, want, 1e-5, 1e-5)
+  # The teacher is a constant: no gradient reaches it.
+  grad = jax.grad(losses.self_distillation_loss, argnums=(3, 4, 5))(
+      s_img, s_txt, s_scale, t_img, t_txt, t_scale)
+  assert all(float(jnp.abs(g).max()) == 0.0 for g in grad)
+
+
+def test_teacher_momentum_schedule_formula():
+  total = 1000
+  steps = np.arange(0, total + 1, 50)
+  got = np.asarray(jax.jit(losses.teacher_momentum, static_argnums=1)(steps, total))
+  want = np.where(steps < 200, 0.05 + (0.9 - 0.05) * steps / 200, 0.9)
+  np.testing.assert_allclose(got, want, 1e-6, 1e-6)
+  assert got[0] == pytest.approx(0.05) and got[-1] == pytest.approx(0.9)
+
+
+def test_ema_update(rng):
+  t = {"a": rng.normal(size=(3,)), "b": rng.normal(size=(2, 2))}
+  s = {"a": rng.normal(size=(3,)), "b": rng.normal(size=(2, 2))}
+  got = jax.jit(losses.ema_update)(t, s, 0.3)
+  for k in t:
+    np.testing.assert_allclose(got[k], 0.3 * t[k] + 0.7 * s[k], 1e-6, 1e-6)
+
+
+def test_cosine_classifier_logits(rng):
+  f = rng.normal(size=(9, 6)).astype(np.float32)
+  w = rng.normal(size=(4, 6)).astype(np.float32)
+  want = 25.0 * _np_normalize(f.astype(np.float64)) @ _np_normalize(w.astype(np.float64)).T
+  np.testing.assert_allclose(jax.jit(heads.cosine_logits)(f, w), want, 1e-5, 1e-5)
+  np.testing.assert_allclose(heads.CosineClassifier(w)(f), want, 1e-5, 1e-5)
+
+
+def test_cosine_classifier_from_text_features_maps_back_through_projection(rng):
+  projection = rng.normal(size=(10, 4)).astype(np.float32)   # (hidden, projection_dim)
+  text = rng.normal(size=(3, 4)).astype(np.float32)
+  clf = heads.CosineClassifier.from_text_features(text, projection)
+  # The back-mapped weights project onto the text features (W has full column rank).
+  np.testing.assert_allclose(np.asarray(clf.weight[...]) @ projection, text, 1e-4, 1e-4)
+  with pytest.raises(InputError, match="text_features"):
+    heads.CosineClassifier.from_text_features(text[:, :3], projection)
+
+
+def test_linear_head_from_zeroshot_gives_zeroshot_logits(rng):
+  zs = rng.normal(size=(5, 6)).astype(np.float32)
+  f = rng.normal(size=(7, 6)).astype(np.float32)
+  head = heads.LinearHead.from_zeroshot(zs)
+  np.testing.assert_allclose(head(f), _np_normalize(f) @ zs.T, 1e-5, 1e-5)

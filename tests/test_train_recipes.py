@@ -1,0 +1,280 @@
+"""Every recipe trains a tiny CLIP on generated data through the engine."""
+import functools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from glajax.models.clip import CLIP, CLIPConfig
+from glajax.models.heads import LinearHead
+from glajax.train import engine, recipes
+from glajax.train.mesh import make_mesh
+from glajax.train.prompt_tuning import tokenize_prompts
+
+CLASSES, BATCH, SIZE = 4, 16, 32
+_COLORS = np.random.default_rng(5).normal(size=(CLASSES, 1, 1, 3)).astype(np.float32)
+
+
+_CLIPS = {}
+
+
+def _clip(dtype=jnp.float32, **overrides):
+  """A tiny random CLIP (built once per settings; the engine never mutates its input model)."""
+  overrides = {"vision_num_hidden_layers": 1, "text_num_hidden_layers": 1, **overrides}
+  key = (jnp.dtype(dtype).name, tuple(sorted(overrides.items())))
+  if key not in _CLIPS:
+    _CLIPS[key] = CLIP(CLIPConfig.tiny(**overrides), dtype=dtype, param_dtype=jnp.float32,
+                       rngs=nnx.Rngs(0))
+  return nnx.clone(_CLIPS[key])
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _encode_with(state, images, graphdef):
+  return nnx.merge(graphdef, state).encode_image(images)
+
+
+def _encode_image(clip, images):
+  graphdef, state = nnx.split(clip)
+  return _encode_with(state, images, graphdef)
+
+
+def _images(rng, labels):
+  noise = rng.normal(size=(len(labels), SIZE, SIZE, 3)).astype(np.float32)
+  return _COLORS[labels] + 0.5 * noise
+
+
+def _data(start):
+  step = start
+  while True:
+    step += 1
+    rng = np.random.default_rng(step)
+    labels = rng.integers(0, CLASSES, BATCH).astype(np.int32)
+    yield {"image": _images(rng, labels), "label": labels}
+
+
+def _eval_batches():
+  rng = np.random.default_rng(999)
+  labels = np.arange(16, dtype=np.int32) % CLASSES
+  yield {"image": _images(rng, labels), "label": labels, "mask": np.ones(16, np.int32)}
+
+
+def _one_device():
+  """Recipe tests run on one device (cheaper on 2 cores); mesh invariance is tested separately."""
+  return make_mesh(jax.devices()[:1])
+
+
+def _engine_config(config, total):
+  config.total_steps = total
+  config.log_every = 1
+  config.checkpoint_every = 0
+  config.progress = False
+  config.optimizer.warmup_steps = 2
+  return config
+
+
+def _losses(workdir, key="loss"):
+  return [json.loads(line)[key] for line in open(os.path.join(workdir, "metrics.jsonl"))]
+
+
+def _flat(tree):
+  return {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(v)
+          for path, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _changed(before, after):
+  return {k for k in before if not np.array_equal(before[k], after[k])}
+
+
+def _zeroshot_head(clip):
+  """A stand-in zero-shot head: the class colours' image embeddings, normalised, · exp(s)."""
+  feats = _encode_image(clip, jnp.broadcast_to(_COLORS, (CLASSES, SIZE, SIZE, 3)))
+  return feats / jnp.linalg.norm(feats, axis=-1, keepdims=True) * 100.0
+
+
+def test_finetune_loss_falls_text_tower_frozen_and_exports(tmp_path):
+  clip = _clip(jnp.bfloat16)
+  config = _engine_config(recipes.finetune(), 10)
+  config.optimizer.learning_rate = 1e-3
+  task = recipes.classifier_task(clip, LinearHead.from_zeroshot(_zeroshot_head(clip)), config)
+  before = _flat(engine.split_model(task.model)[1])
+  model, _ = engine.fit(task.model, task.loss_fn, config, _data, str(tmp_path), mesh=_one_device(),
+                        evaluators={"val": (_eval_batches, task.logits_fn)}, export=task.export)
+  history = _losses(tmp_path)
+  assert np.mean(history[-5:]) < 0.5 * np.mean(history[:5])
+  changed = _changed(before, _flat(engine.split_model(model)[1]))
+  assert any(k.startswith("clip/vision_model/") for k in changed)
+  assert "head/kernel" in changed
+  assert not any(k.startswith("clip/text_model/") for k in changed)
+  assert "clip/logit_scale" not in changed
+  cached = np.load(tmp_path / "logits" / f"val_step10.npz")
+  assert cached["logits"].shape == (16, CLASSES)
+  # The export: transformers-format CLIP + head, reloadable.
+  from glajax.models.hf import load_clip
+  reloaded = load_clip(tmp_path / "final")
+  batch = next(_eval_batches())
+  np.testing.assert_allclose(_encode_image(reloaded, batch["image"]),
+                             _encode_image(_clip_f32_copy(model.clip), batch["image"]), 1e-4, 1e-4)
+  head = np.load(tmp_path / "final" / "head.npz")
+  np.testing.assert_array_equal(head["kernel"], np.asarray(model.head.kernel[...]))
+
+
+def _clip_f32_copy(clip):
+  """The same parameters in a float32-compute CLIP."""
+  graphdef, params = nnx.split(_clip(jnp.float32))
+  return nnx.merge(graphdef, nnx.to_pure_dict(nnx.state(clip)))
+
+
+@pytest.mark.slow
+def test_tiny_clip_one_device_equals_eight(tmp_path):
+  config = _engine_config(recipes.finetune(), 3)
+  config.optimizer.learning_rate = 1e-3
+  results = []
+  for name, mesh in (("one", make_mesh(jax.devices()[:1])), ("eight", make_mesh())):
+    clip = _clip()
+    task = recipes.classifier_task(clip, LinearHead.from_zeroshot(_zeroshot_head(clip)), config)
+    model, _ = engine.fit(task.model, task.loss_fn, config, _data, str(tmp_path / name),
+                          mesh=mesh)
+    results.append(_flat(engine.split_model(model)[1]))
+  for k in results[0]:
+    np.testing.assert_allclose(results[0][k], results[1][k], rtol=1e-4, atol=1e-5, err_msg=k)
+
+
+def test_linear_probe_on_cached_features_then_lp_ft(tmp_path):
+  clip = _clip()
+  config = recipes.lp_ft()
+  lp, ft = _engine_config(config.lp, 20), _engine_config(config.ft, 2)
+  lp.optimizer.learning_rate = 1.0   # the head's weights are ~100 / sqrt(D)
+  features, labels = recipes.cache_features(clip, _eval_batches())
+  np.testing.assert_allclose(features, _encode_image(clip, next(_eval_batches())["image"]),
+                             1e-5, 1e-5)
+
+  def feature_data(start):
+    step = start
+    while True:
+      step += 1
+      rng = np.random.default_rng(step)
+      labels = rng.integers(0, CLASSES, BATCH).astype(np.int32)
+      yield {"features": np.asarray(_encode_image(clip, _images(rng, labels))), "label": labels}
+
+  wrong_head = np.roll(_zeroshot_head(clip), 1, axis=0)   # a head to correct
+  task = recipes.linear_probe_task(LinearHead.from_zeroshot(wrong_head), lp)
+  head, _ = engine.fit(task.model, task.loss_fn, lp, feature_data, str(tmp_path / "lp"),
+                       mesh=_one_device(), export=task.export)
+  history = _losses(tmp_path / "lp")
+  assert history[-1] < 0.5 * history[0]
+  assert (tmp_path / "lp" / "final" / "head.npz").exists()
+  task = recipes.classifier_task(clip, head, ft)
+  # LP-FT's second stage starts from the probed head.
+  np.testing.assert_array_equal(task.model.head.kernel[...], head.kernel[...])
+  engine.fit(task.model, task.loss_fn, ft, _data, str(tmp_path / "ft"), mesh=_one_device())
+
+
+def _prompt_ids(rng, templates=3, length=6, eos=49407):
+  ids = rng.integers(1, 400, size=(CLASSES, templates, length)).astype(np.int32)
+  ids[..., 0] = 49406
+  ids[..., -1] = eos
+  return ids
+
+
+@pytest.mark.parametrize("recipe", [pytest.param("flyp", marks=pytest.mark.slow), "carot"])
+def test_contrastive_recipes(tmp_path, recipe):
+  clip = _clip()
+  config = _engine_config(getattr(recipes, recipe)(), 4)
+  config.optimizer.learning_rate = 1e-3
+  if recipe == "carot":
+    config.teacher.every = 2
+  ids = _prompt_ids(np.random.default_rng(0))
+  task = recipes.contrastive_task(clip, ids, config)
+  model, state = engine.fit(task.model, task.loss_fn, config, _data, str(tmp_path), mesh=_one_device(),
+                            evaluators={"val": (_eval_batches, task.logits_fn)},
+                            eval_model=task.eval_model)
+  lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  assert all(np.isfinite(l["loss"]) for l in lines)
+  init_scale = float(_clip().logit_scale[...])
+  assert float(model.clip.logit_scale[...]) != init_scale       # FLYP trains the logit scale
+  cached = np.load(tmp_path / "logits" / "val_step4.npz")
+  # Evaluation uses the zero-shot head rebuilt from the fine-tuned text tower.
+  want = recipes.CLIPClassifier(model.clip, LinearHead.from_zeroshot(model.zeroshot_head()))(
+      next(_eval_batches())["image"])
+  np.testing.assert_allclose(cached["logits"], want, 1e-4, 1e-4)
+  if recipe == "carot":
+    assert {"orthogonality", "self_distillation", "clip_loss"} <= set(lines[0])
+    total = lines[0]["clip_loss"] + 0.2 * lines[0]["orthogonality"] + 1.5 * lines[0][
+        "self_distillation"]
+    assert lines[0]["loss"] == pytest.approx(total, rel=1e-5)
+    assert state.teacher is not None
+  else:
+    assert state.teacher is None and "orthogonality" not in lines[0]
+
+
+def test_backdoor_peft_trains_adapters_and_cosine_classifier(tmp_path):
+  config = _engine_config(recipes.backdoor_peft(num_classes=100), 20)
+  assert config.model.adapter_dim == 4          # 2^floor(log2(100 / 24))
+  assert recipes.adapter_dim(1000) == 32 and recipes.adapter_dim(10) == 1
+  config.optimizer.learning_rate = 0.05
+  clip = _clip(adapter_dim=config.model.adapter_dim)
+  text = np.random.default_rng(1).normal(size=(CLASSES, 16)).astype(np.float32)
+  counts = np.array([40, 20, 5, 2])
+  task = recipes.backdoor_task(clip, text, counts, config)
+  before = _flat(engine.split_model(task.model)[1])
+  model, _ = engine.fit(task.model, task.loss_fn, config, _data, str(tmp_path),
+                            mesh=_one_device())
+  changed = _changed(before, _flat(engine.split_model(model)[1]))
+  assert changed and all("/adapter/" in k or k.startswith("head/") for k in changed)
+  assert any("/adapter/" in k for k in changed) and "head/weight" in changed
+  history = _losses(tmp_path)
+  assert np.mean(history[-5:]) < np.mean(history[:5])
+  with pytest.raises(ValueError, match="train_counts"):
+    recipes.backdoor_task(clip, text, np.array([3, 0, 1, 1]), config)
+
+
+class _WordTokenizer:
+  """A word-level stand-in for the CLIP tokenizer: SOT, one id per word or '.', EOT, zero pad."""
+
+  def __init__(self):
+    self.vocab = {}
+
+  def __call__(self, texts):
+    out = np.zeros((len(texts), 77), np.int32)
+    for row, text in enumerate(texts):
+      words = text.replace(".", " .").split()
+      ids = [49406] + [self.vocab.setdefault(w, 10 + len(self.vocab)) for w in words] + [49407]
+      out[row, :len(ids)] = ids
+    return out
+
+
+def test_tokenize_prompts_marks_context_and_name_tokens():
+  ids, context, name = tokenize_prompts(_WordTokenizer(), ["cat", "sea lion"], "a photo of a {}.",
+                                        49407)
+  assert ids.shape == (2, 9)
+  np.testing.assert_array_equal(context[0], [-1, 0, 1, 2, 3, -1, 4, -1, -1])
+  np.testing.assert_array_equal(context[1], [-1, 0, 1, 2, 3, -1, -1, 4, -1])
+  np.testing.assert_array_equal(name[1], [0, 0, 0, 0, 0, 1, 1, 0, 0])
+
+
+def test_prompt_tuning_starts_zero_shot_and_trains_residuals_only(tmp_path):
+  clip = _clip()
+  config = _engine_config(recipes.prompt_tuning(), 15)
+  config.optimizer.learning_rate = 0.5
+  tok = _WordTokenizer()
+  names = ["red", "green", "blue", "grey"]
+  task = recipes.prompt_tuning_task(clip, tok, names, config)
+  batch = next(_eval_batches())
+  ids = tok([config.template.format(n) for n in names])
+  text = clip.encode_text(ids)
+  image = clip.encode_image(batch["image"])
+  want = np.exp(float(clip.logit_scale[...])) * (
+      image / jnp.linalg.norm(image, axis=-1, keepdims=True)) @ (
+          text / jnp.linalg.norm(text, axis=-1, keepdims=True)).T
+  np.testing.assert_allclose(task.model(batch["image"]), want, 1e-4, 1e-4)
+  before = _flat(engine.split_model(task.model)[1])
+  model, _ = engine.fit(task.model, task.loss_fn, config, _data, str(tmp_path),
+                            mesh=_one_device())
+  changed = _changed(before, _flat(engine.split_model(model)[1]))
+  assert changed == {"context_residual", "name_residual"}
+  history = _losses(tmp_path)
+  assert np.mean(history[-3:]) < np.mean(history[:3])
