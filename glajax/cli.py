@@ -1,4 +1,5 @@
-"""The ``glajax`` command line: ``glajax demo [--workdir DIR] [--quick]``."""
+"""The ``glajax`` command line: ``glajax demo [--workdir DIR] [--quick]`` and
+``glajax run CONFIG[:arg,key=value,...] --workdir DIR``."""
 from __future__ import annotations
 
 import argparse
@@ -17,6 +18,12 @@ def _parser() -> argparse.ArgumentParser:
                     help="where results and cached models go (default: %(default)s)")
   demo.add_argument("--quick", action="store_true", help="a smaller, faster run")
   demo.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+  run = commands.add_parser("run", help="run an experiment config",
+                            description="Runs CONFIG[:arg,key=value,...] (a configs/*.py file "
+                            "or its name) in --workdir, resuming from it; writes report.json, "
+                            "report.md, plots and final models there.")
+  run.add_argument("config", metavar="CONFIG", help="e.g. configs/wise_ft.py:runlocal")
+  run.add_argument("--workdir", required=True, help="where everything goes (resumed if present)")
   return parser
 
 
@@ -38,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
   args = parser.parse_args(argv)
   if args.command == "demo":
     return _demo(args)
+  if args.command == "run":
+    return importlib.import_module("glajax.experiments").main(args)
   parser.print_help(sys.stderr)
   return 2
 

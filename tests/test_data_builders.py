@@ -146,3 +146,35 @@ def test_office_home_names_come_from_its_folders(tmp_path):
   with pytest.raises(DatasetError, match="65 classes.*found 1"):
     pipeline.class_names("office_home_clipart", data_dir=data_dir,
                          manual_dir=str(tmp_path / "clipart"))
+
+
+def test_indices_agree_across_processes_on_a_multi_shard_dataset(tmp_path, monkeypatch):
+  """A sub-split's order must be the whole split's order. TFDS by default interleaves blocks of
+  16 records from 16 files, so 4 shards of 20 examples would come out in another order."""
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(registry, "_REGISTERED", {})
+  root = tmp_path / "raw"
+  for i in range(80):
+    _write(root / f"c{i % 2}" / f"{i}.png", 3 * i + 5, size=(8, 8))
+  info = builders.folder_dataset("sharded", root)
+  data_dir = tmp_path / "tfds"
+  builders._builder_class()(source=info.source, root=root, data_dir=str(data_dir)).\
+      download_and_prepare(download_config=tfds.download.DownloadConfig(num_shards=4))
+  assert len(list(builders.prepared_dir(info.source, data_dir).glob("*.tfrecord*"))) == 4
+  registry.register(info)
+
+  def levels_by_index():
+    out = {}
+    for b in pipeline.eval_batches("sharded", split="train", batch_size=16, image_size=8,
+                                   data_dir=str(data_dir)):
+      grey = (b["image"][..., 0] * CLIP_STD[0] + CLIP_MEAN[0]) * 255
+      out.update(zip(b["index"][b["mask"]].tolist(), np.rint(grey.mean(axis=(1, 2)))[b["mask"]]))
+    return out
+
+  whole = levels_by_index()
+  assert sorted(whole) == list(range(80)) and len(set(whole.values())) == 80
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  for me in (0, 1):
+    monkeypatch.setattr(jax, "process_index", lambda me=me: me)
+    for index, level in levels_by_index().items():
+      assert whole[index] == level

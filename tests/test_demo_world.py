@@ -31,7 +31,7 @@ def test_render_is_deterministic_given_the_seed():
 
 def test_render_paints_the_class_colour():
   """Photo: the filled shape covers >= 8 % of pixels within 0.15 (RGB, [0,1]) of the class colour;
-  sketch: the outline covers 0.8-30 %. Reference: the palette, independent of the renderer's maths."""
+  sketch: the outline covers 0.8-30 %. Reference: the palette, not the renderer's maths."""
   palette = np.asarray(list(world.COLOURS.values())) / 255.0
   labels = np.repeat(np.arange(world.NUM_CLASSES), 3)
   for domain, lo, hi in (("photo", 0.08, 0.8), ("sketch", 0.008, 0.3)):

@@ -1,4 +1,6 @@
 """Label-prior estimation (GLA) against SciPy, NumPy and a simulation with a known prior."""
+import functools
+
 import chex
 import hypothesis
 import hypothesis.strategies as st
@@ -58,11 +60,17 @@ def _numpy_residual(logits, labels, log_prior):
 class EstimateLogPriorTest(chex.TestCase, parameterized.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
-  @parameterized.parameters("newton", "lbfgs", "fixed_point")
-  def test_matches_scipy(self, solver):
+  def test_newton_matches_scipy(self):
+    self._check_against_scipy(self.variant(
+        lambda z, y: M.estimate_log_prior(z, y, return_info=True)))
+
+  @parameterized.parameters("lbfgs", "fixed_point")
+  def test_other_solvers_match_scipy(self, solver):
+    self._check_against_scipy(
+        lambda z, y: M.estimate_log_prior(z, y, solver=solver, return_info=True))
+
+  def _check_against_scipy(self, estimate):
     logits, labels = _random_problem(0)
-    estimate = self.variant(lambda z, y: M.estimate_log_prior(z, y, solver=solver,
-                                                              return_info=True))
     log_prior, info = estimate(logits, labels)
     expected = _scipy_log_prior(logits, labels)
     np.testing.assert_allclose(log_prior, expected, atol=2e-4)
@@ -74,7 +82,7 @@ class EstimateLogPriorTest(chex.TestCase, parameterized.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_gla_reference_matches_numpy_sgd(self):
-    logits, labels = _random_problem(1, num_samples=400, num_classes=5)
+    logits, labels = _random_problem(1)
     steps = 30
     estimate = self.variant(lambda z, y: M.estimate_log_prior(
         z, y, solver="gla_reference", max_iter=steps, return_info=True))
@@ -92,11 +100,9 @@ class EstimateLogPriorTest(chex.TestCase, parameterized.TestCase):
     np.testing.assert_allclose(log_prior, _normalise(np.log(q) + np.log(freq)), atol=1e-5)
     self.assertEqual(int(info["iterations"]), steps)
 
-  @chex.variants(with_jit=True, without_jit=True)
   def test_float_temperature_equals_scaled_logits(self):
     logits, labels = _random_problem(2)
-    estimate = self.variant(lambda z, y, t: M.estimate_log_prior(z, y, temperature=t))
-    np.testing.assert_allclose(estimate(logits, labels, 2.5),
+    np.testing.assert_allclose(M.estimate_log_prior(logits, labels, temperature=2.5),
                                M.estimate_log_prior(logits / 2.5, labels), atol=1e-4)
 
   @chex.variants(with_jit=True, without_jit=True)
@@ -126,15 +132,15 @@ class EstimateLogPriorTest(chex.TestCase, parameterized.TestCase):
                                M.estimate_log_prior(as_bf16.astype(jnp.float32), labels),
                                atol=1e-6)
 
-  @hypothesis.settings(max_examples=6, deadline=None, derandomize=True)
+  @hypothesis.settings(max_examples=4, deadline=None, derandomize=True)
   @hypothesis.given(seed=st.integers(0, 10_000), shift=st.floats(-20.0, 20.0))
   def test_shift_invariance(self, seed, shift):
     """Per-sample constants change nothing; a class offset v moves log π_p by v (normalised)."""
-    logits, labels = _random_problem(seed, num_samples=300, num_classes=6)
+    logits, labels = _random_problem(seed)
     rng = np.random.default_rng(seed)
-    offset = rng.normal(size=6).astype(np.float32)
+    offset = rng.normal(size=8).astype(np.float32)
     base = M.estimate_log_prior(logits, labels)
-    per_sample = logits + shift * rng.random((300, 1)).astype(np.float32)
+    per_sample = logits + shift * rng.random((600, 1)).astype(np.float32)
     np.testing.assert_allclose(M.estimate_log_prior(per_sample, labels), base, atol=2e-4)
     np.testing.assert_allclose(M.estimate_log_prior(logits + offset, labels),
                                _normalise(np.asarray(base) + offset), atol=2e-4)
@@ -152,8 +158,9 @@ def _gaussian_bayes_logits(rng, num_samples, class_probs, log_prior, means):
 def test_recovers_known_prior_of_simulated_model(estimation_data):
   """Simulated ground truth: 10 classes, π_c ∝ exp(−0.4c) (ratio 37), N = 20 000.
 
-  Measured: balanced data corr 0.99934, max |error| 0.066; imbalanced data (reversed long
-  tail) corr 0.99962, max |error| 0.072; residual < 3e-7 (newton, 5 steps) in both.
+  Measured (error = max_c |log π̂_c − log π_c|): balanced data corr 0.99934, error 0.066;
+  imbalanced data (reversed long tail, 176 to 6590 samples a class) corr 0.99962, error 0.072;
+  residual 8e-8 and 2e-7 (newton, 5 steps).
   """
   rng = np.random.default_rng(0)
   num_classes = 10
@@ -197,3 +204,9 @@ class BadInputTest(parameterized.TestCase):
     for kwargs, message in cases:
       with self.assertRaisesRegex(GlajaxError, message):
         M.estimate_log_prior(**kwargs)
+
+  def test_missing_class_under_jit_is_nan_not_a_silent_number(self):
+    logits, labels = _random_problem(5, num_samples=40, num_classes=4)
+    estimate = jax.jit(functools.partial(M.estimate_log_prior, solver="fixed_point"))(
+        logits, np.where(labels == 3, 2, labels))
+    assert np.isnan(estimate).all()

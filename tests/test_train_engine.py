@@ -155,7 +155,8 @@ def test_ema_teacher_follows_carot_schedule(tmp_path):
   config.teacher.update(enabled=True, every=2)
   _, state = engine.fit(_MLP(), _loss, config, _data(), str(tmp_path))
   ck = Checkpointer(str(tmp_path / "checkpoints"), 2, keep=total)
-  student = {s: jax.tree.map(np.asarray, ck.restore(s, state).params) for s in range(2, total + 1, 2)}
+  student = {s: jax.tree.map(np.asarray, ck.restore(s, state).params)
+             for s in range(2, total + 1, 2)}
   ck.close()
   want = _params(_MLP())   # the teacher starts as the initial student
   for s in range(2, total + 1, 2):

@@ -58,7 +58,7 @@ def test_logit_adjusted_cross_entropy(rng):
   labels = rng.integers(0, 5, 32).astype(np.int32)
   counts = np.array([100, 40, 10, 5, 1.0])
   log_prior = np.log(counts / counts.sum()).astype(np.float32)
-  got = jax.jit(losses.logit_adjusted_cross_entropy)(logits, labels, log_prior, 0.7)
+  got = jax.jit(losses.logit_adjusted_loss)(logits, labels, log_prior, 0.7)
   want = _np_ce(logits.astype(np.float64) + 0.7 * log_prior, labels)
   np.testing.assert_allclose(got, want, RTOL, ATOL)
 

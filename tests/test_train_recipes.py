@@ -1,5 +1,6 @@
 """Every recipe trains a tiny CLIP on generated data through the engine."""
 import functools
+import itertools
 import json
 import os
 
@@ -14,6 +15,7 @@ from glajax.models.heads import LinearHead
 from glajax.train import engine, recipes
 from glajax.train.mesh import make_mesh
 from glajax.train.prompt_tuning import tokenize_prompts
+from glajax.zeroshot import zeroshot_head
 
 CLASSES, BATCH, SIZE = 4, 16, 32
 _COLORS = np.random.default_rng(5).normal(size=(CLASSES, 1, 1, 3)).astype(np.float32)
@@ -96,7 +98,7 @@ def _zeroshot_head(clip):
 
 
 def test_finetune_loss_falls_text_tower_frozen_and_exports(tmp_path):
-  clip = _clip(jnp.bfloat16)
+  clip = _clip(jnp.bfloat16, vision_remat=True)   # bfloat16 compute, rematerialised blocks
   config = _engine_config(recipes.finetune(), 10)
   config.optimizer.learning_rate = 1e-3
   task = recipes.classifier_task(clip, LinearHead.from_zeroshot(_zeroshot_head(clip)), config)
@@ -113,8 +115,9 @@ def test_finetune_loss_falls_text_tower_frozen_and_exports(tmp_path):
   cached = np.load(tmp_path / "logits" / f"val_step10.npz")
   assert cached["logits"].shape == (16, CLASSES)
   # The export: transformers-format CLIP + head, reloadable.
-  from glajax.models.hf import load_clip
-  reloaded = load_clip(tmp_path / "final")
+  config.model.update(dtype="float32", remat=True)
+  reloaded = recipes.load_model(config, tmp_path / "final")
+  assert reloaded.config.vision.remat and reloaded.config.text.remat
   batch = next(_eval_batches())
   np.testing.assert_allclose(_encode_image(reloaded, batch["image"]),
                              _encode_image(_clip_f32_copy(model.clip), batch["image"]), 1e-4, 1e-4)
@@ -173,11 +176,19 @@ def test_linear_probe_on_cached_features_then_lp_ft(tmp_path):
   engine.fit(task.model, task.loss_fn, ft, _data, str(tmp_path / "ft"), mesh=_one_device())
 
 
-def _prompt_ids(rng, templates=3, length=6, eos=49407):
-  ids = rng.integers(1, 400, size=(CLASSES, templates, length)).astype(np.int32)
-  ids[..., 0] = 49406
-  ids[..., -1] = eos
-  return ids
+class _WordTokenizer:
+  """A word-level stand-in for the CLIP tokenizer: SOT, one id per word or '.', EOT, zero pad."""
+
+  def __init__(self):
+    self.vocab = {}
+
+  def __call__(self, texts):
+    out = np.zeros((len(texts), 77), np.int32)
+    for row, text in enumerate(texts):
+      words = text.replace(".", " .").split()
+      ids = [49406] + [self.vocab.setdefault(w, 10 + len(self.vocab)) for w in words] + [49407]
+      out[row, :len(ids)] = ids
+    return out
 
 
 @pytest.mark.parametrize("recipe", [pytest.param("flyp", marks=pytest.mark.slow), "carot"])
@@ -187,9 +198,12 @@ def test_contrastive_recipes(tmp_path, recipe):
   config.optimizer.learning_rate = 1e-3
   if recipe == "carot":
     config.teacher.every = 2
-  ids = _prompt_ids(np.random.default_rng(0))
-  task = recipes.contrastive_task(clip, ids, config)
-  model, state = engine.fit(task.model, task.loss_fn, config, _data, str(tmp_path), mesh=_one_device(),
+  tok, names = _WordTokenizer(), ["red", "green", "blue", "grey"]
+  templates = ["a photo of a {}.", "a {} thing.", "{}"]
+  task = recipes.contrastive_task(clip, tok, names, templates, config)
+  assert task.model.prompt_ids[...].shape == (CLASSES, 3, 8)   # cut after the longest prompt's EOS
+  model, state = engine.fit(task.model, task.loss_fn, config, _data, str(tmp_path),
+                            mesh=_one_device(),
                             evaluators={"val": (_eval_batches, task.logits_fn)},
                             eval_model=task.eval_model)
   lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
@@ -198,7 +212,8 @@ def test_contrastive_recipes(tmp_path, recipe):
   assert float(model.clip.logit_scale[...]) != init_scale       # FLYP trains the logit scale
   cached = np.load(tmp_path / "logits" / "val_step4.npz")
   # Evaluation uses the zero-shot head rebuilt from the fine-tuned text tower.
-  want = recipes.CLIPClassifier(model.clip, LinearHead.from_zeroshot(model.zeroshot_head()))(
+  head = zeroshot_head(model.clip, tok, names, templates, show_progress=False)
+  want = recipes.CLIPClassifier(model.clip, LinearHead.from_zeroshot(head))(
       next(_eval_batches())["image"])
   np.testing.assert_allclose(cached["logits"], want, 1e-4, 1e-4)
   if recipe == "carot":
@@ -232,21 +247,6 @@ def test_backdoor_peft_trains_adapters_and_cosine_classifier(tmp_path):
     recipes.backdoor_task(clip, text, np.array([3, 0, 1, 1]), config)
 
 
-class _WordTokenizer:
-  """A word-level stand-in for the CLIP tokenizer: SOT, one id per word or '.', EOT, zero pad."""
-
-  def __init__(self):
-    self.vocab = {}
-
-  def __call__(self, texts):
-    out = np.zeros((len(texts), 77), np.int32)
-    for row, text in enumerate(texts):
-      words = text.replace(".", " .").split()
-      ids = [49406] + [self.vocab.setdefault(w, 10 + len(self.vocab)) for w in words] + [49407]
-      out[row, :len(ids)] = ids
-    return out
-
-
 def test_tokenize_prompts_marks_context_and_name_tokens():
   ids, context, name = tokenize_prompts(_WordTokenizer(), ["cat", "sea lion"], "a photo of a {}.",
                                         49407)
@@ -259,7 +259,7 @@ def test_tokenize_prompts_marks_context_and_name_tokens():
 def test_prompt_tuning_starts_zero_shot_and_trains_residuals_only(tmp_path):
   clip = _clip()
   config = _engine_config(recipes.prompt_tuning(), 15)
-  config.optimizer.learning_rate = 0.5
+  config.optimizer.learning_rate = 0.1
   tok = _WordTokenizer()
   names = ["red", "green", "blue", "grey"]
   task = recipes.prompt_tuning_task(clip, tok, names, config)
@@ -272,9 +272,10 @@ def test_prompt_tuning_starts_zero_shot_and_trains_residuals_only(tmp_path):
           text / jnp.linalg.norm(text, axis=-1, keepdims=True)).T
   np.testing.assert_allclose(task.model(batch["image"]), want, 1e-4, 1e-4)
   before = _flat(engine.split_model(task.model)[1])
-  model, _ = engine.fit(task.model, task.loss_fn, config, _data, str(tmp_path),
-                            mesh=_one_device())
+  fixed = next(_data(0))   # fitting one batch: the loss must fall
+  model, _ = engine.fit(task.model, task.loss_fn, config, lambda start: itertools.repeat(fixed),
+                        str(tmp_path), mesh=_one_device())
   changed = _changed(before, _flat(engine.split_model(model)[1]))
   assert changed == {"context_residual", "name_residual"}
   history = _losses(tmp_path)
-  assert np.mean(history[-3:]) < np.mean(history[:3])
+  assert history[-1] < 0.9 * history[0]

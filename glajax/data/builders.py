@@ -25,6 +25,7 @@ Expected layouts (``manual_dir`` is the folder named below):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import os
 from pathlib import Path
@@ -246,6 +247,7 @@ def _check_image(path: Path) -> bytes:
   return data
 
 
+@functools.cache
 def _builder_class():
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 

@@ -86,6 +86,15 @@ def _relabel(info: registry.DatasetInfo | None):
   return relabel
 
 
+def _read(builder, info: registry.DatasetInfo, split):
+  """Encoded examples of ``split`` in stored order: files one after another (TFDS interleaves 16
+  files by default, which would make a sub-split's order differ from the whole split's)."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  return builder.as_dataset(split=split, shuffle_files=False,
+                            read_config=tfds.ReadConfig(interleave_cycle_length=1),
+                            decoders={info.image_key: tfds.decode.SkipDecoding()})
+
+
 class _Slice(NamedTuple):
   """This process's contiguous slice [offset, offset + size) of a split, with its ``info``
   (None for a tf.data.Dataset) and every process's example count (None with one process)."""
@@ -122,8 +131,7 @@ def _local_examples(name_or_dataset, split, data_dir, manual_dir) -> _Slice:
     try:
       counts = ([builder.info.splits[s].num_examples for s in splits] if processes > 1
                 else None)
-      ds = builder.as_dataset(split=splits[me], shuffle_files=False,
-                              decoders={info.image_key: tfds.decode.SkipDecoding()})
+      ds = _read(builder, info, splits[me])
     except (KeyError, ValueError) as e:
       raise bad_argument("split", f"a split of {info.tfds_name}", f"{split!r} ({e})",
                          DatasetError) from e
@@ -187,7 +195,7 @@ def eval_batches(name_or_dataset, *, split: str | None = None, batch_size: int,
   """Every example of ``split`` (default: the eval split) exactly once, CLIP-preprocessed.
 
   Yields {"image": (B, S, S, 3) float32, "label": (B,) int32, "mask": (B,) bool,
-  "index": (B,) int64}; the last batches are padded (mask False, index -1), and every process
+  "index": (B,) int32}; the last batches are padded (mask False, index -1), and every process
   yields the same number of batches. ``name_or_dataset``: a registry name, a DatasetInfo or a
   tf.data.Dataset of {"image": encoded bytes or uint8 (H, W, 3), "label"}.
   """
@@ -198,7 +206,7 @@ def eval_batches(name_or_dataset, *, split: str | None = None, batch_size: int,
   def transform(ex):
     return {"image": preprocess.eval_transform(_uint8_image(ex["image"]), image_size, border),
             "label": tf.cast(ex["label"], tf.int32), "mask": tf.constant(True),
-            "index": tf.cast(ex["index"], tf.int64)}
+            "index": tf.cast(ex["index"], tf.int32)}
 
   ds = ds.map(transform, num_parallel_calls=AUTOTUNE).batch(local).prefetch(AUTOTUNE)
   what = info.name if info else "dataset"
@@ -210,7 +218,7 @@ def eval_batches(name_or_dataset, *, split: str | None = None, batch_size: int,
   for _ in range(total - yielded):  # Other processes hold more examples: keep in step.
     empty = {"image": np.zeros((local, image_size, image_size, 3), np.float32),
              "label": np.zeros(local, np.int32), "mask": np.zeros(local, bool),
-             "index": np.full(local, -1, np.int64)}
+             "index": np.full(local, -1, np.int32)}
     yield _place(empty, mesh)
 
 
@@ -222,7 +230,9 @@ def train_batches(name_or_dataset, *, batch_size: int, seed: int, split: str | N
 
   RandomResizedCrop(image_size, scale, bicubic) + optional flip + CLIP normalisation; shuffling
   and augmentation are a function of (seed, step) only. ``indices``: positions in the split to
-  train on (from ``subsample``); ``start_step``: resume at that step (see the module docstring).
+  train on (from ``subsample``); ``start_step``: resume at that step (see the module docstring);
+  ``shuffle_buffer``: encoded examples held for shuffling (TFDS already shuffled the records
+  when it wrote them).
   """
   local = _check_batch_size(batch_size, mesh)
   if start_step < 0:
@@ -279,15 +289,12 @@ def read_labels(name_or_dataset, split: str | None = None, data_dir=None,
 
   ``split`` defaults to the train split (the eval split for test-only datasets).
   """
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   info = _info_of(name_or_dataset)
   if info is None:
     ds = name_or_dataset.map(lambda ex: ex["label"])
   else:
     builder = tfds_builder(info, data_dir, manual_dir)
-    ds = builder.as_dataset(split=split or info.train_split or info.eval_split,
-                            shuffle_files=False,
-                            decoders={info.image_key: tfds.decode.SkipDecoding()})
+    ds = _read(builder, info, split or info.train_split or info.eval_split)
     relabel = _relabel(info)
     ds = ds.map(lambda ex: relabel(ex[info.label_key]), num_parallel_calls=AUTOTUNE)
   labels = [b for b in _batches(ds.batch(4096), info.name if info else "dataset")]

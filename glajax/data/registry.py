@@ -280,26 +280,15 @@ def get(name: str) -> DatasetInfo:
 def eval_logits_transform(name_or_info: str | DatasetInfo) -> Callable | None:
   """How to turn ImageNet-1k logits (N, 1000) into the dataset's logits (N, C), or None.
 
-  Class c's logit is max_{j in M(c)} z_j over its mapped ImageNet classes M(c): one column for
-  ImageNet-R/A (a restriction to 200 columns), one or more for ObjectNet (113 classes). The
-  returned function is pure and jittable (``jnp`` gather + max).
+  Class c's logit is max_{j in M(c)} z_j over its mapped ImageNet classes M(c): for ImageNet-R/A
+  one column each, i.e. ``methods.restrict_logits`` to their 200 columns; for ObjectNet one or
+  more, ``methods.objectnet_logits`` (113 classes). The returned function is pure and jittable.
   """
+  from glajax.methods import metrics  # pylint: disable=g-import-not-at-top
   info = get(name_or_info) if isinstance(name_or_info, str) else name_or_info
   if info.imagenet_classes is None:
     return None
-  return functools.partial(imagenet_logits_to_classes, groups=info.imagenet_classes)
-
-
-def _group_matrix(groups: tuple[tuple[int, ...], ...]) -> np.ndarray:
-  """(C, G) ImageNet columns per class, each row padded by repeating its first entry."""
-  width = max(len(g) for g in groups)
-  return np.asarray([g + (g[0],) * (width - len(g)) for g in groups], np.int32)
-
-
-def imagenet_logits_to_classes(logits, groups: tuple[tuple[int, ...], ...]):
-  """z'_c = max_{j in groups[c]} z_j over the last axis of ``logits`` (..., 1000) -> (..., C)."""
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  logits = jnp.asarray(logits)
-  if logits.shape[-1] != 1000:
-    raise bad_argument("logits", "ImageNet-1k logits with 1000 columns", f"shape {logits.shape}")
-  return jnp.max(jnp.take(logits, _group_matrix(groups), axis=-1), axis=-1)
+  if all(len(group) == 1 for group in info.imagenet_classes):
+    return functools.partial(metrics.restrict_logits,
+                             class_indices=np.asarray([g[0] for g in info.imagenet_classes]))
+  return functools.partial(metrics.objectnet_logits, mapping=info.imagenet_classes)

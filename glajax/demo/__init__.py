@@ -15,9 +15,10 @@ def run(workdir: str, *, quick: bool = False, seed: int = 0, scale: str | None =
         progress: bool = True) -> dict:
   """Runs the demo into ``workdir``; returns the report (the content of ``report.json``).
 
-  ``scale`` ("full", "quick" or "tiny") overrides ``quick``. Compiled programs are cached in
-  ``workdir/jax_cache`` and the pre-trained models in ``workdir/foundation_<i>``, so a second
-  run starts at once.
+  ``scale`` ("full", "quick" or "tiny") overrides ``quick``. The world is prepared in
+  ``workdir/tfds``, compiled programs are cached in ``workdir/jax_cache`` and the pre-trained
+  models in ``workdir/models/<world config>_seed<seed>/foundation_<i>`` (``save_clip``), so a
+  second run starts at once.
   """
   import jax  # pylint: disable=import-outside-toplevel
   from glajax.demo import report  # pylint: disable=import-outside-toplevel
@@ -25,7 +26,7 @@ def run(workdir: str, *, quick: bool = False, seed: int = 0, scale: str | None =
   scale = scale or ("quick" if quick else "full")
   if scale not in SCALES:
     raise bad_argument("scale", f"one of {sorted(SCALES)}", repr(scale))
-  workdir = os.path.abspath(os.path.join(os.fspath(workdir), scale))
+  workdir = os.path.abspath(os.fspath(workdir))
   os.makedirs(workdir, exist_ok=True)
   jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)

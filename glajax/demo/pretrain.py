@@ -1,17 +1,17 @@
 """Pre-training the demo's small foundation models: contrastive image–caption training on the
 world's long-tailed pre-training sets, with the library's CLIP, tokenizer, pipeline and engine.
 
-Captions are few (class × domain), so they are tokenised once into a table and every example's
-"label" is its caption's row: ``caption_id = label · |DOMAINS| + domain``. The text tower is causal
-and pools at the first EOS, so dropping the padding after the longest caption changes nothing.
+Captions are few (class × domain), so they are tokenised once into a table (trimmed after the
+longest caption's EOS) and every example's "label" is its caption's row:
+``caption_id = label · |DOMAINS| + domain``.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 
 import jax.numpy as jnp
-import numpy as np
 import tensorflow as tf
 
 from glajax.demo import world
@@ -19,6 +19,7 @@ from glajax.errors import bad_argument
 from glajax.train import losses
 
 FOUNDATION_DIR = "foundation_{}"
+RECIPE_FILE = "pretrain.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,16 +45,6 @@ def foundation_config(spec: PretrainSpec, image_size: int = 32):
       vision_num_hidden_layers=spec.layers, vision_num_attention_heads=heads,
       text_hidden_size=spec.width, text_intermediate_size=2 * spec.width,
       text_num_hidden_layers=spec.layers, text_num_attention_heads=heads)
-
-
-def token_table(tokenizer, texts, eos_token_id: int = 49407) -> np.ndarray:
-  """(K, L) int32 ids of ``texts``, cut after the longest text's first EOS (exact for CLIP's
-  causal text tower, which pools at the first EOS)."""
-  ids = np.asarray(tokenizer(list(texts)), np.int32)
-  if ids.ndim != 2 or ids.shape[0] != len(texts) or not (ids == eos_token_id).any(1).all():
-    raise bad_argument("tokenizer", f"({len(texts)}, L) ids with an EOS ({eos_token_id}) each",
-                       f"shape {ids.shape}")
-  return ids[:, : int(np.argmax(ids == eos_token_id, axis=1).max()) + 1]
 
 
 def caption_texts() -> tuple[str, ...]:
@@ -105,19 +96,25 @@ def pretrain(builder, index: int, spec: PretrainSpec, workdir: str, *, tokenizer
              progress: bool = True):
   """Trains foundation model ``index`` on split ``pretrain_<index>``; returns the CLIP.
 
-  Cached: if ``workdir/foundation_<index>`` holds a ``save_clip`` checkpoint it is loaded instead.
+  Cached: if ``workdir/foundation_<index>`` holds a ``save_clip`` checkpoint made with the same
+  specs and seed (``pretrain.json``), it is loaded instead; otherwise it is trained (again). The
+  engine's run directory is ``workdir/runs/pretrain_<index>``.
   """
   import glajax  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
   from glajax.data import pipeline  # pylint: disable=import-outside-toplevel
   from glajax.train import engine  # pylint: disable=import-outside-toplevel
+  from glajax.train.prompt_tuning import trim_to_longest  # pylint: disable=import-outside-toplevel
   directory = os.path.join(workdir, FOUNDATION_DIR.format(index))
-  if os.path.isfile(os.path.join(directory, "config.json")):
-    return glajax.load_clip(directory)
   world_spec = builder.builder_config.spec
+  recipe = json.dumps({"pretrain": dataclasses.asdict(spec), "world": dataclasses.asdict(
+      world_spec), "index": index, "seed": seed}, sort_keys=True)
+  recipe_file = os.path.join(directory, RECIPE_FILE)
+  if os.path.isfile(recipe_file) and open(recipe_file).read() == recipe:
+    return glajax.load_clip(directory)
   model = glajax.CLIP(foundation_config(spec, world_spec.image_size),
                       rngs=nnx.Rngs(seed * 1000 + index))
-  text_ids = token_table(tokenizer, caption_texts())
+  text_ids = trim_to_longest(tokenizer(caption_texts()), model.config.text.eos_token_id)
 
   def data(start_step):
     return pipeline.train_batches(caption_dataset(builder, f"pretrain_{index}"),
@@ -129,4 +126,6 @@ def pretrain(builder, index: int, spec: PretrainSpec, workdir: str, *, tokenizer
                         engine_config(spec, seed * 1000 + index, progress), data,
                         os.path.join(workdir, "runs", f"pretrain_{index}"))
   glajax.save_clip(model, directory)
+  with open(recipe_file, "w") as f:  # written last: its presence marks a complete checkpoint
+    f.write(recipe)
   return model

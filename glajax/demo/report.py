@@ -150,10 +150,11 @@ def plots(workdir: str, arrays: dict, results: dict) -> list[str]:
 def write(workdir: str, results: dict, arrays: dict, *, quick: bool) -> dict:
   """Writes report.json, report.md and the plots into ``workdir``; returns their paths."""
   command = COMMAND.format(workdir=workdir, quick=" --quick" if quick else "")
-  results = {**results, "command": command}
+  results = {**results, "command": command, "plots": []}
+  json_path, md_path = os.path.join(workdir, "report.json"), os.path.join(workdir, "report.md")
+  _write_atomic(json_path, json.dumps(results, indent=2, default=_json_default))
   images = plots(workdir, arrays, results)
   results["plots"] = [os.path.basename(p) for p in images]
-  json_path, md_path = os.path.join(workdir, "report.json"), os.path.join(workdir, "report.md")
   _write_atomic(json_path, json.dumps(results, indent=2, default=_json_default))
   _write_atomic(md_path, markdown(results, command))
   return {"json": json_path, "markdown": md_path, "plots": images}

@@ -45,7 +45,7 @@ class Scale:
 
 
 SCALES = {
-    "full": Scale("default", pretrain_lib.PretrainSpec(steps=600)),
+    "full": Scale("default", pretrain_lib.PretrainSpec(steps=500)),
     "quick": Scale("quick", pretrain_lib.PretrainSpec(steps=250, batch_size=128),
                    finetune_steps=80, contrastive_steps=80, longtail_steps=80,
                    wise_alphas=(0.0, 0.25, 0.5, 0.75, 1.0), pcv_seeds=1, eval_batch=600),
@@ -68,7 +68,8 @@ EFFECTS = {
     "la_vs_ce_gain": ("logit-adjusted loss beats plain CE on balanced accuracy (long tail)", ">",
                       0.0),
     "backdoor_gain": ("backdoor ensemble beats the best single foundation model", ">", 0.0),
-    "gamma_absent_gain": ("ALG γ recovers absent-class accuracy (Acc U/Y)", ">", 0.0),
+    "alg_absent_gain": ("ALG γ recovers absent-class accuracy (Acc U/Y)", ">", 0.0),
+    "pcv_absent_gain": ("PCV γ recovers absent-class accuracy (Acc U/Y)", ">", 0.0),
     "carot_ece_change": ("CaRot lowers OOD ECE against FLYP", "<", 0.0),
 }
 _COMPARE = {">": np.greater, ">=": np.greater_equal, "<": np.less}
@@ -93,6 +94,7 @@ class Demo:
     from glajax.train import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
     self.workdir, self.scale, self.seed, self.progress = workdir, scale, seed, progress
     self.data_dir = os.path.join(workdir, "tfds")
+    self.model_dir = os.path.join(workdir, "models", f"{scale.world_config}_seed{seed}")
     self.name = world.register(scale.world_config)
     self.builder = world.builder(scale.world_config, data_dir=self.data_dir)
     self.spec = self.builder.builder_config.spec
@@ -105,7 +107,7 @@ class Demo:
   # ------------------------------------------------------------------------------- helpers
 
   def _run_dir(self, name: str) -> str:
-    return os.path.join(self.workdir, "runs", name)
+    return os.path.join(self.workdir, "runs", self.scale.world_config, name)
 
   def test_logits(self, model, splits=TEST_SPLITS) -> dict:
     """split -> (logits, labels) of ``model`` (an image classifier) on the world's ``splits``,
@@ -145,9 +147,9 @@ class Demo:
 
   def zeroshot_classifier(self, clip):
     import glajax  # pylint: disable=import-outside-toplevel
-    from glajax.models.heads import CLIPClassifier, LinearHead  # pylint: disable=import-outside-toplevel
+    from glajax.models import heads  # pylint: disable=import-outside-toplevel
     head = glajax.zeroshot_head(clip, self.tokenizer, world.CLASSNAMES, world.TEMPLATES)
-    return CLIPClassifier(clip, LinearHead.from_zeroshot(np.asarray(head)))
+    return heads.CLIPClassifier(clip, heads.LinearHead.from_zeroshot(np.asarray(head)))
 
   def _finetune_config(self, steps: int):
     from glajax.train import recipes  # pylint: disable=import-outside-toplevel
@@ -190,7 +192,7 @@ class Demo:
     self.foundation = []
     for i in range(self.scale.num_foundation):
       self.foundation.append(pretrain_lib.pretrain(
-          self.builder, i, self.scale.pretrain, self.workdir, tokenizer=self.tokenizer,
+          self.builder, i, self.scale.pretrain, self.model_dir, tokenizer=self.tokenizer,
           seed=self.seed, progress=self.progress))
     self.results["pretrain"] = dataclasses.asdict(self.scale.pretrain)
 
@@ -264,8 +266,7 @@ class Demo:
     from glajax import methods as M  # pylint: disable=import-outside-toplevel
     from glajax.train import recipes  # pylint: disable=import-outside-toplevel
     counts = world.train_lt_class_counts(self.spec)
-    prompts = pretrain_lib.token_table(self.tokenizer,
-                                       [f"a photo of a {c}." for c in world.CLASSNAMES])
+    prompts = self.tokenizer([f"a photo of a {c}." for c in world.CLASSNAMES])
     out, logits = {"train_counts": counts.tolist()}, []
     runs = [(i, 1.0) for i in range(self.scale.num_foundation)] + [(0, 0.0)]
     for index, tau in runs:
@@ -274,7 +275,7 @@ class Demo:
       config.total_steps = self.scale.longtail_steps
       config.tau = tau
       config.optimizer.update(learning_rate=self.scale.longtail_lr)
-      clip = glajax.load_clip(os.path.join(self.workdir,
+      clip = glajax.load_clip(os.path.join(self.model_dir,
                                            pretrain_lib.FOUNDATION_DIR.format(index)),
                               adapter_dim=config.model.adapter_dim)
       text = np.asarray(clip.encode_text(jnp.asarray(prompts)))
@@ -313,6 +314,7 @@ class Demo:
                                  M.seen_absent_accuracies(logits, y, absent).items()}
     before = accuracies(z)
     after_alg = accuracies(M.apply_gamma(z, absent, gamma_alg))
+    after_pcv = accuracies(M.apply_gamma(z, absent, gamma_pcv))
     area_ft, curve_ft = M.ausuc(z, y, absent, return_curve=True)
     area_zs, curve_zs = M.ausuc(zs_z, y, absent, return_curve=True)
     self.arrays["ausuc"] = {"fine-tuned on seen classes": (float(area_ft), curve_ft),
@@ -321,9 +323,10 @@ class Demo:
         "seen_classes": int(seen.sum()), "gamma_alg": gamma_alg, "gamma_pcv": gamma_pcv,
         "pcv_seeds": self.scale.pcv_seeds, "zeroshot": accuracies(zs_z),
         "finetuned": before, "finetuned_alg": after_alg,
-        "finetuned_pcv": accuracies(M.apply_gamma(z, absent, gamma_pcv)),
+        "finetuned_pcv": after_pcv,
         "ausuc_finetuned": float(area_ft), "ausuc_zeroshot": float(area_zs),
-        "absent_gain": after_alg["acc_u_y"] - before["acc_u_y"]}
+        "alg_absent_gain": after_alg["acc_u_y"] - before["acc_u_y"],
+        "pcv_absent_gain": after_pcv["acc_u_y"] - before["acc_u_y"]}
 
   def _pcv_gamma(self, seen, train_labels):
     """PCV (Mai et al.): fine-tune on a random half of the seen classes, choose γ for the other
@@ -352,9 +355,6 @@ class Demo:
   def stage_carot(self):
     from glajax import methods as M  # pylint: disable=import-outside-toplevel
     from glajax.train import recipes  # pylint: disable=import-outside-toplevel
-    prompt_ids = pretrain_lib.token_table(
-        self.tokenizer, [t.format(c) for c in world.CLASSNAMES for t in world.TEMPLATES])
-    prompt_ids = prompt_ids.reshape(world.NUM_CLASSES, len(world.TEMPLATES), -1)
     out = {}
     for name, recipe in (("flyp", recipes.flyp), ("carot", recipes.carot)):
       config = recipe()
@@ -364,7 +364,8 @@ class Demo:
                               warmup_steps=max(1, config.total_steps // 10))
       config.teacher.every = max(1, config.total_steps // 10)
       clip = self._fresh_foundation(0)
-      task = recipes.contrastive_task(clip, prompt_ids, config)
+      task = recipes.contrastive_task(clip, self.tokenizer, world.CLASSNAMES, world.TEMPLATES,
+                                      config)
       model = self.fit(task, config, self.train_data("train"), name)
       logits = self.test_logits(model)
       acc = {s: _accuracy(*logits[s]) for s in TEST_SPLITS}
@@ -377,7 +378,8 @@ class Demo:
 
   def _fresh_foundation(self, index: int):
     import glajax  # pylint: disable=import-outside-toplevel
-    return glajax.load_clip(os.path.join(self.workdir, pretrain_lib.FOUNDATION_DIR.format(index)))
+    return glajax.load_clip(os.path.join(self.model_dir,
+                                         pretrain_lib.FOUNDATION_DIR.format(index)))
 
   STAGES = ("world", "pretrain", "zeroshot", "finetune", "longtail", "subset", "carot")
 
@@ -406,7 +408,8 @@ def effects(results: dict) -> dict:
       "temperature_ece_change": ("temperature", "id_ece_change"),
       "la_vs_ce_gain": ("longtail", "la_vs_ce_gain"),
       "backdoor_gain": ("longtail", "backdoor_gain"),
-      "gamma_absent_gain": ("subset", "absent_gain"),
+      "alg_absent_gain": ("subset", "alg_absent_gain"),
+      "pcv_absent_gain": ("subset", "pcv_absent_gain"),
       "carot_ece_change": ("carot", "ood_ece_change"),
   }
   out = {}

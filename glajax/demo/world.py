@@ -188,7 +188,8 @@ class WorldSpec:
 
 
 def pretrain_class_counts(spec: WorldSpec, index: int = 0) -> np.ndarray:
-  """Class counts of pre-training set ``index``: the known label prior of foundation model ``index``."""
+  """Class counts of pre-training set ``index``: the known label prior of foundation model
+  ``index``."""
   if not 0 <= index < spec.num_pretrain_sets:
     raise bad_argument("index", f"a pre-training set in [0, {spec.num_pretrain_sets})", index)
   rng = np.random.default_rng([spec.seed, 1, index])
@@ -303,7 +304,7 @@ class DemoShapes(tfds.core.GeneratorBasedBuilder):
 
 
 def builder(config: str = "default", data_dir: str | None = None) -> DemoShapes:
-  """The ``demo_shapes`` builder for ``config`` ("default", "quick" or "tiny") under ``data_dir``."""
+  """The ``demo_shapes`` builder of ``config`` ("default", "quick" or "tiny") in ``data_dir``."""
   return DemoShapes(config=config, data_dir=data_dir)
 
 

@@ -59,7 +59,11 @@ def seen_absent_accuracies(logits, labels, absent) -> dict[str, jax.Array]:
   (Y = all, S = seen, U = absent). Keys ``acc_y_y``, ``acc_s_y``, ``acc_u_y``, ``acc_s_s``,
   ``acc_u_u``; NaN when no test sample has a label in A.
   """
-  logits, labels, absent = _inputs(logits, labels, absent)
+  return _accuracies(*_inputs(logits, labels, absent))
+
+
+@jax.jit
+def _accuracies(logits, labels, absent):
   label_absent = absent[labels]
   hit_all = jnp.argmax(logits, axis=-1) == labels
   hit_seen = jnp.argmax(jnp.where(absent, -jnp.inf, logits), axis=-1) == labels
@@ -69,10 +73,12 @@ def seen_absent_accuracies(logits, labels, absent) -> dict[str, jax.Array]:
     return jnp.sum(hits & rows) / jnp.sum(rows)
 
   return {"acc_y_y": jnp.mean(hit_all), "acc_s_y": mean_over(hit_all, ~label_absent),
-          "acc_u_y": mean_over(hit_all, label_absent), "acc_s_s": mean_over(hit_seen, ~label_absent),
+          "acc_u_y": mean_over(hit_all, label_absent),
+          "acc_s_s": mean_over(hit_seen, ~label_absent),
           "acc_u_u": mean_over(hit_absent, label_absent)}
 
 
+@jax.jit
 def _sweep(logits, labels, absent):
   """Every prediction pattern γ can produce, in increasing γ.
 

@@ -7,6 +7,8 @@ ECE (Guo et al., ICML 2017; top-label, L1): Σ_b (n_b/N) · |acc_b − conf_b|.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -28,6 +30,7 @@ def _num_bins(num_bins) -> int:
   return num_bins
 
 
+@jax.jit
 def _top_label(logits, labels):
   probs = jax.nn.softmax(logits, axis=-1)
   confidence = jnp.max(probs, axis=-1)
@@ -40,6 +43,7 @@ def _equal_width_bin(values, num_bins):
   return jnp.clip(jnp.ceil(values * num_bins).astype(jnp.int32) - 1, 0, num_bins - 1)
 
 
+@functools.partial(jax.jit, static_argnames="num_segments")
 def _binned(confidence, correct, bins, num_segments):
   counts = jax.ops.segment_sum(jnp.ones_like(confidence), bins, num_segments)
   conf_sum = jax.ops.segment_sum(confidence, bins, num_segments)

@@ -16,15 +16,21 @@ def _leaves(tree):
           for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
+def _shape_dtype(leaf):
+  """Shape and dtype as given (not canonicalised: float64 stays float64 without x64)."""
+  dtype = getattr(leaf, "dtype", None)
+  return tuple(np.shape(leaf)), dtype if dtype is not None else np.asarray(leaf).dtype
+
+
 def _check_matching(name_0: str, tree_0, name_1: str, tree_1, dtypes: bool = True) -> None:
   """Raises one InputError listing every path whose presence, shape (or dtype) differs."""
   leaves_0, leaves_1 = _leaves(tree_0), _leaves(tree_1)
   problems = [f"{path} only in {name_0}" for path in leaves_0 if path not in leaves_1]
   problems += [f"{path} only in {name_1}" for path in leaves_1 if path not in leaves_0]
   for path in leaves_0.keys() & leaves_1.keys():
-    a, b = jnp.asarray(leaves_0[path]), jnp.asarray(leaves_1[path])
-    if a.shape != b.shape or (dtypes and a.dtype != b.dtype):
-      problems.append(f"{path}: {a.dtype}{list(a.shape)} vs {b.dtype}{list(b.shape)}")
+    (shape_0, dtype_0), (shape_1, dtype_1) = map(_shape_dtype, (leaves_0[path], leaves_1[path]))
+    if shape_0 != shape_1 or (dtypes and dtype_0 != dtype_1):
+      problems.append(f"{path}: {dtype_0}{list(shape_0)} vs {dtype_1}{list(shape_1)}")
   if not problems and (jax.tree_util.tree_structure(tree_0)
                        != jax.tree_util.tree_structure(tree_1)):
     problems.append(f"tree structures differ: {jax.tree_util.tree_structure(tree_0)} vs "

@@ -102,10 +102,13 @@ class CLIPConfig:
 
   @classmethod
   def from_hf(cls, config: dict[str, Any] | str | os.PathLike) -> CLIPConfig:
-    """From a transformers CLIP ``config.json`` (a dict, the file or its directory).
+    """From a transformers CLIP ``config.json`` (a dict, the file, its directory, or a
+    ``transformers.CLIPConfig``).
 
     Keys a file leaves out take transformers' defaults, as ``CLIPConfig.from_pretrained`` does.
     """
+    if hasattr(config, "to_dict"):
+      config = config.to_dict()
     if not isinstance(config, dict):
       path = os.path.join(config, "config.json") if os.path.isdir(config) else os.fspath(config)
       try:
@@ -235,7 +238,7 @@ class _Attention(nnx.Module):
     batch, length, width = x.shape
     split = lambda y: y.reshape(batch, length, self.num_heads, width // self.num_heads)
     q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
     scores = scores * (width // self.num_heads)**-0.5
     if self.causal:
       mask = jnp.tril(jnp.ones((length, length), bool))
@@ -392,6 +395,8 @@ def _check_images(images, image_size: int) -> None:
   if shape[-1] != 3:
     hint = " (channels-first NCHW? glajax takes NHWC)" if shape[1] == 3 else ""
     raise bad_argument("images", "NHWC with 3 channels last", f"shape {shape}{hint}")
+  if not jnp.issubdtype(images.dtype, jnp.floating):
+    raise bad_argument("images", "floating-point CLIP-normalised pixels", f"dtype {images.dtype}")
   if shape[1:3] != (image_size, image_size):
     raise bad_argument("images", f"{image_size}x{image_size} pixels (the model's image_size; "
                        "see interpolate_position_embedding)", f"shape {shape}")

@@ -36,7 +36,7 @@ def _as_matrix(name, array):
 
 
 class LinearHead(nnx.Module):
-  """logits = norm(f) · W + b, with W (D, C) float32; ``from_zeroshot`` gives the zero-shot logits."""
+  """logits = norm(f)·W + b, W (D, C) float32; ``from_zeroshot`` gives the zero-shot logits."""
 
   def __init__(self, kernel, bias=None):
     kernel = _as_matrix("kernel", kernel)

@@ -62,6 +62,7 @@ _TRANSFORMS = {
 }
 
 ADAPTERS_FILE = "glajax_adapters.safetensors"
+_MAX_PROBLEMS = 40  # listed in a CheckpointError; the count says how many there are in all
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt"]  # config, weights, tokenizer
 
 
@@ -157,7 +158,7 @@ def _has_weights(directory: str) -> bool:
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
   from safetensors import safe_open
   try:
-    with safe_open(path, framework="flax") as f:
+    with jax.default_device(jax.devices("cpu")[0]), safe_open(path, framework="flax") as f:
       return {k: np.asarray(f.get_tensor(k).astype(jnp.float32)) for k in f.keys()}
   except Exception as e:  # SafetensorError on a truncated or corrupt file
     raise bad_argument("checkpoint", "a readable safetensors file",
@@ -228,8 +229,10 @@ def _convert(tensors: dict[str, np.ndarray], expected: dict[str, jax.ShapeDtypeS
   problems += [f"missing tensor {_glajax_to_hf_key(p)[0]}" for p in sorted(expected)
                if p not in found and not _is_adapter(p)]
   if problems:
+    shown = problems[:_MAX_PROBLEMS] + ([f"... and {len(problems) - _MAX_PROBLEMS} more"]
+                                        if len(problems) > _MAX_PROBLEMS else [])
     raise CheckpointError(f"checkpoint {source} does not fit its config "
-                          f"({len(problems)} problems):\n  " + "\n  ".join(problems))
+                          f"({len(problems)} problems):\n  " + "\n  ".join(shown))
   return converted
 
 

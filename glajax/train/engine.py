@@ -8,6 +8,7 @@ scan, updates the EMA teacher, checkpoints with Orbax, logs JSON lines and cache
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import time
@@ -78,6 +79,9 @@ def make_train_step(graphdef, loss_fn: LossFn, tx: optax.GradientTransformation,
   θ_t ← m·θ_t + (1 − m)·θ_s with CaRot's momentum m(step)."""
   if accum_steps < 1:
     raise bad_argument("accum_steps", "a positive integer", accum_steps, ConfigError)
+  if teacher_config is not None and teacher_config.enabled and teacher_config.every < 1:
+    raise bad_argument("teacher.every", "a positive number of steps", teacher_config.every,
+                       ConfigError)
 
   def loss_of(params, rest, teacher, batch, rng):
     model = nnx.merge(graphdef, params, rest)
@@ -111,9 +115,9 @@ def make_train_step(graphdef, loss_fn: LossFn, tx: optax.GradientTransformation,
     if teacher is not None:
       momentum = losses.teacher_momentum(new_step, total_steps, teacher_config.start,
                                          teacher_config.end, teacher_config.warmup_fraction)
-      due = new_step % teacher_config.every == 0
-      teacher = jax.tree.map(lambda t, u: jnp.where(due, u, t), teacher,
-                             losses.ema_update(teacher, params, momentum))
+      teacher = jax.lax.cond(new_step % teacher_config.every == 0,
+                             lambda t: losses.ema_update(t, params, momentum), lambda t: t,
+                             teacher)
     state = state.replace(params=params, opt_state=opt_state, teacher=teacher, step=new_step)
     return state, {"loss": loss, **metrics}
 
@@ -184,12 +188,9 @@ class _MetricsLog:
     self._active = jax.process_index() == 0
     self._file = open(os.path.join(workdir, "metrics.jsonl"), "a") if self._active else None
     self._tb = None
-    if self._active and tensorboard:
-      try:
-        from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-      except ImportError:
-        pass
+    if self._active and tensorboard and importlib.util.find_spec("tensorboard") is not None:
+      from flax.metrics.tensorboard import SummaryWriter  # pylint: disable=import-outside-toplevel
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
   def write(self, step: int, metrics: Mapping[str, float]):
     if not self._active:
@@ -198,7 +199,7 @@ class _MetricsLog:
     self._file.flush()
     if self._tb is not None:
       for name, value in metrics.items():
-        self._tb.add_scalar(name, value, step)
+        self._tb.scalar(name, value, step)
 
   def close(self):
     if self._file is not None:

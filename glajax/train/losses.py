@@ -1,10 +1,10 @@
 """Training losses of the fine-tuning recipes (all pure, jittable, float32 reductions).
 
 * cross-entropy with label smoothing (WiSE-FT recipe, Wortsman et al. 2022);
-* logit-adjusted cross-entropy CE(z + τ·log π_train, y) (Menon et al. 2021; backdoor-adjustment recipe);
+* logit-adjusted CE(z + τ·log π_train, y) (Menon et al. 2021; from ``glajax.methods``);
 * the symmetric CLIP contrastive loss (FLYP, Goyal et al. 2023);
-* CaRot's terms (Oh et al., NeurIPS 2024): orthogonality ‖W_vᵀW_v − I‖_F, EMA self-distillation L_SD,
-  and the teacher's momentum schedule.
+* CaRot's terms (Oh et al., NeurIPS 2024): orthogonality ‖W_vᵀW_v − I‖_F, EMA
+  self-distillation L_SD, and the teacher's momentum schedule.
 """
 from __future__ import annotations
 
@@ -13,6 +13,11 @@ import jax.numpy as jnp
 import optax
 
 from glajax.errors import bad_argument
+from glajax.methods.adjust import logit_adjusted_loss  # CE(z + τ·log π_train, y), Menon et al.
+
+__all__ = ["cross_entropy", "logit_adjusted_loss", "contrastive_logits", "clip_contrastive_loss",
+           "orthogonality_penalty", "projection_cross_penalty", "self_distillation_loss",
+           "teacher_momentum", "ema_update"]
 
 
 def cross_entropy(logits, labels, label_smoothing: float = 0.0, where=None):
@@ -31,20 +36,13 @@ def cross_entropy(logits, labels, label_smoothing: float = 0.0, where=None):
   return (per_example * where).sum() / jnp.maximum(where.sum(), 1.0)
 
 
-def logit_adjusted_cross_entropy(logits, labels, log_prior, tau: float = 1.0,
-                                 label_smoothing: float = 0.0, where=None):
-  """Menon et al.'s logit-adjusted loss: mean CE(z + τ·log π_train, y)."""
-  return cross_entropy(logits.astype(jnp.float32) + tau * log_prior, labels, label_smoothing,
-                       where)
-
-
 def _normalize(x):
   x = x.astype(jnp.float32)
   return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
 
 
 def contrastive_logits(image_features, text_features, logit_scale):
-  """CLIP's image→text logits exp(s)·norm(f_img)·norm(f_txt)ᵀ, shape (B, B); text→image is the .T."""
+  """CLIP's image→text logits exp(s)·norm(f_img)·norm(f_txt)ᵀ, (B, B); text→image is the .T."""
   return jnp.exp(logit_scale.astype(jnp.float32)) * (
       _normalize(image_features) @ _normalize(text_features).T)
 
@@ -91,7 +89,7 @@ def self_distillation_loss(student_image, student_text, student_logit_scale,
 
 def teacher_momentum(step, total_steps: int, start: float = 0.05, end: float = 0.9,
                      warmup_fraction: float = 0.2):
-  """CaRot's EMA momentum: m = start + (end − start)·step/(f·total) while step < f·total, then end."""
+  """CaRot's EMA momentum m = start + (end − start)·step/(f·total) while step < f·total, else end."""
   if total_steps <= 0:
     raise bad_argument("total_steps", "a positive number of steps", total_steps)
   ramp_steps = warmup_fraction * total_steps

@@ -14,9 +14,21 @@ from flax import nnx
 from glajax.errors import bad_argument
 
 
+def _eos_positions(ids: np.ndarray, eos_token_id: int) -> np.ndarray:
+  """Where the text tower pools: the first EOS (legacy configs, eos_token_id 2: the largest id)."""
+  return np.argmax(ids, axis=-1) if eos_token_id == 2 else np.argmax(ids == eos_token_id, axis=-1)
+
+
 def _token_count(ids: np.ndarray, eos_token_id: int) -> np.ndarray:
-  """Tokens between SOT and the first EOS of each row."""
-  return np.argmax(ids == eos_token_id, axis=-1) - 1
+  """Tokens between SOT and the pooled EOS of each row."""
+  return _eos_positions(ids, eos_token_id) - 1
+
+
+def trim_to_longest(ids, eos_token_id: int) -> np.ndarray:
+  """(..., L) ids cut after the last pooled EOS: the text tower is causal and pools at EOS, so
+  the tokens after it change nothing, and shorter prompts encode faster."""
+  ids = np.asarray(ids, np.int32)
+  return ids[..., :int(_eos_positions(ids, eos_token_id).max()) + 1]
 
 
 def tokenize_prompts(tokenizer, classnames, template: str, eos_token_id: int):
@@ -39,7 +51,8 @@ def tokenize_prompts(tokenizer, classnames, template: str, eos_token_id: int):
   if bad.size:
     raise bad_argument("template", "prompts whose tokens are the template's plus the class name's",
                        f"other tokens for class {names[bad[0]]!r}")
-  length = int(n_total.max()) + 2
+  ids = trim_to_longest(ids, eos_token_id)
+  length = ids.shape[1]
   positions = np.arange(length)[None, :]
   name_start = 1 + n_prefix
   name_mask = (positions >= name_start) & (positions < name_start + n_name[:, None])
@@ -48,7 +61,7 @@ def tokenize_prompts(tokenizer, classnames, template: str, eos_token_id: int):
   suffix_index = np.where((positions >= suffix_start) & (positions < suffix_start + n_suffix),
                           n_prefix + positions - suffix_start, -1)
   context_index = np.maximum(prefix_index, suffix_index).astype(np.int32)
-  return ids[:, :length], context_index, name_mask
+  return ids, context_index, name_mask
 
 
 class PromptTunedCLIP(nnx.Module):
@@ -79,7 +92,7 @@ class PromptTunedCLIP(nnx.Module):
     return self.clip.encode_text(ids, embeds)
 
   def __call__(self, images=None, image_features=None):
-    """(N, C) logits for images, or for precomputed ``image_features`` (the image tower is frozen)."""
+    """(N, C) logits of images, or of ``image_features`` (the image tower is frozen)."""
     if image_features is None:
       image_features = self.clip.encode_image(images)
     image = image_features / jnp.linalg.norm(image_features, axis=-1, keepdims=True)

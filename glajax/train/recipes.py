@@ -41,7 +41,8 @@ from flax import nnx
 from glajax.errors import bad_argument
 from glajax.models.heads import CLIPClassifier, CosineClassifier, LinearHead
 from glajax.train import engine, losses
-from glajax.train.prompt_tuning import PromptTunedCLIP, tokenize_prompts
+from glajax.train.prompt_tuning import PromptTunedCLIP, tokenize_prompts, trim_to_longest
+from glajax.zeroshot import zeroshot_head
 
 
 class Task(NamedTuple):
@@ -147,6 +148,14 @@ def prompt_tuning() -> ml_collections.ConfigDict:
 # ------------------------------------------------------------------------------------- wiring
 
 
+def load_model(config, path_or_hub_id):
+  """``load_clip`` with the recipe's ``config.model``: compute dtype (params stay float32),
+  rematerialisation and, for ``backdoor_peft``, the adapters."""
+  from glajax.models.hf import load_clip  # pylint: disable=import-outside-toplevel
+  return load_clip(path_or_hub_id, dtype=jnp.dtype(config.model.dtype),
+                   remat=config.model.remat, adapter_dim=config.model.get("adapter_dim"))
+
+
 def _save_npz(path: str, **arrays) -> None:
   tmp = f"{path}.tmp.npz"
   np.savez(tmp, **{k: np.asarray(v, np.float32) for k, v in arrays.items()})
@@ -224,20 +233,6 @@ class ContrastiveCLIP(nnx.Module):
     self.clip = clip
     self.prompt_ids = nnx.Variable(jnp.asarray(prompt_ids))
 
-  def zeroshot_head(self, chunk: int = 64):
-    """(C, D) head: per class, mean of L2-normalised template embeddings, normalised, · exp(s)."""
-    ids = np.asarray(jax.device_get(self.prompt_ids[...]))
-    graphdef, state = nnx.split(self.clip)
-    encode = jax.jit(lambda s, x: nnx.merge(graphdef, s).encode_text(x))
-    rows = []
-    for start in range(0, ids.shape[0], chunk):
-      block = ids[start:start + chunk]
-      text = encode(state, block.reshape(-1, block.shape[-1])).reshape(*block.shape[:2], -1)
-      text = text / jnp.linalg.norm(text, axis=-1, keepdims=True)
-      mean = text.mean(1)
-      rows.append(mean / jnp.linalg.norm(mean, axis=-1, keepdims=True))
-    return jnp.concatenate(rows) * jnp.exp(self.clip.logit_scale[...].astype(jnp.float32))
-
 
 def _contrastive_terms(model, batch, rng):
   """Image and text features of a batch, each image paired with a random template of its class."""
@@ -247,13 +242,18 @@ def _contrastive_terms(model, batch, rng):
   return model.clip.encode_image(batch["image"]), model.clip.encode_text(text_ids), text_ids
 
 
-def contrastive_task(clip, prompt_ids, config) -> Task:
+def contrastive_task(clip, tokenizer, classnames, templates, config) -> Task:
   """FLYP, and CaRot when ``config.carot`` has non-zero weights:
 
-  L = L_CLIP + λ_OC·‖W_vᵀW_v − I‖_F + λ_SD·L_SD(teacher) [+ λ_VT·‖W_v W_tᵀ‖_F].
-  Evaluation rebuilds the zero-shot head from the fine-tuned text tower (all templates).
+  L = L_CLIP + λ_OC·‖W_vᵀW_v − I‖_F + λ_SD·L_SD(teacher) [+ λ_VT·‖W_v W_tᵀ‖_F],
+  each image paired with a random template of its class name. Evaluation rebuilds the zero-shot
+  head from the fine-tuned text tower with every template (``glajax.zeroshot_head``).
   """
   weights = config.carot
+  classnames, templates = list(classnames), list(templates)
+  prompts = [t.format(c) for c in classnames for t in templates]
+  ids = trim_to_longest(tokenizer(prompts), clip.config.text.eos_token_id)
+  prompt_ids = ids.reshape(len(classnames), len(templates), -1)
 
   def loss_fn(model, teacher, batch, rng):
     image, text, text_ids = _contrastive_terms(model, batch, rng)
@@ -280,7 +280,8 @@ def contrastive_task(clip, prompt_ids, config) -> Task:
     return loss, metrics
 
   def eval_model(model):
-    return CLIPClassifier(model.clip, LinearHead.from_zeroshot(model.zeroshot_head()))
+    head = zeroshot_head(model.clip, tokenizer, classnames, templates, show_progress=False)
+    return CLIPClassifier(model.clip, LinearHead.from_zeroshot(head))
 
   return Task(ContrastiveCLIP(clip, prompt_ids), loss_fn, _image_logits, eval_model,
               _export_clip)
@@ -301,8 +302,7 @@ def backdoor_task(clip, text_features, train_counts, config) -> Task:
   def loss_fn(model, teacher, batch, rng):
     del teacher, rng
     logits = model(batch["image"])
-    loss = losses.logit_adjusted_cross_entropy(logits, batch["label"], log_prior, config.tau,
-                                               where=batch.get("mask"))
+    loss = losses.logit_adjusted_loss(logits, batch["label"], log_prior, config.tau)
     return loss, {"accuracy": _accuracy(logits, batch)}
 
   return Task(model, loss_fn, _image_logits, None, export_classifier)

@@ -60,7 +60,7 @@ def param_labels(params, trainable=(".*",), groups=()):
 
 
 def learning_rate_schedule(config, total_steps: int):
-  """Linear warmup from 0 over ``warmup_steps`` then cosine to 0 at ``total_steps`` (or constant)."""
+  """Linear warmup from 0 over ``warmup_steps``, then cosine to 0 at ``total_steps`` or constant."""
   lr, warmup = config.learning_rate, config.get("warmup_steps", 0)
   schedule = config.get("schedule", "cosine")
   if schedule == "constant":

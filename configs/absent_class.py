@@ -1,0 +1,34 @@
+r"""Absent-class calibration (Mai et al., NeurIPS 2024): fine-tune on half of the classes, then
+γ on the absent classes' logits (ALG; oracle for reference) and AUSUC. Datasets (the arg):
+imagenet_r (100 seen / 100 absent), imagenet_sketch (500 / 500), office_home (a folder: pass
+``data.manual_dir``; domain ``art`` unless ``clipart``, ``product`` or ``real_world`` is given).
+Test-only sets are split 80 % fine-tuning / 20 % evaluation.
+
+  glajax run configs/absent_class.py:imagenet_r --workdir ~/runs/absent_r
+  glajax run configs/absent_class.py:office_home,clipart,data.manual_dir=~/data --workdir ...
+  glajax run configs/absent_class.py:runlocal --workdir /tmp/absent
+"""
+from glajax.experiments import config as C
+from glajax.train import recipes
+
+DATASETS = {"imagenet_r": ("test", 100), "imagenet_sketch": ("test", 500),
+            "office_home": ("train", 32)}
+DOMAINS = ("art", "clipart", "product", "real_world")
+
+
+def get_config(arg=None):
+  args = C.parse_arg(arg, ("runlocal", *DATASETS, *DOMAINS))
+  dataset = next((a for a in DATASETS if a in args), "imagenet_r")
+  split, num_seen = DATASETS[dataset]
+  if dataset == "office_home":
+    dataset = f"office_home_{next((d for d in DOMAINS if d in args), 'art')}"
+  config = C.base("absent_class")
+  config.data.update(train=f"{dataset}@{split}[:80%]", eval=f"{dataset}@{split}[80%:]",
+                     shifts=())
+  config.train = recipes.finetune()
+  config.train.total_steps = -1
+  config.absent_class = dict(num_seen=num_seen, split_seed=0)
+  if "runlocal" in args:
+    C.runlocal(config, shifts=())
+    config.absent_class.num_seen = 50
+  return config

@@ -1,0 +1,33 @@
+r"""Backdoor adjustment (Chen et al., ICML 2025): AdaptFormer adapters + cosine classifier trained
+with the logit-adjusted loss on three ViT-B/16 foundation models (OpenAI CLIP, LAION OpenCLIP,
+MetaCLIP), predictions summed (P(c) = 1/M). Datasets (the arg): imagenet_lt, places_lt,
+inaturalist2018, cifar100_lt (imbalance ratio 10, 50 or 100 as ``backdoor.imbalance_ratio``).
+
+  glajax run configs/backdoor.py:places_lt,data.manual_dir=~/data/places_lt --workdir ~/runs/bd
+  glajax run configs/backdoor.py:cifar100_lt,backdoor.imbalance_ratio=50 --workdir ~/runs/c50
+  glajax run configs/backdoor.py:runlocal --workdir /tmp/backdoor
+"""
+from glajax.data import registry
+from glajax.experiments import config as C
+from glajax.train import recipes
+
+DATASETS = ("imagenet_lt", "places_lt", "inaturalist2018", "cifar100_lt")
+IMBALANCE_RATIOS = (10, 50, 100)
+
+
+def get_config(arg=None):
+  args = C.parse_arg(arg, ("runlocal", *DATASETS))
+  dataset = next((a for a in DATASETS if a in args), "imagenet_lt")
+  name = "cifar100" if dataset == "cifar100_lt" else dataset
+  config = C.base("backdoor")
+  config.model.checkpoints = C.BACKBONES
+  config.data.update(train=name, eval=name, shifts=())
+  config.train = recipes.backdoor_peft(registry.get(name).num_classes)
+  config.train.total_steps = -1
+  config.backdoor = dict(imbalance_ratio=100 if dataset == "cifar100_lt" else 0,
+                         template="a photo of a {}.")
+  if "runlocal" in args:
+    C.runlocal(config, train="train_lt", shifts=(), backbones=2)
+    config.train.model.adapter_dim = recipes.adapter_dim(100)
+    config.backdoor.imbalance_ratio = 0
+  return config

@@ -1,0 +1,178 @@
+"""``glajax run``: config loading and overrides, validation before any work, work-directory
+claims, report tables, and one tiny end-to-end run (WiSE-FT) checked against closed forms."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from glajax import experiments
+from glajax.errors import CheckpointError, ConfigError, DatasetError
+from glajax.experiments import config as config_lib
+from glajax.experiments import report, runner
+
+
+def test_overrides_reach_the_config():
+  config = experiments.load("wise_ft:runlocal,seed=3,wise_ft.alphas=(0.0, 0.25, 1.0),"
+                            "wise_ft.export_alpha=0.25,train.optimizer.learning_rate=1e-4")
+  assert config.seed == 3
+  assert config.wise_ft.alphas == (0.0, 0.25, 1.0)
+  assert config.wise_ft.export_alpha == 0.25
+  assert config.train.optimizer.learning_rate == 1e-4
+  assert config.model.checkpoints == ("tiny:0",)  # the runlocal arg was applied first
+  same = experiments.load(os.path.join(config_lib.configs_dir(), "wise_ft.py") + ":runlocal")
+  assert same.data.train == config.data.train
+
+
+def test_unknown_key_names_it_and_lists_the_valid_ones():
+  with pytest.raises(ConfigError) as info:
+    experiments.load("wise_ft:runlocal,wise_ft.alpha=0.3")
+  message = str(info.value)
+  assert "'wise_ft.alpha'" in message and "wise_ft.alphas" in message and "seed" in message
+  with pytest.raises(ConfigError, match="wise_ft.alphas"):
+    experiments.load("wise_ft:wise_ft.alphas.first=1")  # below a leaf
+  with pytest.raises(ConfigError, match="runlocal"):
+    experiments.load("wise_ft:runlcal")  # unknown get_config token
+  with pytest.raises(ConfigError, match="wise_ft"):
+    experiments.load("no_such_config")
+
+
+def test_wrong_value_type_is_a_config_error():
+  with pytest.raises(ConfigError, match="seed"):
+    experiments.load("wise_ft:seed=(1, 2)")
+
+
+def _full_configs():
+  yield "wise_ft", None
+  yield "wise_ft", "linear"
+  yield "gla_imagenet", None
+  for dataset in config_lib.FEWSHOT_DATASETS:
+    yield "gla_fewshot", dataset
+  yield "gla_longtail", "imagenet_lt"
+  yield "gla_longtail", "places_lt"
+  for dataset in ("imagenet_lt", "places_lt", "inaturalist2018", "cifar100_lt"):
+    yield "backdoor", dataset
+  yield "absent_class", "imagenet_r"
+  yield "absent_class", "imagenet_sketch"
+  for domain in ("art", "clipart", "product", "real_world"):
+    yield "absent_class", f"office_home,{domain}"
+  yield "flyp", None
+  yield "carot", None
+
+
+@pytest.mark.parametrize("name,arg", list(_full_configs()))
+def test_full_configs_build_and_name_known_datasets_and_checkpoints(name, arg):
+  config = experiments.load(name + (f":{arg}" if arg else ""))
+  experiments.validate(config, check_files=False)
+  for checkpoint in config.model.checkpoints:
+    assert checkpoint in config_lib.BACKBONES  # real hub ids, never the tiny model
+  assert config.train.total_steps == -1  # the papers' epochs, not a step count
+  assert config.data.image_size == 224 and config.train.model.dtype == "bfloat16"
+
+
+def test_full_configs_follow_the_papers():
+  wise = experiments.load("wise_ft")
+  assert wise.data.shifts == ("imagenet_v2", "imagenet_r", "imagenet_sketch", "objectnet",
+                              "imagenet_a")
+  assert wise.wise_ft.alphas[0] == 0.0 and wise.wise_ft.alphas[-1] == 1.0
+  assert len(wise.wise_ft.alphas) == 11
+  assert experiments.load("wise_ft:linear").train.optimizer.trainable == ("^head/",)
+  assert experiments.load("backdoor:imagenet_lt").model.checkpoints == config_lib.BACKBONES
+  for ratio in (10, 50, 100):
+    config = experiments.load(f"backdoor:cifar100_lt,backdoor.imbalance_ratio={ratio}")
+    assert (config.data.train, config.backdoor.imbalance_ratio) == ("cifar100", ratio)
+    assert config.train.model.adapter_dim == 4  # 2^floor(log2(100 / 24))
+  assert experiments.load("absent_class:imagenet_r").absent_class.num_seen == 100
+  assert experiments.load("absent_class:imagenet_sketch").absent_class.num_seen == 500
+  for shots in (1, 2, 4, 8, 16):
+    assert experiments.load(f"gla_fewshot:dtd,gla.shots={shots}").gla.shots == shots
+  assert experiments.load("carot").train.carot.lambda_oc == 0.2
+  assert experiments.load("flyp").train.carot.lambda_oc == 0.0
+
+
+def test_missing_dataset_dir_or_checkpoint_fails_before_any_work(tmp_path):
+  workdir = tmp_path / "work"
+  cases = [
+      ("wise_ft:runlocal,data.manual_dir='/no/such/dir'", DatasetError, "/no/such/dir"),
+      ("wise_ft:runlocal,data.data_dir='/no/such/tfds'", DatasetError, "/no/such/tfds"),
+      ("wise_ft:runlocal,model.checkpoints=('/no/such/checkpoint',)", CheckpointError,
+       "/no/such/checkpoint"),
+      ("wise_ft:runlocal,model.checkpoints=('nobody/no-such-clip',)", CheckpointError,
+       "nobody/no-such-clip"),  # offline (conftest): not in the hub cache
+      (f"gla_longtail:runlocal,data.train='imagenet_lt',data.data_dir='{tmp_path}'",
+       DatasetError, "manual_dir"),  # needs a manual download, not prepared
+      ("wise_ft:runlocal,data.train='no_such_dataset'", DatasetError, "no_such_dataset"),
+  ]
+  for spec, error, needle in cases:
+    with pytest.raises(error, match=needle):
+      experiments.run(spec, str(workdir))
+    assert not workdir.exists()  # nothing was written
+
+
+def test_workdir_of_another_experiment_is_refused(tmp_path):
+  first = experiments.load("wise_ft:runlocal")
+  runner.claim_workdir(first, str(tmp_path / "a"))
+  runner.claim_workdir(experiments.load("wise_ft:runlocal,data.eval_batch_size=8"),
+                       str(tmp_path / "a"))  # same experiment: not a fingerprinted key
+  with pytest.raises(ConfigError, match=config_lib.fingerprint(first)):
+    runner.claim_workdir(experiments.load("wise_ft:runlocal,seed=1"), str(tmp_path / "a"))
+  with pytest.raises(ConfigError, match="another --workdir"):
+    experiments.run("absent_class:runlocal", str(tmp_path / "a"))
+  (tmp_path / "b" / "checkpoints").mkdir(parents=True)
+  with pytest.raises(ConfigError, match="unknown experiment"):
+    runner.claim_workdir(first, str(tmp_path / "b"))
+
+
+def test_report_table_shows_published_numbers_alongside():
+  published = {"source": "Paper, Table 1", "rows": {"fine-tuned": {"ID": 0.813}}}
+  entry = report.table("T", ["ID", "shift"], [("zero-shot", {"ID": 0.5, "shift": 0.25}),
+                                              ("fine-tuned", {"ID": 0.75, "shift": np.nan})],
+                       published)
+  text = report.markdown_table(entry)
+  assert "| zero-shot | 50.0 | 25.0 |" in text
+  assert "| fine-tuned | 75.0 | – |" in text  # NaN is shown as missing, never as a number
+  assert "| *fine-tuned — published* | *81.3* | *–* |" in text
+  assert "Paper, Table 1" in text
+
+
+def _params(directory):
+  from safetensors.numpy import load_file
+  return load_file(os.path.join(directory, "model.safetensors"))
+
+
+def test_tiny_wise_ft_end_to_end(tmp_path, capsys):
+  """The runlocal WiSE-FT config: report complete, numbers equal to their cached logits, the
+  exported α = 0.5 model the average of the zero-shot and fine-tuned weights, and a second run
+  resumes without recomputing anything."""
+  from glajax import cli
+  workdir = tmp_path / "wise"
+  assert cli.main(["run", "wise_ft:runlocal", "--workdir", str(workdir)]) == 0
+  printed = capsys.readouterr().out
+  assert str(workdir / "report.md") in printed and str(workdir / "final") in printed
+  result = json.loads((workdir / "report.json").read_text())
+  assert {"wise_ft_curve.png", "reliability.png"} <= set(result["plots"])
+  for plot in result["plots"]:
+    assert (workdir / plot).stat().st_size > 1000
+  labels = [row["label"] for row in result["tables"][0]["rows"]]
+  assert labels == ["zero-shot (α=0)", "WiSE-FT α=0.5", "fine-tuned (α=1)"]
+  assert result["tables"][0]["columns"] == ["ID", "test_sketch", "test_noise", "avg shifts"]
+  cached = np.load(workdir / "logits" / "wise_alpha1__demo_shapes_tiny_test_photo.npz")
+  assert cached["logits"].shape == (100, 100)  # the tiny world's photo test set, 100 classes
+  accuracy = np.mean(cached["logits"].argmax(-1) == cached["labels"])
+  assert result["tables"][0]["rows"][2]["values"]["ID"] == pytest.approx(accuracy, abs=1e-12)
+  # WiSE-FT in closed form on the exported transformers-format tensors.
+  zeroshot = _params(workdir / "models" / "tiny_0")
+  finetuned = _params(workdir / "final" / "finetuned")
+  merged = _params(workdir / "final" / "wise_ft_alpha0.5")
+  vision = [k for k in zeroshot if k.startswith("vision_model.")]
+  assert any(not np.allclose(zeroshot[k], finetuned[k]) for k in vision)  # it was trained
+  for key in zeroshot:
+    np.testing.assert_allclose(merged[key], 0.5 * zeroshot[key] + 0.5 * finetuned[key],
+                               rtol=1e-6, atol=1e-6)
+  assert "head.npz" in os.listdir(workdir / "final" / "wise_ft_alpha0.5")
+  assert "WiSE-FT: accuracy on ImageNet and the shifts" in (workdir / "report.md").read_text()
+  # Resume: everything is cached, nothing is recomputed.
+  stamps = {p: p.stat().st_mtime_ns for p in (workdir / "logits").iterdir()}
+  again = experiments.run("wise_ft:runlocal", str(workdir))
+  assert again["tables"] == result["tables"]
+  assert stamps == {p: p.stat().st_mtime_ns for p in (workdir / "logits").iterdir()}
