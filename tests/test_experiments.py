@@ -176,3 +176,11 @@ def test_tiny_wise_ft_end_to_end(tmp_path, capsys):
   again = experiments.run("wise_ft:runlocal", str(workdir))
   assert again["tables"] == result["tables"]
   assert stamps == {p: p.stat().st_mtime_ns for p in (workdir / "logits").iterdir()}
+
+
+def test_cli_reports_bad_input_without_a_traceback(tmp_path, capsys):
+  from glajax import cli
+  assert cli.main(["run", "wise_ft:runlocal,bogus=1", "--workdir", str(tmp_path / "w")]) == 1
+  err = capsys.readouterr().err
+  assert err.startswith("glajax run: ") and "'bogus'" in err and "wise_ft.alphas" in err
+  assert not (tmp_path / "w").exists()

@@ -15,7 +15,6 @@ import jax.numpy as jnp
 import tensorflow as tf
 
 from glajax.demo import world
-from glajax.errors import bad_argument
 from glajax.train import losses
 
 FOUNDATION_DIR = "foundation_{}"

@@ -67,6 +67,13 @@ def markdown(results: dict, command: str) -> str:
       f"{results.get('world', {}).get('classes', '?')} classes); every number below is in "
       "`report.json`. An effect that did not appear is reported as such, not tuned away.", "",
       "## Effects", "", effects_table(results.get("effects", {})), ""]
+  prior = results.get("effects", {}).get("prior_spearman", {})
+  if prior.get("measured") and not prior.get("appeared"):
+    parts += ["The zero-shot model's label bias here does not follow the pre-training class "
+              "frequencies: at its optimum CLIP's contrastive loss learns the pointwise mutual "
+              "information of image and caption, which carries no label prior, and this world's "
+              "rare classes share their colour and shape with frequent ones. The prior GLA "
+              "estimates is the model's own bias, which is why debiasing can still help.", ""]
   rows = _accuracy_rows(results)
   if rows:
     splits = sorted(results["zeroshot"]["accuracy"])

@@ -15,7 +15,6 @@ import itertools
 import os
 import time
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 

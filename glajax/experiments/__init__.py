@@ -16,8 +16,9 @@ import os
 import sys
 
 from glajax.experiments.config import flat_keys, fingerprint, load, validate
+from glajax.experiments.runner import tiny_checkpoint
 
-__all__ = ["load", "validate", "fingerprint", "flat_keys", "run", "main"]
+__all__ = ["load", "validate", "fingerprint", "flat_keys", "tiny_checkpoint", "run", "main"]
 
 
 def run(config, workdir: str) -> dict:

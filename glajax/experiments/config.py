@@ -283,7 +283,7 @@ def runlocal(config, *, train: str = "train", eval_split: str = "test_photo",
   config.data.update(train=f"{TINY_WORLD}@{train}", eval=f"{TINY_WORLD}@{eval_split}",
                      shifts=tuple(f"{TINY_WORLD}@{s}" for s in shifts), image_size=32,
                      eval_batch_size=40)
-  config.train.update(batch_size=16, total_steps=steps, checkpoint_every=steps, log_every=1,
+  config.train.update(batch_size=16, total_steps=steps, checkpoint_every=0, log_every=steps,
                       tensorboard=False)
   config.train.model.dtype = "float32"
   config.train.optimizer.warmup_steps = 1

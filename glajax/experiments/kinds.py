@@ -199,6 +199,7 @@ def gla(exp) -> dict:
            + (f", {options.shots}-shot" if options.shots else ""))
   return {"results": {"accuracy": results, "log_prior": np.asarray(log_prior).tolist(),
                       "prior_residual": float(info["residual"]),
+                      "prior_temperature": float(info["temperature"]),
                       "ft_temperature": temperature, "train_counts": counts.tolist()},
           "tables": [table(title, columns, rows, config.published)],
           "plots": {"prior.png": ("prior", np.asarray(log_prior), counts)}}

@@ -265,7 +265,7 @@ class _MLP(nnx.Module):
 
 
 class _Adapter(nnx.Module):
-  """AdaptFormer bottleneck (Chen et al., NeurIPS 2022): up(relu(down(x))), ``up`` zero-initialised."""
+  """AdaptFormer bottleneck (Chen et al., NeurIPS 2022): up(relu(down(x))), ``up`` zero at init."""
 
   def __init__(self, width: int, bottleneck: int, *, dtype, param_dtype, rngs: nnx.Rngs):
     self.down = nnx.Linear(width, bottleneck, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -403,7 +403,7 @@ def _check_images(images, image_size: int) -> None:
 
 
 class CLIP(nnx.Module):
-  """CLIP with transformers' parameter layout; random init follows transformers' ``_init_weights``."""
+  """CLIP with transformers' parameter layout; random init as transformers' ``_init_weights``."""
 
   def __init__(self, config: CLIPConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
                rngs: nnx.Rngs):

@@ -76,7 +76,7 @@ def _compile(template: str) -> re.Pattern:
 _ROWS = tuple((_compile(hf), hf, _compile(ours), ours, name) for hf, ours, name in _TABLE)
 
 
-def hf_to_glajax_key(key: str) -> tuple[str, str] | None:
+def _hf_to_glajax_key(key: str) -> tuple[str, str] | None:
   """HF key -> (glajax path, transform name), or None if the key is not a CLIP parameter."""
   for hf_re, _, _, ours, name in _ROWS:
     if m := hf_re.match(key):
@@ -211,7 +211,7 @@ def _convert(tensors: dict[str, np.ndarray], expected: dict[str, jax.ShapeDtypeS
   for key, value in tensors.items():
     if _SKIPPED.match(key):
       continue
-    target = hf_to_glajax_key(key)
+    target = _hf_to_glajax_key(key)
     if target is None:
       problems.append(f"unexpected tensor {key} {value.shape}")
       continue

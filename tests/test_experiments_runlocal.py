@@ -1,0 +1,114 @@
+"""Every config's ``runlocal`` variant end to end (slow: each fine-tunes a tiny CLIP on the demo's
+tiny world): a complete report, and its numbers recomputed from the cached logits with NumPy."""
+import json
+import os
+
+import numpy as np
+import pytest
+from scipy import special
+
+from glajax import experiments
+
+pytestmark = pytest.mark.slow
+
+
+def _run(spec, tmp_path):
+  workdir = tmp_path / spec.split(":")[0]
+  result = experiments.run(spec, str(workdir))
+  assert json.loads((workdir / "report.json").read_text())["tables"] == result["tables"]
+  markdown = (workdir / "report.md").read_text()
+  for entry in result["tables"]:
+    assert entry["title"] in markdown
+    for row in entry["rows"]:
+      assert row["label"] in markdown
+      assert all(v is None or 0.0 <= v <= 1.0 for v in row["values"].values())
+  for plot in result["plots"]:
+    assert (workdir / plot).stat().st_size > 1000
+  for path in result["final_models"].values():
+    assert os.listdir(path)
+  return workdir, result
+
+
+def _cached(workdir, tag, spec):
+  safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in spec)
+  with np.load(workdir / "logits" / f"{tag}__{safe}.npz") as f:
+    return f["logits"].astype(np.float64), f["labels"]
+
+
+def _rows(result):
+  return {row["label"]: row["values"] for row in result["tables"][0]["rows"]}
+
+
+def _accuracy(logits, labels):
+  return np.mean(logits.argmax(-1) == labels)
+
+
+@pytest.mark.parametrize("spec", ["gla_imagenet:runlocal", "gla_longtail:runlocal",
+                                  "gla_fewshot:runlocal"])
+def test_gla(spec, tmp_path):
+  workdir, result = _run(spec, tmp_path)
+  config = experiments.load(spec)
+  zs, labels = _cached(workdir, "zeroshot", config.data.eval)
+  ft, _ = _cached(workdir, "finetuned", config.data.eval)
+  log_prior = np.asarray(result["results"]["log_prior"])
+  # The estimate is a normalised log prior at which the debiased model's mean probabilities
+  # match the class frequencies of the estimation data (GLA's optimality condition).
+  assert special.logsumexp(log_prior) == pytest.approx(0.0, abs=1e-5)
+  prior_z, prior_y = _cached(workdir, "zeroshot", config.gla.prior_data)
+  freq = np.bincount(prior_y, minlength=len(log_prior)) / len(prior_y)
+  theta = log_prior - np.log(freq)
+  mean_probs = special.softmax(prior_z / result["results"]["prior_temperature"] - theta,
+                               axis=-1).mean(0)
+  np.testing.assert_allclose(mean_probs, freq, atol=1e-4)
+  counts = np.asarray(result["results"]["train_counts"], np.float64)
+  ft_prior = np.log(counts / counts.sum()) if config.gla.long_tail else 0.0
+  gla = ft / result["results"]["ft_temperature"] - ft_prior + zs - log_prior
+  rows = _rows(result)
+  assert rows["GLA"]["ID"] == pytest.approx(_accuracy(gla, labels), abs=1e-9)
+  assert rows["debiased zero-shot"]["ID"] == pytest.approx(
+      _accuracy(zs - log_prior, labels), abs=1e-9)
+  assert {"prior.png"} <= set(result["plots"])
+
+
+def test_backdoor(tmp_path):
+  workdir, result = _run("backdoor:runlocal", tmp_path)
+  config = experiments.load("backdoor:runlocal")
+  logits = [_cached(workdir, f"backbone{m}", config.data.eval) for m in range(2)]
+  labels = logits[0][1]
+  ensemble = logits[0][0] + logits[1][0]
+  counts = np.asarray(result["results"]["train_counts"])
+  per_class = np.array([np.mean(ensemble[labels == c].argmax(-1) == c)
+                        for c in range(len(counts)) if (labels == c).any()])
+  assert _rows(result)["backdoor ensemble"]["all"] == pytest.approx(per_class.mean(), abs=1e-6)
+  assert len(result["final_models"]) == 2
+
+
+def test_absent_class(tmp_path):
+  workdir, result = _run("absent_class:runlocal", tmp_path)
+  config = experiments.load("absent_class:runlocal")
+  ft, labels = _cached(workdir, "finetuned", config.data.eval)
+  absent = np.ones(ft.shape[1], bool)
+  absent[result["results"]["seen_classes"]] = False
+  assert absent.sum() == 50
+  shifted = ft + result["results"]["gamma_oracle"] * absent
+  rows = _rows(result)
+  oracle = next(v for k, v in rows.items() if k.startswith("fine-tuned + oracle"))
+  assert oracle["acc_y_y"] == pytest.approx(_accuracy(shifted, labels), abs=1e-6)
+  # The oracle γ is the best γ on test: no γ on a fine grid does better.
+  best = max(_accuracy(ft + g * absent, labels) for g in np.linspace(-5, 5, 201))
+  assert oracle["acc_y_y"] >= best - 1e-9
+  assert "ausuc.png" in result["plots"]
+
+
+@pytest.mark.parametrize("method", ["flyp", "carot"])
+def test_contrastive(method, tmp_path):
+  workdir, result = _run(f"{method}:runlocal", tmp_path)
+  config = experiments.load(f"{method}:runlocal")
+  logits, labels = _cached(workdir, method, config.data.shifts[0])
+  probs = special.softmax(logits, axis=-1)
+  confidence, correct = probs.max(-1), probs.argmax(-1) == labels
+  bins = np.clip(np.ceil(confidence * config.contrastive.ece_bins) - 1, 0, None).astype(int)
+  ece = sum(abs(confidence[bins == b].sum() - correct[bins == b].sum())
+            for b in range(config.contrastive.ece_bins)) / len(labels)
+  assert _rows(result)[method]["ECE test_sketch"] == pytest.approx(ece, abs=1e-5)
+  assert method in result["final_models"]
