@@ -5,7 +5,8 @@ The reference is GLA's released estimator written in PyTorch the way the origina
 ``F.cross_entropy(logits - log q, labels)``). Both run on the same logits in the same process;
 the optimum θ* is computed independently in float64 NumPy (fixed point to residual < 1e-12).
 
-    python benchmarks/bench_prior.py [--num-samples 50000] [--num-classes 1000] [--threads 2]
+    python benchmarks/bench_prior.py [--data clip_like|extreme] [--num-samples 50000]
+        [--num-classes 1000] [--threads 2]
         [--solvers newton,fixed_point,lbfgs] [--reference-steps 1000] [--out results.json]
 """
 from __future__ import annotations
@@ -19,19 +20,24 @@ import time
 import numpy as np
 
 
-def make_logits(num_samples: int, num_classes: int, seed: int = 0):
-  """CLIP-like logits with a known long-tailed prior: z = 4·(ε + 6·onehot(y)) + log π_true.
+def make_logits(num_samples: int, num_classes: int, data: str = "clip_like", seed: int = 0):
+  """Logits with a known long-tailed prior, labels balanced (every class occurs).
 
-  ε ~ N(0, 2²) i.i.d.; labels balanced (every class occurs); log π_true sorted Zipf-like.
+  ``clip_like``: z = 100·(0.2 + 0.02·ε + 0.08·onehot(y)) + log π_true, ε ~ N(0, 1) i.i.d.,
+  log π_true ~ N(0, 1) sorted (CLIP's scale; top-1 accuracy ≈ 0.65).
+  ``extreme``: z = 4·(2·ε + 6·onehot(y)) + log π_true with log π_true ~ N(0, 1.5²): far more
+  confident and skewed than CLIP (GLA's reference SGD drives some q below 0 here).
   """
   rng = np.random.default_rng(seed)
-  log_prior = np.sort(rng.normal(0.0, 1.5, num_classes))[::-1]
+  prior_std, noise, margin, scale = {"clip_like": (1.0, 0.02, 0.08, 100.0),
+                                     "extreme": (1.5, 2.0, 6.0, 4.0)}[data]
+  log_prior = np.sort(rng.normal(0.0, prior_std, num_classes))[::-1]
   log_prior -= np.log(np.exp(log_prior).sum())
   labels = np.arange(num_samples) % num_classes
   rng.shuffle(labels)
-  logits = rng.normal(0.0, 2.0, (num_samples, num_classes))
-  logits[np.arange(num_samples), labels] += 6.0
-  logits = 4.0 * logits + log_prior
+  logits = rng.normal(0.0, noise, (num_samples, num_classes))
+  logits[np.arange(num_samples), labels] += margin
+  logits = scale * logits + log_prior
   return logits.astype(np.float32), labels.astype(np.int32), log_prior
 
 
@@ -76,18 +82,22 @@ def gla_reference_torch(logits, labels, steps, threads):
   q = torch.ones(num_classes) / num_classes
   q.requires_grad_(True)
   optimizer = torch.optim.SGD([q], lr=1e-5 * (num_samples / num_classes) / 50)
+  first_nonpositive = None   # monitoring only: the first step after which some q_c <= 0
   start = time.perf_counter()
-  for _ in range(steps):
+  for step in range(steps):
     loss = F.cross_entropy(logits_t - torch.log(q), labels_t)
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
+    if first_nonpositive is None and bool((q.detach() <= 0).any()):
+      first_nonpositive = step + 1
   seconds = time.perf_counter() - start
-  return torch.log(q.detach()).double().numpy(), seconds, torch.__version__
+  return torch.log(q.detach()).double().numpy(), seconds, torch.__version__, first_nonpositive
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--data", choices=("clip_like", "extreme"), default="clip_like")
   parser.add_argument("--num-samples", type=int, default=50000)
   parser.add_argument("--num-classes", type=int, default=1000)
   parser.add_argument("--threads", type=int, default=2)
@@ -97,9 +107,11 @@ def main():
   parser.add_argument("--out", default=None)
   args = parser.parse_args()
 
-  logits, labels, true_log_prior = make_logits(args.num_samples, args.num_classes)
+  logits, labels, true_log_prior = make_logits(args.num_samples, args.num_classes, args.data)
+  accuracy = float(np.mean(logits.argmax(axis=1) == labels))
   freq = np.bincount(labels, minlength=args.num_classes) / args.num_samples
-  results = {"N": args.num_samples, "C": args.num_classes, "threads": args.threads,
+  results = {"data": args.data, "N": args.num_samples, "C": args.num_classes,
+             "zero_shot_accuracy": accuracy, "threads": args.threads,
              "cpu": platform.processor() or platform.machine(), "load_avg_start": os.getloadavg()}
   theta_star, star_iters = optimum_float64(logits, labels)
   log_prior_star = normalised(theta_star + np.log(freq))
@@ -114,11 +126,12 @@ def main():
                                                                - log_prior_star).max()),
             "corr_with_optimum": float(np.corrcoef(log_prior, log_prior_star)[0, 1])}
 
-  log_q, seconds, torch_version = gla_reference_torch(logits, labels, args.reference_steps,
-                                                      args.threads)
+  log_q, seconds, torch_version, first_nonpositive = gla_reference_torch(
+      logits, labels, args.reference_steps, args.threads)
   results["torch_version"] = torch_version
   results["gla_reference_torch"] = {**report(log_q + np.log(freq), seconds),
                                     "steps": args.reference_steps,
+                                    "first_step_with_q_nonpositive": first_nonpositive,
                                     "seconds_per_step": seconds / args.reference_steps}
   print(json.dumps(results, indent=1), flush=True)
 

@@ -4,6 +4,9 @@ its five shifts (V2, R, Sketch, ObjectNet, A) along the weight-space α sweep.
   glajax run configs/wise_ft.py --workdir ~/runs/wise_ft            # end-to-end
   glajax run configs/wise_ft.py:linear --workdir ~/runs/wise_ft_lc  # linear classifier
   glajax run configs/wise_ft.py:runlocal --workdir /tmp/wise_ft     # tiny, on CPU
+
+Manually downloaded sets not yet prepared in TFDS's data_dir need their folders, e.g.
+``wise_ft:data.manual_dirs.objectnet=~/objectnet-1.0,data.manual_dirs.imagenet2012=~/imagenet``.
 """
 import numpy as np
 

@@ -44,10 +44,10 @@ def test_render_paints_the_class_colour():
 
 
 def test_render_speed():
-  """10k 32x32 images in under 30 s on a shared 2-core CPU (about 4 s unloaded)."""
+  """5k 32x32 images in under 15 s on a shared 2-core CPU (10k take about 4 s unloaded)."""
   start = time.perf_counter()
-  _render(np.arange(10_000) % 100, np.arange(10_000) % 4)
-  assert time.perf_counter() - start < 30
+  _render(np.arange(5_000) % 100, np.arange(5_000) % 4)
+  assert time.perf_counter() - start < 15
 
 
 def test_render_rejects_bad_labels():
@@ -57,17 +57,20 @@ def test_render_rejects_bad_labels():
     _render([0, 1], [0, 4])
 
 
-@pytest.mark.parametrize("total,imbalance", [(20_000, 100.0), (3_000, 50.0), (200, 10.0)])
+@pytest.mark.parametrize("total,imbalance", [(20_000, 100.0), (3_000, 50.0), (1_000, 10.0),
+                                             (200, 10.0)])
 def test_long_tail_counts(total, imbalance):
   counts = world.long_tail_counts(total, imbalance, np.random.default_rng(0))
   assert counts.sum() == total and counts.min() >= 1
-  ratio = counts.max() / counts.min()
-  assert imbalance / 2 <= ratio <= imbalance * 1.05, ratio
-  # The exponential profile: log counts are linear in the rank (the sorted order).
+  if total < 10 * world.NUM_CLASSES:
+    return  # too few examples for the profile: only the sum and the floor of one hold
+  # max/min within [0.7, 1.05] x imbalance (every class first gets one example, which lifts the
+  # minimum), and log counts linear in the rank, slope −log(imbalance)/(C − 1) within 15 %.
+  assert 0.7 * imbalance <= counts.max() / counts.min() <= 1.05 * imbalance
   ranks = np.argsort(np.argsort(-counts))
-  fit = np.polyfit(ranks, np.log(counts), 1)
-  if total >= 3000:
-    np.testing.assert_allclose(fit[0], -np.log(imbalance) / 99, rtol=0.1)
+  head = counts >= 10  # rounding distorts the log of small counts
+  slope = np.polyfit(ranks[head], np.log(counts[head]), 1)[0]
+  np.testing.assert_allclose(slope, -np.log(imbalance) / (world.NUM_CLASSES - 1), rtol=0.15)
 
 
 def test_split_plans_balance_and_domains():

@@ -102,6 +102,9 @@ def test_missing_dataset_dir_or_checkpoint_fails_before_any_work(tmp_path):
       (f"gla_longtail:runlocal,data.train='imagenet_lt',data.data_dir='{tmp_path}'",
        DatasetError, "manual_dir"),  # needs a manual download, not prepared
       ("wise_ft:runlocal,data.train='no_such_dataset'", DatasetError, "no_such_dataset"),
+      ("wise_ft:data.manual_dirs.objectnet='/no/objectnet'", DatasetError, "/no/objectnet"),
+      (f"wise_ft:data.data_dir='{tmp_path}'", DatasetError,
+       "data.manual_dirs.imagenet2012"),  # the full config: ImageNet is not prepared there
   ]
   for spec, error, needle in cases:
     with pytest.raises(error, match=needle):
@@ -114,6 +117,8 @@ def test_workdir_of_another_experiment_is_refused(tmp_path):
   runner.claim_workdir(first, str(tmp_path / "a"))
   runner.claim_workdir(experiments.load("wise_ft:runlocal,data.eval_batch_size=8"),
                        str(tmp_path / "a"))  # same experiment: not a fingerprinted key
+  runner.claim_workdir(experiments.load("wise_ft:runlocal,wise_ft.alphas=(0.0, 0.25, 1.0)"),
+                       str(tmp_path / "a"))  # post-hoc only: re-run on the cached logits
   with pytest.raises(ConfigError, match=config_lib.fingerprint(first)):
     runner.claim_workdir(experiments.load("wise_ft:runlocal,seed=1"), str(tmp_path / "a"))
   with pytest.raises(ConfigError, match="another --workdir"):
@@ -170,7 +175,8 @@ def test_tiny_wise_ft_end_to_end(tmp_path, capsys):
     np.testing.assert_allclose(merged[key], 0.5 * zeroshot[key] + 0.5 * finetuned[key],
                                rtol=1e-6, atol=1e-6)
   assert "head.npz" in os.listdir(workdir / "final" / "wise_ft_alpha0.5")
-  assert "WiSE-FT: accuracy on ImageNet and the shifts" in (workdir / "report.md").read_text()
+  markdown = (workdir / "report.md").read_text()
+  assert "WiSE-FT on demo_shapes_tiny: accuracy, ID and shifts" in markdown
   # Resume: everything is cached, nothing is recomputed.
   stamps = {p: p.stat().st_mtime_ns for p in (workdir / "logits").iterdir()}
   again = experiments.run("wise_ft:runlocal", str(workdir))

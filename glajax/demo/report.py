@@ -67,6 +67,12 @@ def markdown(results: dict, command: str) -> str:
       f"{results.get('world', {}).get('classes', '?')} classes); every number below is in "
       "`report.json`. An effect that did not appear is reported as such, not tuned away.", "",
       "## Effects", "", effects_table(results.get("effects", {})), ""]
+  test_size = results.get("world", {}).get("splits", {}).get("test_photo")
+  if test_size:
+    parts += [f"Each test split holds {test_size} images (balanced over the classes): an "
+              f"accuracy difference below about √(0.5/{test_size}) = "
+              f"{(0.5 / test_size) ** 0.5:.3f} is within one standard error of sampling noise "
+              "between two classifiers, so a small 'yes' is weak evidence.", ""]
   prior = results.get("effects", {}).get("prior_spearman", {})
   if prior.get("measured") and not prior.get("appeared"):
     parts += ["The zero-shot model's label bias here does not follow the pre-training class "

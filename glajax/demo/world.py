@@ -27,17 +27,13 @@ COLOURS = {"red": (220, 40, 40), "orange": (245, 140, 20), "yellow": (235, 215, 
 DOMAINS = ("photo", "sketch", "noise", "texture")
 CAPTION_TEMPLATES = {"photo": "a photo of a {}.", "sketch": "a sketch of a {}.",
                      "noise": "a noisy photo of a {}.", "texture": "a {} on a striped background."}
+# Label = shape index · len(COLOURS) + colour index.
 CLASSNAMES = tuple(f"{colour} {shape}" for shape in SHAPES for colour in COLOURS)
 NUM_CLASSES = len(CLASSNAMES)
 TEMPLATES = tuple(CAPTION_TEMPLATES.values())
 
 # Share of each domain among pre-training pairs (web data is mostly photos, but not only).
 PRETRAIN_DOMAIN_MIX = {"photo": 0.55, "sketch": 0.15, "noise": 0.15, "texture": 0.15}
-
-
-def class_of(shape: int, colour: int) -> int:
-  """Label of ``(shape, colour)``: ``shape * len(COLOURS) + colour`` (the order of CLASSNAMES)."""
-  return shape * len(COLOURS) + colour
 
 
 def long_tail_counts(total: int, imbalance: float, rng: np.random.Generator,

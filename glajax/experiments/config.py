@@ -4,8 +4,11 @@
 ``get_config("runlocal")`` with the tokens that hold no ``=``, then applies each ``key=value``
 override (dotted keys, values read as Python literals, else as strings). A config names its
 datasets as ``"name"`` or ``"name@split"`` and its models as hub ids, directories or ``"tiny"`` /
-``"tiny:SEED"`` (a random tiny CLIP for CPU runs). :func:`validate` checks a config before any
-work; :func:`fingerprint` identifies an experiment in its work directory.
+``"tiny:SEED"`` (a random tiny CLIP for CPU runs). Datasets that need a manual download read
+``data.manual_dirs.<name>`` (added by :func:`load` for each one the config names), else
+``data.manual_dir``; once prepared in ``data.data_dir`` they need neither. :func:`validate`
+checks a config before any work; :func:`fingerprint` identifies an experiment in its work
+directory.
 """
 from __future__ import annotations
 
@@ -23,10 +26,15 @@ from glajax.errors import CheckpointError, ConfigError, DatasetError, bad_argume
 
 EXPERIMENTS = ("wise_ft", "gla", "backdoor", "absent_class", "contrastive")
 TINY = "tiny"
-# Keys that change where or how fast a run goes, not its results.
-_NOT_FINGERPRINTED = ("data.data_dir", "data.manual_dir", "data.eval_batch_size", "progress",
+# Keys that change where or how fast a run goes, or only the post-hoc methods applied to cached
+# logits: a work directory accepts a config that differs from its own in these alone, so
+# post-hoc methods and reports can be re-run on what it holds.
+_NOT_FINGERPRINTED = ("data.data_dir", "data.manual_dir", "data.manual_dirs",
+                      "data.eval_batch_size", "progress",
                       "train.progress", "train.log_every", "train.checkpoint_every",
-                      "train.keep_checkpoints", "train.tensorboard")
+                      "train.keep_checkpoints", "train.tensorboard", "published",
+                      "wise_ft.alphas", "wise_ft.export_alpha", "wise_ft.ece_bins",
+                      "gla.match_confidence", "contrastive.ece_bins")
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
 
@@ -88,7 +96,7 @@ def flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
 
 
 def override(config: ml_collections.ConfigDict, key: str, value) -> None:
-  """Sets dotted ``key`` to ``value``; an unknown key raises a ConfigError listing the valid ones."""
+  """Sets dotted ``key`` to ``value``; an unknown key raises a ConfigError listing valid ones."""
   parts = key.split(".")
   node = config
   for depth, part in enumerate(parts):
@@ -121,6 +129,7 @@ def load(spec: str) -> ml_collections.ConfigDict:
   tokens = _split_tokens(rest)
   args = [t for t in tokens if "=" not in t]
   config = module.get_config(",".join(args) or None)
+  _add_manual_dirs(config)
   for token in tokens:
     if "=" in token:
       key, _, value = token.partition("=")
@@ -136,9 +145,10 @@ def dataset_spec(spec: str) -> tuple[str, str | None]:
 
 
 def datasets_of(config) -> list[str]:
-  """Every dataset spec a config names (train, evaluation, shifts)."""
+  """Every dataset spec a config names (train, evaluation, shifts, GLA's prior data)."""
   data = config.data
-  specs = [data.train, data.eval, *data.get("shifts", ())]
+  specs = [data.train, data.eval, *data.get("shifts", ()),
+           config.get("gla", {}).get("prior_data")]
   return [s for s in specs if s]
 
 
@@ -150,11 +160,37 @@ def is_tiny(checkpoint: str) -> bool:
   return checkpoint == TINY or checkpoint.startswith(TINY + ":")
 
 
+def _add_manual_dirs(config) -> None:
+  """``data.manual_dirs.<name>`` (None) for each manually downloaded dataset the config names,
+  so that ``data.manual_dirs.objectnet=...`` can be overridden; ``data.manual_dir`` is the
+  fallback for all of them."""
+  from glajax.data import registry  # pylint: disable=import-outside-toplevel
+  names = [dataset_spec(s)[0] for s in datasets_of(config)]
+  config.data.manual_dirs = ml_collections.ConfigDict(
+      {n: None for n in dict.fromkeys(names) if n in registry.names()
+       and generated_world(n) is None and registry.get(n).manual_download}, type_safe=False)
+
+
+def manual_dir_of(config, name: str):
+  """The manual-download folder of dataset ``name``: its own, else ``data.manual_dir``."""
+  own = config.data.get("manual_dirs", {}).get(name)
+  return own if own is not None else config.data.manual_dir
+
+
+def generated_world(name: str) -> str | None:
+  """The demo world's builder config a dataset name refers to ('demo_shapes_tiny' -> 'tiny',
+  'demo_shapes' -> 'default'), or None for any other dataset."""
+  if name == "demo_shapes":
+    return "default"
+  world_config = name[len("demo_shapes_"):] if name.startswith("demo_shapes_") else None
+  return world_config if world_config in ("quick", "tiny") else None
+
+
 def _register_generated(name: str) -> None:
   """Registers the demo's procedural world when a config names it (``demo_shapes_tiny``...)."""
-  if name.startswith("demo_shapes"):
+  if generated_world(name) is not None:
     from glajax.demo import world  # pylint: disable=import-outside-toplevel
-    world.register(name[len("demo_shapes_"):] or "default")
+    world.register(generated_world(name))
 
 
 def _check_checkpoint(checkpoint: str, check_files: bool) -> None:
@@ -198,8 +234,9 @@ def _check_prepared(name: str, data_dir, manual_dir) -> None:
       return
   elif Path(root, *info.tfds_name.split("/")).is_dir():
     return
-  raise bad_argument("data.manual_dir", f"the folder with {name}'s downloaded files (it is not "
-                     f"prepared in {root})", None, DatasetError)
+  raise bad_argument(f"data.manual_dirs.{name} (or data.manual_dir)",
+                     f"the folder with {name}'s downloaded files (it is not prepared in {root})",
+                     None, DatasetError)
 
 
 def validate(config, check_files: bool = True) -> None:
@@ -212,19 +249,21 @@ def validate(config, check_files: bool = True) -> None:
                        repr(config.get("experiment")), ConfigError)
   if not checkpoints_of(config):
     raise bad_argument("model.checkpoints", "at least one checkpoint", "none", ConfigError)
-  for checkpoint in checkpoints_of(config):
-    _check_checkpoint(checkpoint, check_files)
   if check_files:
     _check_dir("data.data_dir", config.data.data_dir)
     _check_dir("data.manual_dir", config.data.manual_dir)
+    for name, directory in config.data.get("manual_dirs", {}).items():
+      _check_dir(f"data.manual_dirs.{name}", directory)
   for spec in datasets_of(config):
     name, _ = dataset_spec(spec)
     _register_generated(name)
     if name not in registry.names():
       raise bad_argument("data", f"dataset names from the registry ({', '.join(registry.names())})",
                          repr(name), DatasetError)
-    if check_files and not name.startswith("demo_shapes"):
-      _check_prepared(name, config.data.data_dir, config.data.manual_dir)
+    if check_files and generated_world(name) is None:
+      _check_prepared(name, config.data.data_dir, manual_dir_of(config, name))
+  for checkpoint in checkpoints_of(config):  # last: a hub id may need the network
+    _check_checkpoint(checkpoint, check_files)
 
 
 def fingerprint(config) -> str:
@@ -276,9 +315,10 @@ def parse_arg(arg: str | None, allowed) -> set[str]:
 
 
 def runlocal(config, *, train: str = "train", eval_split: str = "test_photo",
-             shifts=("test_sketch", "test_noise"), backbones: int = 1, steps: int = 4):
+             shifts=("test_sketch", "test_noise"), backbones: int = 1, steps: int = 8):
   """Shrinks ``config`` to CPU size: random tiny CLIPs, the demo's tiny procedural world
-  (32-px coloured shapes; photo train/test, sketch and noise as shifts), a few steps."""
+  (32-px coloured shapes; photo train/test, sketch and noise as shifts), a few steps at a
+  learning rate a random model can learn from."""
   config.model.checkpoints = tuple(f"{TINY}:{i}" for i in range(backbones))
   config.data.update(train=f"{TINY_WORLD}@{train}", eval=f"{TINY_WORLD}@{eval_split}",
                      shifts=tuple(f"{TINY_WORLD}@{s}" for s in shifts), image_size=32,
@@ -286,7 +326,8 @@ def runlocal(config, *, train: str = "train", eval_split: str = "test_photo",
   config.train.update(batch_size=16, total_steps=steps, checkpoint_every=0, log_every=steps,
                       tensorboard=False)
   config.train.model.dtype = "float32"
-  config.train.optimizer.warmup_steps = 1
+  config.train.optimizer.update(warmup_steps=1, learning_rate=1e-3 if config.train.optimizer.name
+                                == "adamw" else 0.05)
   config.progress = False
   config.published = ml_collections.ConfigDict(dict(source="", rows={}))
   return config

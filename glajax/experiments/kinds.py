@@ -102,21 +102,23 @@ def wise_ft(exp) -> dict:
     _, params_ft, _ = engine.split_model(models.ft)
     return nnx.merge(graphdef, jax.jit(M.wise_ft)(params_zs, params_ft, alpha), rest)
 
-  curve, rows, ece = [], {}, {}
+  curve, rows = [], {}
   for alpha in config.wise_ft.alphas:
     alpha = float(alpha)
     logits = exp.logits(f"wise_alpha{alpha:g}", lambda a=alpha: merged(a), specs)
     row = _accuracy_row(logits, id_spec, shifts)
-    ece[alpha] = float(M.ece(*logits[id_spec], num_bins=config.wise_ft.ece_bins))
-    curve.append({"alpha": alpha, **row, "ece_id": ece[alpha]})
+    ece = float(M.ece(*logits[id_spec], num_bins=config.wise_ft.ece_bins))
+    curve.append({"alpha": alpha, **row, "ece_id": ece})
     rows[alpha] = (row, logits[id_spec])
   export_alpha = float(config.wise_ft.export_alpha)
   final = exp.path("final", f"wise_ft_alpha{export_alpha:g}")
   if not _exists(final):
     recipes.export_classifier(merged(export_alpha), final)
   columns = ["ID", *[_column(s, id_spec) for s in shifts]] + (["avg shifts"] if shifts else [])
-  label = lambda a: {0.0: "zero-shot (α=0)", 1.0: "fine-tuned (α=1)"}.get(a, f"WiSE-FT α={a:g}")  # noqa: E731
-  main = table("WiSE-FT: accuracy on ImageNet and the shifts", columns,
+  names = {0.0: "zero-shot (α=0)", 1.0: "fine-tuned (α=1)"}
+  label = lambda a: names.get(a, f"WiSE-FT α={a:g}")  # noqa: E731
+  title = f"WiSE-FT on {config_lib.dataset_spec(config.data.train)[0]}: accuracy, ID and shifts"
+  main = table(title, columns,
                [(label(a), rows[a][0]) for a in rows], config.published)
   reliability = {label(a): rows[a][1] for a in rows if a in (0.0, 1.0, export_alpha)}
   return {"results": {"curve": curve, "export_alpha": export_alpha},
@@ -228,7 +230,7 @@ def backdoor(exp) -> dict:
   for m, checkpoint in enumerate(config.model.checkpoints):
     def trained(m=m, checkpoint=checkpoint):
       train = exp.train_config()
-      clip = exp.load_clip(checkpoint, adapter_dim=train.model.adapter_dim)
+      clip = exp.load_clip(checkpoint)  # with train.model.adapter_dim adapters
       head = glajax.zeroshot_head(clip, exp.tokenizer(checkpoint), classnames,
                                   [options.template], show_progress=config.progress)
       task = recipes.backdoor_task(clip, np.asarray(head), counts, train)

@@ -101,22 +101,21 @@ class Experiment:
     from glajax.train import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
     self.config, self.workdir = config, workdir
     self.mesh = mesh_lib.make_mesh()
-    generated = any(config_lib.dataset_spec(s)[0].startswith("demo_shapes")
-                    for s in config_lib.datasets_of(config))
-    self.data_dir = config.data.data_dir or (os.path.join(workdir, "tfds") if generated
-                                             else None)
-    self.manual_dir = config.data.manual_dir
+    worlds = {config_lib.generated_world(config_lib.dataset_spec(s)[0])
+              for s in config_lib.datasets_of(config)} - {None}
+    self.data_dir = config.data.data_dir or (os.path.join(workdir, "tfds") if worlds else None)
     self._tokenizers: dict = {}
-    for spec in config_lib.datasets_of(config):
-      self._prepare_generated(config_lib.dataset_spec(spec)[0])
-
-  def _prepare_generated(self, name: str) -> None:
-    if name.startswith("demo_shapes"):
+    if worlds:  # the demo's procedural world, rendered from its seed into data_dir once
       from glajax.demo import world  # pylint: disable=import-outside-toplevel
-      world.builder(name[len("demo_shapes_"):] or "default", self.data_dir).download_and_prepare()
+      for world_config in sorted(worlds):
+        world.builder(world_config, self.data_dir).download_and_prepare()
 
   def path(self, *parts) -> str:
     return os.path.join(self.workdir, *parts)
+
+  def manual_dir(self, name: str):
+    directory = config_lib.manual_dir_of(self.config, name)
+    return None if directory is None else os.path.expanduser(directory)
 
   # ----------------------------------------------------------------------------- models
 
@@ -127,13 +126,11 @@ class Experiment:
     seed = int(checkpoint.partition(":")[2] or 0)
     return tiny_checkpoint(self.path("models", f"tiny_{seed}"), self.config.data.image_size, seed)
 
-  def load_clip(self, checkpoint: str, **overrides):
-    """The CLIP of ``checkpoint`` with the recipe's dtype/remat (``recipes.load_model``)."""
+  def load_clip(self, checkpoint: str):
+    """The CLIP of ``checkpoint`` with the recipe's ``train.model`` settings (dtype, remat,
+    adapters), by ``recipes.load_model``."""
     from glajax.train import recipes  # pylint: disable=import-outside-toplevel
-    train = self.config.train.copy_and_resolve_references()
-    for key, value in overrides.items():
-      train.model[key] = value
-    return recipes.load_model(train, self.checkpoint_dir(checkpoint))
+    return recipes.load_model(self.config.train, self.checkpoint_dir(checkpoint))
 
   def tokenizer(self, checkpoint: str):
     if checkpoint not in self._tokenizers:
@@ -146,18 +143,17 @@ class Experiment:
     """(class names, templates) of a dataset spec."""
     from glajax.data import pipeline, registry  # pylint: disable=import-outside-toplevel
     name, _ = config_lib.dataset_spec(spec)
-    return (pipeline.class_names(name, self.data_dir, self.manual_dir),
+    return (pipeline.class_names(name, self.data_dir, self.manual_dir(name)),
             registry.get(name).templates)
 
-  def zeroshot_classifier(self, clip, checkpoint: str, spec: str, templates=None):
+  def zeroshot_classifier(self, clip, checkpoint: str, spec: str):
     """CLIP + ``LinearHead.from_zeroshot(zeroshot_head(...))`` for the classes of ``spec``."""
     import glajax  # pylint: disable=import-outside-toplevel
-    from glajax.models.heads import CLIPClassifier, LinearHead  # pylint: disable=import-outside-toplevel
-    classnames, default_templates = self.classes(spec)
-    head = glajax.zeroshot_head(clip, self.tokenizer(checkpoint), classnames,
-                                templates or default_templates,
+    from glajax.models import heads  # pylint: disable=import-outside-toplevel
+    classnames, templates = self.classes(spec)
+    head = glajax.zeroshot_head(clip, self.tokenizer(checkpoint), classnames, templates,
                                 show_progress=self.config.progress)
-    return CLIPClassifier(clip, LinearHead.from_zeroshot(np.asarray(head)))
+    return heads.CLIPClassifier(clip, heads.LinearHead.from_zeroshot(np.asarray(head)))
 
   # ----------------------------------------------------------------------------- logits
 
@@ -195,7 +191,7 @@ class Experiment:
     batches = itertools.chain.from_iterable(
         pipeline.eval_batches(name, split=split, batch_size=self.config.data.eval_batch_size,
                               image_size=self.config.data.image_size, mesh=self.mesh,
-                              data_dir=self.data_dir, manual_dir=self.manual_dir)
+                              data_dir=self.data_dir, manual_dir=self.manual_dir(name))
         for name, split in parsed)
     logits, labels = engine.evaluate_logits(model, lambda m, batch: m(batch["image"]), batches,
                                             self.mesh)
@@ -211,19 +207,19 @@ class Experiment:
   def _split_size(self, name: str, split: str | None) -> int:
     from glajax.data import pipeline, registry  # pylint: disable=import-outside-toplevel
     info = registry.get(name)
-    builder = pipeline.tfds_builder(info, self.data_dir, self.manual_dir)
+    builder = pipeline.tfds_builder(info, self.data_dir, self.manual_dir(name))
     return builder.info.splits[split or info.eval_split].num_examples
 
   def labels(self, spec: str) -> np.ndarray:
     from glajax.data import pipeline  # pylint: disable=import-outside-toplevel
     name, split = config_lib.dataset_spec(spec)
-    return pipeline.read_labels(name, split, self.data_dir, self.manual_dir)
+    return pipeline.read_labels(name, split, self.data_dir, self.manual_dir(name))
 
   # ----------------------------------------------------------------------------- training
 
-  def train_config(self, recipe_config=None):
-    """A copy of ``config.train`` (or ``recipe_config``) with the run's seed and progress."""
-    train = (recipe_config or self.config.train).copy_and_resolve_references()
+  def train_config(self):
+    """A copy of ``config.train`` with the run's seed and progress."""
+    train = self.config.train.copy_and_resolve_references()
     train.seed = self.config.seed
     train.progress = self.config.progress
     return train
@@ -243,7 +239,7 @@ class Experiment:
       return pipeline.train_batches(dataset, split=split, batch_size=train.batch_size,
                                     seed=self.config.seed, image_size=self.config.data.image_size,
                                     indices=indices, start_step=start_step, mesh=self.mesh,
-                                    data_dir=self.data_dir, manual_dir=self.manual_dir)
+                                    data_dir=self.data_dir, manual_dir=self.manual_dir(dataset))
 
     final = self.path(FINAL_DIR, name)
     export = None if task.export is None else (lambda model, _: task.export(model, final))

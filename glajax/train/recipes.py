@@ -251,6 +251,9 @@ def contrastive_task(clip, tokenizer, classnames, templates, config) -> Task:
   """
   weights = config.carot
   classnames, templates = list(classnames), list(templates)
+  if not templates or not all(isinstance(t, str) and "{}" in t for t in templates):
+    raise bad_argument("templates", "a non-empty list of format strings with '{}'",
+                       templates[:5])
   prompts = [t.format(c) for c in classnames for t in templates]
   ids = trim_to_longest(tokenizer(prompts), clip.config.text.eos_token_id)
   prompt_ids = ids.reshape(len(classnames), len(templates), -1)
