@@ -10,6 +10,7 @@ _LAZY = {
     "save_clip": "glajax.models.hf",
     "CLIP": "glajax.models.clip",
     "CLIPConfig": "glajax.models.clip",
+    "init_clip": "glajax.models.clip",
     "load_tokenizer": "glajax.models.tokenizer",
     "zeroshot_head": "glajax.zeroshot",
 }

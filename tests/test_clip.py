@@ -13,11 +13,12 @@ from PIL import Image
 
 from glajax import ConfigError, InputError
 from glajax.models.clip import (CLIP, CLIPConfig, CLIPTextConfig, CLIPVisionConfig,
-                                interpolate_position_embedding, resize_position_embedding)
+                                init_clip, interpolate_position_embedding,
+                                resize_position_embedding)
 
 
 def _tiny(seed=0, dtype=jnp.float32, **overrides):
-  return CLIP(CLIPConfig.tiny(**overrides), dtype=dtype, rngs=nnx.Rngs(seed))
+  return init_clip(CLIPConfig.tiny(**overrides), seed=seed, dtype=dtype)
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +122,8 @@ def test_adapter_is_identity_at_init_then_adaptformer():
   plain = nnx.merge(graphdef, state)
   for layer in plain.vision_model.layers:
     layer.adapter = None
-  np.testing.assert_array_equal(with_adapters, _image(plain, images))
+  # Zero-initialised up-projection: equal up to the float rounding of a differently fused graph.
+  np.testing.assert_allclose(with_adapters, _image(plain, images), rtol=0, atol=1e-6)
 
   block = model.vision_model.layers[0]
   rng = np.random.default_rng(1)
@@ -161,6 +163,13 @@ def test_bfloat16_compute_float32_params(model):
   out = _image(bf16, images)
   assert out.dtype == jnp.float32
   np.testing.assert_allclose(out, _image(f32, images), atol=0.05)
+
+
+def test_init_clip_equals_the_eager_constructor(model):
+  eager = CLIP(CLIPConfig.tiny(), rngs=nnx.Rngs(0))
+  got, want = nnx.to_pure_dict(nnx.state(model)), nnx.to_pure_dict(nnx.state(eager))
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6), got, want)
 
 
 def test_hf_like_init(model):

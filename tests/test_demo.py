@@ -33,7 +33,9 @@ def test_report_states_each_effect_honestly(tmp_path):
   results = _fake_results(prior=0.2)
   results["effects"] = stages.effects(results)
   results["timings_s"] = {"world": 1.0}
+  results["longtail"] = {"groups": {"many": float("nan")}}  # an empty group
   files = report.write(str(tmp_path), results, arrays={}, quick=True)
+  assert "NaN" not in open(files["json"]).read()  # strict JSON: NaN is written as null
   text = open(files["markdown"]).read()
   assert "| estimated prior correlates with the true pre-training prior (Spearman ρ) | +0.200 | " \
          ">= 0.9 | **did not appear in this world** |" in text
@@ -41,6 +43,7 @@ def test_report_states_each_effect_honestly(tmp_path):
   assert "glajax demo --workdir" in text and "--quick" in text
   saved = json.load(open(files["json"]))
   assert saved["prior"]["spearman"] == 0.2 and saved["effects"]["debias_gain"]["appeared"]
+  assert saved["longtail"]["groups"]["many"] is None
   assert files["plots"] == []  # no stage produced plot data
 
 

@@ -100,7 +100,7 @@ class CalibrationMetricsTest(chex.TestCase, parameterized.TestCase):
         np.testing.assert_allclose(diagram["accuracy"][b], correct[in_bin].mean(), atol=1e-6)
     np.testing.assert_allclose(diagram["bin_upper"], np.linspace(0, 1, 6)[1:], atol=1e-7)
 
-  @hypothesis.settings(max_examples=3, deadline=None, derandomize=True)
+  @hypothesis.settings(max_examples=2, deadline=None, derandomize=True)
   @hypothesis.given(seed=st.integers(0, 1000))
   def test_ece_of_calibrated_simulation_tends_to_zero(self, seed):
     """Labels drawn from the model's own softmax: ECE shrinks like 1/√N."""

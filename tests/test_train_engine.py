@@ -193,10 +193,11 @@ def test_unfinalised_checkpoint_directory_is_ignored(tmp_path):
   partial.mkdir()
   (partial / "_CHECKPOINT_METADATA").write_text("{}")
   ck = Checkpointer(str(ckdir), 2)
-  assert ck.latest_step() == 4
-  assert not partial.exists()       # removed when the directory is opened
+  assert ck.latest_step() == 4 and ck.all_steps() == [2, 4]
   ck.close()
   resumed, _ = engine.fit(_MLP(), _loss, config, _data(), str(tmp_path))
+  # Orbax removed the stale temporary directory (in the background, awaited by the next save).
+  assert not partial.exists() and (ckdir / "6").is_dir()
   direct, _ = engine.fit(_MLP(), _loss, config, _data(), str(tmp_path / "direct"))
   _assert_params_close(_params(resumed), _params(direct), 0, 0)
 

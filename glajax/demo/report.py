@@ -11,13 +11,26 @@ COMMAND = "glajax demo --workdir {workdir}{quick}"
 
 
 def _json_default(value):
-  if isinstance(value, (np.integer,)):
-    return int(value)
-  if isinstance(value, (np.floating,)):
-    return float(value)
-  if isinstance(value, np.ndarray):
-    return value.tolist()
+  if isinstance(value, (np.integer, np.bool_)):
+    return value.item()
   raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def _strict(value):
+  """The results with NaN and ±inf turned into None, so report.json is strict JSON."""
+  if isinstance(value, dict):
+    return {k: _strict(v) for k, v in value.items()}
+  if isinstance(value, np.ndarray):
+    return _strict(value.tolist())
+  if isinstance(value, (list, tuple)):
+    return [_strict(v) for v in value]
+  if isinstance(value, (float, np.floating)):
+    return float(value) if np.isfinite(value) else None
+  return value
+
+
+def _to_json(results: dict) -> str:
+  return json.dumps(_strict(results), indent=2, default=_json_default, allow_nan=False)
 
 
 def _write_atomic(path: str, text: str) -> None:
@@ -165,9 +178,9 @@ def write(workdir: str, results: dict, arrays: dict, *, quick: bool) -> dict:
   command = COMMAND.format(workdir=workdir, quick=" --quick" if quick else "")
   results = {**results, "command": command, "plots": []}
   json_path, md_path = os.path.join(workdir, "report.json"), os.path.join(workdir, "report.md")
-  _write_atomic(json_path, json.dumps(results, indent=2, default=_json_default))
+  _write_atomic(json_path, _to_json(results))
   images = plots(workdir, arrays, results)
   results["plots"] = [os.path.basename(p) for p in images]
-  _write_atomic(json_path, json.dumps(results, indent=2, default=_json_default))
+  _write_atomic(json_path, _to_json(results))
   _write_atomic(md_path, markdown(results, command))
   return {"json": json_path, "markdown": md_path, "plots": images}

@@ -44,7 +44,7 @@ class Scale:
 
 
 SCALES = {
-    "full": Scale("default", pretrain_lib.PretrainSpec(steps=500)),
+    "full": Scale("default", pretrain_lib.PretrainSpec(steps=400)),
     "quick": Scale("quick", pretrain_lib.PretrainSpec(steps=250, batch_size=128),
                    finetune_steps=80, contrastive_steps=80, longtail_steps=80,
                    wise_alphas=(0.0, 0.25, 0.5, 0.75, 1.0), pcv_seeds=1, eval_batch=600),

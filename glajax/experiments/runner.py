@@ -61,36 +61,13 @@ def claim_workdir(config, workdir: str) -> str:
   return workdir
 
 
-def _random_tiny_clip(image_size: int, seed: int):
-  """``CLIPConfig.tiny`` with weights drawn in NumPy (LayerNorm 1/0, biases 0, the rest
-  N(0, 0.02²)): the same kind of model as ``CLIP(..., rngs)`` without compiling its initialisers."""
-  import glajax  # pylint: disable=import-outside-toplevel
-  import jax  # pylint: disable=import-outside-toplevel
-  from flax import nnx  # pylint: disable=import-outside-toplevel
-  config = glajax.CLIPConfig.tiny(image_size=image_size)
-  abstract = nnx.eval_shape(lambda: glajax.CLIP(config, rngs=nnx.Rngs(seed)))
-  graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
-  rng = np.random.default_rng(seed)
-
-  def draw(path, leaf):
-    name = str(getattr(path[-1], "key", path[-1]))
-    if name == "logit_scale":
-      return np.asarray(config.logit_scale_init_value, np.float32)
-    if name in ("scale", "bias"):
-      return np.full(leaf.shape, 1.0 if name == "scale" else 0.0, np.float32)
-    return (0.02 * rng.standard_normal(leaf.shape)).astype(np.float32)
-
-  nnx.replace_by_pure_dict(params, jax.tree_util.tree_map_with_path(
-      draw, nnx.to_pure_dict(params)))
-  return nnx.merge(graphdef, params, rest)
-
-
 def tiny_checkpoint(directory: str, image_size: int = 32, seed: int = 0) -> str:
   """Writes a random tiny CLIP (``CLIPConfig.tiny``) in transformers format to ``directory``
   unless one is there; returns ``directory``. For CPU runs and notebooks without a checkpoint."""
   if not os.path.isfile(os.path.join(directory, "config.json")):
     import glajax  # pylint: disable=import-outside-toplevel
-    glajax.save_clip(_random_tiny_clip(image_size, seed), directory)
+    from glajax.models.clip import init_clip  # pylint: disable=import-outside-toplevel
+    glajax.save_clip(init_clip(glajax.CLIPConfig.tiny(image_size=image_size), seed=seed), directory)
   return directory
 
 

@@ -474,3 +474,15 @@ def interpolate_position_embedding(model: CLIP, image_size: int) -> CLIP:
   model.vision_model.config = new_vision
   model.config = dataclasses.replace(model.config, vision=new_vision)
   return model
+
+
+def init_clip(config: CLIPConfig, *, seed: int = 0, dtype=jnp.float32,
+              param_dtype=jnp.float32) -> CLIP:
+  """A randomly initialised ``CLIP(config, rngs=nnx.Rngs(seed))`` (the same weights, to float
+  rounding), its initialisers compiled as one unoptimised XLA program that runs once: about 3 s
+  instead of the eager constructor's ~7 s of compiling ~100 small kernels on 2 CPU cores."""
+  build = lambda: CLIP(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(seed))
+  graphdef, _ = nnx.split(nnx.eval_shape(build))
+  init = jax.jit(lambda: nnx.state(build())).lower().compile(
+      compiler_options={"xla_backend_optimization_level": 0})
+  return nnx.merge(graphdef, init())
