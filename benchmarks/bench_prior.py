@@ -5,7 +5,7 @@ The reference is GLA's released estimator written in PyTorch the way the origina
 ``F.cross_entropy(logits - log q, labels)``). Both run on the same logits in the same process;
 the optimum θ* is computed independently in float64 NumPy (fixed point to residual < 1e-12).
 
-    python benchmarks/bench_prior.py [--data clip_like|extreme] [--num-samples 50000]
+    python benchmarks/bench_prior.py [--data clip_like|clip_mild|extreme] [--num-samples 50000]
         [--num-classes 1000] [--threads 2]
         [--solvers newton,fixed_point,lbfgs] [--reference-steps 1000] [--out results.json]
 """
@@ -25,11 +25,13 @@ def make_logits(num_samples: int, num_classes: int, data: str = "clip_like", see
 
   ``clip_like``: z = 100·(0.2 + 0.02·ε + 0.08·onehot(y)) + log π_true, ε ~ N(0, 1) i.i.d.,
   log π_true ~ N(0, 1) sorted (CLIP's scale; top-1 accuracy ≈ 0.65).
+  ``clip_mild``: the same with log π_true ~ N(0, 0.3²).
   ``extreme``: z = 4·(2·ε + 6·onehot(y)) + log π_true with log π_true ~ N(0, 1.5²): far more
   confident and skewed than CLIP (GLA's reference SGD drives some q below 0 here).
   """
   rng = np.random.default_rng(seed)
   prior_std, noise, margin, scale = {"clip_like": (1.0, 0.02, 0.08, 100.0),
+                                     "clip_mild": (0.3, 0.02, 0.08, 100.0),
                                      "extreme": (1.5, 2.0, 6.0, 4.0)}[data]
   log_prior = np.sort(rng.normal(0.0, prior_std, num_classes))[::-1]
   log_prior -= np.log(np.exp(log_prior).sum())
@@ -97,7 +99,7 @@ def gla_reference_torch(logits, labels, steps, threads):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--data", choices=("clip_like", "extreme"), default="clip_like")
+  parser.add_argument("--data", choices=("clip_like", "clip_mild", "extreme"), default="clip_like")
   parser.add_argument("--num-samples", type=int, default=50000)
   parser.add_argument("--num-classes", type=int, default=1000)
   parser.add_argument("--threads", type=int, default=2)

@@ -117,8 +117,7 @@ class Demo:
         pipeline.eval_batches(self.name, split=split, batch_size=self.scale.eval_batch,
                               image_size=self.spec.image_size, mesh=self.mesh,
                               data_dir=self.data_dir) for split in splits)
-    logits, labels = engine.evaluate_logits(model, lambda model, batch: model(batch["image"]),
-                                            batches, self.mesh)
+    logits, labels = engine.evaluate_logits(model, engine.image_logits, batches, self.mesh)
     sizes = np.cumsum([self.builder.info.splits[split].num_examples for split in splits])
     return {split: (z, y) for split, z, y in zip(splits, np.split(logits, sizes[:-1]),
                                                   np.split(labels, sizes[:-1]))}

@@ -170,8 +170,7 @@ class Experiment:
                               image_size=self.config.data.image_size, mesh=self.mesh,
                               data_dir=self.data_dir, manual_dir=self.manual_dir(name))
         for name, split in parsed)
-    logits, labels = engine.evaluate_logits(model, lambda m, batch: m(batch["image"]), batches,
-                                            self.mesh)
+    logits, labels = engine.evaluate_logits(model, engine.image_logits, batches, self.mesh)
     sizes = [self._split_size(name, split) for name, split in parsed]
     out = {}
     for spec, (name, _), z, y in zip(specs, parsed, np.split(logits, np.cumsum(sizes)[:-1]),

@@ -8,6 +8,7 @@ scan, updates the EMA teacher, checkpoints with Orbax, logs JSON lines and cache
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -149,6 +150,20 @@ def _global_batch(batch, mesh):
   return shard_batch(batch, mesh)
 
 
+def image_logits(model, batch):
+  """The ``logits_fn`` of an image classifier: ``model(batch["image"])``."""
+  return model(batch["image"])
+
+
+@functools.lru_cache(maxsize=32)
+def _predict_fn(graphdef, logits_fn, mesh):
+  """The jitted ``logits_fn`` of one model structure on one mesh, compiled once and reused by
+  every evaluation (e.g. each WiSE-FT α) of a model with that structure."""
+  repl, data = replicated(mesh), data_sharding(mesh)
+  return jax.jit(lambda p, r, b: logits_fn(nnx.merge(graphdef, p, r), b).astype(jnp.float32),
+                 in_shardings=(repl, repl, data), out_shardings=data)
+
+
 def evaluate_logits(model: nnx.Module, logits_fn, batches, mesh=None):
   """(logits, labels) as NumPy over every batch, padding rows (``mask`` == 0) dropped.
 
@@ -156,9 +171,7 @@ def evaluate_logits(model: nnx.Module, logits_fn, batches, mesh=None):
   """
   mesh = make_mesh() if mesh is None else mesh
   graphdef, params, rest = split_model(model)
-  repl, data = replicated(mesh), data_sharding(mesh)
-  predict = jax.jit(lambda p, r, b: logits_fn(nnx.merge(graphdef, p, r), b).astype(jnp.float32),
-                    in_shardings=(repl, repl, data), out_shardings=data)
+  predict = _predict_fn(graphdef, logits_fn, mesh)
   all_logits, all_labels = [], []
   for batch in batches:
     batch = _global_batch(batch, mesh)

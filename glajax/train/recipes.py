@@ -175,10 +175,6 @@ def _export_clip(model, directory: str) -> None:
   save_clip(model.clip, directory)
 
 
-def _image_logits(model, batch):
-  return model(batch["image"])
-
-
 def classifier_task(clip, head, config) -> Task:
   """End-to-end fine-tuning (``finetune``, LP-FT's second stage): ``head`` on the normalised
   projected image features, CE with ``config.label_smoothing``."""
@@ -190,7 +186,7 @@ def classifier_task(clip, head, config) -> Task:
     loss = losses.cross_entropy(logits, batch["label"], config.label_smoothing, batch.get("mask"))
     return loss, {"accuracy": _accuracy(logits, batch)}
 
-  return Task(model, loss_fn, _image_logits, None, export_classifier)
+  return Task(model, loss_fn, engine.image_logits, None, export_classifier)
 
 
 def _accuracy(logits, batch):
@@ -218,8 +214,11 @@ def linear_probe_task(head: LinearHead, config) -> Task:
 
 def cache_features(clip, batches, mesh=None):
   """(features, labels): ``encode_image`` of every batch (padding dropped), for linear probes."""
-  return engine.evaluate_logits(clip, lambda model, batch: model.encode_image(batch["image"]),
-                                batches, mesh)
+  return engine.evaluate_logits(clip, _image_features, batches, mesh)
+
+
+def _image_features(clip, batch):
+  return clip.encode_image(batch["image"])
 
 
 class ContrastiveCLIP(nnx.Module):
@@ -286,7 +285,7 @@ def contrastive_task(clip, tokenizer, classnames, templates, config) -> Task:
     head = zeroshot_head(model.clip, tokenizer, classnames, templates, show_progress=False)
     return CLIPClassifier(model.clip, LinearHead.from_zeroshot(head))
 
-  return Task(ContrastiveCLIP(clip, prompt_ids), loss_fn, _image_logits, eval_model,
+  return Task(ContrastiveCLIP(clip, prompt_ids), loss_fn, engine.image_logits, eval_model,
               _export_clip)
 
 
@@ -308,7 +307,7 @@ def backdoor_task(clip, text_features, train_counts, config) -> Task:
     loss = losses.logit_adjusted_loss(logits, batch["label"], log_prior, config.tau)
     return loss, {"accuracy": _accuracy(logits, batch)}
 
-  return Task(model, loss_fn, _image_logits, None, export_classifier)
+  return Task(model, loss_fn, engine.image_logits, None, export_classifier)
 
 
 def prompt_tuning_task(clip, tokenizer, classnames, config) -> Task:
