@@ -1,8 +1,9 @@
-"""Device mesh, multi-host initialisation and batch sharding.
+"""Device mesh and batch sharding.
 
 Data parallelism is ``jax.jit`` over a ``Mesh`` of all devices with one axis, ``data``: batches are
 sharded on their leading axis, parameters are replicated (what ``pmap`` lowers to since JAX 0.8).
-Each process feeds its own slice of the global batch.
+Each process feeds its own slice of the global batch; multi-host runs call
+``jax.distributed.initialize()`` first.
 """
 from __future__ import annotations
 
@@ -13,13 +14,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from glajax.errors import bad_argument
 
 DATA_AXIS = "data"
-
-
-def initialize_distributed(**kwargs) -> None:
-  """Calls ``jax.distributed.initialize(**kwargs)`` once, for multi-host runs (no-op if done)."""
-  if jax.distributed.is_initialized():
-    return
-  jax.distributed.initialize(**kwargs)
 
 
 def make_mesh(devices=None) -> Mesh:
@@ -38,11 +32,6 @@ def data_sharding(mesh: Mesh) -> NamedSharding:
 def replicated(mesh: Mesh) -> NamedSharding:
   """Sharding of parameters and optimiser state: a full copy on every device."""
   return NamedSharding(mesh, P())
-
-
-def global_batch_size(per_process_batch: int, mesh: Mesh) -> int:
-  """The global batch assembled from every process's ``per_process_batch`` examples."""
-  return per_process_batch * jax.process_count()
 
 
 def shard_batch(local_batch, mesh: Mesh):
