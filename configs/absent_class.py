@@ -1,5 +1,6 @@
 r"""Absent-class calibration (Mai et al., NeurIPS 2024): fine-tune on half of the classes, then
-γ on the absent classes' logits (ALG; oracle for reference) and AUSUC. Datasets (the arg):
+γ on the absent classes' logits (ALG; PCV, one more fine-tuning on half of the seen classes per
+``absent_class.pcv_seeds``; oracle for reference) and AUSUC. Datasets (the arg):
 imagenet_r (100 seen / 100 absent), imagenet_sketch (500 / 500), office_home (a folder: pass
 ``data.manual_dir``; domain ``art`` unless ``clipart``, ``product`` or ``real_world`` is given).
 Test-only sets are split 80 % fine-tuning / 20 % evaluation.
@@ -27,8 +28,8 @@ def get_config(arg=None):
                      shifts=())
   config.train = recipes.finetune()
   config.train.total_steps = -1
-  config.absent_class = dict(num_seen=num_seen, split_seed=0)
+  config.absent_class = dict(num_seen=num_seen, split_seed=0, pcv_seeds=(0, 1, 2))
   if "runlocal" in args:
     C.runlocal(config, shifts=())
-    config.absent_class.num_seen = 50
+    config.absent_class.update(num_seen=50, pcv_seeds=(0,))
   return config

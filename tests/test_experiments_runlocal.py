@@ -8,6 +8,7 @@ import pytest
 from scipy import special
 
 from glajax import experiments
+from glajax.data import subsample
 
 pytestmark = pytest.mark.slow
 
@@ -98,6 +99,41 @@ def test_absent_class(tmp_path):
   best = max(_accuracy(ft + g * absent, labels) for g in np.linspace(-5, 5, 201))
   assert oracle["acc_y_y"] >= best - 1e-9
   assert "ausuc.png" in result["plots"]
+  # PCV γ: per pseudo split, a brute-force sweep of every flip point on the evaluation data of
+  # the seen classes, keeping the best overall accuracy whose pseudo-absent accuracy is at least
+  # the zero-shot model's (the smallest such γ, as the exact sweep's argmax).
+  seen = ~absent
+  zs, _ = _cached(workdir, "zeroshot", config.data.eval)
+  on_s = seen[labels]
+  s_labels = np.searchsorted(np.flatnonzero(seen), labels[on_s])
+  gammas = []
+  assert result["results"]["pcv_seeds"] == list(config.absent_class.pcv_seeds)
+  for seed, classes in zip(config.absent_class.pcv_seeds,
+                           result["results"]["pcv_pseudo_absent_classes"]):
+    pseudo = np.isin(np.flatnonzero(seen), classes)
+    assert pseudo.sum() == 25 and np.array_equal(
+        pseudo, subsample.class_subset(50, 25, seed)[1])
+    pcv, _ = _cached(workdir, f"pcv_{seed}", config.data.eval)
+    logits = pcv[on_s][:, seen].astype(np.float32)
+    rows_absent = pseudo[s_labels]
+    source = _accuracy(zs[on_s][:, seen][rows_absent], s_labels[rows_absent])
+    delta = np.sort(np.unique(np.where(pseudo, -np.inf, logits).max(-1)
+                              - np.where(pseudo, logits, -np.inf).max(-1)))
+    edges = np.concatenate([delta[:1] - 2.0, delta, delta[-1:] + 2.0])
+    candidates = (edges[:-1] + edges[1:]) / 2
+    hits = [(logits + g * pseudo).argmax(-1) == s_labels for g in candidates]
+    overall = np.array([h.mean() for h in hits])
+    absent_acc = np.array([h[rows_absent].mean() for h in hits])
+    feasible = absent_acc >= source  # none: the γ of the best pseudo-absent accuracy
+    best = (np.argmax(np.where(feasible, overall, -1.0)) if feasible.any()
+            else np.argmax(absent_acc))
+    gammas.append(candidates[best])
+  assert result["results"]["gamma_pcv"] == pytest.approx(np.mean(gammas), abs=1e-4)
+  pcv_row = next(v for k, v in rows.items() if k.startswith("fine-tuned + PCV γ"))
+  assert pcv_row["acc_y_y"] == pytest.approx(
+      _accuracy(ft + result["results"]["gamma_pcv"] * absent, labels), abs=1e-6)
+  assert "fine-tuned + PCV γ" in (workdir / "report.md").read_text()
+  assert "pcv_0" not in result["final_models"]
 
 
 @pytest.mark.parametrize("method", ["flyp", "carot"])

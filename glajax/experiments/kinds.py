@@ -10,7 +10,7 @@ kind            what runs                                                       
 wise_ft         zero-shot head, fine-tuning (end-to-end or head only), α sweep     Wortsman 22
 gla             prior estimation, fine-tuning or prompt tuning, GLA ensemble       Zhu 23
 backdoor        adapters + cosine classifier + LA loss per backbone, Σ_m z_m       Chen 25
-absent_class    fine-tuning on seen classes, ALG / oracle γ, AUSUC                 Mai 24
+absent_class    fine-tuning on seen classes, ALG / PCV / oracle γ, AUSUC           Mai 24
 contrastive     FLYP or CaRot, accuracy and ECE under shift                        Goyal 23, Oh 24
 ==============  =================================================================  ===========
 """
@@ -67,18 +67,21 @@ def _accuracy_row(logits: dict, id_spec: str, shifts: list[str]) -> dict:
 
 def _classifier_models(exp, checkpoint: str, train_spec: str, train, indices=None):
   """Zero-shot classifier and its end-to-end fine-tuned version (WiSE-FT's recipe)."""
-  from glajax.train import recipes  # pylint: disable=import-outside-toplevel
 
   def zeroshot():
     return exp.zeroshot_classifier(exp.load_clip(checkpoint), checkpoint, train_spec)
 
-  def finetuned():
-    zs = models.zs
-    return exp.fit("finetuned", recipes.classifier_task(zs.clip, zs.head, train), train,
-                   train_spec, indices)
-
-  models = _Lazy(zs=zeroshot, ft=finetuned)
+  models = _Lazy(zs=zeroshot, ft=lambda: _finetune(exp, models.zs, "finetuned", train_spec,
+                                                   train, indices))
   return models
+
+
+def _finetune(exp, zs, name: str, train_spec: str, train, indices=None, export: bool = True):
+  """The classifier ``zs`` fine-tuned end to end (WiSE-FT's recipe) in ``runs/<name>``."""
+  from glajax.train import recipes  # pylint: disable=import-outside-toplevel
+  task = recipes.classifier_task(zs.clip, zs.head, train)
+  return exp.fit(name, task if export else task._replace(export=None), train, train_spec,
+                 indices)
 
 
 # ------------------------------------------------------------------------------------- WiSE-FT
@@ -256,7 +259,8 @@ def backdoor(exp) -> dict:
 
 def absent_class(exp) -> dict:
   """Absent-class calibration (Mai et al., NeurIPS 2024): fine-tune on the seen classes, add γ
-  to the absent classes' logits (ALG from the training data; oracle from test), AUSUC."""
+  to the absent classes' logits (ALG from the training data; PCV from pseudo splits of the
+  seen classes; oracle from test), AUSUC."""
   from glajax import methods as M  # pylint: disable=import-outside-toplevel
   from glajax.data import subsample  # pylint: disable=import-outside-toplevel
   config, options = exp.config, exp.config.absent_class
@@ -274,8 +278,28 @@ def absent_class(exp) -> dict:
   on_seen = seen[train_y]
   gamma_alg = float(M.alg_gamma(train_logits[on_seen], train_y[on_seen], absent))
   gamma_oracle = float(M.oracle_gamma(ft_logits, labels, absent))
+  # PCV: per seed, fine-tune on a pseudo-seen half of S and sweep γ on held-out data of S. The
+  # experiment has no validation split, so that is the evaluation split restricted to S (and
+  # to S's logits); the source model's pseudo-absent accuracy is taken on the same samples.
+  seen_ids, on_s = np.flatnonzero(seen), seen[labels]
+  s_labels = np.searchsorted(seen_ids, labels[on_s])
+  splits, pseudo_absent_classes = [], []
+  for seed in options.pcv_seeds:
+    pseudo_seen, pseudo_absent = subsample.class_subset(len(seen_ids), len(seen_ids) // 2, seed)
+    pcv_seen = seen.copy()
+    pcv_seen[seen] = pseudo_seen
+    pcv_indices = subsample.indices_in_classes(train_labels, pcv_seen)
+    name = f"pcv_{seed}"
+    pcv_logits = exp.logits(name, lambda n=name, i=pcv_indices: _finetune(
+        exp, models.zs, n, config.data.train, exp.train_config(), i, export=False), [id_spec])
+    pcv_logits = pcv_logits[id_spec][0]
+    source = M.seen_absent_accuracies(zs_logits[on_s][:, seen], s_labels, pseudo_absent)
+    splits.append((pcv_logits[on_s][:, seen], s_labels, pseudo_absent, source["acc_u_y"]))
+    pseudo_absent_classes.append(seen_ids[pseudo_absent].tolist())
+  gamma_pcv = float(M.pcv_gamma(splits))
   variants = {"zero-shot": zs_logits, "fine-tuned": ft_logits,
               f"fine-tuned + ALG γ ({gamma_alg:.2f})": M.apply_gamma(ft_logits, absent, gamma_alg),
+              f"fine-tuned + PCV γ ({gamma_pcv:.2f})": M.apply_gamma(ft_logits, absent, gamma_pcv),
               f"fine-tuned + oracle γ ({gamma_oracle:.2f})":
                   M.apply_gamma(ft_logits, absent, gamma_oracle)}
   curves, rows, results = {}, [], {}
@@ -290,8 +314,10 @@ def absent_class(exp) -> dict:
   columns = ["acc_y_y", "acc_s_y", "acc_u_y", "acc_s_s", "acc_u_u", "ausuc"]
   title = (f"Absent-class calibration on {config_lib.dataset_spec(config.data.train)[0]} "
            f"({int(seen.sum())} seen / {int(absent.sum())} absent classes)")
-  return {"results": {"accuracy": results, "gamma_alg": gamma_alg, "gamma_oracle": gamma_oracle,
-                      "seen_classes": np.flatnonzero(seen).tolist()},
+  return {"results": {"accuracy": results, "gamma_alg": gamma_alg, "gamma_pcv": gamma_pcv,
+                      "gamma_oracle": gamma_oracle, "seen_classes": np.flatnonzero(seen).tolist(),
+                      "pcv_seeds": list(options.pcv_seeds),
+                      "pcv_pseudo_absent_classes": pseudo_absent_classes},
           "tables": [table(title, columns, rows, config.published)],
           "plots": {"ausuc.png": ("ausuc", curves)}}
 
