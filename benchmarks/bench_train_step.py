@@ -27,8 +27,8 @@ import numpy as np
 from flax import nnx
 
 from glajax.models.clip import CLIP, CLIPConfig, CLIPTextConfig, CLIPVisionConfig
-from glajax.models.heads import CLIPClassifier, LinearHead
-from glajax.train import engine, losses, recipes
+from glajax.models.heads import LinearHead
+from glajax.train import engine, recipes
 from glajax.train.mesh import make_mesh, replicated, shard_batch
 from glajax.train.state import create_train_state, make_optimizer
 

@@ -112,7 +112,7 @@ def test_finetune_loss_falls_text_tower_frozen_and_exports(tmp_path):
   assert "head/kernel" in changed
   assert not any(k.startswith("clip/text_model/") for k in changed)
   assert "clip/logit_scale" not in changed
-  cached = np.load(tmp_path / "logits" / f"val_step10.npz")
+  cached = np.load(tmp_path / "logits" / "val_step10.npz")
   assert cached["logits"].shape == (16, CLASSES)
   # The export: transformers-format CLIP + head, reloadable.
   config.model.update(dtype="float32", remat=True)

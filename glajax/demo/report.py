@@ -7,13 +7,9 @@ import os
 
 import numpy as np
 
+from glajax.experiments.report import json_default, write_atomic
+
 COMMAND = "glajax demo --workdir {workdir}{quick}"
-
-
-def _json_default(value):
-  if isinstance(value, (np.integer, np.bool_)):
-    return value.item()
-  raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
 def _strict(value):
@@ -30,14 +26,7 @@ def _strict(value):
 
 
 def _to_json(results: dict) -> str:
-  return json.dumps(_strict(results), indent=2, default=_json_default, allow_nan=False)
-
-
-def _write_atomic(path: str, text: str) -> None:
-  tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
+  return json.dumps(_strict(results), indent=2, default=json_default, allow_nan=False)
 
 
 def _format(value) -> str:
@@ -178,9 +167,9 @@ def write(workdir: str, results: dict, arrays: dict, *, quick: bool) -> dict:
   command = COMMAND.format(workdir=workdir, quick=" --quick" if quick else "")
   results = {**results, "command": command, "plots": []}
   json_path, md_path = os.path.join(workdir, "report.json"), os.path.join(workdir, "report.md")
-  _write_atomic(json_path, _to_json(results))
+  write_atomic(json_path, _to_json(results))
   images = plots(workdir, arrays, results)
   results["plots"] = [os.path.basename(p) for p in images]
-  _write_atomic(json_path, _to_json(results))
-  _write_atomic(md_path, markdown(results, command))
+  write_atomic(json_path, _to_json(results))
+  write_atomic(md_path, markdown(results, command))
   return {"json": json_path, "markdown": md_path, "plots": images}

@@ -129,9 +129,10 @@ def _plot(path: str, kind: str, *data) -> None:
 # ------------------------------------------------------------------------------------- writing
 
 
-def _json_default(value):
-  if isinstance(value, np.integer):
-    return int(value)
+def json_default(value):
+  """``json.dumps(default=...)`` for NumPy scalars and arrays."""
+  if isinstance(value, (np.integer, np.bool_)):
+    return value.item()
   if isinstance(value, np.floating):
     return float(value)
   if isinstance(value, np.ndarray):
@@ -141,7 +142,8 @@ def _json_default(value):
   raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
-def _write_atomic(path: str, text: str) -> None:
+def write_atomic(path: str, text: str) -> None:
+  """Writes ``text`` to ``path`` through a temporary file and a rename: never half-written."""
   with open(f"{path}.tmp", "w") as f:
     f.write(text)
   os.replace(f"{path}.tmp", path)
@@ -189,6 +191,6 @@ def write(exp, outcome: dict) -> dict:
       "results": outcome["results"], "tables": outcome["tables"], "plots": plots,
       "final_models": _final_models(exp.workdir),
   }
-  _write_atomic(exp.path("report.json"), json.dumps(report, indent=2, default=_json_default))
-  _write_atomic(exp.path("report.md"), markdown(report))
+  write_atomic(exp.path("report.json"), json.dumps(report, indent=2, default=json_default))
+  write_atomic(exp.path("report.md"), markdown(report))
   return report
