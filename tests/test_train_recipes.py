@@ -157,12 +157,8 @@ def test_linear_probe_on_cached_features_then_lp_ft(tmp_path):
                              1e-5, 1e-5)
 
   def feature_data(start):
-    step = start
-    while True:
-      step += 1
-      rng = np.random.default_rng(step)
-      labels = rng.integers(0, CLASSES, BATCH).astype(np.int32)
-      yield {"features": np.asarray(_encode_image(clip, _images(rng, labels))), "label": labels}
+    for batch in _data(start):
+      yield {"features": np.asarray(_encode_image(clip, batch["image"])), "label": batch["label"]}
 
   wrong_head = np.roll(_zeroshot_head(clip), 1, axis=0)   # a head to correct
   task = recipes.linear_probe_task(LinearHead.from_zeroshot(wrong_head), lp)

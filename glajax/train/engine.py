@@ -186,12 +186,18 @@ def evaluate_logits(model: nnx.Module, logits_fn, batches, mesh=None):
   return np.concatenate(all_logits), np.concatenate(all_labels)
 
 
+def save_npz(path: str, **arrays) -> None:
+  """Writes ``arrays`` to ``path`` (.npz) through a temporary file and a rename: never
+  half-written."""
+  tmp = f"{path}.tmp.npz"
+  np.savez(tmp, **arrays)
+  os.replace(tmp, path)
+
+
 def save_logits(path: str, logits, labels, metadata: Mapping) -> None:
   """Writes ``logits``, ``labels`` and JSON ``metadata`` to ``path`` (.npz) atomically."""
-  tmp = f"{path}.tmp.npz"
-  np.savez(tmp, logits=np.asarray(logits, np.float32), labels=np.asarray(labels, np.int32),
+  save_npz(path, logits=np.asarray(logits, np.float32), labels=np.asarray(labels, np.int32),
            metadata=np.asarray(json.dumps(dict(metadata))))
-  os.replace(tmp, path)
 
 
 class _MetricsLog:

@@ -157,9 +157,8 @@ def load_model(config, path_or_hub_id):
 
 
 def _save_npz(path: str, **arrays) -> None:
-  tmp = f"{path}.tmp.npz"
-  np.savez(tmp, **{k: np.asarray(v, np.float32) for k, v in arrays.items()})
-  os.replace(tmp, path)
+  """``engine.save_npz`` of ``arrays`` as float32."""
+  engine.save_npz(path, **{k: np.asarray(v, np.float32) for k, v in arrays.items()})
 
 
 def export_classifier(model: CLIPClassifier, directory: str) -> None:
