@@ -1,8 +1,10 @@
 r"""Absent-class calibration (Mai et al., NeurIPS 2024): fine-tune on half of the classes, then
-γ on the absent classes' logits (ALG; PCV, one more fine-tuning on half of the seen classes per
-``absent_class.pcv_seeds``; oracle for reference) and AUSUC. Datasets (the arg):
-imagenet_r (100 seen / 100 absent), imagenet_sketch (500 / 500), office_home (a folder: pass
-``data.manual_dir``; domain ``art`` unless ``clipart``, ``product`` or ``real_world`` is given).
+γ on the absent classes' logits and AUSUC. ALG takes γ from the training data; PCV fine-tunes once
+more per ``absent_class.pcv_seeds`` on half of the seen classes, with ``absent_class.pcv_holdout``
+of the seen classes' training data held out to choose γ on; the oracle γ (best on test) is for
+reference. Datasets (the arg): imagenet_r (100 seen / 100 absent), imagenet_sketch (500 / 500),
+office_home (a folder: pass ``data.manual_dir``; domain ``art`` unless ``clipart``, ``product``
+or ``real_world`` is given).
 Test-only sets are split 80 % fine-tuning / 20 % evaluation.
 
   glajax run configs/absent_class.py:imagenet_r --workdir ~/runs/absent_r
@@ -28,7 +30,8 @@ def get_config(arg=None):
                      shifts=())
   config.train = recipes.finetune()
   config.train.total_steps = -1
-  config.absent_class = dict(num_seen=num_seen, split_seed=0, pcv_seeds=(0, 1, 2))
+  config.absent_class = dict(num_seen=num_seen, split_seed=0, pcv_seeds=(0, 1, 2),
+                              pcv_holdout=0.2)
   if "runlocal" in args:
     C.runlocal(config, shifts=())
     config.absent_class.update(num_seen=50, pcv_seeds=(0,))

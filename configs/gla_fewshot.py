@@ -1,6 +1,7 @@
 r"""GLA few-shot (Zhu et al., NeurIPS 2023): prompt tuning on k = 1, 2, 4, 8, 16 shots per class
 of one of CoOp's eleven transfer datasets, then the GLA ensemble (z_ft divided by a temperature
-matched to its accuracy). The dataset is the arg, the shots an override:
+matched to its accuracy). The prior and the temperature are estimated on the k-shot training
+examples, the only labelled data of a few-shot task. The dataset is the arg, the shots an override:
 
   glajax run configs/gla_fewshot.py:dtd,gla.shots=4 --workdir ~/runs/gla_dtd_4shot
   glajax run configs/gla_fewshot.py:runlocal --workdir /tmp/gla_fewshot
@@ -23,8 +24,8 @@ def get_config(arg=None):
   config.train = recipes.prompt_tuning()
   config.train.total_steps = -1
   config.gla = dict(finetune="prompt_tuning", shots=16, long_tail=False, match_confidence=True,
-                    prior_data=dataset)
+                    prior_data=C.SHOTS)
   if "runlocal" in args:
     C.runlocal(config, shifts=())
-    config.gla.update(shots=1, prior_data=f"{C.TINY_WORLD}@train")
+    config.gla.update(shots=1)
   return config

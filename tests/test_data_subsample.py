@@ -40,6 +40,18 @@ def test_k_shot_train_and_val_are_disjoint_with_exact_counts():
     subsample.k_shot_indices(np.zeros((2, 2), int), k=1, seed=0)
 
 
+def test_holdout_partitions_every_class_by_its_fraction():
+  labels = np.concatenate([_balanced(per_class=20), np.full(3, 10), [11]])  # class 10: 3, 11: 1
+  kept, held = subsample.holdout_indices(labels, 0.2, seed=5)
+  np.testing.assert_array_equal(np.sort(np.concatenate([kept, held])), np.arange(labels.size))
+  expected = np.array([4] * 10 + [1, 0])  # round(0.2·20); at least one of 3; none of a singleton
+  np.testing.assert_array_equal(np.bincount(labels[held], minlength=12), expected)
+  np.testing.assert_array_equal(held, subsample.holdout_indices(labels, 0.2, seed=5)[1])
+  assert not np.array_equal(held, subsample.holdout_indices(labels, 0.2, seed=6)[1])
+  with pytest.raises(ValueError, match="fraction: expected a fraction in"):
+    subsample.holdout_indices(labels, 1.0, seed=0)
+
+
 def test_class_subset_masks():
   seen, absent = subsample.class_subset(100, 50, seed=0)
   assert seen.sum() == 50 and np.all(seen ^ absent)

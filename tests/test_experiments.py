@@ -102,6 +102,7 @@ def test_missing_dataset_dir_or_checkpoint_fails_before_any_work(tmp_path):
       (f"gla_longtail:runlocal,data.train='imagenet_lt',data.data_dir='{tmp_path}'",
        DatasetError, "manual_dir"),  # needs a manual download, not prepared
       ("wise_ft:runlocal,data.train='no_such_dataset'", DatasetError, "no_such_dataset"),
+      ("gla_fewshot:runlocal,gla.shots=0", ConfigError, "gla.prior_data"),  # no shots to use
       ("wise_ft:data.manual_dirs.objectnet='/no/objectnet'", DatasetError, "/no/objectnet"),
       (f"wise_ft:data.data_dir='{tmp_path}'", DatasetError,
        "data.manual_dirs.imagenet2012"),  # the full config: ImageNet is not prepared there
@@ -145,7 +146,7 @@ def _params(directory):
   return load_file(os.path.join(directory, "model.safetensors"))
 
 
-def test_tiny_wise_ft_end_to_end(tmp_path, capsys):
+def test_tiny_wise_ft_end_to_end(tmp_path, capsys, monkeypatch):
   """The runlocal WiSE-FT config: report complete, numbers equal to their cached logits, the
   exported α = 0.5 model the average of the zero-shot and fine-tuned weights, and a second run
   resumes without recomputing anything."""
@@ -182,6 +183,14 @@ def test_tiny_wise_ft_end_to_end(tmp_path, capsys):
   again = experiments.run("wise_ft:runlocal", str(workdir))
   assert again["tables"] == result["tables"]
   assert stamps == {p: p.stat().st_mtime_ns for p in (workdir / "logits").iterdir()}
+  # Another process of a multi-host run computes the same report and writes nothing.
+  from glajax.train import mesh
+  monkeypatch.setattr(mesh, "is_primary", lambda: False)
+  for name in ("report.json", "report.md", "wise_ft_curve.png"):
+    (workdir / name).unlink()
+  assert experiments.run("wise_ft:runlocal", str(workdir))["tables"] == result["tables"]
+  assert not any((workdir / name).exists() for name in ("report.json", "report.md",
+                                                        "wise_ft_curve.png"))
 
 
 def test_cli_reports_bad_input_without_a_traceback(tmp_path, capsys):

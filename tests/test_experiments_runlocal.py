@@ -55,7 +55,13 @@ def test_gla(spec, tmp_path):
   # The estimate is a normalised log prior at which the debiased model's mean probabilities
   # match the class frequencies of the estimation data (GLA's optimality condition).
   assert special.logsumexp(log_prior) == pytest.approx(0.0, abs=1e-5)
-  prior_z, prior_y = _cached(workdir, "zeroshot", config.gla.prior_data)
+  if config.gla.prior_data == "shots":  # few-shot: the k-shot training examples
+    train_z, train_y = _cached(workdir, "zeroshot", config.data.train)
+    shots = subsample.k_shot_indices(train_y, config.gla.shots, config.seed)[0]
+    prior_z, prior_y = train_z[shots], train_y[shots]
+    assert np.all(np.bincount(prior_y) == config.gla.shots)
+  else:
+    prior_z, prior_y = _cached(workdir, "zeroshot", config.gla.prior_data)
   freq = np.bincount(prior_y, minlength=len(log_prior)) / len(prior_y)
   theta = log_prior - np.log(freq)
   mean_probs = special.softmax(prior_z / result["results"]["prior_temperature"] - theta,
@@ -99,13 +105,15 @@ def test_absent_class(tmp_path):
   best = max(_accuracy(ft + g * absent, labels) for g in np.linspace(-5, 5, 201))
   assert oracle["acc_y_y"] >= best - 1e-9
   assert "ausuc.png" in result["plots"]
-  # PCV γ: per pseudo split, a brute-force sweep of every flip point on the evaluation data of
-  # the seen classes, keeping the best overall accuracy whose pseudo-absent accuracy is at least
-  # the zero-shot model's (the smallest such γ, as the exact sweep's argmax).
+  # PCV γ: per pseudo split, a brute-force sweep of every flip point on the held-out training
+  # examples of the seen classes, keeping the best overall accuracy whose pseudo-absent accuracy
+  # is at least the zero-shot model's (the smallest such γ, as the exact sweep's argmax).
   seen = ~absent
-  zs, _ = _cached(workdir, "zeroshot", config.data.eval)
-  on_s = seen[labels]
-  s_labels = np.searchsorted(np.flatnonzero(seen), labels[on_s])
+  zs, train_labels = _cached(workdir, "zeroshot", config.data.train)
+  held_out = np.asarray(result["results"]["pcv_held_out"])
+  on_seen = np.flatnonzero(seen[train_labels])
+  assert set(held_out) < set(on_seen) and 0 < held_out.size < on_seen.size
+  s_labels = np.searchsorted(np.flatnonzero(seen), train_labels[held_out])
   gammas = []
   assert result["results"]["pcv_seeds"] == list(config.absent_class.pcv_seeds)
   for seed, classes in zip(config.absent_class.pcv_seeds,
@@ -113,10 +121,10 @@ def test_absent_class(tmp_path):
     pseudo = np.isin(np.flatnonzero(seen), classes)
     assert pseudo.sum() == 25 and np.array_equal(
         pseudo, subsample.class_subset(50, 25, seed)[1])
-    pcv, _ = _cached(workdir, f"pcv_{seed}", config.data.eval)
-    logits = pcv[on_s][:, seen].astype(np.float32)
+    pcv, _ = _cached(workdir, f"pcv_{seed}", config.data.train)
+    logits = pcv[held_out][:, seen].astype(np.float32)
     rows_absent = pseudo[s_labels]
-    source = _accuracy(zs[on_s][:, seen][rows_absent], s_labels[rows_absent])
+    source = _accuracy(zs[held_out][:, seen][rows_absent], s_labels[rows_absent])
     delta = np.sort(np.unique(np.where(pseudo, -np.inf, logits).max(-1)
                               - np.where(pseudo, logits, -np.inf).max(-1)))
     edges = np.concatenate([delta[:1] - 2.0, delta, delta[-1:] + 2.0])

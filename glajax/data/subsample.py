@@ -70,6 +70,23 @@ def k_shot_indices(labels, k: int, seed: int, val_k: int = 0):
   return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
 
 
+def holdout_indices(labels, fraction: float, seed: int):
+  """(kept, held_out) sorted positions into ``labels``: per class, a seeded random
+  round(fraction · n_c) of its n_c examples are held out, at least one and never all of them
+  (a class with a single example keeps it)."""
+  labels = _labels(labels)
+  if not 0 < fraction < 1:
+    raise bad_argument("fraction", "a fraction in (0, 1)", fraction)
+  rng = np.random.default_rng(seed)
+  kept, held_out = [], []
+  for c in np.unique(labels):
+    draw = rng.permutation(np.flatnonzero(labels == c))
+    count = min(max(1, round(fraction * len(draw))), len(draw) - 1)
+    held_out.append(draw[:count])
+    kept.append(draw[count:])
+  return np.sort(np.concatenate(kept)), np.sort(np.concatenate(held_out))
+
+
 def class_subset(num_classes: int, num_seen: int, seed: int):
   """(seen, absent) boolean masks of shape (C,): ``num_seen`` classes drawn at random are seen
   during fine-tuning, the rest absent (Mai et al., NeurIPS 2024)."""

@@ -149,7 +149,7 @@ def datasets_of(config) -> list[str]:
   data = config.data
   specs = [data.train, data.eval, *data.get("shifts", ()),
            config.get("gla", {}).get("prior_data")]
-  return [s for s in specs if s]
+  return [s for s in specs if s and s != SHOTS]
 
 
 def checkpoints_of(config) -> list[str]:
@@ -249,6 +249,10 @@ def validate(config, check_files: bool = True) -> None:
                        repr(config.get("experiment")), ConfigError)
   if not checkpoints_of(config):
     raise bad_argument("model.checkpoints", "at least one checkpoint", "none", ConfigError)
+  gla = config.get("gla", {})
+  if gla.get("prior_data") == SHOTS and not gla.get("shots"):
+    raise bad_argument("gla.prior_data", f"a dataset spec, or {SHOTS!r} with gla.shots > 0",
+                       f"{SHOTS!r} with gla.shots = {gla.get('shots')}", ConfigError)
   if check_files:
     _check_dir("data.data_dir", config.data.data_dir)
     _check_dir("data.manual_dir", config.data.manual_dir)
@@ -302,6 +306,7 @@ FEWSHOT_DATASETS = ("imagenet2012", "caltech101", "oxford_iiit_pet", "cars196",
 BACKBONES = ("openai/clip-vit-base-patch16", "laion/CLIP-ViT-B-16-laion2B-s34B-b88K",
              "facebook/metaclip-b16-fullcc2.5b")
 TINY_WORLD = "demo_shapes_tiny"
+SHOTS = "shots"  # gla.prior_data: the k-shot training examples
 
 
 def parse_arg(arg: str | None, allowed) -> set[str]:

@@ -93,7 +93,7 @@ def wise_ft(exp) -> dict:
   import jax  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
   from glajax import methods as M  # pylint: disable=import-outside-toplevel
-  from glajax.train import engine, recipes  # pylint: disable=import-outside-toplevel
+  from glajax.train import engine, mesh, recipes  # pylint: disable=import-outside-toplevel
   config = exp.config
   checkpoint = config.model.checkpoints[0]
   id_spec, shifts = _eval_specs(config)
@@ -116,7 +116,10 @@ def wise_ft(exp) -> dict:
   export_alpha = float(config.wise_ft.export_alpha)
   final = exp.path("final", f"wise_ft_alpha{export_alpha:g}")
   if not _exists(final):
-    recipes.export_classifier(merged(export_alpha), final)
+    model = merged(export_alpha)  # every process takes part; process 0 writes
+    if mesh.is_primary():
+      recipes.export_classifier(model, final)
+    mesh.barrier("glajax wise_ft export")
   columns = ["ID", *[_column(s, id_spec) for s in shifts]] + (["avg shifts"] if shifts else [])
   names = {0.0: "zero-shot (α=0)", 1.0: "fine-tuned (α=1)"}
   label = lambda a: names.get(a, f"WiSE-FT α={a:g}")  # noqa: E731
@@ -168,13 +171,18 @@ def gla(exp) -> dict:
       return exp.fit("prompt_tuned", task, train, config.data.train, indices)
     classifiers = models
     models = _Lazy(zs=lambda: classifiers.zs, ft=prompt_tuned)
-  zs = exp.logits("zeroshot", lambda: models.zs, [*specs, options.prior_data])
-  ft = exp.logits("finetuned", lambda: models.ft, [*specs, options.prior_data])
-  prior_logits, prior_labels = zs[options.prior_data]
+  # The prior is estimated on labelled downstream data: gla.prior_data, or with
+  # gla.prior_data = "shots" the k-shot training examples (all a few-shot task has).
+  on_shots = options.prior_data == config_lib.SHOTS
+  prior_spec = config.data.train if on_shots else options.prior_data
+  prior_rows = indices if on_shots else slice(None)
+  zs = exp.logits("zeroshot", lambda: models.zs, [*specs, prior_spec])
+  ft = exp.logits("finetuned", lambda: models.ft, [*specs, prior_spec])
+  prior_logits, prior_labels = (a[prior_rows] for a in zs[prior_spec])
   log_prior, info = M.estimate_log_prior(
       prior_logits, prior_labels, return_info=True,
       temperature="match_confidence" if options.match_confidence else None)
-  temperature = (float(M.match_confidence_temperature(*ft[options.prior_data]))
+  temperature = (float(M.match_confidence_temperature(*(a[prior_rows] for a in ft[prior_spec])))
                  if options.finetune == "prompt_tuning" else 1.0)
   ft_log_prior = (np.log(counts / counts.sum()) if options.long_tail else None)
   results, rows = {}, []
@@ -278,23 +286,26 @@ def absent_class(exp) -> dict:
   on_seen = seen[train_y]
   gamma_alg = float(M.alg_gamma(train_logits[on_seen], train_y[on_seen], absent))
   gamma_oracle = float(M.oracle_gamma(ft_logits, labels, absent))
-  # PCV: per seed, fine-tune on a pseudo-seen half of S and sweep γ on held-out data of S. The
-  # experiment has no validation split, so that is the evaluation split restricted to S (and
-  # to S's logits); the source model's pseudo-absent accuracy is taken on the same samples.
-  seen_ids, on_s = np.flatnonzero(seen), seen[labels]
-  s_labels = np.searchsorted(seen_ids, labels[on_s])
+  # PCV: hold out ``pcv_holdout`` of S's training examples (per class); per seed, fine-tune on
+  # the rest of a pseudo-seen half of S and choose γ on the held-out examples, the source
+  # (zero-shot) model's pseudo-absent accuracy taken on the same examples.
+  pcv_train, pcv_val = (indices[i] for i in subsample.holdout_indices(
+      train_labels[indices], options.pcv_holdout, options.split_seed))
+  zs_train = exp.logits("zeroshot", lambda: models.zs, [config.data.train])[config.data.train][0]
+  seen_ids = np.flatnonzero(seen)
+  val_labels = np.searchsorted(seen_ids, train_labels[pcv_val])
   splits, pseudo_absent_classes = [], []
   for seed in options.pcv_seeds:
     pseudo_seen, pseudo_absent = subsample.class_subset(len(seen_ids), len(seen_ids) // 2, seed)
-    pcv_seen = seen.copy()
-    pcv_seen[seen] = pseudo_seen
-    pcv_indices = subsample.indices_in_classes(train_labels, pcv_seen)
+    pcv_seen = np.zeros_like(seen)
+    pcv_seen[seen_ids[pseudo_seen]] = True
     name = f"pcv_{seed}"
+    pcv_indices = pcv_train[pcv_seen[train_labels[pcv_train]]]
     pcv_logits = exp.logits(name, lambda n=name, i=pcv_indices: _finetune(
-        exp, models.zs, n, config.data.train, exp.train_config(), i, export=False), [id_spec])
-    pcv_logits = pcv_logits[id_spec][0]
-    source = M.seen_absent_accuracies(zs_logits[on_s][:, seen], s_labels, pseudo_absent)
-    splits.append((pcv_logits[on_s][:, seen], s_labels, pseudo_absent, source["acc_u_y"]))
+        exp, models.zs, n, config.data.train, exp.train_config(), i, export=False),
+                            [config.data.train])[config.data.train][0]
+    source = M.seen_absent_accuracies(zs_train[pcv_val][:, seen], val_labels, pseudo_absent)
+    splits.append((pcv_logits[pcv_val][:, seen], val_labels, pseudo_absent, source["acc_u_y"]))
     pseudo_absent_classes.append(seen_ids[pseudo_absent].tolist())
   gamma_pcv = float(M.pcv_gamma(splits))
   variants = {"zero-shot": zs_logits, "fine-tuned": ft_logits,
@@ -317,6 +328,7 @@ def absent_class(exp) -> dict:
   return {"results": {"accuracy": results, "gamma_alg": gamma_alg, "gamma_pcv": gamma_pcv,
                       "gamma_oracle": gamma_oracle, "seen_classes": np.flatnonzero(seen).tolist(),
                       "pcv_seeds": list(options.pcv_seeds),
+                      "pcv_held_out": pcv_val.tolist(),
                       "pcv_pseudo_absent_classes": pseudo_absent_classes},
           "tables": [table(title, columns, rows, config.published)],
           "plots": {"ausuc.png": ("ausuc", curves)}}

@@ -34,6 +34,7 @@ def claim_workdir(config, workdir: str) -> str:
   A work directory that holds another experiment (another fingerprint), or checkpoints of an
   unknown one, raises a ConfigError before anything is written.
   """
+  from glajax.train import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
   workdir = os.path.abspath(os.path.expanduser(workdir))
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise bad_argument("--workdir", "a directory", f"the file {workdir}", ConfigError)
@@ -52,12 +53,14 @@ def claim_workdir(config, workdir: str) -> str:
     raise bad_argument("--workdir", "a new directory or one of this experiment",
                        f"{workdir} holding checkpoints of an unknown experiment (no "
                        f"{EXPERIMENT_FILE}); choose another --workdir", ConfigError)
-  os.makedirs(workdir, exist_ok=True)
-  tmp = f"{record}.tmp"
-  with open(tmp, "w") as f:
-    json.dump({"fingerprint": print_, "config_spec": config.get("config_spec"),
-               "config": json.loads(config.to_json_best_effort())}, f, indent=2)
-  os.replace(tmp, record)
+  if mesh_lib.is_primary():
+    os.makedirs(workdir, exist_ok=True)
+    tmp = f"{record}.tmp"
+    with open(tmp, "w") as f:
+      json.dump({"fingerprint": print_, "config_spec": config.get("config_spec"),
+                 "config": json.loads(config.to_json_best_effort())}, f, indent=2)
+    os.replace(tmp, record)
+  mesh_lib.barrier("glajax claim_workdir")
   return workdir
 
 
@@ -146,15 +149,18 @@ class Experiment:
     ImageNet-R/A/ObjectNet go through ``registry.eval_logits_transform``. Cached as
     ``logits/<tag>__<spec>.npz`` by ``engine.save_logits``.
     """
-    from glajax.train import engine  # pylint: disable=import-outside-toplevel
+    from glajax.train import engine, mesh as mesh_lib  # pylint: disable=import-outside-toplevel
     specs = list(dict.fromkeys(specs))
     missing = [s for s in specs if not os.path.isfile(self._logits_file(tag, s))]
     if missing:
-      os.makedirs(self.path(LOGITS_DIR), exist_ok=True)
       metadata = {"tag": tag, "fingerprint": config_lib.fingerprint(self.config)}
-      for spec, (logits, labels) in self._evaluate(make_model(), missing).items():
-        engine.save_logits(self._logits_file(tag, spec), logits, labels,
-                           {**metadata, "dataset": spec})
+      evaluated = self._evaluate(make_model(), missing)  # every process takes part
+      if mesh_lib.is_primary():
+        os.makedirs(self.path(LOGITS_DIR), exist_ok=True)
+        for spec, (logits, labels) in evaluated.items():
+          engine.save_logits(self._logits_file(tag, spec), logits, labels,
+                             {**metadata, "dataset": spec})
+      mesh_lib.barrier(f"glajax logits {tag}")
     out = {}
     for spec in specs:
       with np.load(self._logits_file(tag, spec)) as cached:

@@ -3,7 +3,8 @@
 Data parallelism is ``jax.jit`` over a ``Mesh`` of all devices with one axis, ``data``: batches are
 sharded on their leading axis, parameters are replicated (what ``pmap`` lowers to since JAX 0.8).
 Each process feeds its own slice of the global batch; multi-host runs call
-``jax.distributed.initialize()`` first.
+``jax.distributed.initialize()`` first, and share one work directory: process 0 writes the files
+(``is_primary``) and the others wait at a ``barrier`` where they read them.
 """
 from __future__ import annotations
 
@@ -22,6 +23,19 @@ def make_mesh(devices=None) -> Mesh:
   if not devices:
     raise bad_argument("devices", "at least one device", "an empty list")
   return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def is_primary() -> bool:
+  """Whether this process writes shared files (reports, logits, exports): process 0."""
+  return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+  """Waits until every process reaches ``barrier(name)`` (no-op in a single process), e.g. so
+  that what process 0 wrote to the shared work directory is there for all."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    multihost_utils.sync_global_devices(name)
 
 
 def data_sharding(mesh: Mesh) -> NamedSharding:
