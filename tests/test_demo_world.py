@@ -117,5 +117,5 @@ def test_tfds_builder_round_trip(tmp_path):
   for ex in expected.values():
     images = by_caption[(ex["caption"], ex["label"])]
     assert any(np.array_equal(ex["image"], image) for image in images)
-  assert read[0]["caption"].decode() == "a sketch of a {}.".format(
+  assert read[0]["caption"].decode() == "a picture of a {}.".format(
       world.CLASSNAMES[read[0]["label"]])

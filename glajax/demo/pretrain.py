@@ -1,9 +1,9 @@
 """Pre-training the demo's small foundation models: contrastive image–caption training on the
-world's long-tailed pre-training sets, with the library's CLIP, tokenizer, pipeline and engine.
+world's long-tailed pre-training sets, with the library's CLIP, tokenizer, pipeline and engine
+(see ``caption_loss_fn`` for the loss and why its optimum carries the pre-training label prior).
 
-Captions are few (class × domain), so they are tokenised once into a table (trimmed after the
-longest caption's EOS) and every example's "label" is its caption's row:
-``caption_id = label · |DOMAINS| + domain``.
+The world has one caption per class, so the captions are tokenised once into a table (trimmed
+after the longest caption's EOS) and every example's label is its caption's row.
 """
 from __future__ import annotations
 
@@ -47,30 +47,35 @@ def foundation_config(spec: PretrainSpec, image_size: int = 32):
 
 
 def caption_texts() -> tuple[str, ...]:
-  """Every caption of the world, in ``caption_id = label · |DOMAINS| + domain`` order."""
-  return tuple(world.CAPTION_TEMPLATES[d].format(c) for c in world.CLASSNAMES
-               for d in world.DOMAINS)
+  """Every caption of the world, in label order."""
+  return tuple(world.CAPTION_TEMPLATE.format(c) for c in world.CLASSNAMES)
 
 
 def caption_dataset(builder, split: str) -> tf.data.Dataset:
-  """{"image": encoded bytes, "label": caption_id} of ``split`` of the prepared world builder."""
+  """{"image": encoded bytes, "label": caption row} of ``split`` of the prepared world builder."""
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
   ds = builder.as_dataset(split=split, shuffle_files=False,
                           decoders={"image": tfds.decode.SkipDecoding()})
-  return ds.map(lambda ex: {"image": ex["image"],
-                            "label": ex["label"] * len(world.DOMAINS) + ex["domain"]})
+  return ds.map(lambda ex: {"image": ex["image"], "label": ex["label"]})
 
 
-def contrastive_loss_fn(text_ids):
-  """loss(model, teacher, batch, rng): CLIP's symmetric loss between the batch's images and the
-  captions ``text_ids[batch["label"]]`` (FLYP's loss on the world's captions)."""
+def caption_loss_fn(text_ids):
+  """loss(model, teacher, batch, rng) = CE(exp(s)·norm(f_img)·norm(f_txt)ᵀ, label): CLIP's
+  image→text loss with every distinct caption of the world (``text_ids``) as a candidate.
+
+  Its optimum is z(x, t) = log p(t | x) + c(x): the pre-training conditional, label prior included,
+  which is how GLA models a foundation model's zero-shot logits (Zhu et al., NeurIPS 2023, §3).
+  In-batch negatives drawn from the caption marginal would instead have the pointwise mutual
+  information log p(t | x) / p(t) as optimum, which carries no label prior; the world has only
+  one caption per class, so each image can be contrasted with all of them at once.
+  """
   text_ids = jnp.asarray(text_ids)
 
   def loss_fn(model, teacher, batch, rng):
     del teacher, rng
-    image = model.encode_image(batch["image"])
-    text = model.encode_text(text_ids[batch["label"]])
-    loss = losses.clip_contrastive_loss(image, text, model.logit_scale[...])
+    logits = losses.contrastive_logits(model.encode_image(batch["image"]),
+                                       model.encode_text(text_ids), model.logit_scale[...])
+    loss = losses.cross_entropy(logits, batch["label"])
     return loss, {"logit_scale": jnp.exp(model.logit_scale[...])}
 
   return loss_fn
@@ -107,7 +112,8 @@ def pretrain(builder, index: int, spec: PretrainSpec, workdir: str, *, tokenizer
   directory = os.path.join(workdir, FOUNDATION_DIR.format(index))
   world_spec = builder.builder_config.spec
   recipe = json.dumps({"pretrain": dataclasses.asdict(spec), "world": dataclasses.asdict(
-      world_spec), "index": index, "seed": seed}, sort_keys=True)
+      world_spec), "world_version": str(builder.version), "index": index, "seed": seed},
+                      sort_keys=True)
   recipe_file = os.path.join(directory, RECIPE_FILE)
   if os.path.isfile(recipe_file) and open(recipe_file).read() == recipe:
     return glajax.load_clip(directory)
@@ -121,7 +127,7 @@ def pretrain(builder, index: int, spec: PretrainSpec, workdir: str, *, tokenizer
                                   image_size=world_spec.image_size, flip=False,
                                   start_step=start_step)
 
-  model, _ = engine.fit(model, contrastive_loss_fn(text_ids),
+  model, _ = engine.fit(model, caption_loss_fn(text_ids),
                         engine_config(spec, seed * 1000 + index, progress), data,
                         os.path.join(workdir, "runs", f"pretrain_{index}"))
   glajax.save_clip(model, directory)

@@ -7,9 +7,10 @@ import os
 
 import numpy as np
 
-from glajax.experiments.report import json_default, write_atomic
+from glajax.experiments.report import json_default, plot, write_atomic
 
 COMMAND = "glajax demo --workdir {workdir}{quick}"
+RELIABILITY_BINS = 10  # as CaRot reports ECE
 
 
 def _strict(value):
@@ -75,13 +76,23 @@ def markdown(results: dict, command: str) -> str:
               f"accuracy difference below about √(0.5/{test_size}) = "
               f"{(0.5 / test_size) ** 0.5:.3f} is within one standard error of sampling noise "
               "between two classifiers, so a small 'yes' is weak evidence.", ""]
-  prior = results.get("effects", {}).get("prior_spearman", {})
-  if prior.get("measured") and not prior.get("appeared"):
-    parts += ["The zero-shot model's label bias here does not follow the pre-training class "
-              "frequencies: at its optimum CLIP's contrastive loss learns the pointwise mutual "
-              "information of image and caption, which carries no label prior, and this world's "
-              "rare classes share their colour and shape with frequent ones. The prior GLA "
-              "estimates is the model's own bias, which is why debiasing can still help.", ""]
+  prior = results.get("prior", {})
+  if "slope" in prior:
+    parts += ["The foundation models are pre-trained with CLIP's image→text loss over every "
+              "distinct caption of the world, whose optimum is log p(caption | image): their "
+              "zero-shot logits carry the pre-training label prior, as GLA assumes of web-scale "
+              "CLIP. The estimated log prior against the true one has slope "
+              f"{prior['slope']:.2f} (1 at that optimum) and Spearman ρ {prior['spearman']:.2f}. "
+              "With in-batch negatives the optimum would be the pointwise mutual information "
+              "log p(caption | image) / p(caption), which carries no prior (a world trained that "
+              "way gave ρ ≈ 0.03).", ""]
+  finetune, zeroshot = results.get("finetune", {}), results.get("zeroshot", {})
+  if "accuracy" in finetune and "accuracy" in zeroshot:
+    after, before = finetune["accuracy"], zeroshot["accuracy"]
+    changes = ", ".join(f"{split[5:]} {after[split] - before[split]:+.3f}"
+                        for split in sorted(after) if split != "test_photo")
+    parts += [f"Fine-tuning on photos changed zero-shot accuracy on each shifted domain by: "
+              f"{changes}.", ""]
   rows = _accuracy_rows(results)
   if rows:
     splits = sorted(results["zeroshot"]["accuracy"])
@@ -93,72 +104,27 @@ def markdown(results: dict, command: str) -> str:
   return "\n".join(parts) + "\n"
 
 
-def _plot_prior(ax, arrays, results):
-  estimated, true = arrays["prior"]
-  ax.scatter(true, estimated, s=8)
-  ax.set_xlabel("true log prior (pre-training counts)")
-  ax.set_ylabel("estimated log prior (GLA)")
-  ax.set_title(f"Spearman ρ = {results['prior']['spearman']:.2f}")
-
-
-def _plot_wise_ft(ax, arrays, results):
-  del arrays
-  curve = results["wise_ft"]["curve"]
-  ax.plot([p["id"] for p in curve], [p["ood"] for p in curve], "o-")
-  for p in curve:
-    ax.annotate(f"{p['alpha']:g}", (p["id"], p["ood"]), fontsize=7)
-  ax.set_xlabel("ID accuracy (photo)")
-  ax.set_ylabel("OOD accuracy (mean of shifted domains)")
-  ax.set_title("WiSE-FT: α from zero-shot (0) to fine-tuned (1)")
-
-
-def _plot_reliability(ax, arrays, results):
-  from glajax import methods as M  # pylint: disable=import-outside-toplevel
-  del results
-  for name in ("flyp", "carot"):
-    logits, labels = arrays[f"reliability_{name}"]
-    diagram = M.reliability_diagram(logits, labels, num_bins=10)
-    confidence = np.asarray(diagram["confidence"])
-    accuracy = np.asarray(diagram["accuracy"])
-    keep = np.asarray(diagram["count"]) > 0
-    ax.plot(confidence[keep], accuracy[keep], "o-", label=name)
-  ax.plot([0, 1], [0, 1], "k--", lw=0.8)
-  ax.set_xlabel("confidence")
-  ax.set_ylabel("accuracy")
-  ax.set_title("Reliability under shift (sketch)")
-  ax.legend()
-
-
-def _plot_ausuc(ax, arrays, results):
-  del results
-  for name, (area, curve) in arrays["ausuc"].items():
-    ax.plot(np.asarray(curve["seen"]), np.asarray(curve["absent"]),
-            label=f"{name} (AUSUC {area:.3f})")
-  ax.set_xlabel("Acc S/Y (seen classes)")
-  ax.set_ylabel("Acc U/Y (absent classes)")
-  ax.set_title("Seen–absent trade-off as γ varies")
-  ax.legend()
+def _plot_data(arrays: dict, results: dict) -> dict:
+  """file name -> (plot kind, *data) for ``experiments.report.plot``, for each stage that ran."""
+  specs = {}
+  if "log_prior" in arrays:
+    specs["prior.png"] = ("prior", arrays["log_prior"], arrays["pretrain_counts"][0],
+                          "true prior (pre-training class frequency)")
+  if "wise_ft" in results:
+    specs["wise_ft.png"] = ("wise_ft_curve", results["wise_ft"]["curve"])
+  if "reliability" in arrays:
+    specs["reliability.png"] = ("reliability", arrays["reliability"], RELIABILITY_BINS)
+  if "ausuc" in arrays:
+    specs["ausuc.png"] = ("ausuc", arrays["ausuc"])
+  return specs
 
 
 def plots(workdir: str, arrays: dict, results: dict) -> list[str]:
   """Writes every plot whose data exists; returns the files written."""
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   written = []
-  for name, draw in (("prior", _plot_prior), ("wise_ft", _plot_wise_ft),
-                     ("reliability", _plot_reliability), ("ausuc", _plot_ausuc)):
-    fig, ax = plt.subplots(figsize=(4.5, 4))
-    try:
-      draw(ax, arrays, results)
-    except (KeyError, AttributeError):
-      plt.close(fig)
-      continue
-    fig.tight_layout()
-    path = os.path.join(workdir, f"{name}.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    written.append(path)
+  for filename, (kind, *data) in _plot_data(arrays, results).items():
+    plot(os.path.join(workdir, filename), kind, *data)
+    written.append(os.path.join(workdir, filename))
   return written
 
 

@@ -203,13 +203,14 @@ class Demo:
     log_prior, info = M.estimate_log_prior(train_logits, train_labels, return_info=True)
     self.zs_log_prior = np.asarray(log_prior)
     true_log_prior = np.log(self.arrays["pretrain_counts"][0] / self.spec.pretrain_size)
-    self.arrays["prior"] = (self.zs_log_prior, true_log_prior)
+    self.arrays["log_prior"] = self.zs_log_prior
     debiased = {s: _accuracy(M.logit_adjust(z, log_prior), y)
                 for s, (z, y) in self.zs_logits.items() if s in TEST_SPLITS}
     zs_acc = {s: _accuracy(*self.zs_logits[s]) for s in TEST_SPLITS}
     self.results["zeroshot"] = {"accuracy": zs_acc, "ood_accuracy": _mean(zs_acc, OOD_SPLITS)}
     self.results["prior"] = {
         "spearman": float(stats.spearmanr(self.zs_log_prior, true_log_prior).statistic),
+        "slope": float(np.polyfit(true_log_prior, self.zs_log_prior, 1)[0]),
         "pearson_log": float(np.corrcoef(self.zs_log_prior, true_log_prior)[0, 1]),
         "residual": float(info["residual"]), "estimated_on": "train (balanced, photo)"}
     self.results["debiased_zeroshot"] = {"accuracy": debiased,
@@ -235,9 +236,9 @@ class Demo:
     for alpha in self.scale.wise_alphas:
       merged = nnx.merge(graphdef, M.wise_ft(params_zs, params_ft, alpha), rest)
       acc = {s: _accuracy(*zy) for s, zy in self.test_logits(merged).items()}
-      curve.append({"alpha": float(alpha), "id": acc["test_photo"],
-                    "ood": _mean(acc, OOD_SPLITS)})
-    ood = [p["ood"] for p in curve]
+      curve.append({"alpha": float(alpha), "ID": acc["test_photo"],
+                    "avg shifts": _mean(acc, OOD_SPLITS)})
+    ood = [p["avg shifts"] for p in curve]
     interior = ood[1:-1]
     self.results["wise_ft"] = {
         "curve": curve,
@@ -370,7 +371,8 @@ class Demo:
       ece = {s: float(M.ece(*logits[s])) for s in TEST_SPLITS}
       out[name] = {"accuracy": acc, "ece": ece, "ood_accuracy": _mean(acc, OOD_SPLITS),
                    "ood_ece": _mean(ece, OOD_SPLITS)}
-      self.arrays[f"reliability_{name}"] = logits[OOD_SPLITS[0]]
+      self.arrays.setdefault("reliability", {})[f"{name} ({OOD_SPLITS[0][5:]})"] = (
+          logits[OOD_SPLITS[0]])
     out["ood_ece_change"] = out["carot"]["ood_ece"] - out["flyp"]["ood_ece"]
     self.results["carot"] = out
 

@@ -1,7 +1,8 @@
 """The demo world: coloured shapes rendered procedurally, as a TFDS dataset of the project's own.
 
-Classes are ``colour × shape`` (10 × 10 = 100), captioned "a photo of a red triangle.". Four domains
-share the classes: ``photo`` (filled shape on a smooth textured background; the fine-tuning domain),
+Classes are ``colour × shape`` (10 × 10 = 100), captioned "a picture of a red triangle." in every
+domain (web captions name the object more often than its rendering). Four domains share the
+classes: ``photo`` (filled shape on a smooth textured background; the fine-tuning domain),
 ``sketch`` (outline only, on paper), ``noise`` (a photo under heavy pixel noise) and ``texture``
 (a filled shape on high-contrast stripes). Pre-training pairs follow a steep long tail over classes
 (exponential profile, max/min = ``pretrain_imbalance``), like web data, so the pre-trained model's
@@ -25,12 +26,12 @@ COLOURS = {"red": (220, 40, 40), "orange": (245, 140, 20), "yellow": (235, 215, 
            "purple": (140, 50, 190), "pink": (245, 130, 190), "brown": (130, 80, 40),
            "black": (25, 25, 25)}
 DOMAINS = ("photo", "sketch", "noise", "texture")
-CAPTION_TEMPLATES = {"photo": "a photo of a {}.", "sketch": "a sketch of a {}.",
-                     "noise": "a noisy photo of a {}.", "texture": "a {} on a striped background."}
+CAPTION_TEMPLATE = "a picture of a {}."
 # Label = shape index · len(COLOURS) + colour index.
 CLASSNAMES = tuple(f"{colour} {shape}" for shape in SHAPES for colour in COLOURS)
 NUM_CLASSES = len(CLASSNAMES)
-TEMPLATES = tuple(CAPTION_TEMPLATES.values())
+# The prompt of zero-shot heads and class-prompt fine-tuning: the captions' own template.
+TEMPLATES = (CAPTION_TEMPLATE,)
 
 # Share of each domain among pre-training pairs (web data is mostly photos, but not only).
 PRETRAIN_DOMAIN_MIX = {"photo": 0.55, "sketch": 0.15, "noise": 0.15, "texture": 0.15}
@@ -238,7 +239,7 @@ def generate_split(spec: WorldSpec, split: str, chunk: int = 2048):
     for i in range(start, stop):
       domain = DOMAINS[domains[i]]
       yield i, {"image": images[i - start], "label": labels[i], "domain": domain,
-                "caption": CAPTION_TEMPLATES[domain].format(CLASSNAMES[labels[i]])}
+                "caption": CAPTION_TEMPLATE.format(CLASSNAMES[labels[i]])}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -260,8 +261,9 @@ def _config(name: str, description: str, **spec_fields) -> DemoShapesConfig:
 class DemoShapes(tfds.core.GeneratorBasedBuilder):
   """Coloured shapes × domains, with a long-tailed pre-training set of image–caption pairs."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "First release."}
+  VERSION = tfds.core.Version("2.0.0")
+  RELEASE_NOTES = {"1.0.0": "First release.",
+                   "2.0.0": "One caption template for every domain: 'a picture of a {}.'."}
   BUILDER_CONFIGS = [
       _config("default", "The world of `glajax demo`."),
       _config("quick", "A smaller world for `glajax demo --quick`.", pretrain_size=8_000,

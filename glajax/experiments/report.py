@@ -86,12 +86,12 @@ def _reliability(ax, outputs, num_bins):
   ax.legend(fontsize=7)
 
 
-def _prior(ax, log_prior, counts):
+def _prior(ax, log_prior, counts, counts_label="training label frequency"):
   order = np.argsort(-np.asarray(log_prior))
   ax.plot(np.exp(np.asarray(log_prior)[order]), label="estimated prior")
   counts = np.asarray(counts, np.float64)
   if counts.sum() > 0:
-    ax.plot(counts[order] / counts.sum(), label="training label frequency", alpha=0.7)
+    ax.plot(counts[order] / counts.sum(), label=counts_label, alpha=0.7)
   ax.set_yscale("log")
   ax.set_xlabel("class (sorted by estimated prior)")
   ax.set_ylabel("probability")
@@ -112,7 +112,9 @@ _DRAW = {"wise_ft_curve": _wise_ft_curve, "reliability": _reliability, "prior": 
          "ausuc": _ausuc}
 
 
-def _plot(path: str, kind: str, *data) -> None:
+def plot(path: str, kind: str, *data) -> None:
+  """Draws plot ``kind`` (``wise_ft_curve``, ``reliability``, ``prior`` or ``ausuc``) of
+  ``data`` into the PNG ``path``, atomically."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
@@ -178,11 +180,9 @@ def markdown(report: dict) -> str:
 def write(exp, outcome: dict) -> dict:
   """Writes report.json, report.md and the plots into the work directory; returns the report."""
   from glajax.experiments import config as config_lib  # pylint: disable=import-outside-toplevel
+  from glajax.train import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
   config = exp.config
-  plots = []
-  for filename, (kind, *data) in outcome.get("plots", {}).items():
-    _plot(exp.path(filename), kind, *data)
-    plots.append(filename)
+  plots = list(outcome.get("plots", {}))
   report = {
       "experiment": config.experiment,
       "command": f"glajax run {config.get('config_spec', '<config>')} --workdir {exp.workdir}",
@@ -191,6 +191,10 @@ def write(exp, outcome: dict) -> dict:
       "results": outcome["results"], "tables": outcome["tables"], "plots": plots,
       "final_models": _final_models(exp.workdir),
   }
-  write_atomic(exp.path("report.json"), json.dumps(report, indent=2, default=json_default))
-  write_atomic(exp.path("report.md"), markdown(report))
+  if mesh_lib.is_primary():  # one writer; the other processes return the same report
+    for filename, (kind, *data) in outcome.get("plots", {}).items():
+      plot(exp.path(filename), kind, *data)
+    write_atomic(exp.path("report.json"), json.dumps(report, indent=2, default=json_default))
+    write_atomic(exp.path("report.md"), markdown(report))
+  mesh_lib.barrier("glajax report")
   return report
