@@ -84,6 +84,8 @@ def test_full_configs_follow_the_papers():
     assert config.train.model.adapter_dim == 4  # 2^floor(log2(100 / 24))
   assert experiments.load("absent_class:imagenet_r").absent_class.num_seen == 100
   assert experiments.load("absent_class:imagenet_sketch").absent_class.num_seen == 500
+  office_home = experiments.load("absent_class:office_home").absent_class
+  assert (office_home.num_seen, office_home.test_fraction) == (30, 0.3)  # of 65 classes, 7:3
   for shots in (1, 2, 4, 8, 16):
     assert experiments.load(f"gla_fewshot:dtd,gla.shots={shots}").gla.shots == shots
   assert experiments.load("carot").train.carot.lambda_oc == 0.2
@@ -103,6 +105,7 @@ def test_missing_dataset_dir_or_checkpoint_fails_before_any_work(tmp_path):
        DatasetError, "manual_dir"),  # needs a manual download, not prepared
       ("wise_ft:runlocal,data.train='no_such_dataset'", DatasetError, "no_such_dataset"),
       ("gla_fewshot:runlocal,gla.shots=0", ConfigError, "gla.prior_data"),  # no shots to use
+      ("absent_class:imagenet_r,data.eval='imagenet_r@test[80%:]'", ConfigError, "data.eval"),
       ("wise_ft:data.manual_dirs.objectnet='/no/objectnet'", DatasetError, "/no/objectnet"),
       (f"wise_ft:data.data_dir='{tmp_path}'", DatasetError,
        "data.manual_dirs.imagenet2012"),  # the full config: ImageNet is not prepared there

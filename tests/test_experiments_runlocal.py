@@ -90,10 +90,22 @@ def test_backdoor(tmp_path):
   assert len(result["final_models"]) == 2
 
 
-def test_absent_class(tmp_path):
-  workdir, result = _run("absent_class:runlocal", tmp_path)
-  config = experiments.load("absent_class:runlocal")
+# The tiny world's own test split, and one labelled split divided per class (Office-Home style).
+ABSENT_SPECS = ["absent_class:runlocal",
+                "absent_class:runlocal,absent_class.test_fraction=0.3,"
+                "data.train='demo_shapes_quick@train',data.eval='demo_shapes_quick@train'"]
+
+
+@pytest.mark.parametrize("spec", ABSENT_SPECS)
+def test_absent_class(spec, tmp_path):
+  workdir, result = _run(spec, tmp_path)
+  config = experiments.load(spec)
   ft, labels = _cached(workdir, "finetuned", config.data.eval)
+  test_rows = result["results"]["test_rows"]
+  if test_rows is not None:  # test examples: 30 % of each class, never fine-tuned on
+    ft, labels = ft[test_rows], labels[test_rows]
+    assert np.all(np.bincount(labels) == 3)  # of 10 per class
+    assert not set(test_rows) & set(result["results"]["pcv_held_out"])
   absent = np.ones(ft.shape[1], bool)
   absent[result["results"]["seen_classes"]] = False
   assert absent.sum() == 50
@@ -113,6 +125,7 @@ def test_absent_class(tmp_path):
   held_out = np.asarray(result["results"]["pcv_held_out"])
   on_seen = np.flatnonzero(seen[train_labels])
   assert set(held_out) < set(on_seen) and 0 < held_out.size < on_seen.size
+  assert test_rows is None or held_out.size == 50  # round(0.2 · 7): 1 of each seen class
   s_labels = np.searchsorted(np.flatnonzero(seen), train_labels[held_out])
   gammas = []
   assert result["results"]["pcv_seeds"] == list(config.absent_class.pcv_seeds)

@@ -253,6 +253,11 @@ def validate(config, check_files: bool = True) -> None:
   if gla.get("prior_data") == SHOTS and not gla.get("shots"):
     raise bad_argument("gla.prior_data", f"a dataset spec, or {SHOTS!r} with gla.shots > 0",
                        f"{SHOTS!r} with gla.shots = {gla.get('shots')}", ConfigError)
+  absent = config.get("absent_class", {})
+  if absent.get("test_fraction") and config.data.eval != config.data.train:
+    raise bad_argument("data.eval", f"the training split {config.data.train!r}, which "
+                       "absent_class.test_fraction divides into fine-tuning and test data",
+                       repr(config.data.eval), ConfigError)
   if check_files:
     _check_dir("data.data_dir", config.data.data_dir)
     _check_dir("data.manual_dir", config.data.manual_dir)

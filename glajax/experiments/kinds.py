@@ -268,30 +268,36 @@ def backdoor(exp) -> dict:
 def absent_class(exp) -> dict:
   """Absent-class calibration (Mai et al., NeurIPS 2024): fine-tune on the seen classes, add γ
   to the absent classes' logits (ALG from the training data; PCV from pseudo splits of the
-  seen classes; oracle from test), AUSUC."""
+  seen classes; oracle from test), AUSUC. With ``absent_class.test_fraction`` the training
+  split is divided per class into fine-tuning pool and test set (the evaluation spec unused)."""
   from glajax import methods as M  # pylint: disable=import-outside-toplevel
   from glajax.data import subsample  # pylint: disable=import-outside-toplevel
   config, options = exp.config, exp.config.absent_class
   checkpoint = config.model.checkpoints[0]
   num_classes = len(exp.classes(config.data.train)[0])
   seen, absent = subsample.class_subset(num_classes, options.num_seen, options.split_seed)
-  train_labels = exp.labels(config.data.train)
-  indices = subsample.indices_in_classes(train_labels, seen)
-  models = _classifier_models(exp, checkpoint, config.data.train, exp.train_config(), indices)
-  id_spec = config.data.eval
-  zs_logits, labels = exp.logits("zeroshot", lambda: models.zs, [id_spec])[id_spec]
-  ft = exp.logits("finetuned", lambda: models.ft, [id_spec, config.data.train])
-  ft_logits = ft[id_spec][0]
-  train_logits, train_y = ft[config.data.train]
-  on_seen = seen[train_y]
-  gamma_alg = float(M.alg_gamma(train_logits[on_seen], train_y[on_seen], absent))
+  train_spec = config.data.train
+  train_labels = exp.labels(train_spec)
+  if options.test_fraction:  # one labelled split, divided per class into training and test
+    pool, test_rows = subsample.holdout_indices(train_labels, options.test_fraction,
+                                                options.split_seed)
+    id_spec = train_spec
+  else:
+    pool, test_rows, id_spec = np.arange(train_labels.size), slice(None), config.data.eval
+  indices = pool[seen[train_labels[pool]]]  # the fine-tuning data: the seen classes' examples
+  models = _classifier_models(exp, checkpoint, train_spec, exp.train_config(), indices)
+  zs = exp.logits("zeroshot", lambda: models.zs, [id_spec, train_spec])
+  ft = exp.logits("finetuned", lambda: models.ft, [id_spec, train_spec])
+  zs_logits, labels = (a[test_rows] for a in zs[id_spec])
+  ft_logits = ft[id_spec][0][test_rows]
+  gamma_alg = float(M.alg_gamma(ft[train_spec][0][indices], train_labels[indices], absent))
   gamma_oracle = float(M.oracle_gamma(ft_logits, labels, absent))
   # PCV: hold out ``pcv_holdout`` of S's training examples (per class); per seed, fine-tune on
   # the rest of a pseudo-seen half of S and choose γ on the held-out examples, the source
   # (zero-shot) model's pseudo-absent accuracy taken on the same examples.
   pcv_train, pcv_val = (indices[i] for i in subsample.holdout_indices(
       train_labels[indices], options.pcv_holdout, options.split_seed))
-  zs_train = exp.logits("zeroshot", lambda: models.zs, [config.data.train])[config.data.train][0]
+  zs_train = zs[train_spec][0]
   seen_ids = np.flatnonzero(seen)
   val_labels = np.searchsorted(seen_ids, train_labels[pcv_val])
   splits, pseudo_absent_classes = [], []
@@ -302,8 +308,8 @@ def absent_class(exp) -> dict:
     name = f"pcv_{seed}"
     pcv_indices = pcv_train[pcv_seen[train_labels[pcv_train]]]
     pcv_logits = exp.logits(name, lambda n=name, i=pcv_indices: _finetune(
-        exp, models.zs, n, config.data.train, exp.train_config(), i, export=False),
-                            [config.data.train])[config.data.train][0]
+        exp, models.zs, n, train_spec, exp.train_config(), i, export=False),
+                            [train_spec])[train_spec][0]
     source = M.seen_absent_accuracies(zs_train[pcv_val][:, seen], val_labels, pseudo_absent)
     splits.append((pcv_logits[pcv_val][:, seen], val_labels, pseudo_absent, source["acc_u_y"]))
     pseudo_absent_classes.append(seen_ids[pseudo_absent].tolist())
@@ -329,6 +335,7 @@ def absent_class(exp) -> dict:
                       "gamma_oracle": gamma_oracle, "seen_classes": np.flatnonzero(seen).tolist(),
                       "pcv_seeds": list(options.pcv_seeds),
                       "pcv_held_out": pcv_val.tolist(),
+                      "test_rows": test_rows.tolist() if options.test_fraction else None,
                       "pcv_pseudo_absent_classes": pseudo_absent_classes},
           "tables": [table(title, columns, rows, config.published)],
           "plots": {"ausuc.png": ("ausuc", curves)}}
