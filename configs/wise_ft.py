@@ -18,15 +18,12 @@ def get_config(arg=None):
   args = C.parse_arg(arg, ("runlocal", "linear"))
   config = C.base("wise_ft")
   config.data.update(train="imagenet2012", eval="imagenet2012", shifts=C.IMAGENET_SHIFTS)
-  if "linear" in args:
-    # Linear classifier: the encoder frozen, the head (from the zero-shot head) trained.
-    config.train = recipes.linear_probe()
-    config.train.optimizer.trainable = ("^head/",)
-  else:
-    config.train = recipes.finetune()
+  # Linear classifier: the head (from the zero-shot head) trained on the frozen encoder's
+  # cached features; end to end: the whole CLIP and the head.
+  config.train = recipes.linear_probe() if "linear" in args else recipes.finetune()
   config.train.total_steps = -1  # epochs · ⌈N / batch⌉
   config.wise_ft = dict(alphas=tuple(float(a) for a in np.round(np.linspace(0, 1, 11), 2)),
-                        export_alpha=0.5, ece_bins=15)
+                        export_alpha=0.5, ece_bins=15, linear="linear" in args)
   if "linear" not in args:
     config.published = dict(
         source="Wortsman et al., CVPR 2022, ViT-B/16 end-to-end ImageNet accuracy, entered from "

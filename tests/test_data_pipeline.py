@@ -145,3 +145,28 @@ def test_processes_read_disjoint_slices_in_step(monkeypatch, processes):
                                         image_size=8, indices=[0, 5, 9]))
     assert set(_identity(train["image"])) <= {0, 5, 9}
   assert sorted(seen) == list(range(10)) and len(lengths) == 1
+
+
+def test_array_batches_shuffle_each_epoch_resume_and_split_over_processes(monkeypatch):
+  arrays = {"features": np.arange(10, dtype=np.float32)[:, None] * [1, -1], "label": np.arange(10)}
+
+  def take(start_step=0, n=6, **kwargs):
+    return _take(pipeline.array_batches(arrays, batch_size=4, seed=0, start_step=start_step,
+                                        **kwargs), n)
+  first = take()
+  labels = [b["label"] for b in first]
+  for batch in first:  # rows stay together
+    np.testing.assert_array_equal(batch["features"][:, 0], batch["label"])
+  epochs = [np.concatenate(labels[:2]), np.concatenate(labels[2:4])]  # ⌊10 / 4⌋ = 2 steps
+  for e, epoch in enumerate(epochs):
+    np.testing.assert_array_equal(epoch, np.random.default_rng([0, e]).permutation(10)[:8])
+  for a, b in zip(first[3:], take(start_step=3, n=3)):
+    np.testing.assert_array_equal(a["label"], b["label"])
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  halves = []
+  for me in range(2):
+    monkeypatch.setattr(jax, "process_index", lambda me=me: me)
+    halves.append(take(n=1)[0]["label"])
+  np.testing.assert_array_equal(np.concatenate(halves), labels[0])
+  with pytest.raises(InputError, match="arrays"):
+    next(pipeline.array_batches({"x": np.zeros(3), "label": np.zeros(4)}, batch_size=2, seed=0))

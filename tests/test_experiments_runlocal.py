@@ -169,3 +169,29 @@ def test_contrastive(method, tmp_path):
             for b in range(config.contrastive.ece_bins)) / len(labels)
   assert _rows(result)[method]["ECE test_sketch"] == pytest.approx(ece, abs=1e-5)
   assert method in result["final_models"]
+
+
+def test_wise_ft_linear_classifier_on_cached_features(tmp_path):
+  """WiSE-FT's linear variant: the head trained on cached features of the frozen encoder, so
+  every α shares the zero-shot encoder and interpolates the heads only."""
+  from safetensors.numpy import load_file
+  workdir, result = _run("wise_ft:runlocal,linear", tmp_path)
+  config = experiments.load("wise_ft:runlocal,linear")
+  features, train_labels = _cached(workdir, "features", config.data.train)
+  encoder = load_file(workdir / "models" / "tiny_0" / "model.safetensors")
+  merged = load_file(workdir / "final" / "wise_ft_alpha0.5" / "model.safetensors")
+  for key in encoder:
+    np.testing.assert_array_equal(merged[key], encoder[key], err_msg=key)
+  with np.load(workdir / "final" / "finetuned" / "head.npz") as trained, \
+       np.load(workdir / "final" / "wise_ft_alpha0.5" / "head.npz") as half:
+    zs, _ = _cached(workdir, "wise_alpha0", config.data.eval)
+    # The exported α = 0.5 head is halfway between the zero-shot head and the trained one:
+    # its logits are the mean of the two models' logits on the same (shared) features.
+    ft, labels = _cached(workdir, "wise_alpha1", config.data.eval)
+    mid, _ = _cached(workdir, "wise_alpha0.5", config.data.eval)
+    np.testing.assert_allclose(mid, (zs + ft) / 2, rtol=1e-4, atol=1e-4)
+    assert not np.allclose(zs, ft)  # the head was trained
+    assert set(trained) == set(half) == {"kernel", "bias"}
+    assert features.shape == (len(train_labels), trained["kernel"].shape[0])  # (N, D)
+  rows = _rows(result)
+  assert rows["fine-tuned (α=1)"]["ID"] == pytest.approx(_accuracy(ft, labels), abs=1e-9)

@@ -283,6 +283,34 @@ def train_batches(name_or_dataset, *, batch_size: int, seed: int, split: str | N
     yield _place(batch, mesh)
 
 
+def array_batches(arrays: dict, *, batch_size: int, seed: int, start_step: int = 0,
+                  mesh=None) -> Iterator[dict]:
+  """Endless shuffled batches of in-memory arrays with one leading axis (e.g. cached features
+  {"features", "label"}), for training on them; the ``train_batches`` contract.
+
+  Epoch e visits the rows in the order ``default_rng([seed, e]).permutation(N)``, in ⌊N / B⌋
+  full batches; each process takes its slice of every global batch; ``start_step`` resumes there.
+  """
+  local = _check_batch_size(batch_size, mesh)
+  arrays = {k: np.asarray(v) for k, v in arrays.items()}
+  sizes = {len(v) for v in arrays.values()}
+  if len(sizes) != 1 or min(sizes) < batch_size:
+    raise bad_argument("arrays", f"arrays of one length >= batch_size {batch_size}",
+                       {k: v.shape for k, v in arrays.items()})
+  if start_step < 0:
+    raise bad_argument("start_step", "a step >= 0", start_step)
+  size = sizes.pop()
+  steps_per_epoch = size // batch_size
+  epoch, step = divmod(start_step, steps_per_epoch)
+  me = jax.process_index()
+  while True:
+    order = np.random.default_rng([seed, epoch]).permutation(size)
+    for step in range(step, steps_per_epoch):
+      rows = order[step * batch_size + me * local:step * batch_size + (me + 1) * local]
+      yield _place({k: v[rows] for k, v in arrays.items()}, mesh)
+    epoch, step = epoch + 1, 0
+
+
 def read_labels(name_or_dataset, split: str | None = None, data_dir=None,
                 manual_dir=None) -> np.ndarray:
   """(N,) int32 labels of the whole split in index order (every process reads all of them).

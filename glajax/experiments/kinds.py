@@ -99,6 +99,10 @@ def wise_ft(exp) -> dict:
   id_spec, shifts = _eval_specs(config)
   specs = [id_spec, *shifts]
   models = _classifier_models(exp, checkpoint, config.data.train, exp.train_config())
+  if config.wise_ft.linear:
+    classifiers = models
+    models = _Lazy(zs=lambda: classifiers.zs, ft=lambda: _linear_probe(
+        exp, classifiers.zs, "finetuned", config.data.train, exp.train_config()))
 
   def merged(alpha):
     graphdef, params_zs, rest = engine.split_model(models.zs)
@@ -131,6 +135,19 @@ def wise_ft(exp) -> dict:
           "tables": [main],
           "plots": {"wise_ft_curve.png": ("wise_ft_curve", curve),
                     "reliability.png": ("reliability", reliability, config.wise_ft.ece_bins)}}
+
+
+def _linear_probe(exp, zs, name: str, train_spec: str, train):
+  """WiSE-FT's linear classifier: the zero-shot head trained on the frozen encoder's features
+  of ``train_spec`` (computed once, cached like logits, no augmentation)."""
+  from glajax.models import heads  # pylint: disable=import-outside-toplevel
+  from glajax.train import recipes  # pylint: disable=import-outside-toplevel
+  features, labels = exp.logits("features", lambda: zs.clip, [train_spec],
+                                logits_fn=recipes.image_features)[train_spec]
+  head = heads.LinearHead(np.asarray(zs.head.kernel[...]), np.asarray(zs.head.bias[...]))
+  task = recipes.linear_probe_task(head, train)
+  head = exp.fit_arrays(name, task, train, {"features": features, "label": labels})
+  return heads.CLIPClassifier(zs.clip, head)
 
 
 def _exists(path: str) -> bool:

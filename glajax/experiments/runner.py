@@ -141,20 +141,22 @@ class Experiment:
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in spec)
     return self.path(LOGITS_DIR, f"{tag}__{safe}.npz")
 
-  def logits(self, tag: str, make_model: Callable, specs) -> dict[str, tuple]:
+  def logits(self, tag: str, make_model: Callable, specs, logits_fn=None) -> dict[str, tuple]:
     """spec -> (logits (N, C), labels (N,)) of the model ``make_model()`` (an image classifier,
     built only if some logits are not cached yet) on each dataset spec.
 
     The missing specs are evaluated in one pass (one compilation); ImageNet-1k logits on
     ImageNet-R/A/ObjectNet go through ``registry.eval_logits_transform``. Cached as
-    ``logits/<tag>__<spec>.npz`` by ``engine.save_logits``.
+    ``logits/<tag>__<spec>.npz`` by ``engine.save_logits``. ``logits_fn(model, batch)``
+    replaces the classifier's ``engine.image_logits`` (e.g. ``recipes.image_features`` caches
+    features; no class transform then).
     """
     from glajax.train import engine, mesh as mesh_lib  # pylint: disable=import-outside-toplevel
     specs = list(dict.fromkeys(specs))
     missing = [s for s in specs if not os.path.isfile(self._logits_file(tag, s))]
     if missing:
       metadata = {"tag": tag, "fingerprint": config_lib.fingerprint(self.config)}
-      evaluated = self._evaluate(make_model(), missing)  # every process takes part
+      evaluated = self._evaluate(make_model(), missing, logits_fn)  # every process takes part
       if mesh_lib.is_primary():
         os.makedirs(self.path(LOGITS_DIR), exist_ok=True)
         for spec, (logits, labels) in evaluated.items():
@@ -167,7 +169,7 @@ class Experiment:
         out[spec] = (cached["logits"], cached["labels"])
     return out
 
-  def _evaluate(self, model, specs: list[str]) -> dict[str, tuple]:
+  def _evaluate(self, model, specs: list[str], logits_fn=None) -> dict[str, tuple]:
     from glajax.data import pipeline, registry  # pylint: disable=import-outside-toplevel
     from glajax.train import engine  # pylint: disable=import-outside-toplevel
     parsed = [config_lib.dataset_spec(s) for s in specs]
@@ -176,12 +178,13 @@ class Experiment:
                               image_size=self.config.data.image_size, mesh=self.mesh,
                               data_dir=self.data_dir, manual_dir=self.manual_dir(name))
         for name, split in parsed)
-    logits, labels = engine.evaluate_logits(model, engine.image_logits, batches, self.mesh)
+    logits, labels = engine.evaluate_logits(model, logits_fn or engine.image_logits, batches,
+                                            self.mesh)
     sizes = [self._split_size(name, split) for name, split in parsed]
     out = {}
     for spec, (name, _), z, y in zip(specs, parsed, np.split(logits, np.cumsum(sizes)[:-1]),
                                      np.split(labels, np.cumsum(sizes)[:-1])):
-      transform = registry.eval_logits_transform(name)
+      transform = registry.eval_logits_transform(name) if logits_fn is None else None
       out[spec] = (np.asarray(transform(z)) if transform is not None and z.shape[1] == 1000
                    else z, y)
     return out
@@ -211,11 +214,8 @@ class Experiment:
     ``runs/<name>`` (resuming from its checkpoints); exports to ``final/<name>``; returns the
     evaluated model (``task.eval_model`` applied)."""
     from glajax.data import pipeline  # pylint: disable=import-outside-toplevel
-    from glajax.train import engine, recipes  # pylint: disable=import-outside-toplevel
     dataset, split = config_lib.dataset_spec(spec)
-    if train.total_steps <= 0:
-      count = len(indices) if indices is not None else len(self.labels(spec))
-      recipes.set_total_steps(train, count)
+    count = len(indices) if indices is not None else len(self.labels(spec))
 
     def data(start_step):
       return pipeline.train_batches(dataset, split=split, batch_size=train.batch_size,
@@ -223,6 +223,22 @@ class Experiment:
                                     indices=indices, start_step=start_step, mesh=self.mesh,
                                     data_dir=self.data_dir, manual_dir=self.manual_dir(dataset))
 
+    return self._fit(name, task, train, data, count)
+
+  def fit_arrays(self, name: str, task, train, arrays: dict):
+    """``fit`` on in-memory arrays (e.g. cached features {"features", "label"})."""
+    from glajax.data import pipeline  # pylint: disable=import-outside-toplevel
+
+    def data(start_step):
+      return pipeline.array_batches(arrays, batch_size=train.batch_size, seed=self.config.seed,
+                                    start_step=start_step, mesh=self.mesh)
+
+    return self._fit(name, task, train, data, len(arrays["label"]))
+
+  def _fit(self, name: str, task, train, data, count: int):
+    from glajax.train import engine, recipes  # pylint: disable=import-outside-toplevel
+    if train.total_steps <= 0:
+      recipes.set_total_steps(train, count)
     final = self.path(FINAL_DIR, name)
     export = None if task.export is None else (lambda model, _: task.export(model, final))
     model, _ = engine.fit(task.model, task.loss_fn, train, data, self.path(RUNS_DIR, name),

@@ -213,10 +213,11 @@ def linear_probe_task(head: LinearHead, config) -> Task:
 
 def cache_features(clip, batches, mesh=None):
   """(features, labels): ``encode_image`` of every batch (padding dropped), for linear probes."""
-  return engine.evaluate_logits(clip, _image_features, batches, mesh)
+  return engine.evaluate_logits(clip, image_features, batches, mesh)
 
 
-def _image_features(clip, batch):
+def image_features(clip, batch):
+  """The ``logits_fn`` that caches features: ``clip.encode_image(batch["image"])``."""
   return clip.encode_image(batch["image"])
 
 
