@@ -215,7 +215,6 @@ class Experiment:
     evaluated model (``task.eval_model`` applied)."""
     from glajax.data import pipeline  # pylint: disable=import-outside-toplevel
     dataset, split = config_lib.dataset_spec(spec)
-    count = len(indices) if indices is not None else len(self.labels(spec))
 
     def data(start_step):
       return pipeline.train_batches(dataset, split=split, batch_size=train.batch_size,
@@ -223,7 +222,8 @@ class Experiment:
                                     indices=indices, start_step=start_step, mesh=self.mesh,
                                     data_dir=self.data_dir, manual_dir=self.manual_dir(dataset))
 
-    return self._fit(name, task, train, data, count)
+    return self._fit(name, task, train, data, lambda: len(
+        indices if indices is not None else self.labels(spec)))
 
   def fit_arrays(self, name: str, task, train, arrays: dict):
     """``fit`` on in-memory arrays (e.g. cached features {"features", "label"})."""
@@ -233,12 +233,14 @@ class Experiment:
       return pipeline.array_batches(arrays, batch_size=train.batch_size, seed=self.config.seed,
                                     start_step=start_step, mesh=self.mesh)
 
-    return self._fit(name, task, train, data, len(arrays["label"]))
+    return self._fit(name, task, train, data, lambda: len(arrays["label"]))
 
-  def _fit(self, name: str, task, train, data, count: int):
+  def _fit(self, name: str, task, train, data, count):
+    """The engine run of ``fit``; ``count()``, the number of training examples, is only read
+    when ``train.total_steps`` asks for epochs."""
     from glajax.train import engine, recipes  # pylint: disable=import-outside-toplevel
     if train.total_steps <= 0:
-      recipes.set_total_steps(train, count)
+      recipes.set_total_steps(train, count())
     final = self.path(FINAL_DIR, name)
     export = None if task.export is None else (lambda model, _: task.export(model, final))
     model, _ = engine.fit(task.model, task.loss_fn, train, data, self.path(RUNS_DIR, name),
