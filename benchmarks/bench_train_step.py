@@ -29,7 +29,7 @@ from flax import nnx
 from glajax.models.clip import CLIP, CLIPConfig, CLIPTextConfig, CLIPVisionConfig
 from glajax.models.heads import LinearHead
 from glajax.train import engine, recipes
-from glajax.train.mesh import make_mesh, replicated, shard_batch
+from glajax.parallel import make_mesh, replicated, shard_batch
 from glajax.train.state import create_train_state, make_optimizer
 
 PRESETS = {

@@ -21,13 +21,13 @@ def get_config(arg=None):
   name = "cifar100" if dataset == "cifar100_lt" else dataset
   config = C.base("backdoor")
   config.model.checkpoints = C.BACKBONES
-  config.data.update(train=name, eval=name, shifts=())
-  config.train = recipes.backdoor_peft(registry.get(name).num_classes)
-  config.train.total_steps = -1
+  config.data.update(train=C.train_spec(name), test=C.test_spec(name), shifts=())
+  config.train = C.recipe("backdoor_peft", num_classes=registry.get(name).num_classes)
   config.backdoor = dict(imbalance_ratio=100 if dataset == "cifar100_lt" else 0,
-                         template="a photo of a {}.")
+                         template="a photo of a {}.", compare_ce=False)
+  config.published = dict(table="backdoor")
   if "runlocal" in args:
     C.runlocal(config, train="train_lt", shifts=(), backbones=2)
-    config.train.model.adapter_dim = recipes.adapter_dim(100)
+    config.train.model.adapter_dim = recipes.adapter_dim(100, 12)
     config.backdoor.imbalance_ratio = 0
   return config

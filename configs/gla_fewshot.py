@@ -1,15 +1,20 @@
 r"""GLA few-shot (Zhu et al., NeurIPS 2023): prompt tuning on k = 1, 2, 4, 8, 16 shots per class
-of one of CoOp's eleven transfer datasets, then the GLA ensemble (z_ft divided by a temperature
-matched to its accuracy). The prior and the temperature are estimated on the k-shot training
-examples, the only labelled data of a few-shot task. The dataset is the arg, the shots an override:
+of one of CoOp's eleven transfer datasets, then the GLA ensemble. As the official GLA.FS code:
+the prior is estimated on the zero-shot logits of the k training shots and the validation shots,
+and the fine-tuned model's temperature is matched on the validation shots (min(k, 4) per class
+from the dataset's validation split, or, for ImageNet and datasets without one, k more shots of
+the training split, disjoint from the training shots). The dataset is the arg, the shots an
+override:
 
   glajax run configs/gla_fewshot.py:dtd,gla.shots=4 --workdir ~/runs/gla_dtd_4shot
   glajax run configs/gla_fewshot.py:runlocal --workdir /tmp/gla_fewshot
 """
 from glajax.experiments import config as C
-from glajax.train import recipes
 
 SHOTS = (1, 2, 4, 8, 16)
+# Datasets whose registry entry has a validation split of its own (else: the training split).
+VALIDATION = {"oxford_flowers102": "validation", "dtd": "validation", "fgvc_aircraft": "validation",
+              "sun397": "validation"}
 
 
 def get_config(arg=None):
@@ -19,13 +24,19 @@ def get_config(arg=None):
     raise C.bad_argument("config arg", "one dataset", datasets, C.ConfigError)
   dataset = datasets[0]
   config = C.base("gla")
-  config.data.update(train=dataset, eval=dataset,
-                     shifts=C.IMAGENET_SHIFTS if dataset == "imagenet2012" else ())
-  config.train = recipes.prompt_tuning()
-  config.train.total_steps = -1
-  config.gla = dict(finetune="prompt_tuning", shots=16, long_tail=False, match_confidence=True,
-                    prior_data=C.SHOTS)
+  train = C.train_spec(dataset)
+  config.data.update(
+      train=train, test=C.test_spec(dataset),
+      validation=f"{dataset}@{VALIDATION[dataset]}" if dataset in VALIDATION else train,
+      shifts=C.IMAGENET_SHIFTS if dataset == "imagenet2012" else ())
+  config.train = C.recipe("prompt_tuning")
+  # ImageNet: k validation shots from the training split; elsewhere min(k, 4) (val_shots = 0).
+  config.gla = dict(shots=16, val_shots=16 if dataset == "imagenet2012" else 0, long_tail=False,
+                    match_confidence=True, prior_data="training")
+  config.published = dict(table="gla/fewshot_rn50_imagenet" if dataset == "imagenet2012"
+                          else "gla")
   if "runlocal" in args:
     C.runlocal(config, shifts=())
-    config.gla.update(shots=1)
+    config.data.validation = config.data.train
+    config.gla.update(shots=1, val_shots=1)
   return config

@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import string
 from collections.abc import Callable, Sequence
 
 import jax
@@ -14,10 +15,25 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from glajax.errors import bad_argument
+from glajax.methods import _checks
+from glajax.models.clip import check_token_ids
 
 
 def _fill(template: str | Callable[[str], str], classname: str) -> str:
   return template(classname) if callable(template) else template.format(classname)
+
+
+def _is_template(template) -> bool:
+  """A callable, or a format string with exactly one positional field ``{}`` (or ``{0}``)."""
+  if callable(template):
+    return True
+  if not isinstance(template, str):
+    return False
+  try:
+    fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+  except ValueError:  # unbalanced braces
+    return False
+  return len(fields) == 1 and fields[0] in ("", "0")
 
 
 def _normalise(x):
@@ -33,15 +49,19 @@ def zeroshot_head(model, tokenizer, classnames: Sequence[str],
   Prompts are encoded in jitted batches of one fixed size (the last one padded), so the text
   tower compiles once.
   """
+  for name, value in (("classnames", classnames), ("templates", templates)):
+    if isinstance(value, (str, bytes)):  # list("cat") would be the classes c, a, t
+      raise bad_argument(name, "a list of str (one per class)" if name == "classnames" else
+                         "a list of templates", f"the single str {value!r}; wrap it in a list")
   classnames, templates = list(classnames), list(templates)
   if not classnames or not all(isinstance(c, str) for c in classnames):
     raise bad_argument("classnames", "a non-empty list of str", classnames[:5])
-  if not templates or not all(callable(t) or (isinstance(t, str) and "{}" in t)
-                              for t in templates):
-    raise bad_argument("templates", "a non-empty list of format strings with '{}' or callables",
-                       templates[:5])
-  if batch_size < 1:
-    raise bad_argument("batch_size", "an int >= 1", batch_size)
+  bad = [t for t in templates if not _is_template(t)]
+  if not templates or bad:
+    raise bad_argument("templates", "a non-empty list of callables or format strings with "
+                       "exactly one '{}'", bad[:5] if bad else "an empty list")
+  batch_size = _checks.positive_int("batch_size", batch_size)
+  vocab_size = model.config.text.vocab_size
   prompts = [_fill(t, c) for c in classnames for t in templates]
   size = min(batch_size, len(prompts))
   graphdef, state = nnx.split(model)
@@ -52,6 +72,7 @@ def zeroshot_head(model, tokenizer, classnames: Sequence[str],
     for start in range(0, len(prompts), size):
       chunk = prompts[start:start + size]
       ids = np.asarray(tokenizer(chunk + chunk[:1] * (size - len(chunk))), np.int32)
+      check_token_ids("tokenizer", ids, vocab_size)  # before the jitted encoder, which cannot
       embeddings.append(np.asarray(encode(state, ids))[:len(chunk)])
       bar.update(len(chunk))
   per_prompt = np.concatenate(embeddings).reshape(len(classnames), len(templates), -1)

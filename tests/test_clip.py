@@ -114,8 +114,9 @@ def test_bad_text_input(model):
 
 
 def test_adapter_is_identity_at_init_then_adaptformer():
-  """h + mlp(ln2(h)) + s * up(relu(down(ln2(h)))) (AdaptFormer), checked on one block in NumPy."""
-  model = _tiny(adapter_dim=4, adapter_scale=0.5)
+  """LIFT's AdaptFormer: h + mlp(ln2(h)) + s·up(relu(down(LN_a(h)))), checked on one block in
+  NumPy (parity with LIFT's PyTorch code is in test_lift_parity.py); a fixed float scale too."""
+  model = _tiny(adapter_dim=4)
   images = _images()
   with_adapters = _image(model, images)
   graphdef, state = nnx.split(model)
@@ -125,18 +126,26 @@ def test_adapter_is_identity_at_init_then_adaptformer():
   # Zero-initialised up-projection: equal up to the float rounding of a differently fused graph.
   np.testing.assert_allclose(with_adapters, _image(plain, images), rtol=0, atol=1e-6)
 
-  block = model.vision_model.layers[0]
-  rng = np.random.default_rng(1)
-  block.adapter.up.kernel[...] = jnp.asarray(rng.normal(size=(4, 32)), jnp.float32)
-  block.adapter.up.bias[...] = jnp.asarray(rng.normal(size=(32,)), jnp.float32)
-  h = rng.normal(size=(2, 5, 32)).astype(np.float32)
-  x = np.asarray(block.layer_norm2(h + block.self_attn(block.layer_norm1(h))))
-  mid = h + np.asarray(block.self_attn(block.layer_norm1(h)))
-  down = np.maximum(x @ np.asarray(block.adapter.down.kernel) + np.asarray(block.adapter.down.bias),
-                    0)
-  adapter = down @ np.asarray(block.adapter.up.kernel) + np.asarray(block.adapter.up.bias)
-  expected = mid + np.asarray(block.mlp(x)) + 0.5 * adapter
-  np.testing.assert_allclose(block(h), expected, atol=1e-5)
+  for scale in ("learnable", 0.5):
+    block = _tiny(adapter_dim=4, adapter_scale=scale).vision_model.layers[0]
+    rng = np.random.default_rng(1)
+    block.adapter.up.kernel[...] = jnp.asarray(rng.normal(size=(4, 32)), jnp.float32)
+    block.adapter.up.bias[...] = jnp.asarray(rng.normal(size=(32,)), jnp.float32)
+    block.adapter.ln.bias[...] = jnp.asarray(rng.normal(size=(32,)), jnp.float32)
+    if scale == "learnable":
+      block.adapter.scale[...] = jnp.asarray([0.7], jnp.float32)
+    h = rng.normal(size=(2, 5, 32)).astype(np.float32)
+    mid = h + np.asarray(block.self_attn(block.layer_norm1(h)))
+    normed = (mid - mid.mean(-1, keepdims=True)) / np.sqrt(mid.var(-1, keepdims=True) + 1e-5)
+    normed = normed + np.asarray(block.adapter.ln.bias)
+    down = np.maximum(normed @ np.asarray(block.adapter.down.kernel)
+                      + np.asarray(block.adapter.down.bias), 0)
+    adapter = down @ np.asarray(block.adapter.up.kernel) + np.asarray(block.adapter.up.bias)
+    s = 0.7 if scale == "learnable" else 0.5
+    expected = mid + np.asarray(block.mlp(block.layer_norm2(mid))) + s * adapter
+    np.testing.assert_allclose(block(h), expected, atol=1e-5)
+  with pytest.raises(ConfigError, match="adapter_scale"):
+    CLIPConfig.tiny(adapter_dim=4, adapter_scale="fixed")
 
 
 def test_remat_gives_the_same_values_and_gradients():

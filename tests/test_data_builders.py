@@ -30,7 +30,7 @@ def test_class_folder_dataset_round_trip(tmp_path, monkeypatch):
     for c, name in enumerate(("cat", "dog_toy")):
       for i in range(n):
         _write(root / split / name / f"{i}.jpg", 40 * c + i)
-  info = builders.folder_dataset("pets_folder", root, splits=("train", "test"))
+  info = registry.folder_dataset("pets_folder", root, splits=("train", "test"))
   assert (info.classnames, info.num_classes, info.eval_split) == (("cat", "dog toy"), 2, "test")
   registry.register(info)
   data_dir = str(tmp_path / "tfds")
@@ -156,7 +156,7 @@ def test_indices_agree_across_processes_on_a_multi_shard_dataset(tmp_path, monke
   root = tmp_path / "raw"
   for i in range(80):
     _write(root / f"c{i % 2}" / f"{i}.png", 3 * i + 5, size=(8, 8))
-  info = builders.folder_dataset("sharded", root)
+  info = registry.folder_dataset("sharded", root)
   data_dir = tmp_path / "tfds"
   builders._builder_class()(source=info.source, root=root, data_dir=str(data_dir)).\
       download_and_prepare(download_config=tfds.download.DownloadConfig(num_shards=4))
@@ -178,3 +178,52 @@ def test_indices_agree_across_processes_on_a_multi_shard_dataset(tmp_path, monke
     monkeypatch.setattr(jax, "process_index", lambda me=me: me)
     for index, level in levels_by_index().items():
       assert whole[index] == level
+
+
+def _tar_member(tar, name, data):
+  import io
+  import tarfile
+  info = tarfile.TarInfo(name)
+  info.size = len(data)
+  tar.addfile(info, io.BytesIO(data))
+
+
+def _jpeg(level):
+  import io
+  out = io.BytesIO()
+  Image.fromarray(np.full((8, 8, 3), level, np.uint8)).save(out, "JPEG")
+  return out.getvalue()
+
+
+def test_tfds_catalog_dataset_prepares_offline_from_local_files(tmp_path):
+  """TFDS's own imagenet2012 builder, from tiny ILSVRC2012 tars in a manual_dir, no network.
+
+  Preparing a catalog dataset imports ``importlib_resources`` (TFDS uses it without declaring
+  it; glajax's dependencies must bring it) and reads TFDS's own label files.
+  """
+  import io
+  import tarfile
+  pytest.importorskip("importlib_resources")
+  manual = tmp_path / "manual"
+  manual.mkdir()
+  synsets = ("n01440764", "n01443537")   # tench, goldfish: labels 0 and 1
+  with tarfile.open(manual / "ILSVRC2012_img_train.tar", "w") as outer:
+    for label, synset in enumerate(synsets):
+      inner = io.BytesIO()
+      with tarfile.open(fileobj=inner, mode="w") as tar:
+        for i in range(2):
+          _tar_member(tar, f"{synset}_{i}.JPEG", _jpeg(40 * label + i))
+      _tar_member(outer, f"{synset}.tar", inner.getvalue())
+  with tarfile.open(manual / "ILSVRC2012_img_val.tar", "w") as tar:
+    for i in (1, 2):   # TFDS's validation_labels.txt: n01751748 (65), n09193705 (970)
+      _tar_member(tar, f"ILSVRC2012_val_{i:08d}.JPEG", _jpeg(100 + i))
+  data_dir = str(tmp_path / "tfds")
+  np.testing.assert_array_equal(
+      np.sort(pipeline.read_labels("imagenet2012", "train", data_dir=data_dir,
+                                   manual_dir=str(manual))), [0, 0, 1, 1])
+  # Prepared once: later reads need no manual_dir.
+  np.testing.assert_array_equal(
+      np.sort(pipeline.read_labels("imagenet2012", "validation", data_dir=data_dir)), [65, 970])
+  batches = list(pipeline.eval_batches("imagenet2012", split="validation", batch_size=2,
+                                       image_size=8, data_dir=data_dir))
+  assert sorted(batches[0]["label"][batches[0]["mask"]].tolist()) == [65, 970]

@@ -7,7 +7,7 @@ import tensorflow_datasets as tfds
 
 from glajax import DatasetError, InputError
 from glajax.data import pipeline, preprocess, registry
-from glajax.train import mesh as mesh_lib
+from glajax import parallel as mesh_lib
 
 _LOW = (0 - np.asarray(preprocess.CLIP_MEAN)) / np.asarray(preprocess.CLIP_STD)
 _HIGH = (1 - np.asarray(preprocess.CLIP_MEAN)) / np.asarray(preprocess.CLIP_STD)

@@ -4,7 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from glajax.demo import pretrain, report, stages, world
+from glajax.data import world
+from glajax.demo import pretrain, report, stages
 
 
 def _fake_results(**values):
@@ -52,10 +53,25 @@ def test_caption_ids_match_the_stored_captions(tmp_path):
   builder.download_and_prepare()
   texts = pretrain.caption_texts()
   assert len(texts) == world.NUM_CLASSES
-  stored = builder.as_dataset(split="pretrain_1", shuffle_files=False)
+  stored = list(builder.as_dataset(split="pretrain_1", shuffle_files=False).as_numpy_iterator())
   captioned = pretrain.caption_dataset(builder, "pretrain_1")
-  for ex, cap in zip(stored.take(50).as_numpy_iterator(), captioned.take(50).as_numpy_iterator()):
+  for ex, cap in zip(stored[:50], captioned.take(50).as_numpy_iterator()):
     assert texts[cap["label"]] == ex["caption"].decode()
+  arrays = pretrain.caption_arrays(builder, "pretrain_1")  # what pre-training reads: all of it
+  assert arrays["image"].dtype == np.uint8 and arrays["label"].dtype == np.int32
+  assert arrays["image"].shape == (len(stored), 32, 32, 3) and len(stored) == 400
+  np.testing.assert_array_equal(arrays["image"], np.stack([ex["image"] for ex in stored]))
+  assert [texts[i] for i in arrays["label"]] == [ex["caption"].decode() for ex in stored]
+
+
+def test_images_are_normalised_in_the_loss_as_the_pipeline_does():
+  import tensorflow as tf
+  from glajax.data import preprocess
+  images = np.random.default_rng(0).integers(0, 256, (2, 4, 4, 3), dtype=np.uint8)
+  np.testing.assert_allclose(pretrain.normalize_images(images),
+                             preprocess.normalize(tf.constant(images)).numpy(), atol=1e-6)
+  normalised = np.zeros((1, 4, 4, 3), np.float32)
+  assert pretrain.normalize_images(normalised) is normalised  # already normalised: unchanged
 
 
 def test_foundation_config_shapes():

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from glajax.demo import world
+from glajax.data import world
 from glajax.errors import InputError
 
 TINY = world.WorldSpec(pretrain_size=400, train_per_class=2, train_lt_size=200,

@@ -187,7 +187,7 @@ def test_tiny_wise_ft_end_to_end(tmp_path, capsys, monkeypatch):
   assert again["tables"] == result["tables"]
   assert stamps == {p: p.stat().st_mtime_ns for p in (workdir / "logits").iterdir()}
   # Another process of a multi-host run computes the same report and writes nothing.
-  from glajax.train import mesh
+  from glajax import parallel as mesh
   monkeypatch.setattr(mesh, "is_primary", lambda: False)
   for name in ("report.json", "report.md", "wise_ft_curve.png"):
     (workdir / name).unlink()

@@ -175,7 +175,7 @@ def test_save_clip_round_trip_through_transformers(checkpoints, tmp_path):
   directory, hf_model = checkpoints["quick_gelu_odd"]
   model = load_clip(directory)
   saved = save_clip(model, tmp_path / "export")
-  assert sorted(os.listdir(saved)) == ["config.json", "model.safetensors"]
+  assert sorted(os.listdir(saved)) == [".glajax-export", "config.json", "model.safetensors"]
   reloaded = transformers.CLIPModel.from_pretrained(saved).eval()
   images, ids = _inputs(hf_model, seed=1)
   np.testing.assert_allclose(_hf_outputs(reloaded, images, ids)[2],
@@ -202,13 +202,102 @@ def test_save_clip_overwrites_atomically(checkpoints, tmp_path, monkeypatch):
     raise OSError("disk full")
 
   monkeypatch.setattr(safetensors.numpy, "save_file", crash)
-  with pytest.raises(OSError, match="disk full"):
+  with pytest.raises(CheckpointError, match="directory: .*disk full"):
     save_clip(model, target)
   assert (target / "model.safetensors").read_bytes() == before  # old checkpoint untouched
   assert sorted(os.listdir(tmp_path)) == ["ckpt"]  # no temporary directory left behind
   monkeypatch.undo()
   save_clip(model, target)  # overwriting an existing checkpoint works
   assert sorted(os.listdir(tmp_path)) == ["ckpt"]
+
+
+def _tree(root):
+  """{relative path: (mode, bytes)} of every file and folder under ``root``."""
+  out = {}
+  for dirpath, dirnames, filenames in os.walk(root):
+    for name in dirnames + filenames:
+      path = os.path.join(dirpath, name)
+      data = open(path, "rb").read() if os.path.isfile(path) else None
+      out[os.path.relpath(path, root)] = (os.stat(path).st_mode, data)
+  return out
+
+
+def test_save_clip_never_removes_what_glajax_did_not_write(checkpoints, tmp_path, monkeypatch):
+  directory, _ = checkpoints["quick_gelu_odd"]
+  model = load_clip(directory)
+  cwd = tmp_path / "work" / "cwd"
+  cwd.mkdir(parents=True)
+  (cwd / "notes.txt").write_text("mine")
+  monkeypatch.chdir(cwd)
+  target = tmp_path / "work" / "mixed"
+  target.mkdir()
+  (target / "notes.txt").write_text("keep me")
+  (target / "config.json").write_text("{}")
+  (target / "runs").mkdir()
+  before = _tree(tmp_path)
+  for args, kwargs, match in (
+      ((model, target), {}, "directory: .*new or empty directory.*notes.txt"),
+      ((model, target), {"overwrite": True}, "directory: .*never removed.*notes.txt"),
+      ((model, ""), {}, "directory: expected a non-empty directory path"),
+      ((model, "."), {}, "directory: .*current directory"),
+      ((model, ".."), {}, "directory: .*current directory and its parents"),
+      ((model, str(tmp_path)), {"overwrite": True}, "directory: .*current directory"),
+      ((model, target / "notes.txt"), {}, "directory: expected a directory path"),
+      ((model, target / "notes.txt" / "sub"), {}, "directory: .*under the file .*notes.txt"),
+  ):
+    with pytest.raises(GlajaxError, match=match):
+      save_clip(*args, **kwargs)
+    assert _tree(tmp_path) == before, (args[1], kwargs)
+
+
+def test_save_clip_replaces_exports_and_honours_the_umask(checkpoints, tmp_path):
+  directory, _ = checkpoints["quick_gelu_odd"]
+  model = load_clip(directory)
+  old_mask = os.umask(0o027)
+  try:
+    target = save_clip(model, tmp_path / "export", extra_files={"head.npz": b"npz", "a.txt": "x"})
+  finally:
+    os.umask(old_mask)
+  assert oct(os.stat(target).st_mode & 0o777) == oct(0o750)  # not mkdtemp's 0700
+  assert oct(os.stat(os.path.join(target, "model.safetensors")).st_mode & 0o777) == oct(0o640)
+  marker = json.load(open(os.path.join(target, ".glajax-export")))
+  assert marker["files"] == ["a.txt", "config.json", "head.npz", "model.safetensors"]
+  save_clip(model, target)  # glajax's own export (head.npz listed in its marker) is replaced
+  assert sorted(os.listdir(target)) == [".glajax-export", "config.json", "model.safetensors"]
+  assert sorted(os.listdir(tmp_path)) == ["export"]
+  # A checkpoint glajax did not write (transformers' save_pretrained): only with overwrite=True.
+  foreign = tmp_path / "hf"
+  transformers.CLIPModel(transformers.CLIPConfig(**CHECKPOINTS["quick_gelu_odd"][0])
+                         ).save_pretrained(foreign)
+  with pytest.raises(CheckpointError, match="overwrite=True"):
+    save_clip(model, foreign)
+  save_clip(model, foreign, overwrite=True)
+  np.testing.assert_array_equal(_params(load_clip(foreign))["logit_scale"][...],
+                                _params(model)["logit_scale"][...])
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  save_clip(model, empty)  # an empty directory holds nothing to lose
+  with pytest.raises(InputError, match="extra_files"):
+    save_clip(model, tmp_path / "x", extra_files={"../escape": b""})
+
+
+def test_non_finite_weights_are_neither_loaded_nor_exported(checkpoints, tmp_path):
+  directory, _ = checkpoints["quick_gelu_odd"]
+  tensors = safetensors.numpy.load_file(os.path.join(directory, "model.safetensors"))
+  tensors["vision_model.encoder.layers.1.mlp.fc2.weight"][0, 0] = np.nan
+  tensors["text_projection.weight"][:] = np.inf
+  (tmp_path / "nan").mkdir()
+  safetensors.numpy.save_file(tensors, tmp_path / "nan" / "model.safetensors")
+  (tmp_path / "nan" / "config.json").write_bytes(
+      open(os.path.join(directory, "config.json"), "rb").read())
+  with pytest.raises(CheckpointError, match="checkpoint: expected finite weights.*2 tensors.*"
+                     "vision_model.encoder.layers.1.mlp.fc2.weight \\(1 of"):
+    load_clip(tmp_path / "nan")
+  model = load_clip(directory)
+  model.text_projection.kernel[...] = jnp.full_like(model.text_projection.kernel[...], jnp.nan)
+  with pytest.raises(InputError, match="model: expected finite weights.*text_projection.weight"):
+    save_clip(model, tmp_path / "export")
+  assert not (tmp_path / "export").exists()
 
 
 def test_adapters_saved_beside_and_restored(checkpoints, tmp_path):

@@ -37,6 +37,30 @@ def _ece_loop(confidence, correct, edges):
   return total, gaps
 
 
+def _carot_per_batch_ece(logits, labels, batch_size, n_bins):
+  """MLAI-Yonsei/CaRot src/models/eval.py ``eval_single_dataset``: per unshuffled batch, a fresh
+  ``MulticlassCalibrationError(num_classes, n_bins=10, norm='l1')`` on softmax probabilities
+  (torchmetrics' top-label binning: bucketize on linspace(0, 1, n_bins + 1), bins (lo, hi]),
+  ``tot_ece += ece * logits.shape[0]``; then ``tot_ece / n``."""
+  import torch  # pylint: disable=import-outside-toplevel
+  tot_ece, n = 0.0, 0
+  boundaries = torch.linspace(0, 1, n_bins + 1)
+  for start in range(0, len(labels), batch_size):
+    batch_logits = torch.from_numpy(logits[start:start + batch_size])
+    y = torch.from_numpy(labels[start:start + batch_size]).long()
+    prob = torch.softmax(batch_logits, dim=1)
+    confidences, predictions = prob.max(dim=1)
+    accuracies = predictions.eq(y).float()
+    indices = torch.bucketize(confidences, boundaries) - 1
+    count = torch.zeros(n_bins).scatter_add_(0, indices, torch.ones_like(confidences))
+    conf = torch.nan_to_num(torch.zeros(n_bins).scatter_add_(0, indices, confidences) / count)
+    acc = torch.nan_to_num(torch.zeros(n_bins).scatter_add_(0, indices, accuracies) / count)
+    ece = torch.sum(torch.abs(acc - conf) * count / count.sum())
+    tot_ece += ece * batch_logits.shape[0]
+    n += y.size(0)
+  return float(tot_ece / n)
+
+
 def _top_label(logits, labels):
   probs = _softmax(logits)
   return probs.max(axis=1), (logits.argmax(axis=1) == labels).astype(np.float64)
@@ -56,12 +80,18 @@ class CalibrationMetricsTest(chex.TestCase, parameterized.TestCase):
                                max(gaps), atol=1e-5)
 
   @chex.variants(with_jit=True, without_jit=True)
-  def test_per_batch_ece(self):
+  def test_per_batch_ece_weighted_by_batch_size_as_carot(self):
     logits, labels = _problem(1)
     per_batch = self.variant(lambda z, y: M.ece(z, y, 10, per_batch=128))(logits, labels)
-    expected = np.mean([_ece_loop(*_top_label(logits[s:s + 128], labels[s:s + 128]),
-                                  np.linspace(0, 1, 11))[0] for s in range(0, 500, 128)])
-    np.testing.assert_allclose(per_batch, expected, atol=1e-5)
+    np.testing.assert_allclose(per_batch, _carot_per_batch_ece(logits, labels, 128, 10),
+                               atol=1e-6)
+    # Batches 128, 128, 128, 116: the size weighting differs from a plain mean of batch ECEs.
+    plain = np.mean([_ece_loop(*_top_label(logits[s:s + 128], labels[s:s + 128]),
+                               np.linspace(0, 1, 11))[0] for s in range(0, 500, 128)])
+    assert abs(float(per_batch) - plain) > 1e-6
+    # One batch: the whole-set ECE.
+    np.testing.assert_allclose(M.ece(logits, labels, 10, per_batch=500), M.ece(logits, labels, 10),
+                               atol=1e-7)
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_adaptive_ece(self):

@@ -21,6 +21,30 @@ def _per_class(logits, labels, num_classes):
                    for c in range(num_classes)])
 
 
+def _gla_breakdown_accuracy(logits, labels, q):
+  """BeierZhu/GLA Code.zip src/gla.py ``breakdown_accuracy`` (``n_sub = 1000 // 3`` there, the
+  class count here) with src/models/eval.py ``compute_accuracy``: sample-level accuracies."""
+  import torch  # pylint: disable=import-outside-toplevel
+  logits, labels, q = torch.from_numpy(logits), torch.from_numpy(labels).long(), torch.from_numpy(q)
+
+  def find_sub_indices(labels, indices):
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    for value in indices:
+      mask |= (labels == value)
+    return torch.where(mask)[0]
+
+  def compute_accuracy(logits, labels):
+    pred = logits.argmax(dim=1, keepdim=True)
+    return pred.eq(labels.view_as(pred)).sum().item() / labels.size(0)
+
+  n_sub = len(q) // 3
+  _, indices = torch.sort(q, descending=True)
+  locs = [find_sub_indices(labels, part) for part in
+          (indices[:n_sub], indices[n_sub:2 * n_sub], indices[2 * n_sub:])]
+  return [compute_accuracy(logits, labels)] + [compute_accuracy(logits[loc], labels[loc])
+                                               for loc in locs]
+
+
 class MetricsTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
@@ -46,13 +70,29 @@ class MetricsTest(chex.TestCase):
       np.testing.assert_allclose(groups[key], value, atol=1e-6, err_msg=key)
 
   @chex.variants(with_jit=True, without_jit=True)
-  def test_group_accuracy_by_prior(self):
+  def test_group_accuracy_by_prior_matches_gla_breakdown(self):
+    for num_classes, num_samples in ((1000, 4000), (8, 300)):
+      logits, labels = _problem(2, num_classes=num_classes, num_samples=num_samples)
+      rng = np.random.default_rng(0)
+      log_prior = np.log(rng.dirichlet(np.ones(num_classes))).astype(np.float32)
+      groups = self.variant(M.group_accuracy_by_prior)(logits, labels, log_prior)
+      want = _gla_breakdown_accuracy(logits, labels, np.exp(log_prior))
+      for key, value in zip(("all", "head", "medium", "tail"), want):
+        np.testing.assert_allclose(groups[key], value, atol=1e-6, err_msg=key)
+    # 8 classes: 2 head, 2 medium, 4 tail (np.array_split would give 3/3/2); 1000: 333/333/334.
+    order = np.argsort(-log_prior)
+    hits = logits.argmax(1) == labels
+    np.testing.assert_allclose(groups["tail"], hits[np.isin(labels, order[4:])].mean(), atol=1e-6)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_group_accuracy_by_prior_class_mean_option(self):
     logits, labels = _problem(2, num_classes=8)
     log_prior = np.log(np.random.default_rng(0).dirichlet(np.ones(8))).astype(np.float32)
     per_class = _per_class(logits, labels, 8)
     order = np.argsort(-log_prior)
-    groups = self.variant(M.group_accuracy_by_prior)(logits, labels, log_prior)
-    for key, classes in zip(("head", "medium", "tail"), np.array_split(order, 3)):
+    groups = self.variant(lambda z, y, p: M.group_accuracy_by_prior(z, y, p, average="classes"))(
+        logits, labels, log_prior)
+    for key, classes in zip(("head", "medium", "tail"), (order[:2], order[2:4], order[4:])):
       np.testing.assert_allclose(groups[key], per_class[classes].mean(), atol=1e-6, err_msg=key)
 
   @chex.variants(with_jit=True, without_jit=True)

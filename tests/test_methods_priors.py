@@ -24,6 +24,51 @@ def _random_problem(seed, num_samples=600, num_classes=8, scale=3.0):
   return logits.astype(np.float32), labels.astype(np.int32)
 
 
+def _overconfident_problem(seed, num_samples=400, num_classes=10):
+  rng = np.random.default_rng(seed)
+  labels = rng.integers(0, num_classes, num_samples)
+  logits = 60.0 * rng.normal(size=(num_samples, num_classes))
+  logits[np.arange(num_samples), labels] += 40.0
+  return logits.astype(np.float32), labels.astype(np.int32)
+
+
+def _official_gla_search(logits, labels, thres):
+  """BeierZhu/GLA GLA.FS.public trainers/util.py ``Calibrater.search_T`` / ``search_recurse``
+  (confidences and accuracy in percent, float32 torch softmax, Python-float temperatures)."""
+  import torch  # pylint: disable=import-outside-toplevel
+  logits_t = torch.from_numpy(logits)
+  acc = 100.0 * (logits_t.argmax(dim=1) == torch.from_numpy(labels)).float().mean().item()
+
+  def compute_confidence(t):
+    probability = torch.softmax(logits_t / t, dim=-1)
+    confidence, _ = torch.max(probability, dim=-1)
+    return 100 * confidence.mean().item()
+
+  def search_recurse(t_min, t_max):
+    conf_min = compute_confidence(t_min)
+    gap_min = abs(conf_min - acc)
+    conf_max = compute_confidence(t_max)
+    gap_max = abs(conf_max - acc)
+    alpha = gap_min / (gap_min + gap_max)
+    t_mid = t_min * (1 - alpha) + t_max * alpha
+    conf_mid = compute_confidence(t_mid)
+    gap_mid = abs(conf_mid - acc)
+    if gap_mid <= thres:
+      return t_mid, conf_mid
+    if conf_max > acc:
+      t_max *= 1.1
+    elif conf_min < acc:
+      t_min /= 1.1
+    elif gap_min < gap_max:
+      t_max = t_mid
+    else:
+      t_min = t_mid
+    return search_recurse(t_min, t_max)
+
+  t_best, confidence = search_recurse(0.1, 10)
+  return t_best, confidence, acc
+
+
 def _normalise(v):
   v = np.asarray(v, np.float64)
   return v - np.log(np.exp(v - v.max()).sum()) - v.max()
@@ -106,9 +151,33 @@ class EstimateLogPriorTest(chex.TestCase, parameterized.TestCase):
                                M.estimate_log_prior(logits / 2.5, labels), atol=1e-4)
 
   @chex.variants(with_jit=True, without_jit=True)
-  def test_match_confidence_temperature_against_brentq(self):
+  def test_gla_temperature_search_matches_the_official_recursion(self):
+    cases = [(_random_problem(3, scale=2.0), 0.1, lambda t: 0.1 < t < 10),
+             (_random_problem(3, scale=2.0), 1.0, lambda t: 0.1 < t < 10),
+             # overconfident: 60·normal logits, ~30 % accuracy: the answer lies above 10
+             (_overconfident_problem(5), 0.1, lambda t: t > 10),
+             (_overconfident_problem(6), 1.0, lambda t: t > 10)]
+    for (logits, labels), tol, expected_range in cases:
+      search = self.variant(functools.partial(M.match_confidence_temperature, tol=tol))
+      got = float(search(logits, labels))
+      want, want_confidence, accuracy = _official_gla_search(logits, labels, tol)
+      assert expected_range(want), want
+      np.testing.assert_allclose(got, want, rtol=1e-4)
+      z = logits.astype(np.float64) / got
+      confidence = 100 * (np.exp(z - z.max(1, keepdims=True)) /
+                          np.exp(z - z.max(1, keepdims=True)).sum(1, keepdims=True)).max(1).mean()
+      assert abs(confidence - accuracy) <= tol + 1e-3
+      np.testing.assert_allclose(confidence, want_confidence, atol=1e-3)
+    _, info = M.estimate_log_prior(*_overconfident_problem(5), temperature="match_confidence",
+                                   return_info=True)
+    np.testing.assert_allclose(info["temperature"],
+                               _official_gla_search(*_overconfident_problem(5), 0.1)[0], rtol=1e-4)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_match_confidence_temperature_bisection_against_brentq(self):
     logits, labels = _random_problem(3, scale=2.0)
-    temperature = self.variant(M.match_confidence_temperature)(logits, labels)
+    temperature = self.variant(functools.partial(M.match_confidence_temperature,
+                                                 search="bisection"))(logits, labels)
     z = logits.astype(np.float64)
     accuracy = np.mean(z.argmax(axis=1) == labels)
 
@@ -119,9 +188,6 @@ class EstimateLogPriorTest(chex.TestCase, parameterized.TestCase):
 
     expected = scipy.optimize.brentq(gap, 0.1, 10.0, xtol=1e-10)
     np.testing.assert_allclose(temperature, expected, rtol=1e-4)
-    _, info = M.estimate_log_prior(logits, labels, temperature="match_confidence",
-                                   return_info=True)
-    np.testing.assert_allclose(info["temperature"], expected, rtol=1e-4)
 
   def test_bfloat16_input_is_computed_in_float32(self):
     logits, labels = _random_problem(4)

@@ -18,7 +18,7 @@ from flax import nnx
 from glajax.errors import TrainingError
 from glajax.train import engine, losses
 from glajax.train.checkpoint import Checkpointer
-from glajax.train.mesh import make_mesh
+from glajax.parallel import make_mesh
 from glajax.train.state import param_path
 
 DIM, CLASSES, BATCH = 8, 4, 16

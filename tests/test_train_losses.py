@@ -1,4 +1,6 @@
 """Each training loss under jax.jit against a plain NumPy reference on fixed random inputs."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -137,14 +139,16 @@ def test_cosine_classifier_logits(rng):
   np.testing.assert_allclose(heads.CosineClassifier(w)(f), want, 1e-5, 1e-5)
 
 
-def test_cosine_classifier_from_text_features_maps_back_through_projection(rng):
+def test_cosine_classifier_pinv_option_maps_back_through_projection(rng):
   projection = rng.normal(size=(10, 4)).astype(np.float32)   # (hidden, projection_dim)
   text = rng.normal(size=(3, 4)).astype(np.float32)
-  clf = heads.CosineClassifier.from_text_features(text, projection)
+  clf = heads.CosineClassifier.from_text_features(text, projection, init="pinv")
   # The back-mapped weights project onto the text features (W has full column rank).
   np.testing.assert_allclose(np.asarray(clf.weight[...]) @ projection, text, 1e-4, 1e-4)
   with pytest.raises(InputError, match="text_features"):
     heads.CosineClassifier.from_text_features(text[:, :3], projection)
+  with pytest.raises(InputError, match="init"):
+    heads.CosineClassifier.from_text_features(text, projection, init="mean")
 
 
 def test_linear_head_from_zeroshot_gives_zeroshot_logits(rng):
@@ -152,3 +156,59 @@ def test_linear_head_from_zeroshot_gives_zeroshot_logits(rng):
   f = rng.normal(size=(7, 6)).astype(np.float32)
   head = heads.LinearHead.from_zeroshot(zs)
   np.testing.assert_allclose(head(f), _np_normalize(f) @ zs.T, 1e-5, 1e-5)
+
+
+def _official_carot_ema_run(params_per_step, total, every, src, tar, warm_up):
+  """MLAI-Yonsei/CaRot src/models/carot_loss.py: the teacher starts as the student
+  (``teacher_enc.load_state_dict``); after ``optimizer.step()`` of step = i + epoch·num_batches,
+  ``if step % ema_up_freq == 0 or step == num_batches * epochs`` it is updated in place with
+  ``param_k.data.mul_(m).add_((1 - m) * param_q.detach().data)``."""
+  torch = pytest.importorskip("torch")
+  teacher = [torch.tensor(v) for v in params_per_step[0]["init"]]
+  out = []
+  for step, after in enumerate(params_per_step[1:]):
+    student = [torch.tensor(v) for v in after["params"]]
+    if (step % every == 0) or (step == total):
+      if step < total * warm_up:
+        m = ((tar - src) / (total * warm_up)) * step + src
+      else:
+        m = tar
+      for param_q, param_k in zip(student, teacher):
+        param_k.data.mul_(m).add_((1 - m) * param_q.detach().data)
+    out.append([t.numpy().copy() for t in teacher])
+  return out
+
+
+@pytest.mark.parametrize("every", [1, 3, 500])
+def test_carot_teacher_update_matches_the_official_loop(rng, every):
+  num_batches, epochs = 7, 3            # 21 steps; the ramp covers k < 4.2
+  total = num_batches * epochs
+  init = [rng.normal(size=(4, 3)).astype(np.float32), rng.normal(size=(5,)).astype(np.float32)]
+  history = [{"init": init}]
+  params = init
+  for _ in range(total):                # each step's student after its optimiser update
+    params = [p + 0.1 * rng.normal(size=p.shape).astype(np.float32) for p in params]
+    history.append({"params": params})
+  want = _official_carot_ema_run(history, total, every, 0.05, 0.9, 0.2)
+  update = jax.jit(functools.partial(losses.carot_teacher_update, total_steps=total, every=every,
+                                     start=0.05, end=0.9, warmup_fraction=0.2))
+  teacher = {"a": jnp.asarray(init[0]), "b": jnp.asarray(init[1])}
+  for step in range(total):
+    student = {"a": jnp.asarray(history[step + 1]["params"][0]),
+               "b": jnp.asarray(history[step + 1]["params"][1])}
+    teacher = update(teacher, student, jnp.int32(step))
+    np.testing.assert_allclose(teacher["a"], want[step][0], rtol=1e-6, atol=1e-6,
+                               err_msg=f"step {step}")
+    np.testing.assert_allclose(teacher["b"], want[step][1], rtol=1e-6, atol=1e-6,
+                               err_msg=f"step {step}")
+  # k = 0 is an update step: right after the first optimiser update the teacher has moved.
+  first = update({"a": jnp.asarray(init[0]), "b": jnp.asarray(init[1])},
+                 {"a": jnp.asarray(history[1]["params"][0]),
+                  "b": jnp.asarray(history[1]["params"][1])}, jnp.int32(0))
+  assert not np.allclose(first["a"], init[0])
+
+
+def test_carot_teacher_update_rejects_bad_period():
+  with pytest.raises(InputError, match="every"):
+    losses.carot_teacher_update({"a": jnp.zeros(2)}, {"a": jnp.ones(2)}, 0, total_steps=10,
+                                every=0)

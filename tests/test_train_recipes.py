@@ -13,7 +13,7 @@ from flax import nnx
 from glajax.models.clip import CLIP, CLIPConfig
 from glajax.models.heads import LinearHead
 from glajax.train import engine, recipes
-from glajax.train.mesh import make_mesh
+from glajax.parallel import make_mesh
 from glajax.train.prompt_tuning import tokenize_prompts
 from glajax.zeroshot import zeroshot_head
 

@@ -20,10 +20,11 @@ Expected layouts (``manual_dir`` is the folder named below):
   paths relative to ``manual_dir``.
 - Office-Home: ``OfficeHomeDataset_10072016/`` with ``Art``, ``Clipart``, ``Product``,
   ``Real World`` class folders.
-- Any folder of class subfolders: :func:`folder_dataset`.
+- Any folder of class subfolders: :func:`folder_source` (``registry.folder_dataset``).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import io
@@ -31,7 +32,7 @@ import os
 from pathlib import Path
 from typing import Callable
 
-from glajax.data import registry
+from glajax.data import assets
 from glajax.data.subsample import read_split_list
 from glajax.errors import DatasetError, bad_argument
 
@@ -90,7 +91,12 @@ def _folder_examples(root: Path, classes: tuple[str, ...]) -> list[tuple[str, in
 def _read_lines(path: Path) -> list[str]:
   if not path.is_file():
     raise bad_argument("manual_dir", f"the split list {path.name}", f"no file {path}", DatasetError)
-  return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+  try:
+    text = path.read_text()
+  except (OSError, UnicodeDecodeError) as e:
+    raise bad_argument("manual_dir", f"a readable text file {path.name}",
+                       f"{path} ({type(e).__name__}: {e})", DatasetError) from e
+  return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 # --- ObjectNet ------------------------------------------------------------------------------
@@ -98,7 +104,7 @@ def _read_lines(path: Path) -> list[str]:
 def _objectnet_examples(root: Path, split: str) -> list[tuple[str, int]]:
   del split
   images = _require_dir(root / "images", "ObjectNet's objectnet-1.0 folder (with images/)")
-  folders = registry.objectnet_folder_labels()
+  folders = assets.objectnet_folder_labels()
   missing = sorted(f for f in folders if not (images / f).is_dir())
   if missing:
     raise bad_argument("manual_dir", f"ObjectNet's {len(folders)} mapped class folders in images/",
@@ -216,28 +222,14 @@ OFFICE_HOME = {domain.lower().replace(" ", "_"): folder_source(
                for domain in ("Art", "Clipart", "Product", "Real World")}
 
 
-def folder_dataset(name: str, root: str | os.PathLike, splits: tuple[str, ...] | None = None, *,
-                   templates: tuple[str, ...] = registry.PHOTO_TEMPLATES) -> registry.DatasetInfo:
-  """A ``DatasetInfo`` for the class-subfolder tree at ``root``, for ``registry.register``.
-
-  ``splits``: e.g. ("train", "test") for ``<root>/train/<class>/...`` (the first is the train
-  split, the last the eval split); None for a single ``train`` split of ``<root>/<class>/...``.
-  Class names are the sorted folder names, cleaned for prompts.
-  """
-  root = Path(root).expanduser()
-  source = dataclasses.replace(folder_source(name, "", splits), root=root)
-  classnames = tuple(map(registry.clean_classname, source.classes(root)))
-  return registry.DatasetInfo(name, source.tfds_name, source.splits[0], source.splits[-1],
-                              classnames=classnames, templates=tuple(templates),
-                              num_classes=len(classnames), manual_download=True, source=source)
-
-
-# --- the TFDS builder -------------------------------------------------------------------------
-
 def _check_image(path: Path) -> bytes:
   """The file's bytes, after decoding it once (a reduced-size draft for JPEG) to prove it valid."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  data = path.read_bytes()
+  try:
+    data = path.read_bytes()
+  except OSError as e:
+    raise bad_argument("image file", "a readable file", f"{path} ({type(e).__name__}: "
+                       f"{e.strerror or e})", DatasetError) from e
   try:
     with Image.open(io.BytesIO(data)) as image:
       image.draft("RGB", (64, 64))
@@ -315,6 +307,24 @@ def prepare(source: LocalSource, manual_dir: str | os.PathLike | None, data_dir:
     raise bad_argument("manual_dir", f"a directory holding {source.layout}",
                        f"None (and no prepared dataset at {target})", DatasetError)
   root = _require_dir(Path(manual_dir).expanduser(), source.layout)
-  builder = _builder_class()(source=source, root=root, data_dir=os.fspath(data_dir))
-  builder.download_and_prepare()
+  for split in source.splits:  # before TFDS creates anything (it ends in a bare AssertionError)
+    if not source.examples(root, split):
+      raise bad_argument("manual_dir", f"images ({', '.join(IMAGE_SUFFIXES)}) for split "
+                         f"{split!r} of {source.name} ({source.layout})", f"none under {root}",
+                         DatasetError)
+  # Folders TFDS creates before it reads an image: removed again (if still empty) on failure.
+  made = [p for p in (Path(data_dir), Path(data_dir, "downloads"),
+                      Path(data_dir, "downloads", "extracted"), Path(data_dir, BUILDER_NAME),
+                      Path(data_dir, BUILDER_NAME, source.name), target) if not p.exists()]
+  try:
+    builder = _builder_class()(source=source, root=root, data_dir=os.fspath(data_dir))
+    builder.download_and_prepare()
+  except BaseException as e:
+    for folder in sorted(made, key=lambda p: len(p.parts), reverse=True):
+      with contextlib.suppress(OSError):
+        folder.rmdir()   # only if empty: never a file TFDS or anyone else put there
+    if isinstance(e, OSError):  # a data_dir under a file, a read-only or full disk
+      raise bad_argument("data_dir", "a writable directory", f"{data_dir} ({type(e).__name__}: "
+                         f"{e.strerror or e})", DatasetError) from e
+    raise
   return tfds.builder_from_directory(str(target))

@@ -4,7 +4,7 @@ Every example has an index: its position in the split, in TFDS's stored order (t
 ``read_labels`` returns and ``subsample`` selects from). Each process reads its own contiguous
 slice of the split (``tfds.even_splits``); ``batch_size`` is the global batch, each process
 yields ``batch_size / process_count`` examples per step; with a ``mesh`` they arrive as global
-``jax.Array``s sharded over its ``data`` axis (``glajax.train.mesh.shard_batch``), without one as
+``jax.Array``s sharded over its ``data`` axis (``glajax.parallel.shard_batch``), without one as
 NumPy arrays.
 
 Resuming training: ``train_batches(..., start_step=k)`` yields exactly the batches a fresh
@@ -22,9 +22,9 @@ import jax
 import numpy as np
 import tensorflow as tf
 
-from glajax.data import builders, preprocess, registry
+from glajax.data import builders, preprocess, registry, world  # world: its TFDS builder
 from glajax.errors import DatasetError, bad_argument
-from glajax.train import mesh as mesh_lib
+from glajax import parallel as mesh_lib
 
 AUTOTUNE = tf.data.AUTOTUNE
 
@@ -189,10 +189,32 @@ def _place(batch: dict, mesh):
   return batch if mesh is None else mesh_lib.shard_batch(batch, mesh)
 
 
+def _keep_rows(ds, indices, offset: int, size: int, counts):
+  """``ds`` (this process's slice) filtered to the split positions ``indices`` (before any
+  image is decoded); also this process's new size and every process's new count."""
+  indices = np.unique(np.asarray(indices))
+  total = sum(counts) if counts else size
+  if indices.ndim != 1 or not indices.size or indices.dtype.kind not in "iu":
+    raise bad_argument("indices", "a non-empty 1-D array of integer positions", indices)
+  if indices[0] < 0 or indices[-1] >= total:
+    raise bad_argument("indices", f"positions in [0, {total}) of the split",
+                       f"[{indices[0]}, {indices[-1]}]", DatasetError)
+  mine = indices[(indices >= offset) & (indices < offset + size)] - offset
+  keep = np.zeros(size, bool)
+  keep[mine] = True
+  keep = tf.constant(keep)
+  ds = ds.filter(lambda ex: tf.gather(keep, ex["index"] - offset))
+  new_counts = None if counts is None else [
+      int(np.sum((indices >= sum(counts[:p])) & (indices < sum(counts[:p + 1]))))
+      for p in range(len(counts))]
+  return ds, len(mine), new_counts
+
+
 def eval_batches(name_or_dataset, *, split: str | None = None, batch_size: int,
-                 image_size: int = 224, mesh=None, data_dir=None, manual_dir=None
-                 ) -> Iterator[dict]:
-  """Every example of ``split`` (default: the eval split) exactly once, CLIP-preprocessed.
+                 image_size: int = 224, indices=None, mesh=None, data_dir=None,
+                 manual_dir=None) -> Iterator[dict]:
+  """Every example of ``split`` (default: the eval split; ``indices``: only those positions of
+  it, in order) exactly once, CLIP-preprocessed.
 
   Yields {"image": (B, S, S, 3) float32, "label": (B,) int32, "mask": (B,) bool,
   "index": (B,) int32}; the last batches are padded (mask False, index -1), and every process
@@ -200,7 +222,9 @@ def eval_batches(name_or_dataset, *, split: str | None = None, batch_size: int,
   tf.data.Dataset of {"image": encoded bytes or uint8 (H, W, 3), "label"}.
   """
   local = _check_batch_size(batch_size, mesh)
-  ds, info, _, _, counts = _local_examples(name_or_dataset, split, data_dir, manual_dir)
+  ds, info, offset, size, counts = _local_examples(name_or_dataset, split, data_dir, manual_dir)
+  if indices is not None:
+    ds, _, counts = _keep_rows(ds, indices, offset, size, counts)
   border = info.border_crop if info else 0
 
   def transform(ex):
@@ -246,19 +270,7 @@ def train_batches(name_or_dataset, *, batch_size: int, seed: int, split: str | N
   if size is None:  # A tf.data.Dataset of unknown length: count it once (no decoding).
     size = int(ds.reduce(np.int64(0), lambda n, _: n + 1))
   if indices is not None:
-    indices = np.unique(np.asarray(indices))
-    total = sum(counts) if counts else size
-    if indices.ndim != 1 or not indices.size or indices.dtype.kind not in "iu":
-      raise bad_argument("indices", "a non-empty 1-D array of integer positions", indices)
-    if indices[0] < 0 or indices[-1] >= total:
-      raise bad_argument("indices", f"positions in [0, {total}) of the split",
-                         f"[{indices[0]}, {indices[-1]}]", DatasetError)
-    mine = indices[(indices >= offset) & (indices < offset + size)] - offset
-    keep = np.zeros(size, bool)
-    keep[mine] = True
-    keep = tf.constant(keep)
-    ds = ds.filter(lambda ex: tf.gather(keep, ex["index"] - offset))
-    size = len(mine)
+    ds, size, _ = _keep_rows(ds, indices, offset, size, counts)
   ds = ds.map(lambda ex: {"image": ex["image"], "label": ex["label"]})
   if size == 0:
     raise bad_argument("split", "at least one example for this process", "none", DatasetError)

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-from importlib import resources
+import os
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
+from glajax.data import assets, builders
 from glajax.errors import DatasetError, bad_argument
 
 PHOTO_TEMPLATES = ("a photo of a {}.",)
@@ -64,8 +65,7 @@ class DatasetInfo:
 _REGISTERED: dict[str, DatasetInfo] = {}
 
 
-def _asset(filename: str):
-  return json.loads(resources.files("glajax.data").joinpath("assets", filename).read_text())
+_asset = assets.load_json
 
 
 @functools.cache
@@ -138,12 +138,7 @@ def objectnet_imagenet_classes() -> tuple[tuple[int, ...], ...]:
                for name in _asset("objectnet_classnames.json"))
 
 
-@functools.cache
-def objectnet_folder_labels() -> dict[str, int]:
-  """ObjectNet image folder -> class index, for the folders of the 113 ImageNet-mapped classes."""
-  labels = {name: i for i, name in enumerate(_asset("objectnet_classnames.json"))}
-  return {folder: labels[name] for folder, name in _asset("objectnet_folder_to_label.json").items()
-          if name in labels}
+objectnet_folder_labels = assets.objectnet_folder_labels
 
 
 def _imagenet_subset(name: str, tfds_name: str, indices_file: str) -> DatasetInfo:
@@ -175,7 +170,6 @@ def _clip_dataset(name, tfds_name, key, train="train", test="test", order=list) 
 @functools.cache
 def _builtin() -> dict[str, Callable[[], DatasetInfo]]:
   """Factories of the built-in entries (built on first use: some read TFDS builder code)."""
-  from glajax.data import builders  # pylint: disable=g-import-not-at-top
   imagenet = dict(classnames=imagenet_classnames(), templates=imagenet_templates(),
                   num_classes=1000)
   objectnet_names = tuple(_asset("objectnet_classnames.json"))
@@ -228,11 +222,23 @@ def _builtin() -> dict[str, Callable[[], DatasetInfo]]:
           classnames=(), templates=PHOTO_TEMPLATES, num_classes=8142, manual_download=True,
           source=builders.INATURALIST_2018),
   }
+  for world_config in ("default", "quick", "tiny"):
+    entries["demo_shapes" + ("" if world_config == "default" else f"_{world_config}")] = (
+        functools.partial(_demo_world, world_config))
   for domain, source in builders.OFFICE_HOME.items():
     entries[f"office_home_{domain}"] = functools.partial(
         DatasetInfo, f"office_home_{domain}", source.tfds_name, "train", "train", classnames=(),
         templates=PHOTO_TEMPLATES, num_classes=65, manual_download=True, source=source)
   return entries
+
+
+def _demo_world(config: str) -> DatasetInfo:
+  """The demo's procedural world (``glajax.data.world``): photo train split, photo test split;
+  the other splits (pretrain_<i>, train_lt, validation, test_<domain>) are read by name."""
+  from glajax.data import world  # pylint: disable=import-outside-toplevel  (keeps TFDS off)
+  return DatasetInfo(world.dataset_name(config), f"demo_shapes/{config}", "train", "test_photo",
+                     classnames=world.CLASSNAMES, templates=world.TEMPLATES,
+                     num_classes=world.NUM_CLASSES)
 
 
 def _local_clip(name, source, key) -> DatasetInfo:
@@ -246,6 +252,22 @@ def _places(name, tfds_name, train, test) -> DatasetInfo:
   classnames = _tfds_classnames("places365_small")
   return DatasetInfo(name, tfds_name, train, test, classnames=classnames,
                      templates=PHOTO_TEMPLATES, num_classes=len(classnames))
+
+
+def folder_dataset(name: str, root: str | os.PathLike, splits: tuple[str, ...] | None = None, *,
+                   templates: tuple[str, ...] = PHOTO_TEMPLATES) -> DatasetInfo:
+  """A ``DatasetInfo`` for the class-subfolder tree at ``root``, for ``register``.
+
+  ``splits``: e.g. ("train", "test") for ``<root>/train/<class>/...`` (the first is the train
+  split, the last the eval split); None for a single ``train`` split of ``<root>/<class>/...``.
+  Class names are the sorted folder names, cleaned for prompts.
+  """
+  root = Path(root).expanduser()
+  source = dataclasses.replace(builders.folder_source(name, "", splits), root=root)
+  classnames = tuple(map(clean_classname, source.classes(root)))
+  return DatasetInfo(name, source.tfds_name, source.splits[0], source.splits[-1],
+                     classnames=classnames, templates=tuple(templates),
+                     num_classes=len(classnames), manual_download=True, source=source)
 
 
 def names() -> tuple[str, ...]:
@@ -275,20 +297,3 @@ def get(name: str) -> DatasetInfo:
   if name not in _builtin():
     raise bad_argument("name", f"one of {', '.join(names())}", repr(name), DatasetError)
   return _builtin_info(name)
-
-
-def eval_logits_transform(name_or_info: str | DatasetInfo) -> Callable | None:
-  """How to turn ImageNet-1k logits (N, 1000) into the dataset's logits (N, C), or None.
-
-  Class c's logit is max_{j in M(c)} z_j over its mapped ImageNet classes M(c): for ImageNet-R/A
-  one column each, i.e. ``methods.restrict_logits`` to their 200 columns; for ObjectNet one or
-  more, ``methods.objectnet_logits`` (113 classes). The returned function is pure and jittable.
-  """
-  from glajax.methods import metrics  # pylint: disable=g-import-not-at-top
-  info = get(name_or_info) if isinstance(name_or_info, str) else name_or_info
-  if info.imagenet_classes is None:
-    return None
-  if all(len(group) == 1 for group in info.imagenet_classes):
-    return functools.partial(metrics.restrict_logits,
-                             class_indices=np.asarray([g[0] for g in info.imagenet_classes]))
-  return functools.partial(metrics.objectnet_logits, mapping=info.imagenet_classes)

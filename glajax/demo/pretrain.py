@@ -3,7 +3,12 @@ world's long-tailed pre-training sets, with the library's CLIP, tokenizer, pipel
 (see ``caption_loss_fn`` for the loss and why its optimum carries the pre-training label prior).
 
 The world has one caption per class, so the captions are tokenised once into a table (trimmed
-after the longest caption's EOS) and every example's label is its caption's row.
+after the longest caption's EOS) and every example's label is its caption's row. A pre-training
+set is small (8,000–20,000 images of 32 × 32), so it is read once into memory as uint8 images and
+caption rows (``caption_arrays``) and batched by ``pipeline.array_batches`` (shuffled per epoch
+from the seed, resumable at any step); images are CLIP-normalised on the device, in the loss.
+The images are used as rendered, without crops: the world already draws every image's pose at
+random, and a tf.data augmentation pipeline would cost more than the tiny model's step.
 """
 from __future__ import annotations
 
@@ -12,9 +17,10 @@ import json
 import os
 
 import jax.numpy as jnp
+import numpy as np
 import tensorflow as tf
 
-from glajax.demo import world
+from glajax.data import world
 from glajax.train import losses
 
 FOUNDATION_DIR = "foundation_{}"
@@ -59,8 +65,30 @@ def caption_dataset(builder, split: str) -> tf.data.Dataset:
   return ds.map(lambda ex: {"image": ex["image"], "label": ex["label"]})
 
 
+def caption_arrays(builder, split: str) -> dict[str, np.ndarray]:
+  """{"image": (N, S, S, 3) uint8, "label": (N,) int32 caption rows}: all of ``split``, decoded
+  once, in stored order."""
+  from glajax.data import preprocess  # pylint: disable=import-outside-toplevel
+  ds = caption_dataset(builder, split).map(
+      lambda ex: {"image": preprocess.decode_image(ex["image"]),
+                  "label": tf.cast(ex["label"], tf.int32)},
+      num_parallel_calls=tf.data.AUTOTUNE).batch(4096)
+  chunks = list(ds.as_numpy_iterator())
+  return {k: np.concatenate([c[k] for c in chunks]) for k in ("image", "label")}
+
+
+def normalize_images(images):
+  """uint8 (..., 3) images -> CLIP-normalised float32: (x / 255 − mean) / std; float images
+  are taken as normalised already."""
+  from glajax.data import preprocess  # pylint: disable=import-outside-toplevel
+  if images.dtype != jnp.uint8:
+    return images
+  mean, std = jnp.asarray(preprocess.CLIP_MEAN), jnp.asarray(preprocess.CLIP_STD)
+  return (images.astype(jnp.float32) / 255.0 - mean) / std
+
+
 def caption_loss_fn(text_ids):
-  """loss(model, teacher, batch, rng) = CE(exp(s)·norm(f_img)·norm(f_txt)ᵀ, label): CLIP's
+  """loss(model, batch, rng) = CE(exp(s)·norm(f_img)·norm(f_txt)ᵀ, label): CLIP's
   image→text loss with every distinct caption of the world (``text_ids``) as a candidate.
 
   Its optimum is z(x, t) = log p(t | x) + c(x): the pre-training conditional, label prior included,
@@ -71,9 +99,9 @@ def caption_loss_fn(text_ids):
   """
   text_ids = jnp.asarray(text_ids)
 
-  def loss_fn(model, teacher, batch, rng):
-    del teacher, rng
-    logits = losses.contrastive_logits(model.encode_image(batch["image"]),
+  def loss_fn(model, batch, rng):
+    del rng
+    logits = losses.contrastive_logits(model.encode_image(normalize_images(batch["image"])),
                                        model.encode_text(text_ids), model.logit_scale[...])
     loss = losses.cross_entropy(logits, batch["label"])
     return loss, {"logit_scale": jnp.exp(model.logit_scale[...])}
@@ -120,11 +148,10 @@ def pretrain(builder, index: int, spec: PretrainSpec, workdir: str, *, tokenizer
   model = glajax.CLIP(foundation_config(spec, world_spec.image_size),
                       rngs=nnx.Rngs(seed * 1000 + index))
   text_ids = trim_to_longest(tokenizer(caption_texts()), model.config.text.eos_token_id)
+  arrays = caption_arrays(builder, f"pretrain_{index}")
 
   def data(start_step):
-    return pipeline.train_batches(caption_dataset(builder, f"pretrain_{index}"),
-                                  batch_size=spec.batch_size, seed=seed * 1000 + index,
-                                  image_size=world_spec.image_size, flip=False,
+    return pipeline.array_batches(arrays, batch_size=spec.batch_size, seed=seed * 1000 + index,
                                   start_step=start_step)
 
   model, _ = engine.fit(model, caption_loss_fn(text_ids),

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from glajax.demo import pretrain as pretrain_lib
-from glajax.demo import world
+from glajax.data import world
 
 OOD_SPLITS = tuple(f"test_{d}" for d in world.DOMAINS[1:])
 TEST_SPLITS = ("test_photo",) + OOD_SPLITS
@@ -90,7 +90,7 @@ class Demo:
 
   def __init__(self, workdir: str, scale: Scale, seed: int = 0, progress: bool = True):
     import glajax  # pylint: disable=import-outside-toplevel
-    from glajax.train import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
+    from glajax import parallel as mesh_lib  # pylint: disable=import-outside-toplevel
     self.workdir, self.scale, self.seed, self.progress = workdir, scale, seed, progress
     self.data_dir = os.path.join(workdir, "tfds")
     self.model_dir = os.path.join(workdir, "models", f"{scale.world_config}_seed{seed}")

@@ -1,47 +1,67 @@
-"""``glajax run CONFIG[:arg,key=value,...] --workdir DIR``: the papers' experiments from configs.
+"""``glajax run``: experiment configs -> runs -> reports.
 
-    from glajax import experiments
-    config = experiments.load("configs/wise_ft.py:runlocal")
-    report = experiments.run(config, "/tmp/wise_ft")     # report.json, report.md, plots, final/
-
-A config (``configs/*.py``, ``get_config(arg=None)``) names an experiment kind (``wise_ft``,
-``gla``, ``backdoor``, ``absent_class``, ``contrastive``), its checkpoints, datasets, fine-tuning
-recipe and published numbers. ``run`` validates it, claims the work directory (an
-``experiment.json`` with the config's fingerprint), evaluates and fine-tunes through caches (so a
-second run resumes) and writes the report.
+``run(config, workdir)`` checks the whole config (values, datasets, checkpoints) and its kind's
+data plan (no fitted array may share a row with a test set) before anything is written, claims
+the work directory (``experiment.json`` with the config's fingerprint) under a lock, evaluates
+and fine-tunes through caches (so a second run resumes) and writes the report.
 """
 from __future__ import annotations
 
 import os
 import sys
 
-from glajax.experiments.config import flat_keys, fingerprint, load, validate
+from glajax.errors import GlajaxError
+from glajax.experiments import report, roles, runner
+from glajax.experiments.config import flat_keys, fingerprint, load
+from glajax.experiments.config import validate as validate_config
+from glajax.experiments.kinds import KINDS
 from glajax.experiments.runner import tiny_checkpoint
 
-__all__ = ["load", "validate", "fingerprint", "flat_keys", "tiny_checkpoint", "run", "main"]
+__all__ = ["load", "validate", "plan", "fingerprint", "flat_keys", "tiny_checkpoint", "run",
+           "main", "KINDS"]
 
 
-def run(config, workdir: str) -> dict:
+def plan(config) -> list[roles.Use]:
+  """The data uses of ``config``'s kind, checked: a fitted use that may share rows with a test
+  set raises a ConfigError naming its config key."""
+  uses = KINDS[config.experiment].plan(config)
+  roles.check_plan(uses)
+  return uses
+
+
+def validate(config, check_files: bool = True) -> list[roles.Use]:
+  """Every check ``run`` makes before any work; returns the checked data plan."""
+  validate_config(config, check_files=check_files, kinds=tuple(KINDS))
+  return plan(config)
+
+
+def run(config, workdir: str, cache_dir: str | None = None) -> dict:
   """Runs ``config`` (a ConfigDict or a ``CONFIG[:...]`` string) in ``workdir``; returns the
-  report (the content of ``report.json``). Every check runs before any work."""
-  from glajax.experiments import kinds, report, runner  # pylint: disable=import-outside-toplevel
+  report (the content of ``report.json``). ``cache_dir`` (default ``workdir``) holds logits,
+  runs and generated data, and may be shared by several experiments."""
   if isinstance(config, str):
     config = load(config)
-  validate(config, check_files=True)
+  uses = validate(config, check_files=True)
   workdir = runner.claim_workdir(config, workdir)
-  experiment = runner.Experiment(config, workdir)
-  return report.write(experiment, kinds.KINDS[config.experiment](experiment))
+  with runner.WorkdirLock(workdir):
+    experiment = runner.Experiment(config, workdir, uses, cache_dir)
+    return report.write(experiment, KINDS[config.experiment].run(experiment))
 
 
 def main(args) -> int:
-  """The ``glajax run`` command: ``args.config`` and ``args.workdir``; prints where things went."""
-  from glajax.errors import GlajaxError  # pylint: disable=import-outside-toplevel
+  """The ``glajax run`` command: ``args.config`` and ``args.workdir``; prints where things went.
+  Bad input and Ctrl-C end with one line, no traceback."""
+  workdir = os.path.abspath(args.workdir)
   try:
     result = run(args.config, args.workdir)
   except GlajaxError as e:
     print(f"glajax run: {e}", file=sys.stderr)
     return 1
-  workdir = os.path.abspath(args.workdir)
+  except KeyboardInterrupt:
+    print(f"glajax run: interrupted; finished runs, cached logits and the last checkpoint of "
+          f"the run in progress are kept in {workdir}: run the same command again to resume.",
+          file=sys.stderr)
+    return 130
   print(f"Report:  {os.path.join(workdir, 'report.md')} (numbers in report.json)")
   for plot in result["plots"]:
     print(f"Plot:    {os.path.join(workdir, plot)}")

@@ -1,18 +1,22 @@
 """Experiment configs the big_vision way: a Python file with ``get_config(arg=None)``.
 
-``load("configs/gla_fewshot.py:runlocal,dataset=dtd,shots=4")`` imports the file, calls
-``get_config("runlocal")`` with the tokens that hold no ``=``, then applies each ``key=value``
-override (dotted keys, values read as Python literals, else as strings). A config names its
-datasets as ``"name"`` or ``"name@split"`` and its models as hub ids, directories or ``"tiny"`` /
-``"tiny:SEED"`` (a random tiny CLIP for CPU runs). Datasets that need a manual download read
-``data.manual_dirs.<name>`` (added by :func:`load` for each one the config names), else
-``data.manual_dir``; once prepared in ``data.data_dir`` they need neither. :func:`validate`
-checks a config before any work; :func:`fingerprint` identifies an experiment in its work
-directory.
+``load("configs/gla_fewshot.py:runlocal,dtd,gla.shots=4")`` imports the file, calls
+``get_config("runlocal,dtd")`` with the tokens that hold no ``=``, then applies each
+``key=value`` override (dotted keys, values read as Python literals, else as strings). A config
+names every dataset as ``"name@split"`` with an explicit split (``data.train``, ``data.test``,
+``data.shifts``, ``data.validation``: see ``roles``) and its models as hub ids, directories or
+``"tiny"`` / ``"tiny:SEED"`` (a random tiny CLIP for CPU runs). Datasets that need a manual
+download read ``data.manual_dirs.<name>`` (added by :func:`load` for each one the config names),
+else ``data.manual_dir``; once prepared in ``data.data_dir`` they need neither.
+
+:func:`validate` checks a config before any work (every value's type and range, dataset names
+and splits, directories and checkpoints) and never changes anything; :func:`fingerprint`
+identifies an experiment in its work directory.
 """
 from __future__ import annotations
 
 import ast
+import difflib
 import hashlib
 import importlib.util
 import json
@@ -21,10 +25,11 @@ import re
 from pathlib import Path
 
 import ml_collections
+import numpy as np
 
+from glajax.data import registry, world
 from glajax.errors import CheckpointError, ConfigError, DatasetError, bad_argument
 
-EXPERIMENTS = ("wise_ft", "gla", "backdoor", "absent_class", "contrastive")
 TINY = "tiny"
 # Keys that change where or how fast a run goes, or only the post-hoc methods applied to cached
 # logits: a work directory accepts a config that differs from its own in these alone, so
@@ -34,7 +39,7 @@ _NOT_FINGERPRINTED = ("data.data_dir", "data.manual_dir", "data.manual_dirs",
                       "train.progress", "train.log_every", "train.checkpoint_every",
                       "train.keep_checkpoints", "train.tensorboard", "published",
                       "wise_ft.alphas", "wise_ft.export_alpha", "wise_ft.ece_bins",
-                      "gla.match_confidence", "contrastive.ece_bins")
+                      "gla.match_confidence", "contrastive.ece_bins", "demo")
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
 
@@ -104,7 +109,7 @@ def override(config: ml_collections.ConfigDict, key: str, value) -> None:
     if not isinstance(node, ml_collections.ConfigDict) or part not in node or (
         not last and not isinstance(node[part], ml_collections.ConfigDict)):
       raise bad_argument(f"config key {key!r}", f"one of {', '.join(flat_keys(config))}",
-                         "an unknown key", ConfigError)
+                         "an unknown key" + _did_you_mean(key, flat_keys(config)), ConfigError)
     if not last:
       node = node[part]
   current = node[parts[-1]]
@@ -138,18 +143,34 @@ def load(spec: str) -> ml_collections.ConfigDict:
   return config
 
 
+def _did_you_mean(key: str, known) -> str:
+  close = difflib.get_close_matches(key, list(known), n=3, cutoff=0.6)
+  return f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+
+
 def dataset_spec(spec: str) -> tuple[str, str | None]:
   """'imagenet_r@test[:80%]' -> ('imagenet_r', 'test[:80%]'); 'imagenet2012' -> (name, None)."""
-  name, _, split = spec.partition("@")
+  name, _, split = str(spec).partition("@")
   return name, split or None
 
 
-def datasets_of(config) -> list[str]:
-  """Every dataset spec a config names (train, evaluation, shifts, GLA's prior data)."""
+def data_keys(config) -> list[tuple[str, str]]:
+  """(config key, dataset spec) of every dataset a config names: train, test, shifts,
+  validation and GLA's prior data when that names a dataset."""
   data = config.data
-  specs = [data.train, data.eval, *data.get("shifts", ()),
-           config.get("gla", {}).get("prior_data")]
-  return [s for s in specs if s and s != SHOTS]
+  keys = [("data.train", data.train), ("data.test", data.test)]
+  keys += [(f"data.shifts[{i}]", s) for i, s in enumerate(data.get("shifts", ()))]
+  if data.get("validation"):
+    keys.append(("data.validation", data.validation))
+  prior = config.get("gla", {}).get("prior_data")
+  if prior and "@" in str(prior):
+    keys.append(("gla.prior_data", prior))
+  return keys
+
+
+def datasets_of(config) -> list[str]:
+  """Every dataset spec a config names."""
+  return [spec for _, spec in data_keys(config)]
 
 
 def checkpoints_of(config) -> list[str]:
@@ -160,15 +181,20 @@ def is_tiny(checkpoint: str) -> bool:
   return checkpoint == TINY or checkpoint.startswith(TINY + ":")
 
 
+def generated_world(name: str) -> str | None:
+  """The demo world's builder config a dataset name refers to ('demo_shapes_tiny' -> 'tiny'),
+  or None for any other dataset."""
+  return next((c for c in world.CONFIGS if world.dataset_name(c) == name), None)
+
+
 def _add_manual_dirs(config) -> None:
   """``data.manual_dirs.<name>`` (None) for each manually downloaded dataset the config names,
   so that ``data.manual_dirs.objectnet=...`` can be overridden; ``data.manual_dir`` is the
   fallback for all of them."""
-  from glajax.data import registry  # pylint: disable=import-outside-toplevel
   names = [dataset_spec(s)[0] for s in datasets_of(config)]
   config.data.manual_dirs = ml_collections.ConfigDict(
-      {n: None for n in dict.fromkeys(names) if n in registry.names()
-       and generated_world(n) is None and registry.get(n).manual_download}, type_safe=False)
+      {n: None for n in dict.fromkeys(names)
+       if n in registry.names() and registry.get(n).manual_download}, type_safe=False)
 
 
 def manual_dir_of(config, name: str):
@@ -177,20 +203,7 @@ def manual_dir_of(config, name: str):
   return own if own is not None else config.data.manual_dir
 
 
-def generated_world(name: str) -> str | None:
-  """The demo world's builder config a dataset name refers to ('demo_shapes_tiny' -> 'tiny',
-  'demo_shapes' -> 'default'), or None for any other dataset."""
-  if name == "demo_shapes":
-    return "default"
-  world_config = name[len("demo_shapes_"):] if name.startswith("demo_shapes_") else None
-  return world_config if world_config in ("quick", "tiny") else None
-
-
-def _register_generated(name: str) -> None:
-  """Registers the demo's procedural world when a config names it (``demo_shapes_tiny``...)."""
-  if generated_world(name) is not None:
-    from glajax.demo import world  # pylint: disable=import-outside-toplevel
-    world.register(generated_world(name))
+# ------------------------------------------------------------------------------- validation
 
 
 def _check_checkpoint(checkpoint: str, check_files: bool) -> None:
@@ -199,7 +212,7 @@ def _check_checkpoint(checkpoint: str, check_files: bool) -> None:
                        repr(checkpoint), ConfigError)
   if is_tiny(checkpoint):
     seed = checkpoint[len(TINY) + 1:]
-    if seed and not seed.isdigit():
+    if checkpoint != TINY and not seed.isdigit():
       raise bad_argument("model.checkpoints", "'tiny' or 'tiny:SEED' with an integer seed",
                          repr(checkpoint), ConfigError)
     return
@@ -212,7 +225,7 @@ def _check_checkpoint(checkpoint: str, check_files: bool) -> None:
     return
   if check_files:
     from glajax.models.hf import resolve_checkpoint  # pylint: disable=import-outside-toplevel
-    resolve_checkpoint(checkpoint, allow_patterns=["config.json"])
+    resolve_checkpoint(checkpoint, allow_patterns=["config.json"])  # (lazy: huggingface_hub)
 
 
 def _check_dir(key: str, value) -> None:
@@ -223,7 +236,7 @@ def _check_dir(key: str, value) -> None:
 
 def _check_prepared(name: str, data_dir, manual_dir) -> None:
   """A dataset that needs a manual download must be prepared already or have its manual_dir."""
-  from glajax.data import builders, registry  # pylint: disable=import-outside-toplevel
+  from glajax.data import builders  # pylint: disable=import-outside-toplevel
   info = registry.get(name)
   if not info.manual_download or manual_dir is not None:
     return
@@ -239,38 +252,145 @@ def _check_prepared(name: str, data_dir, manual_dir) -> None:
                      None, DatasetError)
 
 
-def validate(config, check_files: bool = True) -> None:
-  """Checks ``config`` before any work: its kind, dataset names (registry), checkpoints (hub ids
-  or directories) and, with ``check_files``, that directories, prepared datasets and checkpoints
-  exist. Raises ConfigError, DatasetError or CheckpointError naming the culprit."""
-  from glajax.data import registry  # pylint: disable=import-outside-toplevel
-  if config.get("experiment") not in EXPERIMENTS:
-    raise bad_argument("experiment", f"one of {', '.join(EXPERIMENTS)}",
+def known_splits(name: str) -> tuple[str, ...] | None:
+  """The split names of a dataset when they are known without reading its files, else None."""
+  world_config = generated_world(name)
+  if world_config is not None:
+    spec = next(c.spec for c in world.DemoShapes.BUILDER_CONFIGS if c.name == world_config)
+    return world.split_names(spec)
+  source = registry.get(name).source
+  return None if source is None else tuple(source.splits)
+
+
+def _check_dataset(key: str, spec, check_files: bool, config) -> None:
+  name, split = dataset_spec(spec)
+  if not isinstance(spec, str) or split is None:
+    raise bad_argument(key, "'dataset@split' with an explicit split (e.g. 'dtd@train')",
+                       repr(spec), ConfigError)
+  if name not in registry.names():
+    raise bad_argument(key, f"a dataset name from the registry ({', '.join(registry.names())})",
+                       repr(name) + _did_you_mean(name, registry.names()), DatasetError)
+  splits = known_splits(name)
+  base_split = re.split(r"[\[+]", split)[0]
+  if splits is not None and base_split not in splits:
+    raise bad_argument(key, f"a split of {name} ({', '.join(splits)})", repr(split),
+                       DatasetError)
+  if check_files:
+    _check_prepared(name, config.data.data_dir, manual_dir_of(config, name))
+
+
+# (key, kind, low, high) — kind: "int", "float", "fraction" (in [low, high]); a value outside
+# raises a ConfigError naming the key. Keys absent from a config are skipped.
+_RANGES = (
+    ("seed", "int", 0, None), ("data.image_size", "int", 1, None),
+    ("data.eval_batch_size", "int", 1, None),
+    ("train.batch_size", "int", 1, None), ("train.epochs", "int", 1, None),
+    ("train.accum_steps", "int", 1, None), ("train.log_every", "int", 1, None),
+    ("train.checkpoint_every", "int", 0, None), ("train.keep_checkpoints", "int", 1, None),
+    ("train.optimizer.learning_rate", "positive", 0, None),
+    ("train.optimizer.weight_decay", "float", 0, None),
+    ("train.optimizer.warmup_steps", "int", 0, None),
+    ("train.optimizer.grad_clip_norm", "float", 0, None),
+    ("train.optimizer.momentum", "float", 0, 1), ("train.optimizer.b1", "float", 0, 1),
+    ("train.optimizer.b2", "float", 0, 1), ("train.optimizer.eps", "positive", 0, None),
+    ("train.label_smoothing", "float", 0, 0.999), ("train.tau", "float", 0, None),
+    ("train.cosine_scale", "positive", 0, None),
+    ("train.carot.lambda_oc", "float", 0, None), ("train.carot.lambda_sd", "float", 0, None),
+    ("train.carot.lambda_vt", "float", 0, None), ("train.carot.teacher.every", "int", 1, None),
+    ("train.carot.teacher.start", "float", 0, 1), ("train.carot.teacher.end", "float", 0, 1),
+    ("train.carot.teacher.warmup_fraction", "float", 0, 1),
+    ("wise_ft.export_alpha", "float", 0, 1), ("wise_ft.ece_bins", "int", 1, None),
+    ("contrastive.ece_bins", "int", 1, None),
+    ("gla.shots", "int", 0, None), ("gla.val_shots", "int", 0, None),
+    ("backdoor.imbalance_ratio", "float", 0, None),
+    ("absent_class.num_seen", "int", 1, None), ("absent_class.split_seed", "int", 0, None),
+    ("absent_class.test_fraction", "float", 0, 0.99),
+    ("absent_class.pcv_holdout", "positive", 0, 0.99),
+)
+_CHOICES = (
+    ("train.model.dtype", ("float32", "bfloat16", "float16")),
+    ("train.optimizer.name", ("adamw", "sgd")),
+)
+
+
+def _get(config, key: str):
+  node = config
+  for part in key.split("."):
+    if not isinstance(node, (ml_collections.ConfigDict, dict)) or part not in node:
+      return _MISSING
+    node = node[part]
+  return node
+
+
+_MISSING = object()
+
+
+def _check_number(key: str, value, kind: str, low, high) -> None:
+  integral = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+  number = integral or isinstance(value, (float, np.floating))
+  expected = {"int": "an integer", "float": "a number", "positive": "a number"}[kind]
+  bounds = (f" > {low}" if kind == "positive" else f" >= {low}") + (
+      f" and <= {high}" if high is not None else "")
+  ok = (integral if kind == "int" else number) and np.isfinite(value) and (
+      value > low if kind == "positive" else value >= low) and (high is None or value <= high)
+  if not ok:
+    raise bad_argument(key, expected + bounds, repr(value), ConfigError)
+
+
+def check_values(config) -> None:
+  """Every value's type and range (sizes >= 1, learning rates > 0, α in [0, 1], dtypes and
+  optimiser names from their lists), each error naming the config key."""
+  for key, kind, low, high in _RANGES:
+    value = _get(config, key)
+    if value is not _MISSING and value is not None:
+      _check_number(key, value, kind, low, high)
+  for key, options in _CHOICES:
+    value = _get(config, key)
+    if value is not _MISSING and value not in options:
+      raise bad_argument(key, f"one of {', '.join(options)}", repr(value), ConfigError)
+  schedule = _get(config, "train.optimizer.schedule")
+  if schedule is not _MISSING:
+    from glajax.train import state  # pylint: disable=import-outside-toplevel  (keeps jax off)
+    known = getattr(state, "SCHEDULES", ("cosine", "constant"))
+    if schedule not in known:
+      raise bad_argument("train.optimizer.schedule", f"one of {', '.join(known)}",
+                         repr(schedule), ConfigError)
+  total = _get(config, "train.total_steps")
+  if total is not _MISSING and not (isinstance(total, int) and not isinstance(total, bool)):
+    raise bad_argument("train.total_steps", "an integer (<= 0: the recipe's epochs)",
+                       repr(total), ConfigError)
+  alphas = _get(config, "wise_ft.alphas")
+  if alphas is not _MISSING:
+    if not isinstance(alphas, (tuple, list)) or not alphas:
+      raise bad_argument("wise_ft.alphas", "a non-empty tuple of numbers in [0, 1]",
+                         repr(alphas), ConfigError)
+    for alpha in alphas:
+      _check_number("wise_ft.alphas", alpha, "float", 0, 1)
+  seeds = _get(config, "absent_class.pcv_seeds")
+  if seeds is not _MISSING and (not seeds or not all(
+      isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
+    raise bad_argument("absent_class.pcv_seeds", "a non-empty tuple of integer seeds",
+                       repr(seeds), ConfigError)
+
+
+def validate(config, check_files: bool = True, kinds=None) -> None:
+  """Checks ``config`` before any work and changes nothing: its kind (one of ``kinds``), every
+  value (:func:`check_values`), dataset names and explicit splits, checkpoints and, with
+  ``check_files``, that directories, prepared datasets and checkpoints exist. Raises ConfigError,
+  DatasetError or CheckpointError naming the config key."""
+  if kinds is not None and config.get("experiment") not in kinds:
+    raise bad_argument("experiment", f"one of {', '.join(kinds)}",
                        repr(config.get("experiment")), ConfigError)
   if not checkpoints_of(config):
     raise bad_argument("model.checkpoints", "at least one checkpoint", "none", ConfigError)
-  gla = config.get("gla", {})
-  if gla.get("prior_data") == SHOTS and not gla.get("shots"):
-    raise bad_argument("gla.prior_data", f"a dataset spec, or {SHOTS!r} with gla.shots > 0",
-                       f"{SHOTS!r} with gla.shots = {gla.get('shots')}", ConfigError)
-  absent = config.get("absent_class", {})
-  if absent.get("test_fraction") and config.data.eval != config.data.train:
-    raise bad_argument("data.eval", f"the training split {config.data.train!r}, which "
-                       "absent_class.test_fraction divides into fine-tuning and test data",
-                       repr(config.data.eval), ConfigError)
+  check_values(config)
   if check_files:
     _check_dir("data.data_dir", config.data.data_dir)
     _check_dir("data.manual_dir", config.data.manual_dir)
     for name, directory in config.data.get("manual_dirs", {}).items():
       _check_dir(f"data.manual_dirs.{name}", directory)
-  for spec in datasets_of(config):
-    name, _ = dataset_spec(spec)
-    _register_generated(name)
-    if name not in registry.names():
-      raise bad_argument("data", f"dataset names from the registry ({', '.join(registry.names())})",
-                         repr(name), DatasetError)
-    if check_files and generated_world(name) is None:
-      _check_prepared(name, config.data.data_dir, manual_dir_of(config, name))
+  for key, spec in data_keys(config):
+    _check_dataset(key, spec, check_files, config)
   for checkpoint in checkpoints_of(config):  # last: a hub id may need the network
     _check_checkpoint(checkpoint, check_files)
 
@@ -296,22 +416,45 @@ def base(experiment: str) -> ml_collections.ConfigDict:
       seed=0,
       progress=True,
       model=dict(checkpoints=("openai/clip-vit-base-patch16",)),
-      data=dict(train="imagenet2012", eval="imagenet2012", shifts=(), data_dir=None,
-                manual_dir=None, image_size=224, eval_batch_size=256),
-      published=dict(source="", rows={}),
+      data=dict(train="imagenet2012@train", test="imagenet2012@validation", shifts=(),
+                validation=None, data_dir=None, manual_dir=None, image_size=224,
+                eval_batch_size=256),
+      published=dict(table=None, rows=(), columns={}),
   ))
 
 
 # ------------------------------------------------------------------------ for configs/*.py
 
-IMAGENET_SHIFTS = ("imagenet_v2", "imagenet_r", "imagenet_sketch", "objectnet", "imagenet_a")
+IMAGENET_SHIFTS = ("imagenet_v2@test", "imagenet_r@test", "imagenet_sketch@test",
+                   "objectnet@test", "imagenet_a@test")
 FEWSHOT_DATASETS = ("imagenet2012", "caltech101", "oxford_iiit_pet", "cars196",
                     "oxford_flowers102", "food101", "fgvc_aircraft", "sun397", "dtd", "eurosat",
                     "ucf101")
 BACKBONES = ("openai/clip-vit-base-patch16", "laion/CLIP-ViT-B-16-laion2B-s34B-b88K",
              "facebook/metaclip-b16-fullcc2.5b")
 TINY_WORLD = "demo_shapes_tiny"
-SHOTS = "shots"  # gla.prior_data: the k-shot training examples
+
+
+def train_spec(name: str) -> str:
+  """'dtd' -> 'dtd@train': the registry's training split, named explicitly."""
+  return f"{name}@{registry.get(name).train_split}"
+
+
+def test_spec(name: str) -> str:
+  """'dtd' -> 'dtd@test': the registry's evaluation split, named explicitly."""
+  return f"{name}@{registry.get(name).eval_split}"
+
+
+def recipe(name: str, **arguments) -> ml_collections.ConfigDict:
+  """The config of recipe ``name`` (``train.recipes.RECIPES``) with ``recipe`` set to its name:
+  the recipe a config names is the recipe that runs, and reports label it so."""
+  from glajax.train import recipes  # pylint: disable=import-outside-toplevel  (keeps jax off)
+  if name not in recipes.RECIPES:
+    raise bad_argument("recipe", f"one of {', '.join(recipes.RECIPES)}", repr(name), ConfigError)
+  config = recipes.RECIPES[name](**arguments)
+  config.recipe = name
+  config.total_steps = -1  # epochs · ⌈N / batch⌉, the papers' way
+  return config
 
 
 def parse_arg(arg: str | None, allowed) -> set[str]:
@@ -324,20 +467,21 @@ def parse_arg(arg: str | None, allowed) -> set[str]:
   return tokens
 
 
-def runlocal(config, *, train: str = "train", eval_split: str = "test_photo",
+def runlocal(config, *, train: str = "train", test: str = "test_photo",
              shifts=("test_sketch", "test_noise"), backbones: int = 1, steps: int = 8):
   """Shrinks ``config`` to CPU size: random tiny CLIPs, the demo's tiny procedural world
   (32-px coloured shapes; photo train/test, sketch and noise as shifts), a few steps at a
-  learning rate a random model can learn from."""
+  learning rate a random model can learn from; no published numbers beside random models."""
   config.model.checkpoints = tuple(f"{TINY}:{i}" for i in range(backbones))
-  config.data.update(train=f"{TINY_WORLD}@{train}", eval=f"{TINY_WORLD}@{eval_split}",
+  config.data.update(train=f"{TINY_WORLD}@{train}", test=f"{TINY_WORLD}@{test}",
                      shifts=tuple(f"{TINY_WORLD}@{s}" for s in shifts), image_size=32,
                      eval_batch_size=40)
   config.train.update(batch_size=16, total_steps=steps, checkpoint_every=0, log_every=steps,
                       tensorboard=False)
   config.train.model.dtype = "float32"
-  config.train.optimizer.update(warmup_steps=1, learning_rate=1e-3 if config.train.optimizer.name
-                                == "adamw" else 0.05)
+  config.train.optimizer.learning_rate = 1e-3 if config.train.optimizer.name == "adamw" else 0.05
+  if not config.train.optimizer.get("warmup_epochs"):
+    config.train.optimizer.warmup_steps = 1
   config.progress = False
-  config.published = ml_collections.ConfigDict(dict(source="", rows={}))
+  config.published = ml_collections.ConfigDict(dict(table=None, rows=(), columns={}))
   return config

@@ -1,31 +1,48 @@
-"""What every experiment is made of: models, zero-shot heads, cached logits and fine-tuning runs.
+"""The one experiment runner: a config, its declared data roles, caches and fine-tuning runs.
 
 An :class:`Experiment` owns a work directory laid out as::
 
-  experiment.json         the config, its fingerprint and the command (written first)
-  models/tiny_<seed>/     random tiny CLIPs (``save_clip``) for CPU runs
-  logits/<tag>__<set>.npz cached logits (logits, labels, metadata), reused on resume
-  runs/<name>/            each fine-tuning run (engine checkpoints, metrics.jsonl)
-  final/<name>/           each final model (transformers format, + head.npz for classifiers)
+  experiment.json             the config, its fingerprint and the command (written first)
+  .lock                       held while a run is going on (pid and command)
   report.json, report.md, *.png
+  final/<name>/               each final model (transformers format, + head.npz for classifiers)
 
-Every heavy pass (evaluation, fine-tuning) is skipped when its result is already on disk, and
-fine-tuning resumes from the run's last checkpoint, so re-running a command resumes it.
+and a cache directory (the work directory unless several experiments share one, as the demo's
+parts do)::
+
+  models/tiny_<seed>/         random tiny CLIPs (``save_clip``) for CPU runs
+  logits/<tag>__<rows>.npz    cached logits (``evaluate.save_logits``), reused on resume
+  runs/<name>-<key>/          each fine-tuning run (engine checkpoints, metrics.jsonl)
+  tfds/                       generated datasets (the demo world)
+
+Caches are keyed by content (:meth:`Experiment.key`: checkpoint, recipe, data and seed), so two
+experiments that would compute the same thing share it and a changed input never reuses a stale
+result. Every array reaches a kind through :meth:`Experiment.arrays` or :meth:`Experiment.fit`,
+which accept only the data uses the kind declared (its ``plan``), refuse a fitted use that may
+share rows with a test set, and record each use in the ledger the report prints.
 """
 from __future__ import annotations
 
-import itertools
+import hashlib
 import json
 import os
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
+import glajax
+from glajax import evaluate, io, parallel
+from glajax.data import pipeline, registry
 from glajax.errors import ConfigError, bad_argument
 from glajax.experiments import config as config_lib
+from glajax.experiments import roles
+from glajax.models import heads
+from glajax.models.clip import CLIPConfig, init_clip
+from glajax.train import engine, recipes
 
 LOGITS_DIR, RUNS_DIR, FINAL_DIR = "logits", "runs", "final"
-EXPERIMENT_FILE = "experiment.json"
+EXPERIMENT_FILE, LOCK_FILE = "experiment.json", ".lock"
 
 
 def claim_workdir(config, workdir: str) -> str:
@@ -34,7 +51,6 @@ def claim_workdir(config, workdir: str) -> str:
   A work directory that holds another experiment (another fingerprint), or checkpoints of an
   unknown one, raises a ConfigError before anything is written.
   """
-  from glajax.train import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
   workdir = os.path.abspath(os.path.expanduser(workdir))
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise bad_argument("--workdir", "a directory", f"the file {workdir}", ConfigError)
@@ -53,49 +69,129 @@ def claim_workdir(config, workdir: str) -> str:
     raise bad_argument("--workdir", "a new directory or one of this experiment",
                        f"{workdir} holding checkpoints of an unknown experiment (no "
                        f"{EXPERIMENT_FILE}); choose another --workdir", ConfigError)
-  if mesh_lib.is_primary():
-    os.makedirs(workdir, exist_ok=True)
-    tmp = f"{record}.tmp"
-    with open(tmp, "w") as f:
-      json.dump({"fingerprint": print_, "config_spec": config.get("config_spec"),
-                 "config": json.loads(config.to_json_best_effort())}, f, indent=2)
-    os.replace(tmp, record)
-  mesh_lib.barrier("glajax claim_workdir")
+  if parallel.is_primary():
+    try:
+      os.makedirs(workdir, exist_ok=True)
+    except OSError as e:
+      raise bad_argument("--workdir", "a directory that can be created",
+                         f"{workdir} ({e.strerror})", ConfigError) from e
+    io.write_json(record, {"fingerprint": print_, "config_spec": config.get("config_spec"),
+                           "config": json.loads(config.to_json_best_effort())})
+  parallel.barrier("glajax claim_workdir")
   return workdir
+
+
+class WorkdirLock:
+  """An exclusive lock on a work directory (``.lock``, created with O_EXCL): a second run in the
+  same directory is refused with the holder's pid and command. A lock left by a dead process is
+  taken over. Process 0 alone locks."""
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, LOCK_FILE)
+    self._held = False
+
+  def __enter__(self):
+    if not parallel.is_primary():
+      return self
+    for _ in range(2):
+      try:
+        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+      except FileExistsError:
+        holder = self._holder()
+        if holder is not None and _alive(holder.get("pid")):
+          raise bad_argument("--workdir", "a work directory no other run is using",
+                             f"{os.path.dirname(self.path)} in use by pid {holder.get('pid')} "
+                             f"({holder.get('command')})", ConfigError) from None
+        os.remove(self.path)  # left behind by a run that died
+        continue
+      with os.fdopen(fd, "w") as f:
+        json.dump({"pid": os.getpid(), "command": " ".join(sys.argv)}, f)
+      self._held = True
+      return self
+    raise bad_argument("--workdir", "a lockable work directory", self.path, ConfigError)
+
+  def _holder(self):
+    try:
+      with open(self.path) as f:
+        return json.load(f)
+    except (OSError, ValueError):
+      return None
+
+  def __exit__(self, *exc):
+    if self._held:
+      os.remove(self.path)
+      self._held = False
+
+
+def _alive(pid) -> bool:
+  if not isinstance(pid, int):
+    return False
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
 
 
 def tiny_checkpoint(directory: str, image_size: int = 32, seed: int = 0) -> str:
   """Writes a random tiny CLIP (``CLIPConfig.tiny``) in transformers format to ``directory``
   unless one is there; returns ``directory``. For CPU runs and notebooks without a checkpoint."""
   if not os.path.isfile(os.path.join(directory, "config.json")):
-    import glajax  # pylint: disable=import-outside-toplevel
-    from glajax.models.clip import init_clip  # pylint: disable=import-outside-toplevel
-    glajax.save_clip(init_clip(glajax.CLIPConfig.tiny(image_size=image_size), seed=seed), directory)
+    glajax.save_clip(init_clip(CLIPConfig.tiny(image_size=image_size), seed=seed), directory)
   return directory
 
 
-class Experiment:
-  """One run of one config in one work directory (see the module docstring)."""
+def _safe(text: str) -> str:
+  return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
 
-  def __init__(self, config, workdir: str):
-    from glajax.train import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
+
+class Experiment:
+  """One config in one work directory, with the data uses its kind declared (see the module
+  docstring)."""
+
+  def __init__(self, config, workdir: str, uses: Sequence[roles.Use], cache_dir: str | None = None):
     self.config, self.workdir = config, workdir
-    self.mesh = mesh_lib.make_mesh()
-    worlds = {config_lib.generated_world(config_lib.dataset_spec(s)[0])
-              for s in config_lib.datasets_of(config)} - {None}
-    self.data_dir = config.data.data_dir or (os.path.join(workdir, "tfds") if worlds else None)
+    self.cache_dir = cache_dir or workdir
+    self.uses = tuple(uses)
+    roles.check_plan(self.uses)
+    self.ledger: list[dict] = []
+    self.mesh = parallel.make_mesh()
+    generated = any(config_lib.generated_world(config_lib.dataset_spec(s)[0])
+                    for s in config_lib.datasets_of(config))
+    self.data_dir = config.data.data_dir or (
+        os.path.join(self.cache_dir, "tfds") if generated else None)
     self._tokenizers: dict = {}
-    if worlds:  # the demo's procedural world, rendered from its seed into data_dir once
-      from glajax.demo import world  # pylint: disable=import-outside-toplevel
-      for world_config in sorted(worlds):
-        world.builder(world_config, self.data_dir).download_and_prepare()
+    self._labels: dict = {}
 
   def path(self, *parts) -> str:
     return os.path.join(self.workdir, *parts)
 
+  def cache(self, *parts) -> str:
+    return os.path.join(self.cache_dir, *parts)
+
   def manual_dir(self, name: str):
     directory = config_lib.manual_dir_of(self.config, name)
     return None if directory is None else os.path.expanduser(directory)
+
+  def key(self, *parts) -> str:
+    """12 hex digits identifying ``parts`` (JSON-able: configs as dicts, refs as descriptions),
+    plus the settings every cached result depends on (seed, image size)."""
+    content = json.dumps([self.config.seed, self.config.data.image_size, *parts],
+                         sort_keys=True, default=str)
+    return hashlib.sha256(content.encode()).hexdigest()[:12]
+
+  def use(self, purpose: str) -> roles.Use:
+    """The declared use for ``purpose`` (a KeyError-free lookup with a clear error)."""
+    for use in self.uses:
+      if use.purpose == purpose:
+        return use
+    raise bad_argument("purpose", f"one of the declared uses ({[u.purpose for u in self.uses]})",
+                       repr(purpose), ConfigError)
+
+  def tests(self) -> list[roles.Use]:
+    return [u for u in self.uses if u.role == roles.TEST]
 
   # ----------------------------------------------------------------------------- models
 
@@ -104,145 +200,180 @@ class Experiment:
     if not config_lib.is_tiny(checkpoint):
       return checkpoint
     seed = int(checkpoint.partition(":")[2] or 0)
-    return tiny_checkpoint(self.path("models", f"tiny_{seed}"), self.config.data.image_size, seed)
+    return tiny_checkpoint(self.cache("models", f"tiny_{seed}"), self.config.data.image_size,
+                           seed)
 
-  def load_clip(self, checkpoint: str):
+  def load_clip(self, checkpoint: str, train=None):
     """The CLIP of ``checkpoint`` with the recipe's ``train.model`` settings (dtype, remat,
     adapters), by ``recipes.load_model``."""
-    from glajax.train import recipes  # pylint: disable=import-outside-toplevel
-    return recipes.load_model(self.config.train, self.checkpoint_dir(checkpoint))
+    return recipes.load_model(train or self.config.train, self.checkpoint_dir(checkpoint))
 
   def tokenizer(self, checkpoint: str):
     if checkpoint not in self._tokenizers:
-      import glajax  # pylint: disable=import-outside-toplevel
       self._tokenizers[checkpoint] = glajax.load_tokenizer(
           None if config_lib.is_tiny(checkpoint) else checkpoint)
     return self._tokenizers[checkpoint]
 
-  def classes(self, spec: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(class names, templates) of a dataset spec."""
-    from glajax.data import pipeline, registry  # pylint: disable=import-outside-toplevel
-    name, _ = config_lib.dataset_spec(spec)
-    return (pipeline.class_names(name, self.data_dir, self.manual_dir(name)),
-            registry.get(name).templates)
+  def classes(self, ref: roles.DataRef) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(class names, templates) of a dataset."""
+    return (pipeline.class_names(ref.dataset, self.data_dir, self.manual_dir(ref.dataset)),
+            registry.get(ref.dataset).templates)
 
-  def zeroshot_classifier(self, clip, checkpoint: str, spec: str):
-    """CLIP + ``LinearHead.from_zeroshot(zeroshot_head(...))`` for the classes of ``spec``."""
-    import glajax  # pylint: disable=import-outside-toplevel
-    from glajax.models import heads  # pylint: disable=import-outside-toplevel
-    classnames, templates = self.classes(spec)
-    head = glajax.zeroshot_head(clip, self.tokenizer(checkpoint), classnames, templates,
-                                show_progress=self.config.progress)
+  def zeroshot_classifier(self, clip, checkpoint: str, ref: roles.DataRef, templates=None):
+    """CLIP + ``LinearHead.from_zeroshot(zeroshot_head(...))`` for the classes of ``ref``."""
+    classnames, default_templates = self.classes(ref)
+    head = glajax.zeroshot_head(clip, self.tokenizer(checkpoint), classnames,
+                                templates or default_templates, show_progress=self.config.progress)
     return heads.CLIPClassifier(clip, heads.LinearHead.from_zeroshot(np.asarray(head)))
 
-  # ----------------------------------------------------------------------------- logits
+  # ------------------------------------------------------------------------------- data
 
-  def _logits_file(self, tag: str, spec: str) -> str:
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in spec)
-    return self.path(LOGITS_DIR, f"{tag}__{safe}.npz")
+  def split_labels(self, ref: roles.DataRef) -> np.ndarray:
+    """(N,) labels of the whole split of ``ref``, read once."""
+    split = (ref.dataset, ref.split)
+    if split not in self._labels:
+      self._labels[split] = pipeline.read_labels(ref.dataset, ref.split, self.data_dir,
+                                                 self.manual_dir(ref.dataset))
+    return self._labels[split]
 
-  def logits(self, tag: str, make_model: Callable, specs, logits_fn=None) -> dict[str, tuple]:
-    """spec -> (logits (N, C), labels (N,)) of the model ``make_model()`` (an image classifier,
-    built only if some logits are not cached yet) on each dataset spec.
+  def num_classes(self, ref: roles.DataRef) -> int:
+    return registry.get(ref.dataset).num_classes
 
-    The missing specs are evaluated in one pass (one compilation); ImageNet-1k logits on
-    ImageNet-R/A/ObjectNet go through ``registry.eval_logits_transform``. Cached as
-    ``logits/<tag>__<spec>.npz`` by ``engine.save_logits``. ``logits_fn(model, batch)``
-    replaces the classifier's ``engine.image_logits`` (e.g. ``recipes.image_features`` caches
-    features; no class transform then).
+  def rows(self, use: roles.Use) -> np.ndarray:
+    """The split positions ``use`` selects, after the guard; recorded in the ledger."""
+    if use not in self.uses:
+      raise bad_argument("use", "a data use declared by the experiment's plan", repr(use),
+                         ConfigError)
+    roles.check_plan([use, *self.tests()])
+    labels = self.split_labels(use.ref)
+    indices = roles.rows(use.ref, labels, self.num_classes(use.ref))
+    entry = roles.ledger_entry(use, indices, labels)
+    if entry not in self.ledger:
+      self.ledger.append(entry)
+    return indices
+
+  def labels(self, use: roles.Use) -> np.ndarray:
+    return self.split_labels(use.ref)[self.rows(use)]
+
+  def arrays(self, use: roles.Use, tag: str, make_model: Callable, logits_fn=None):
+    """(logits, labels) of the model ``make_model()`` on the rows of ``use`` (built only when
+    they are not cached yet). See :meth:`logits`."""
+    return self.logits(tag, make_model, [use], logits_fn)[use.purpose]
+
+  def logits(self, tag: str, make_model: Callable, uses: Sequence[roles.Use],
+             logits_fn=None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """purpose -> (logits (N, C), labels (N,)) of the model ``make_model()`` on each use's rows.
+
+    The missing ones are evaluated in one pass (one compilation); ImageNet-1k logits on
+    ImageNet-R/A/ObjectNet go through ``evaluate.imagenet_logits_transform``. Cached as
+    ``logits/<tag>__<rows>.npz``, keyed by ``tag`` and each use's data (``tag`` must identify
+    the model: build it with :meth:`key`). ``logits_fn(model, batch)`` replaces the classifier's
+    ``evaluate.image_logits`` (e.g. ``recipes.image_features`` caches features).
     """
-    from glajax.train import engine, mesh as mesh_lib  # pylint: disable=import-outside-toplevel
-    specs = list(dict.fromkeys(specs))
-    missing = [s for s in specs if not os.path.isfile(self._logits_file(tag, s))]
+    files = {u.purpose: self._logits_file(tag, u.ref) for u in uses}
+    indices = {u.purpose: self.rows(u) for u in uses}
+    missing = [u for u in uses if not os.path.isfile(files[u.purpose])]
     if missing:
-      metadata = {"tag": tag, "fingerprint": config_lib.fingerprint(self.config)}
-      evaluated = self._evaluate(make_model(), missing, logits_fn)  # every process takes part
-      if mesh_lib.is_primary():
-        os.makedirs(self.path(LOGITS_DIR), exist_ok=True)
-        for spec, (logits, labels) in evaluated.items():
-          engine.save_logits(self._logits_file(tag, spec), logits, labels,
-                             {**metadata, "dataset": spec})
-      mesh_lib.barrier(f"glajax logits {tag}")
+      evaluated = self._evaluate(make_model(), missing, indices, logits_fn)
+      if parallel.is_primary():
+        os.makedirs(self.cache(LOGITS_DIR), exist_ok=True)
+        for use, (logits, labels) in evaluated.items():
+          _check_finite_logits(logits, tag, use)
+          evaluate.save_logits(files[use.purpose], logits, labels,
+                               {"tag": tag, "data": use.ref.describe()})
+      parallel.barrier(f"glajax logits {tag}")
     out = {}
-    for spec in specs:
-      with np.load(self._logits_file(tag, spec)) as cached:
-        out[spec] = (cached["logits"], cached["labels"])
+    for use in uses:
+      logits, labels, _ = evaluate.load_logits(files[use.purpose])
+      out[use.purpose] = (logits, labels)
     return out
 
-  def _evaluate(self, model, specs: list[str], logits_fn=None) -> dict[str, tuple]:
-    from glajax.data import pipeline, registry  # pylint: disable=import-outside-toplevel
-    from glajax.train import engine  # pylint: disable=import-outside-toplevel
-    parsed = [config_lib.dataset_spec(s) for s in specs]
-    batches = itertools.chain.from_iterable(
-        pipeline.eval_batches(name, split=split, batch_size=self.config.data.eval_batch_size,
-                              image_size=self.config.data.image_size, mesh=self.mesh,
-                              data_dir=self.data_dir, manual_dir=self.manual_dir(name))
-        for name, split in parsed)
-    logits, labels = engine.evaluate_logits(model, logits_fn or engine.image_logits, batches,
-                                            self.mesh)
-    sizes = [self._split_size(name, split) for name, split in parsed]
+  def _logits_file(self, tag: str, ref: roles.DataRef) -> str:
+    rows = ref.spec if not ref.steps else f"{ref.spec}-{self.key(ref.describe())}"
+    return self.cache(LOGITS_DIR, f"{_safe(tag)}__{_safe(rows)}.npz")
+
+  def _evaluate(self, model, uses, indices, logits_fn=None) -> dict:
+    batches = (b for use in uses for b in pipeline.eval_batches(
+        use.ref.dataset, split=use.ref.split, batch_size=self.config.data.eval_batch_size,
+        image_size=self.config.data.image_size, mesh=self.mesh, data_dir=self.data_dir,
+        manual_dir=self.manual_dir(use.ref.dataset),
+        indices=indices[use.purpose] if use.ref.steps else None))
+    logits, labels = evaluate.evaluate_logits(model, logits_fn or evaluate.image_logits, batches,
+                                              self.mesh)
+    sizes = np.cumsum([len(indices[u.purpose]) for u in uses])[:-1]
     out = {}
-    for spec, (name, _), z, y in zip(specs, parsed, np.split(logits, np.cumsum(sizes)[:-1]),
-                                     np.split(labels, np.cumsum(sizes)[:-1])):
-      transform = registry.eval_logits_transform(name) if logits_fn is None else None
-      out[spec] = (np.asarray(transform(z)) if transform is not None and z.shape[1] == 1000
-                   else z, y)
+    for use, z, y in zip(uses, np.split(logits, sizes), np.split(labels, sizes)):
+      transform = None if logits_fn is not None else evaluate.imagenet_logits_transform(
+          registry.get(use.ref.dataset).imagenet_classes)
+      out[use] = (np.asarray(transform(z)) if transform is not None and z.shape[1] == 1000
+                  else z, y)
     return out
-
-  def _split_size(self, name: str, split: str | None) -> int:
-    from glajax.data import pipeline, registry  # pylint: disable=import-outside-toplevel
-    info = registry.get(name)
-    builder = pipeline.tfds_builder(info, self.data_dir, self.manual_dir(name))
-    return builder.info.splits[split or info.eval_split].num_examples
-
-  def labels(self, spec: str) -> np.ndarray:
-    from glajax.data import pipeline  # pylint: disable=import-outside-toplevel
-    name, split = config_lib.dataset_spec(spec)
-    return pipeline.read_labels(name, split, self.data_dir, self.manual_dir(name))
 
   # ----------------------------------------------------------------------------- training
 
-  def train_config(self):
-    """A copy of ``config.train`` with the run's seed and progress."""
-    train = self.config.train.copy_and_resolve_references()
+  def train_config(self, train=None):
+    """A copy of ``train`` (default ``config.train``) with the run's seed and progress."""
+    train = (train or self.config.train).copy_and_resolve_references()
     train.seed = self.config.seed
     train.progress = self.config.progress
     return train
 
-  def fit(self, name: str, task, train, spec: str, indices=None):
-    """Fine-tunes ``task`` on dataset ``spec`` (rows ``indices``) with the engine in
-    ``runs/<name>`` (resuming from its checkpoints); exports to ``final/<name>``; returns the
-    evaluated model (``task.eval_model`` applied)."""
-    from glajax.data import pipeline  # pylint: disable=import-outside-toplevel
-    dataset, split = config_lib.dataset_spec(spec)
+  def run_key(self, name: str, train, checkpoint: str, use: roles.Use, *extra) -> str:
+    """``<name>-<key>``: a fine-tuning run identified by its recipe, checkpoint and data."""
+    settings = json.loads(train.to_json_best_effort())
+    for key in ("progress", "log_every", "checkpoint_every", "keep_checkpoints", "tensorboard"):
+      settings.pop(key, None)
+    return f"{name}-{self.key(settings, checkpoint, use.ref.describe(), *extra)}"
+
+  def fit(self, run: str, task, train, use: roles.Use, export: str | None = None):
+    """Fine-tunes ``task`` on the rows of ``use`` (augmented batches of its split) in
+    ``runs/<run>`` (resuming from its checkpoints); exports the trained model to
+    ``final/<export>`` when named; returns the evaluated model (``task.eval_model`` applied)."""
+    indices = self.rows(use)
 
     def data(start_step):
-      return pipeline.train_batches(dataset, split=split, batch_size=train.batch_size,
-                                    seed=self.config.seed, image_size=self.config.data.image_size,
-                                    indices=indices, start_step=start_step, mesh=self.mesh,
-                                    data_dir=self.data_dir, manual_dir=self.manual_dir(dataset))
+      return pipeline.train_batches(use.ref.dataset, split=use.ref.split,
+                                    batch_size=train.batch_size, seed=self.config.seed,
+                                    image_size=self.config.data.image_size,
+                                    indices=indices if use.ref.steps else None,
+                                    start_step=start_step, mesh=self.mesh,
+                                    data_dir=self.data_dir,
+                                    manual_dir=self.manual_dir(use.ref.dataset))
 
-    return self._fit(name, task, train, data, lambda: len(
-        indices if indices is not None else self.labels(spec)))
+    return self._fit(run, task, train, data, len(indices), export)
 
-  def fit_arrays(self, name: str, task, train, arrays: dict):
-    """``fit`` on in-memory arrays (e.g. cached features {"features", "label"})."""
-    from glajax.data import pipeline  # pylint: disable=import-outside-toplevel
+  def fit_arrays(self, run: str, task, train, arrays: dict, export: str | None = None):
+    """``fit`` on in-memory arrays (e.g. cached features {"features", "label"} of a use)."""
 
     def data(start_step):
       return pipeline.array_batches(arrays, batch_size=train.batch_size, seed=self.config.seed,
                                     start_step=start_step, mesh=self.mesh)
 
-    return self._fit(name, task, train, data, lambda: len(arrays["label"]))
+    return self._fit(run, task, train, data, len(arrays["label"]), export)
 
-  def _fit(self, name: str, task, train, data, count):
-    """The engine run of ``fit``; ``count()``, the number of training examples, is only read
-    when ``train.total_steps`` asks for epochs."""
-    from glajax.train import engine, recipes  # pylint: disable=import-outside-toplevel
-    if train.total_steps <= 0:
-      recipes.set_total_steps(train, count())
-    final = self.path(FINAL_DIR, name)
-    export = None if task.export is None else (lambda model, _: task.export(model, final))
-    model, _ = engine.fit(task.model, task.loss_fn, train, data, self.path(RUNS_DIR, name),
-                          mesh=self.mesh, export=export)
+  def _fit(self, run: str, task, train, data, count: int, export: str | None):
+    steps = train.total_steps
+    recipes.set_total_steps(train, count)  # steps per epoch (per-epoch schedules) and epochs
+    if steps > 0:  # an explicit step count wins over the recipe's epochs
+      train.total_steps = steps
+    model, _ = engine.fit(task.model, task.loss_fn, train, data, self.cache(RUNS_DIR, run),
+                          mesh=self.mesh, teacher_update=task.teacher_update,
+                          name=f"{self.config.experiment}: {run.rsplit('-', 1)[0]}")
+    if export is not None and task.export is not None:
+      self.export(export, lambda directory: task.export(model, directory))
     return task.eval_model(model) if task.eval_model is not None else model
+
+  def export(self, name: str, write: Callable[[str], None]) -> str:
+    """``write(final/<name>)`` by process 0 unless that export exists; returns the directory."""
+    directory = self.path(FINAL_DIR, name)
+    if parallel.is_primary() and not os.path.isdir(directory):
+      write(directory)
+    parallel.barrier(f"glajax export {name}")
+    return directory
+
+
+def _check_finite_logits(logits, tag: str, use: roles.Use) -> None:
+  if not np.isfinite(logits).all():
+    raise bad_argument(f"logits of {tag}", "finite values",
+                       f"{int((~np.isfinite(logits)).sum())} non-finite values on "
+                       f"{use.ref.describe()}; nothing was cached", ConfigError)

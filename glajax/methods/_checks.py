@@ -83,10 +83,42 @@ def same_shape(name: str, x, expected: tuple[int, ...]) -> None:
 
 
 def in_range(name: str, x, lo: float, hi: float) -> None:
-  """Raises when ``x`` is concrete and not in [lo, hi]."""
+  """Raises unless ``x`` is a real number (or array); when concrete, unless it lies in [lo, hi]."""
+  real_number(name, x)
   values = concrete(x)
   if values is not None and not ((values >= lo) & (values <= hi)).all():
     raise bad_argument(name, f"a value in [{lo}, {hi}]", values.tolist())
+
+
+def real_number(name: str, x) -> None:
+  """Raises unless ``x`` is a real number or a real array (not a str, bool or complex)."""
+  dtype = None
+  if not isinstance(x, (str, bytes, bool, np.bool_)):
+    dtype = getattr(x, "dtype", None)
+    if dtype is None:
+      try:
+        dtype = np.asarray(x).dtype
+      except (TypeError, ValueError):
+        dtype = None
+  if dtype is None or not (jnp.issubdtype(dtype, jnp.integer)
+                           or jnp.issubdtype(dtype, jnp.floating)):
+    raise bad_argument(name, "a real number", f"{x!r} ({type(x).__name__})"[:200])
+
+
+def positive_int(name: str, value, minimum: int = 1) -> int:
+  """``value`` as a Python int; raises unless it is an integer (Python or NumPy, not a bool)
+  >= ``minimum``. Static: for arguments that fix shapes or loop counts."""
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+    raise bad_argument(name, f"an int >= {minimum}", f"{value!r} ({type(value).__name__})")
+  if value < minimum:
+    raise bad_argument(name, f"an int >= {minimum}", repr(int(value)))
+  return int(value)
+
+
+def nonempty(name: str, x, what: str = "sample") -> None:
+  """Raises when ``x`` has no rows (static: shapes are known under ``jit`` too)."""
+  if not x.shape or x.shape[0] < 1:
+    raise bad_argument(name, f"at least one {what} (row)", f"shape {tuple(x.shape)}")
 
 
 def choice(name: str, value, options) -> None:

@@ -7,6 +7,12 @@ a (C,) boolean mask of U, never empty nor full (checked when concrete).
 For sample i let δ_i = max_{c∈S} z_ic − max_{c∈U} z_ic: for γ > δ_i it is predicted absent,
 for γ < δ_i seen. Sorting the δ_i gives every distinct prediction pattern γ can produce; the
 γ search functions below sweep all of them exactly (``_sweep``), in float32, jittable.
+
+The authors' curve (OSU-MLB/Fine-Tuning-Is-Fine-If-Calibrated ``py/util/evaluate.py``
+``_get_curve_results``) walks from γ = 0 upwards and downwards, recording the pattern after each
+flip: every pattern except the one γ = 0 itself gives (the interval between the largest negative
+and the smallest positive δ), which is recorded, at γ = 0, only when it is the all-seen or the
+all-absent pattern (no δ ≤ 0, or no δ ≥ 0). ``_official_points`` marks that curve.
 """
 from __future__ import annotations
 
@@ -40,7 +46,11 @@ def alg_gamma(logits, labels, absent) -> jax.Array:
   when concrete); needs |S| ≥ 2.
   """
   logits, labels, absent = _inputs(logits, labels, absent)
+  _checks.nonempty("logits", logits)
   values = _checks.concrete(labels), _checks.concrete(absent)
+  if values[1] is not None and (~values[1]).sum() < 2:
+    raise bad_argument("absent", "at least 2 seen classes (ALG averages the seen classes other "
+                       "than the label)", f"{int((~values[1]).sum())} seen of {values[1].size}")
   if values[0] is not None and values[1] is not None and values[1][values[0]].any():
     raise bad_argument("labels", "labels of seen classes only (fine-tuning training data)",
                        f"{int(values[1][values[0]].sum())} samples of absent classes")
@@ -105,21 +115,45 @@ def _sweep(logits, labels, absent):
   return (seen_correct, absent_correct, jnp.sum(~label_absent), jnp.sum(label_absent), gamma)
 
 
+@jax.jit
+def _official_points(logits, labels, absent):
+  """``_sweep`` plus the authors' curve: (seen_correct, absent_correct, num_seen, num_absent,
+  γ, on_curve), γ set to 0 for the all-seen / all-absent pattern when that is the one at γ = 0."""
+  seen_correct, absent_correct, num_seen, num_absent, gamma = _sweep(logits, labels, absent)
+  delta = (jnp.max(jnp.where(absent, -jnp.inf, logits), axis=-1)
+           - jnp.max(jnp.where(absent, logits, -jnp.inf), axis=-1))
+  sorted_delta = jnp.sort(delta)
+  num = delta.shape[0]
+  zero = jnp.zeros((1,), jnp.int32)
+  flipped = jnp.concatenate([zero, jnp.searchsorted(sorted_delta, sorted_delta, side="right")])
+  lower = jnp.where(flipped > 0, sorted_delta[jnp.maximum(flipped - 1, 0)], -jnp.inf)
+  upper = jnp.where(flipped < num, sorted_delta[jnp.minimum(flipped, num - 1)], jnp.inf)
+  at_zero = (lower < 0) & (upper > 0)
+  on_curve = ~at_zero | (flipped == 0) | (flipped == num)
+  gamma = jnp.where(at_zero, 0.0, gamma)
+  return seen_correct, absent_correct, num_seen, num_absent, gamma, on_curve
+
+
 def oracle_gamma(logits, labels, absent) -> jax.Array:
   """The γ maximising Acc_{Y/Y} on the given (test) data, by an exact sweep of all flips."""
   seen_correct, absent_correct, _, _, gamma = _sweep(*_inputs(logits, labels, absent))
   return gamma[jnp.argmax(seen_correct + absent_correct)]
 
 
-def ausuc(logits, labels, absent, return_curve: bool = False):
+def ausuc(logits, labels, absent, return_curve: bool = False, curve: str = "official"):
   """Area under the seen–unseen accuracy curve (Chao et al., 2016; Mai et al., 2024).
 
   Sweeps γ over every value where some sample's prediction flips between seen and absent
   classes plus ±∞, collects (Acc_{S/Y}, Acc_{U/Y}) and integrates Acc_{U/Y} over Acc_{S/Y}
-  with the trapezoid rule (the points are already sorted by seen accuracy). Needs test samples
-  of both seen and absent classes. ``return_curve`` adds a dict with ``seen``, ``absent`` and
-  ``gamma`` (N+1,) arrays.
+  with the trapezoid rule (the points are already sorted by seen accuracy). ``curve="official"``
+  (the default) keeps the authors' points (``py/util/evaluate.py``: ``_get_curve_results``, then
+  ``sklearn.metrics.auc`` on the curve sorted by seen accuracy), which leave out the pattern at
+  γ = 0 unless it is all-seen or all-absent (see the module docstring); ``curve="all"`` keeps
+  every pattern. Needs test samples of both seen and absent classes. ``return_curve`` adds a
+  dict with ``seen``, ``absent``, ``gamma`` and ``on_curve`` (N+1,) arrays in increasing γ (a
+  left-out point repeats its lower-γ neighbour, so the arrays keep their shape).
   """
+  _checks.choice("curve", curve, ("official", "all"))
   logits, labels, absent = _inputs(logits, labels, absent)
   values = _checks.concrete(labels), _checks.concrete(absent)
   if values[0] is not None and values[1] is not None:
@@ -127,16 +161,21 @@ def ausuc(logits, labels, absent, return_curve: bool = False):
     if label_absent.all() or not label_absent.any():
       raise bad_argument("labels", "test samples of both seen and absent classes",
                          f"{int(label_absent.sum())} of {label_absent.size} absent-class samples")
-  seen_correct, absent_correct, num_seen, num_absent, gamma = _sweep(logits, labels, absent)
-  seen = seen_correct / num_seen
-  unseen = absent_correct / num_absent
+  seen_correct, absent_correct, num_seen, num_absent, gamma, on_curve = _official_points(
+      logits, labels, absent)
+  if curve == "all":
+    gamma = _sweep(logits, labels, absent)[4]
+    on_curve = jnp.ones_like(on_curve)
+  keep = jax.lax.cummax(jnp.where(on_curve, jnp.arange(on_curve.shape[0]), 0))
+  seen = (seen_correct / num_seen)[keep]
+  unseen = (absent_correct / num_absent)[keep]
   area = jnp.sum((seen[:-1] - seen[1:]) * (unseen[:-1] + unseen[1:]) / 2.0)
   if return_curve:
-    return area, {"seen": seen, "absent": unseen, "gamma": gamma}
+    return area, {"seen": seen, "absent": unseen, "gamma": gamma[keep], "on_curve": on_curve}
   return area
 
 
-def pcv_gamma(splits: Sequence[tuple]) -> jax.Array:
+def pcv_gamma(splits: Sequence[tuple], infeasible: str = "skip") -> jax.Array:
   """PCV γ (Mai et al.): per pseudo split, the γ maximising overall accuracy subject to the
   pseudo-absent accuracy being at least the source model's; averaged over the splits.
 
@@ -144,23 +183,45 @@ def pcv_gamma(splits: Sequence[tuple]) -> jax.Array:
   of the model fine-tuned on the pseudo-seen half of S, on held-out data of the classes S, their
   labels, the (C_S,) mask of the pseudo-absent half, and the source (pre-fine-tuning) model's
   Acc_{U/Y} on the pseudo-absent samples (e.g. ``seen_absent_accuracies(...)["acc_u_y"]``).
-  Every γ pattern is swept exactly; when no γ meets the constraint the one with the highest
-  pseudo-absent accuracy is taken.
+
+  As the authors' ``evaluate_better_calibration`` (``py/util/evaluate.py``): the candidates are
+  the points of their curve (``_get_curve_results``; γ = 0's own pattern is not one, see the
+  module docstring), and ``compute_best_idx_for_better_calibration`` takes the first maximum
+  of the overall accuracy along the curve sorted by seen accuracy, i.e. among equally good γ
+  the one of lowest seen accuracy: the largest γ (also among points of equal seen accuracy,
+  whose order ``torch.argsort`` leaves unspecified). A split where no γ meets the constraint is
+  skipped (``infeasible="skip"``, the official ``continue``); with none left this raises when
+  the inputs are concrete and gives NaN under ``jit``. ``infeasible="max_absent"`` instead takes
+  that split's γ of highest pseudo-absent accuracy (glajax's earlier rule).
   """
+  _checks.choice("infeasible", infeasible, ("skip", "max_absent"))
   splits = list(splits)
   if not splits:
     raise bad_argument("splits", "at least one pseudo split", "an empty sequence")
-  gammas = []
+  gammas, usable = [], []
   for index, split in enumerate(splits):
     if len(split) != 4:
       raise bad_argument(f"splits[{index}]", "(logits, labels, pseudo_absent, "
                          "source_absent_accuracy)", f"a {len(split)}-tuple")
     logits, labels, pseudo_absent, source_accuracy = split
-    seen_correct, absent_correct, _, num_absent, gamma = _sweep(
+    seen_correct, absent_correct, _, num_absent, gamma, on_curve = _official_points(
         *_inputs(logits, labels, pseudo_absent))
     absent_accuracy = absent_correct / num_absent
-    feasible = absent_accuracy >= jnp.asarray(source_accuracy, jnp.float32)
+    feasible = on_curve & (absent_accuracy >= jnp.asarray(source_accuracy, jnp.float32))
     score = jnp.where(feasible, seen_correct + absent_correct, -1)
-    best = jnp.where(jnp.any(feasible), jnp.argmax(score), jnp.argmax(absent_accuracy))
-    gammas.append(gamma[best])
-  return jnp.mean(jnp.stack(gammas))
+    best = feasible & (score == jnp.max(score))
+    chosen = jnp.max(jnp.where(best, gamma, -jnp.inf))
+    if infeasible == "max_absent":
+      fallback = jnp.where(on_curve, absent_accuracy, -1.0)
+      chosen = jnp.where(jnp.any(feasible), chosen, gamma[jnp.argmax(fallback)])
+      gammas.append(chosen)
+      usable.append(jnp.asarray(True))
+    else:
+      gammas.append(jnp.where(jnp.any(feasible), chosen, 0.0))
+      usable.append(jnp.any(feasible))
+  gammas, usable = jnp.stack(gammas), jnp.stack(usable)
+  count = _checks.concrete(usable)
+  if count is not None and not count.any():
+    raise bad_argument("splits", "at least one split where some γ keeps the pseudo-absent "
+                       "accuracy at the source model's", f"none of {len(splits)} splits")
+  return jnp.sum(jnp.where(usable, gammas, 0.0)) / jnp.sum(usable)

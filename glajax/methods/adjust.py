@@ -17,6 +17,7 @@ def _log_prior(name: str, log_prior, num_classes: int) -> jax.Array:
 def logit_adjust(logits, log_prior, tau: float = 1.0) -> jax.Array:
   """Post-hoc logit adjustment (Menon et al., ICLR 2021): z − τ · log π. Float32 output."""
   logits = _checks.logits_array("logits", logits)
+  _checks.real_number("tau", tau)
   return logits.astype(jnp.float32) - tau * _log_prior("log_prior", log_prior, logits.shape[1])
 
 
@@ -27,6 +28,7 @@ def logit_adjusted_loss(logits, labels, log_prior, tau: float = 1.0) -> jax.Arra
   """
   logits = _checks.logits_array("logits", logits)
   labels = _checks.labels_array("labels", labels, *logits.shape)
+  _checks.real_number("tau", tau)
   shifted = logits.astype(jnp.float32) + tau * _log_prior("log_prior", log_prior,
                                                           logits.shape[1])
   log_probs = jax.nn.log_softmax(shifted, axis=-1)

@@ -20,14 +20,13 @@ _LOG_BETA_RANGE = (-4.605170185988091, 4.605170185988091)   # T = 1/β in [0.01,
 
 def _inputs(logits, labels):
   logits = _checks.logits_array("logits", logits)
+  _checks.nonempty("logits", logits)
   labels = _checks.labels_array("labels", labels, *logits.shape)
   return logits.astype(jnp.float32), labels
 
 
 def _num_bins(num_bins) -> int:
-  if not isinstance(num_bins, int) or num_bins < 1:
-    raise bad_argument("num_bins", "a positive int", repr(num_bins))
-  return num_bins
+  return _checks.positive_int("num_bins", num_bins)
 
 
 @jax.jit
@@ -55,7 +54,11 @@ def ece(logits, labels, num_bins: int = 15, per_batch: int | None = None) -> jax
   """Expected calibration error: Σ_b (n_b/N)|acc_b − conf_b|, top-label, equal-width bins.
 
   ``per_batch=B`` instead averages the ECE of consecutive batches of B samples (the last may
-  be smaller), as CaRot's evaluation does; the default is the whole-dataset ECE.
+  be smaller) weighted by batch size, Σ_b ECE_b·|b| / N, as CaRot's evaluation does
+  (MLAI-Yonsei/CaRot ``src/models/eval.py``: ``tot_ece += ece_metric(prob, y) *
+  logits.shape[0]`` per unshuffled batch of ``--batch-size`` 512, then ``tot_ece / n``, with
+  torchmetrics' top-label L1 ``MulticlassCalibrationError(n_bins=10)``); the default is the
+  whole-dataset ECE.
   """
   logits, labels = _inputs(logits, labels)
   num_bins = _num_bins(num_bins)
@@ -64,14 +67,13 @@ def ece(logits, labels, num_bins: int = 15, per_batch: int | None = None) -> jax
   if per_batch is None:
     _, conf_sum, correct_sum = _binned(confidence, correct, bins, num_bins)
     return jnp.sum(jnp.abs(correct_sum - conf_sum)) / logits.shape[0]
-  if not isinstance(per_batch, int) or per_batch < 1:
-    raise bad_argument("per_batch", "None or a positive int batch size", repr(per_batch))
+  per_batch = _checks.positive_int("per_batch", per_batch)
   num_batches = -(-logits.shape[0] // per_batch)
   batch = jnp.arange(logits.shape[0]) // per_batch
-  counts, conf_sum, correct_sum = _binned(confidence, correct, batch * num_bins + bins,
-                                          num_batches * num_bins)
-  gaps = jnp.abs(correct_sum - conf_sum).reshape(num_batches, num_bins).sum(axis=1)
-  return jnp.mean(gaps / counts.reshape(num_batches, num_bins).sum(axis=1))
+  _, conf_sum, correct_sum = _binned(confidence, correct, batch * num_bins + bins,
+                                     num_batches * num_bins)
+  # ECE_b·|b| = Σ_bins |correct − confidence| within batch b, so the weighted mean is a plain sum.
+  return jnp.sum(jnp.abs(correct_sum - conf_sum)) / logits.shape[0]
 
 
 def mce(logits, labels, num_bins: int = 15) -> jax.Array:
@@ -150,6 +152,7 @@ def fit_temperature(logits, labels, num_steps: int = 50) -> jax.Array:
   (the ends when it has none there). Float32, jittable, fixed iteration count.
   """
   logits, labels = _inputs(logits, labels)
+  num_steps = _checks.positive_int("num_steps", num_steps)
   label_logits = jnp.take_along_axis(logits, labels[:, None], axis=-1)[:, 0]
 
   def slope(log_beta):

@@ -17,6 +17,7 @@ MANY_SHOT_MIN, FEW_SHOT_MAX = 100, 20   # many: > 100 training images, few: < 20
 
 def _inputs(logits, labels):
   logits = _checks.logits_array("logits", logits)
+  _checks.nonempty("logits", logits)
   labels = _checks.labels_array("labels", labels, *logits.shape)
   return logits.astype(jnp.float32), labels
 
@@ -24,7 +25,8 @@ def _inputs(logits, labels):
 def accuracy(logits, labels, k: int = 1) -> jax.Array:
   """Top-k accuracy: mean_i 1[y_i among the k largest logits of z_i]."""
   logits, labels = _inputs(logits, labels)
-  if not isinstance(k, int) or not 1 <= k <= logits.shape[1]:
+  k = _checks.positive_int("k", k)
+  if k > logits.shape[1]:
     raise bad_argument("k", f"an int in [1, {logits.shape[1]}]", repr(k))
   _, top = jax.lax.top_k(logits, k)
   return jnp.mean(jnp.any(top == labels[:, None], axis=-1))
@@ -61,19 +63,32 @@ def group_accuracy(logits, labels, train_counts) -> dict[str, jax.Array]:
   return _group_means(per_class_accuracy(logits, labels), groups)
 
 
-def group_accuracy_by_prior(logits, labels, log_prior) -> dict[str, jax.Array]:
-  """GLA's split: classes sorted by a (log) prior, descending, cut into thirds ``head``,
-  ``medium``, ``tail`` (sizes as ``np.array_split``); plus ``all``."""
+def group_accuracy_by_prior(logits, labels, log_prior,
+                            average: str = "samples") -> dict[str, jax.Array]:
+  """GLA's head / medium / tail split (BeierZhu/GLA ``Code.zip``, ``src/gla.py``
+  ``breakdown_accuracy``): classes sorted by a (log) prior, descending; the first ⌊C/3⌋ are
+  ``head``, the next ⌊C/3⌋ ``medium``, the rest ``tail`` (333/333/334 for C = 1000; the
+  official code hard-codes ``n_sub = 1000 // 3``); plus ``all``.
+
+  ``average="samples"`` (the default, as the official ``compute_accuracy`` on the test samples
+  whose label is in the group): each group's top-1 accuracy over its samples.
+  ``average="classes"``: the mean per-class accuracy over the group's classes that have test
+  samples (glajax's earlier definition). NaN for a group without test samples.
+  """
   logits, labels = _inputs(logits, labels)
   log_prior = _checks.logits_array("log_prior", log_prior, ndim=1)
   num_classes = logits.shape[1]
   _checks.same_shape("log_prior", log_prior, (num_classes,))
+  _checks.choice("average", average, ("samples", "classes"))
   rank = jnp.argsort(jnp.argsort(-log_prior.astype(jnp.float32)))
-  sizes = [len(part) for part in np.array_split(np.arange(num_classes), 3)]
-  head_end, medium_end = sizes[0], sizes[0] + sizes[1]
-  groups = {"head": rank < head_end, "medium": (rank >= head_end) & (rank < medium_end),
-            "tail": rank >= medium_end, "all": jnp.ones(num_classes, bool)}
-  return _group_means(per_class_accuracy(logits, labels), groups)
+  third = num_classes // 3
+  groups = {"head": rank < third, "medium": (rank >= third) & (rank < 2 * third),
+            "tail": rank >= 2 * third, "all": jnp.ones(num_classes, bool)}
+  if average == "classes":
+    return _group_means(per_class_accuracy(logits, labels), groups)
+  hits = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
+  return {name: jnp.sum(jnp.where(mask[labels], hits, 0.0)) / jnp.sum(mask[labels])
+          for name, mask in groups.items()}
 
 
 def restrict_logits(logits, class_indices) -> jax.Array:
@@ -82,9 +97,10 @@ def restrict_logits(logits, class_indices) -> jax.Array:
   logits = _checks.logits_array("logits", logits)
   class_indices = jnp.asarray(class_indices)
   values = _checks.concrete(class_indices)
-  if class_indices.ndim != 1 or not jnp.issubdtype(class_indices.dtype, jnp.integer):
-    raise bad_argument("class_indices", "a 1-D integer array", f"{class_indices.dtype}"
-                       f"{list(class_indices.shape)}")
+  if (class_indices.ndim != 1 or not class_indices.size
+      or not jnp.issubdtype(class_indices.dtype, jnp.integer)):
+    raise bad_argument("class_indices", "a non-empty 1-D integer array",
+                       f"{class_indices.dtype}{list(class_indices.shape)}")
   if values is not None and (values.min() < 0 or values.max() >= logits.shape[1]
                              or len(set(values.tolist())) != values.size):
     raise bad_argument("class_indices", f"distinct indices in [0, {logits.shape[1]})",

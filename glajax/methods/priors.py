@@ -49,8 +49,9 @@ def estimate_log_prior(logits, labels, *, num_classes: int | None = None,
       ``"fixed_point"`` (θ_c ← θ_c + log(p̄_c / freq_c)), or ``"gla_reference"`` (GLA's released
       solver: 1000 plain gradient steps on q = exp(θ) from uniform, lr = 1e-5·(N/C)/50; not
       converged in general, offered to reproduce published numbers).
-    temperature: ``None`` (T = 1), a float T, or ``"match_confidence"`` (GLA: T in [0.1, 10]
-      such that the mean max-softmax confidence of z/T equals the accuracy of z).
+    temperature: ``None`` (T = 1), a float T, or ``"match_confidence"`` (GLA's search,
+      ``match_confidence_temperature``: the mean max-softmax confidence of z/T within 0.1 pp of
+      the accuracy of z).
     tol: stop when the residual max_c |p̄_c − freq_c| ≤ tol (ignored by ``gla_reference``).
     max_iter: iteration cap (defaults: newton 50, lbfgs 500, fixed_point 5000,
       gla_reference 1000 steps exactly).
@@ -274,24 +275,79 @@ def _gla_reference(z, labels, freq, *, tol, max_iter):
   return jnp.log(q), jnp.asarray(max_iter)
 
 
-def match_confidence_temperature(logits, labels, num_steps: int = 40) -> jax.Array:
-  """GLA's temperature: T in [0.1, 10] with mean_i max_c softmax(z_i/T)_c = accuracy(z).
+def match_confidence_temperature(logits, labels, num_steps: int = 40, *, search: str = "gla",
+                                 tol: float = 0.1, max_iter: int = 500) -> jax.Array:
+  """GLA's temperature T: the mean max-softmax confidence of z/T matches the accuracy of z.
 
-  Bisection on log T for a fixed ``num_steps`` (confidence decreases with T); T is clipped to
-  the range when the accuracy lies outside the confidences it spans. Float32, jittable.
+  ``search="gla"`` (the default) is GLA's own search (BeierZhu/GLA ``GLA.FS.public.zip``,
+  ``trainers/util.py`` ``Calibrater.search_recurse``; ``trainers/zsclip.py``
+  ``binary_search_recurse`` is the same), in percent: from [T_lo, T_hi] = [0.1, 10], each round
+  takes T_mid = T_lo + α·(T_hi − T_lo), α = gap_lo / (gap_lo + gap_hi) with gap = |100·conf(T) −
+  100·acc|, and stops when gap_mid ≤ ``tol`` (pp); otherwise T_hi ← 1.1·T_hi if conf(T_hi) > acc
+  (still too confident: the upper end grows), else T_lo ← T_lo/1.1 if conf(T_lo) < acc, else the
+  end farther from its target moves to T_mid. GLA calls it with ``thres=0.1`` for the zero-shot
+  model (``Calibrater.search_T``'s default, ``CalibratedZeroshotCLIP.test``) and ``thres=1.``
+  for the fine-tuned model (``trainers/gla.py``). Its recursion has no bound; here it stops after
+  ``max_iter`` rounds with the last T_mid.
+
+  ``search="bisection"``: the exact root by ``num_steps`` bisection steps on log T within
+  [0.1, 10], clipped to the range when the accuracy lies outside the confidences it spans
+  (glajax's earlier search).
+
+  Float32, jittable (``search``, ``tol``, ``max_iter`` and ``num_steps`` static).
   """
-  z = jnp.asarray(logits, jnp.float32)
+  z = _checks.logits_array("logits", logits).astype(jnp.float32)
+  _checks.nonempty("logits", z)
+  labels = _checks.labels_array("labels", labels, *z.shape)
+  num_steps = _checks.positive_int("num_steps", num_steps)
+  max_iter = _checks.positive_int("max_iter", max_iter)
+  _checks.choice("search", search, ("gla", "bisection"))
+  if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0:
+    raise bad_argument("tol", "a tolerance > 0 in percentage points", repr(tol))
   accuracy = jnp.mean((jnp.argmax(z, axis=-1) == labels).astype(jnp.float32))
 
-  def confidence(log_t):
-    return jnp.mean(jnp.max(jax.nn.softmax(z / jnp.exp(log_t), axis=-1), axis=-1))
+  def confidence(t):
+    return jnp.mean(jnp.max(jax.nn.softmax(z / t, axis=-1), axis=-1))
+
+  if search == "gla":
+    return _gla_temperature_search(confidence, 100.0 * accuracy, tol, max_iter)
 
   def body(_, bounds):
     lo, hi = bounds
     mid = 0.5 * (lo + hi)
-    too_confident = confidence(mid) > accuracy
+    too_confident = confidence(jnp.exp(mid)) > accuracy
     return jnp.where(too_confident, mid, lo), jnp.where(too_confident, hi, mid)
 
   lo, hi = jnp.log(jnp.asarray(_TEMPERATURE_RANGE, jnp.float32))
   lo, hi = jax.lax.fori_loop(0, num_steps, body, (lo, hi))
   return jnp.exp(0.5 * (lo + hi))
+
+
+def _gla_temperature_search(confidence, accuracy, tol, max_iter):
+  """GLA's ``search_recurse`` as a ``while_loop`` (confidences and accuracy in percent)."""
+
+  def gap_of(t):
+    conf = 100.0 * confidence(t)
+    return conf, jnp.abs(conf - accuracy)
+
+  def round_(state):
+    t_lo, t_hi, _, _, it = state
+    conf_lo, gap_lo = gap_of(t_lo)
+    conf_hi, gap_hi = gap_of(t_hi)
+    total = gap_lo + gap_hi
+    alpha = jnp.where(total > 0, gap_lo / jnp.where(total > 0, total, 1.0), 0.5)
+    t_mid = t_lo * (1.0 - alpha) + t_hi * alpha
+    _, gap_mid = gap_of(t_mid)
+    grow = conf_hi > accuracy
+    shrink = ~grow & (conf_lo < accuracy)
+    narrow = ~grow & ~shrink
+    new_hi = jnp.where(grow, t_hi * 1.1, jnp.where(narrow & (gap_lo < gap_hi), t_mid, t_hi))
+    new_lo = jnp.where(shrink, t_lo / 1.1, jnp.where(narrow & ~(gap_lo < gap_hi), t_mid, t_lo))
+    return new_lo, new_hi, t_mid, gap_mid <= tol, it + 1
+
+  def keep_going(state):
+    return ~state[3] & (state[4] < max_iter)
+
+  lo, hi = map(jnp.float32, _TEMPERATURE_RANGE)
+  state = (lo, hi, jnp.float32(1.0), jnp.asarray(False), jnp.int32(0))
+  return jax.lax.while_loop(keep_going, round_, state)[2]

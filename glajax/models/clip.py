@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import os
 from typing import Any
 
@@ -18,6 +19,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from glajax.errors import ConfigError, bad_argument
+from glajax.methods import _checks
+
+ADAPTER_SCALE_LEARNABLE = "learnable"   # LIFT's ``adaptformer_scale = "learnable"``
 
 _ACTIVATIONS = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
@@ -27,9 +31,17 @@ _ACTIVATIONS = {
 }
 
 
+def _check_adapter_scale(scale) -> None:
+  if scale != ADAPTER_SCALE_LEARNABLE and (isinstance(scale, bool)
+                                           or not isinstance(scale, numbers.Real)):
+    raise bad_argument("vision.adapter_scale", f"{ADAPTER_SCALE_LEARNABLE!r} or a float",
+                       repr(scale), ConfigError)
+
+
 @dataclasses.dataclass(frozen=True)
 class CLIPVisionConfig:
-  """The ViT image tower. ``adapter_dim > 0`` adds an AdaptFormer adapter to every block."""
+  """The ViT image tower. ``adapter_dim > 0`` adds an AdaptFormer adapter to every block;
+  ``adapter_scale`` is ``"learnable"`` (LIFT's scalar, initialised to 1) or a fixed float."""
   image_size: int = 224
   patch_size: int = 32
   hidden_size: int = 768
@@ -39,10 +51,12 @@ class CLIPVisionConfig:
   hidden_act: str = "quick_gelu"
   layer_norm_eps: float = 1e-5
   adapter_dim: int = 0
-  adapter_scale: float = 0.1
+  adapter_scale: float | str = ADAPTER_SCALE_LEARNABLE
   remat: bool = False
 
   def __post_init__(self):
+    _check_adapter_scale(self.adapter_scale)
+    _check_sizes(self, "vision", ("image_size", "patch_size"))
     _check_tower(self, "vision")
     if self.image_size % self.patch_size:
       raise bad_argument("vision.image_size", f"a multiple of patch_size {self.patch_size}",
@@ -72,7 +86,21 @@ class CLIPTextConfig:
   remat: bool = False
 
   def __post_init__(self):
+    _check_sizes(self, "text", ("vocab_size", "max_position_embeddings"))
     _check_tower(self, "text")
+
+
+def _check_sizes(cfg, name: str, fields) -> None:
+  """Every size of a tower (and ``fields``) is an int >= 1: a 0 or negative size would build a
+  model with empty or broken tensors instead of failing."""
+  for field in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                *fields):
+    _positive_size(f"{name}.{field}", getattr(cfg, field))
+
+
+def _positive_size(name: str, value) -> None:
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+    raise bad_argument(name, "an int >= 1", f"{value!r} ({type(value).__name__})", ConfigError)
 
 
 def _check_tower(cfg, name: str) -> None:
@@ -99,6 +127,9 @@ class CLIPConfig:
   text: CLIPTextConfig = CLIPTextConfig()
   projection_dim: int = 512
   logit_scale_init_value: float = 2.6592
+
+  def __post_init__(self):
+    _positive_size("projection_dim", self.projection_dim)
 
   @classmethod
   def from_hf(cls, config: dict[str, Any] | str | os.PathLike) -> CLIPConfig:
@@ -265,19 +296,37 @@ class _MLP(nnx.Module):
 
 
 class _Adapter(nnx.Module):
-  """AdaptFormer bottleneck (Chen et al., NeurIPS 2022): up(relu(down(x))), ``up`` zero at init."""
+  """LIFT's AdaptFormer branch (shijxcs/LIFT ``models/peft_modules.py`` ``AdaptFormer``):
+  s · up(relu(down(LN_a(h)))) on the residual stream h.
 
-  def __init__(self, width: int, bottleneck: int, *, dtype, param_dtype, rngs: nnx.Rngs):
-    self.down = nnx.Linear(width, bottleneck, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+  LN_a is the adapter's own LayerNorm (weight 1, bias 0, eps 1e-5 as ``torch.nn.LayerNorm``);
+  ``down`` is ``kaiming_normal_(a=√5)`` (normal, variance 1/(3·fan_in)) with zero bias; ``up`` is
+  zero, so the branch is 0 at init; s is a learnable (1,) scale initialised to 1 when ``scale``
+  is ``"learnable"``, else the fixed float ``scale``.
+  """
+
+  def __init__(self, width: int, bottleneck: int, *, scale=ADAPTER_SCALE_LEARNABLE, dtype,
+               param_dtype, rngs: nnx.Rngs):
+    _check_adapter_scale(scale)
+    self.ln = nnx.LayerNorm(width, epsilon=1e-5, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.down = nnx.Linear(width, bottleneck, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                           kernel_init=jax.nn.initializers.variance_scaling(1 / 3, "fan_in",
+                                                                           "normal"))
     self.up = nnx.Linear(bottleneck, width, kernel_init=jax.nn.initializers.zeros, dtype=dtype,
                          param_dtype=param_dtype, rngs=rngs)
+    learnable = scale == ADAPTER_SCALE_LEARNABLE
+    self.scale = nnx.Param(jnp.ones((1,), param_dtype)) if learnable else None
+    self.fixed_scale = None if learnable else float(scale)
 
-  def __call__(self, x):
-    return self.up(jax.nn.relu(self.down(x)))
+  def __call__(self, h):
+    out = self.up(jax.nn.relu(self.down(self.ln(h))))
+    scale = self.fixed_scale if self.scale is None else self.scale[...].astype(out.dtype)
+    return out * scale
 
 
 class _Block(nnx.Module):
-  """Pre-LN transformer block; with an adapter: h + mlp(ln2(h)) + s * adapter(ln2(h))."""
+  """Pre-LN transformer block; with an adapter (LIFT ``models/peft_vit.py``): h + mlp(ln2(h)) +
+  adapter(h), h the residual stream after attention (see ``_Adapter``)."""
 
   def __init__(self, cfg, *, causal: bool, dtype, param_dtype, rngs: nnx.Rngs):
     norm = lambda: nnx.LayerNorm(cfg.hidden_size, epsilon=cfg.layer_norm_eps, dtype=dtype,
@@ -288,16 +337,16 @@ class _Block(nnx.Module):
     self.layer_norm2 = norm()
     self.mlp = _MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     adapter_dim = getattr(cfg, "adapter_dim", 0)
-    self.adapter = _Adapter(cfg.hidden_size, adapter_dim, dtype=dtype, param_dtype=param_dtype,
+    self.adapter = _Adapter(cfg.hidden_size, adapter_dim,
+                            scale=getattr(cfg, "adapter_scale", ADAPTER_SCALE_LEARNABLE),
+                            dtype=dtype, param_dtype=param_dtype,
                             rngs=rngs) if adapter_dim else None
-    self.adapter_scale = getattr(cfg, "adapter_scale", 0.0)
 
   def __call__(self, h):
     h = h + self.self_attn(self.layer_norm1(h))
-    x = self.layer_norm2(h)
-    out = h + self.mlp(x)
+    out = h + self.mlp(self.layer_norm2(h))
     if self.adapter is not None:
-      out = out + self.adapter_scale * self.adapter(x)
+      out = out + self.adapter(h)
     return out
 
 
@@ -372,6 +421,7 @@ class TextTransformer(nnx.Module):
     batch, length = input_ids.shape
     if length > cfg.max_position_embeddings:
       raise bad_argument("input_ids", f"length <= {cfg.max_position_embeddings}", length)
+    check_token_ids("input_ids", input_ids, cfg.vocab_size)
     if inputs_embeds is None:
       inputs_embeds = self.token_embedding(input_ids)
     elif inputs_embeds.shape != (batch, length, cfg.hidden_size):
@@ -387,11 +437,22 @@ class TextTransformer(nnx.Module):
     return h[jnp.arange(batch), eos_position]
 
 
+def check_token_ids(name: str, ids, vocab_size: int) -> None:
+  """Raises when ``ids`` is concrete and holds an id outside [0, vocab_size): the embedding
+  lookup would not fail but give NaN features (too large) or another token's row (negative)."""
+  values = _checks.concrete(ids)
+  if values is not None and values.size and (values.min() < 0 or values.max() >= vocab_size):
+    raise bad_argument(name, f"token ids in [0, {vocab_size}) (the model's vocab_size)",
+                       f"ids in [{values.min()}, {values.max()}]")
+
+
 def _check_images(images, image_size: int) -> None:
   shape = tuple(images.shape)
   if len(shape) != 4:
     raise bad_argument("images", "a rank-4 (batch, height, width, 3) NHWC array",
                        f"shape {shape}")
+  if shape[0] < 1:
+    raise bad_argument("images", "a batch of at least one image", f"shape {shape}")
   if shape[-1] != 3:
     hint = " (channels-first NCHW? glajax takes NHWC)" if shape[1] == 3 else ""
     raise bad_argument("images", "NHWC with 3 channels last", f"shape {shape}{hint}")
@@ -464,9 +525,10 @@ def interpolate_position_embedding(model: CLIP, image_size: int) -> CLIP:
   The patch position embeddings are resized bicubically (``resize_position_embedding``).
   """
   vision = model.config.vision
-  if image_size % vision.patch_size:
-    raise bad_argument("image_size", f"a multiple of the patch size {vision.patch_size}",
-                       image_size)
+  if (isinstance(image_size, bool) or not isinstance(image_size, numbers.Integral)
+      or image_size < 1 or image_size % vision.patch_size):
+    raise bad_argument("image_size", f"a positive multiple of the patch size {vision.patch_size}",
+                       repr(image_size))
   new_vision = dataclasses.replace(vision, image_size=image_size)
   table = model.vision_model.position_embedding.embedding
   table.set_value(resize_position_embedding(table[...], new_vision.grid_size))

@@ -3,8 +3,8 @@
 * :class:`LinearHead` on L2-normalised projected features, initialised from the zero-shot head
   (WiSE-FT, Wortsman et al. 2022): at initialisation its logits are the zero-shot logits.
 * :class:`CosineClassifier` with scale 25 on the pre-projection CLS feature, initialised from text
-  features mapped back through the visual projection with its pseudo-inverse (backdoor adjustment,
-  Chen et al. 2025).
+  features mapped back through the visual projection as LIFT does (backdoor adjustment, Chen et
+  al. 2025, on shijxcs/LIFT).
 """
 from __future__ import annotations
 
@@ -19,6 +19,11 @@ COSINE_SCALE = 25.0
 
 def _normalize(x):
   return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def _np_normalize(x):
+  """x / max(‖x‖, 1e-12) row-wise, as ``torch.nn.functional.normalize``."""
+  return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 def cosine_logits(features, weights, scale: float = COSINE_SCALE):
@@ -61,17 +66,27 @@ class CosineClassifier(nnx.Module):
     self.scale = scale
 
   @classmethod
-  def from_text_features(cls, text_features, projection_kernel, scale: float = COSINE_SCALE):
-    """w_c = t_c · pinv(W_v): (C, P) text features mapped back through the (D, P) visual projection.
+  def from_text_features(cls, text_features, projection_kernel, scale: float = COSINE_SCALE,
+                         init: str = "lift"):
+    """Weights from (C, P) text features t_c and the (D, P) visual projection kernel W_v.
 
-    The minimum-norm pre-projection vector whose projection is t_c (Chen et al. 2025).
+    ``init="lift"`` (the default): w_c = normalise(normalise(t_c) @ W_vᵀ), LIFT's
+    ``init_head_text_feat`` (shijxcs/LIFT ``trainer.py``: ``text_features = F.normalize(
+    encode_text(...)); text_features @ image_encoder.proj.t()``, normalised again; OpenAI's
+    ``proj`` is the (D, P) kernel). ``init="pinv"``: w_c = t_c · pinv(W_v), the minimum-norm
+    pre-projection vector whose projection is t_c (glajax's earlier initialisation).
     """
     text = _as_matrix("text_features", text_features)
     kernel = _as_matrix("projection_kernel", projection_kernel)
     if text.shape[1] != kernel.shape[1]:
       raise bad_argument("text_features", f"width {kernel.shape[1]} (the projection's output)",
                          f"shape {text.shape}")
-    return cls(text @ np.linalg.pinv(kernel.astype(np.float64)).astype(np.float32), scale)
+    if init == "pinv":
+      return cls(text @ np.linalg.pinv(kernel.astype(np.float64)).astype(np.float32), scale)
+    if init != "lift":
+      raise bad_argument("init", "'lift' or 'pinv'", repr(init))
+    return cls(_np_normalize(_np_normalize(text.astype(np.float64)) @ kernel.T.astype(np.float64))
+               .astype(np.float32), scale)
 
   def __call__(self, features):
     return cosine_logits(features, self.weight[...], self.scale)

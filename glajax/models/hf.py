@@ -7,8 +7,10 @@ shape-checks every tensor and reports every problem in one ``CheckpointError``.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
 import os
 import re
 import shutil
@@ -19,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from glajax.errors import CheckpointError, ConfigError, bad_argument
+from glajax.errors import CheckpointError, ConfigError, InputError, bad_argument
+from glajax.methods import _checks
 from glajax.models.clip import (CLIP, CLIPConfig, _Adapter, interpolate_position_embedding)
 
 # Placeholder -> the regex it stands for, in both key spellings (glajax paths use '.' too).
@@ -233,20 +236,38 @@ def _convert(tensors: dict[str, np.ndarray], expected: dict[str, jax.ShapeDtypeS
                                         if len(problems) > _MAX_PROBLEMS else [])
     raise CheckpointError(f"checkpoint {source} does not fit its config "
                           f"({len(problems)} problems):\n  " + "\n  ".join(shown))
+  _check_finite(converted, source)
   return converted
+
+
+def _check_finite(tensors: dict[str, np.ndarray], source: str, argument: str = "checkpoint",
+                  error=CheckpointError) -> None:
+  """Refuses NaN or infinite weights (a diverged run's export), naming every such tensor."""
+  bad = {key: int(np.size(value) - np.isfinite(value).sum()) for key, value in tensors.items()
+         if not np.isfinite(value).all()}
+  if bad:
+    hf_names = {key: (_glajax_to_hf_key(key) or (key,))[0] for key in bad}
+    listed = [f"{hf_names[key]} ({count} of {np.size(tensors[key])})" for key, count in bad.items()]
+    raise bad_argument(argument, "finite weights",
+                       f"NaN or inf in {len(bad)} tensors of {source}: "
+                       + ", ".join(listed[:_MAX_PROBLEMS]), error)
 
 
 def load_clip(path_or_hub_id: str | os.PathLike, *, dtype=jnp.float32, param_dtype=jnp.float32,
               image_size: int | None = None, adapter_dim: int | None = None,
-              adapter_scale: float = 0.1, remat: bool = False, seed: int = 0) -> CLIP:
+              adapter_scale: float | str = "learnable", remat: bool = False,
+              seed: int = 0) -> CLIP:
   """Loads a transformers-format CLIP checkpoint (local directory or hub id) as a ``CLIP``.
 
   Reads ``config.json`` and ``model.safetensors`` (sharded or not) or ``pytorch_model.bin``.
   ``image_size`` resizes the position embeddings bicubically. ``adapter_dim > 0`` adds freshly
-  initialised AdaptFormer adapters (``up`` zero, so outputs equal the checkpoint's); adapters
+  initialised AdaptFormer adapters (LIFT's, ``adapter_scale`` ``"learnable"`` or a fixed float;
+  ``up`` zero, so outputs equal the checkpoint's); adapters
   saved by ``save_clip`` in ``glajax_adapters.safetensors`` are restored when ``adapter_dim`` is
   None.
   """
+  if image_size is not None:
+    _checks.positive_int("image_size", image_size)  # before reading gigabytes of weights
   directory = resolve_checkpoint(path_or_hub_id, allow_patterns=_HUB_PATTERNS)
   if not _has_weights(directory) and not os.path.isdir(path_or_hub_id):
     # a hub repo without safetensors: fetch its PyTorch weights too
@@ -296,8 +317,9 @@ def _init_adapters(config: CLIPConfig, dtype, param_dtype, seed: int) -> dict[st
   rngs = nnx.Rngs(seed)
   out = {}
   for i in range(config.vision.num_hidden_layers):
-    adapter = _Adapter(config.vision.hidden_size, config.vision.adapter_dim, dtype=dtype,
-                       param_dtype=param_dtype, rngs=rngs)
+    adapter = _Adapter(config.vision.hidden_size, config.vision.adapter_dim,
+                       scale=config.vision.adapter_scale, dtype=dtype, param_dtype=param_dtype,
+                       rngs=rngs)
     for path, var in nnx.to_flat_state(nnx.state(adapter, nnx.Param)):
       out[f"vision_model.layers.{i}.adapter.{_path_str(path)}"] = var.get_value()
   return out
@@ -312,7 +334,8 @@ def _read_adapters(directory: str):
     with safe_open(path, framework="numpy") as f:
       meta = f.metadata() or {}
       tensors = {k: f.get_tensor(k) for k in f.keys()}
-    return tensors, int(meta["adapter_dim"]), float(meta["adapter_scale"])
+    scale = meta["adapter_scale"].strip("'\"")
+    return tensors, int(meta["adapter_dim"]), scale if scale == "learnable" else float(scale)
   except Exception as e:
     raise bad_argument("checkpoint", f"a readable {ADAPTERS_FILE}",
                        f"{path} ({type(e).__name__}: {e})", CheckpointError) from None
@@ -327,22 +350,43 @@ def _check_adapters(tensors, expected, source) -> dict[str, np.ndarray]:
   if problems:
     raise CheckpointError(f"{ADAPTERS_FILE} in {source} does not fit the model:\n  "
                           + "\n  ".join(problems))
+  _check_finite(tensors, f"{source}/{ADAPTERS_FILE}")
   return tensors
 
 
-def save_clip(model: CLIP, directory: str | os.PathLike) -> str:
+EXPORT_MARKER = ".glajax-export"   # written last into every export: the files glajax wrote
+# What a transformers CLIP checkpoint directory holds: replaced with ``overwrite=True``.
+_CHECKPOINT_FILES = re.compile(
+    r"(config\.json|model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json"
+    r"|pytorch_model(-\d+-of-\d+)?\.bin|pytorch_model\.bin\.index\.json|"
+    + re.escape(ADAPTERS_FILE) + ")$")
+
+
+def save_clip(model: CLIP, directory: str | os.PathLike, *, overwrite: bool = False,
+              extra_files: dict | None = None) -> str:
   """Writes ``config.json`` + ``model.safetensors`` that transformers' ``CLIPModel`` loads.
 
   Adapter parameters (not part of transformers' CLIP) go to ``glajax_adapters.safetensors``,
-  which ``load_clip`` restores. Atomic: files are written into a temporary directory next to
-  ``directory``, which then replaces it, so a crash never leaves a half-written checkpoint.
+  which ``load_clip`` restores. ``extra_files`` maps more file names to their content (``bytes``
+  or ``str``) or to a function ``write(path)``; they are part of the export (e.g. a head).
+
+  Never destroys anything: the files are written into a temporary directory beside
+  ``directory``, which is then renamed into place, so a crash leaves the old export or none.
+  ``directory`` may be new, empty, or an earlier glajax export (it holds ``.glajax-export``,
+  the list of files glajax wrote); ``overwrite=True`` also replaces a checkpoint glajax did not
+  write. Files that are not part of an export are never removed: a directory holding any is
+  refused, as are ``""``, the current directory and its parents. Returns the absolute path.
   """
   from safetensors.numpy import save_file
   if not isinstance(model, CLIP):
     raise bad_argument("model", "a glajax CLIP", type(model).__name__)
-  directory = os.path.abspath(os.fspath(directory))
-  if os.path.exists(directory) and not os.path.isdir(directory):
-    raise bad_argument("directory", "a directory path", f"the file {directory}", CheckpointError)
+  target = _export_target(directory)
+  extra_files = dict(extra_files or {})
+  for name in extra_files:
+    if (not isinstance(name, str) or not name or name.startswith(".") or os.sep in name
+        or name in ("config.json", "model.safetensors", ADAPTERS_FILE)):
+      raise bad_argument("extra_files", "plain file names other than the checkpoint's own",
+                         repr(name))
   weights, adapters = {}, {}
   for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
     key = _path_str(path)
@@ -352,27 +396,134 @@ def save_clip(model: CLIP, directory: str | os.PathLike) -> str:
       continue
     hf_key, transform = _glajax_to_hf_key(key)
     weights[hf_key] = _TRANSFORMS[transform][1](value).copy()
-  parent = os.path.dirname(directory)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=parent)
+  # A diverged model is not exported (load_clip would refuse it anyway).
+  _check_finite({**weights, **adapters}, "the model", "model", InputError)
+  replaced = _removable_files(target, overwrite)
+  parent = os.path.dirname(target)
+  with _filesystem("directory", target):
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.tmp-", dir=parent)
   try:
-    config = model.config
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-      json.dump(config.to_hf(), f, indent=2)
-    save_file(weights, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-    if adapters:
-      save_file(adapters, os.path.join(tmp, ADAPTERS_FILE),
-                metadata={"adapter_dim": str(config.vision.adapter_dim),
-                          "adapter_scale": repr(config.vision.adapter_scale)})
-    _replace_directory(tmp, directory)
+    with _filesystem("directory", target):
+      umask = _umask()
+      os.chmod(tmp, 0o777 & ~umask)   # mkdtemp makes it 0700
+      config = model.config
+      with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(config.to_hf(), f, indent=2)
+      save_file(weights, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+      if adapters:
+        save_file(adapters, os.path.join(tmp, ADAPTERS_FILE),
+                  metadata={"adapter_dim": str(config.vision.adapter_dim),
+                            "adapter_scale": repr(config.vision.adapter_scale)})
+      for name, content in extra_files.items():
+        path = os.path.join(tmp, name)
+        if callable(content):
+          content(path)
+        else:
+          with open(path, "wb" if isinstance(content, bytes) else "w") as f:
+            f.write(content)
+      written = sorted(os.listdir(tmp))
+      for name in written:   # safetensors writes 0600 files
+        if os.path.isfile(os.path.join(tmp, name)):
+          os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
+      with open(os.path.join(tmp, EXPORT_MARKER), "w") as f:   # last: the export is whole
+        json.dump({"glajax_export": 1, "files": written}, f, indent=2)
+      _replace_directory(tmp, target, replaced)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
-  return directory
+  return target
 
 
-def _replace_directory(new: str, target: str) -> None:
-  """Moves ``new`` to ``target``; an existing ``target`` is moved aside first, then deleted."""
+def _umask() -> int:
+  """The process's umask, read without changing it where Linux allows (no race with threads)."""
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("Umask:"):
+          return int(line.split()[1], 8)
+  except (OSError, ValueError):
+    pass
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask
+
+
+@contextlib.contextmanager
+def _filesystem(argument: str, path: str):
+  """Turns an OSError about ``path`` into a CheckpointError naming ``argument`` and the path."""
+  try:
+    yield
+  except OSError as e:
+    raise bad_argument(argument, "a writable location", f"{path} ({type(e).__name__}: "
+                       f"{e.strerror or e})", CheckpointError) from e
+
+
+def _export_target(directory) -> str:
+  """The absolute export path; refuses "", the current directory and its parents."""
+  if not isinstance(directory, (str, os.PathLike)):
+    raise bad_argument("directory", "a directory path", type(directory).__name__)
+  path = os.fspath(directory)
+  if not isinstance(path, str) or not path.strip():
+    raise bad_argument("directory", "a non-empty directory path", repr(path))
+  target = os.path.abspath(path)
+  real, cwd = os.path.realpath(target), os.path.realpath(os.getcwd())
+  if real == cwd or cwd.startswith(real.rstrip(os.sep) + os.sep):
+    raise bad_argument("directory", "a directory other than the current directory and its "
+                       "parents (an export replaces its directory)", f"{path!r} ({target})")
+  if os.path.exists(target) and not os.path.isdir(target):
+    raise bad_argument("directory", "a directory path", f"the file {target}", CheckpointError)
+  parent = os.path.dirname(target)
+  while not os.path.exists(parent) and os.path.dirname(parent) != parent:
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise bad_argument("directory", "a path whose parents are directories",
+                       f"{target} under the file {parent}", CheckpointError)
+  return target
+
+
+def _removable_files(target: str, overwrite: bool) -> list[str]:
+  """The files of an existing ``target`` that an export may replace; raises when any other
+  file is there (or, without ``overwrite``, when ``target`` is not a glajax export)."""
+  if not os.path.isdir(target):
+    return []
+  with _filesystem("directory", target):
+    entries = sorted(os.listdir(target))
+  if not entries:
+    return []
+  ours = _export_files(target)
+  if ours is None and not overwrite:
+    raise bad_argument(
+        "directory", f"a new or empty directory, or an earlier glajax export (with "
+        f"{EXPORT_MARKER}); overwrite=True replaces a checkpoint glajax did not write",
+        f"{target} holding {entries[:10]}", CheckpointError)
+  allowed = set(ours or ()) | {EXPORT_MARKER}
+  foreign = [e for e in entries if not (e in allowed or (overwrite and _CHECKPOINT_FILES.match(e)))
+             or not os.path.isfile(os.path.join(target, e))]
+  if foreign:
+    raise bad_argument(
+        "directory", "a directory holding nothing but a checkpoint (files that glajax did not "
+        "write are never removed)", f"{target} also holding {foreign[:10]}"
+        + (f" and {len(foreign) - 10} more" if len(foreign) > 10 else "")
+        + "; move them or export elsewhere", CheckpointError)
+  return entries
+
+
+def _export_files(directory: str) -> list[str] | None:
+  """The files listed in ``directory``'s export marker, or None if it has no valid marker."""
+  try:
+    with open(os.path.join(directory, EXPORT_MARKER)) as f:
+      files = json.load(f)["files"]
+  except (OSError, ValueError, KeyError, TypeError):
+    return None
+  if not isinstance(files, list) or not all(isinstance(name, str) for name in files):
+    return None
+  return files
+
+
+def _replace_directory(new: str, target: str, replaced: list[str]) -> None:
+  """Moves ``new`` to ``target``. An existing ``target`` is moved aside first; then only its
+  files named in ``replaced`` are deleted (anything else is kept there and reported)."""
   if not os.path.exists(target):
     os.rename(new, target)
     return
@@ -384,4 +535,12 @@ def _replace_directory(new: str, target: str) -> None:
   except BaseException:
     os.rename(old, target)
     raise
-  shutil.rmtree(old, ignore_errors=True)
+  for name in replaced:
+    path = os.path.join(old, name)
+    if os.path.isfile(path) and not os.path.islink(path):
+      os.remove(path)
+  try:
+    os.rmdir(old)
+  except OSError:  # a file appeared meanwhile: keep it, say where
+    logging.warning("save_clip: %s held files that appeared during the export; they are kept "
+                    "in %s", target, old)

@@ -13,7 +13,8 @@ from importlib import resources
 
 import numpy as np
 
-from glajax.errors import bad_argument
+from glajax.errors import CheckpointError, bad_argument
+from glajax.methods import _checks
 
 CONTEXT_LENGTH = 77
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
@@ -59,7 +60,8 @@ class Tokenizer:
 
   def __init__(self, hf_tokenizer, context_length: int = CONTEXT_LENGTH):
     self._hf = hf_tokenizer
-    self.context_length = context_length
+    # BOS and EOS need two positions; CLIP's text tower takes at most its config's length.
+    self.context_length = _checks.positive_int("context_length", context_length, 2)
     self.eos_token_id = hf_tokenizer.eos_token_id
     self.bos_token_id = hf_tokenizer.bos_token_id
     self.pad_token_id = hf_tokenizer.pad_token_id
@@ -91,6 +93,7 @@ def load_tokenizer(path_or_hub_id: str | os.PathLike | None = None, *,
 
   ``tok = load_tokenizer(...); tok(["a photo of a cat."])`` -> (1, 77) int32 ids.
   """
+  _checks.positive_int("context_length", context_length, 2)  # before building a tokenizer
   if path_or_hub_id is None:
     return Tokenizer(_openai_tokenizer(), context_length)
   from glajax.models.hf import resolve_checkpoint
@@ -98,4 +101,10 @@ def load_tokenizer(path_or_hub_id: str | os.PathLike | None = None, *,
   if not any(os.path.exists(os.path.join(directory, f)) for f in _TOKENIZER_FILES):
     return Tokenizer(_openai_tokenizer(), context_length)
   from transformers import CLIPTokenizer
-  return Tokenizer(CLIPTokenizer.from_pretrained(directory), context_length)
+  try:
+    hf_tokenizer = CLIPTokenizer.from_pretrained(directory)
+  except Exception as e:  # unreadable or corrupt tokenizer files: OSError, JSON and other errors
+    raise bad_argument("path_or_hub_id", "readable CLIP tokenizer files (vocab.json, merges.txt)",
+                       f"{directory} ({type(e).__name__}: {str(e)[:300]})",
+                       CheckpointError) from e
+  return Tokenizer(hf_tokenizer, context_length)

@@ -6,12 +6,24 @@ are never listed and are removed when the next run opens the directory.
 """
 from __future__ import annotations
 
+import logging
 import os
+import time
 
 import jax
 import orbax.checkpoint as ocp
 
+from glajax import parallel
 from glajax.errors import CheckpointError, bad_argument
+
+_log = logging.getLogger(__name__)
+
+
+def _short(error: Exception, limit: int = 300) -> str:
+  """``Type: first line of the message``, cut to ``limit`` characters (TensorStore's run long)."""
+  cause = error.__cause__ if isinstance(error, CheckpointError) and error.__cause__ else error
+  text = f"{type(cause).__name__}: {(str(cause).splitlines() or [''])[0]}"
+  return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 class Checkpointer:
@@ -24,7 +36,16 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=max(every, 1), max_to_keep=keep, create=True,
         cleanup_tmp_directories=True, enable_async_checkpointing=False)
-    self._manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
+    directory = os.path.abspath(directory)
+    try:
+      # The handler fixes the single-item layout up front: otherwise Orbax infers it from the
+      # first step it restores, and a damaged step would make every other one fail too.
+      self._manager = ocp.CheckpointManager(directory, options=options,
+                                            item_handlers=ocp.StandardCheckpointHandler())
+    except OSError as e:  # a path under a file, a read-only or full disk
+      raise bad_argument("directory", "a writable checkpoint directory",
+                         f"{directory} ({type(e).__name__}: {e.strerror or e})",
+                         CheckpointError) from e
 
   def latest_step(self) -> int | None:
     """The last finalised step, or None."""
@@ -39,8 +60,13 @@ class Checkpointer:
       return False
     if step in self._manager.all_steps():
       return False
-    saved = self._manager.save(step, args=ocp.args.StandardSave(state), force=force)
-    self._manager.wait_until_finished()
+    try:
+      saved = self._manager.save(step, args=ocp.args.StandardSave(state), force=force)
+      self._manager.wait_until_finished()
+    except OSError as e:  # a read-only or full disk
+      raise bad_argument("directory", "a writable checkpoint directory",
+                         f"{self._manager.directory} ({type(e).__name__}: {e.strerror or e}) "
+                         f"while saving step {step}", CheckpointError) from e
     return saved
 
   def restore(self, step: int, like):
@@ -52,6 +78,53 @@ class Checkpointer:
     except (FileNotFoundError, ValueError, KeyError) as e:
       raise CheckpointError(f"checkpoint step {step} in {self._manager.directory}: expected a "
                             f"train state matching this run, found an error: {e}") from e
+
+  def restore_latest(self, like):
+    """``(step, state)`` of the newest checkpoint that restores, or ``(0, None)`` if none exists.
+
+    A newer checkpoint that fails to restore (damaged files) while an older one restores is
+    set aside (renamed ``corrupt-<step>-<time>``, never deleted) with a warning naming it and
+    the error, so that training redoes and saves that step again. When no checkpoint restores
+    (e.g. the run's config changed the state's shapes), a CheckpointError lists every step and
+    why, and nothing is moved.
+    """
+    failures = []
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        state = self.restore(step, like)
+      except Exception as e:  # Orbax and TensorStore raise many types for damaged files
+        failures.append((step, _short(e)))
+        continue
+      for bad, reason in failures:
+        self._set_aside(bad, reason, step)
+      return step, state
+    if failures:
+      raise CheckpointError(
+          f"checkpoints in {self._manager.directory}: expected one that restores into this run's "
+          f"train state, found none ({'; '.join(f'step {s}: {r}' for s, r in failures)}); "
+          "move them away (or use another work directory) to start over")
+    return 0, None
+
+  def _set_aside(self, step: int, reason: str, fallback: int) -> None:
+    directory = os.fspath(self._manager.directory)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside = os.path.join(directory, f"corrupt-{step}-{stamp}")
+    if parallel.is_primary():  # one process renames; the others wait for it
+      for n in range(1, 1000):
+        if not os.path.exists(aside):
+          break
+        aside = os.path.join(directory, f"corrupt-{step}-{stamp}-{n}")
+      try:
+        os.rename(os.path.join(directory, str(step)), aside)
+      except OSError as e:
+        raise bad_argument("checkpoint", f"a movable damaged checkpoint step {step}",
+                           f"{directory} ({type(e).__name__}: {e.strerror or e})",
+                           CheckpointError) from e
+    parallel.barrier(f"glajax set aside checkpoint {step}")
+    self._manager.reload()
+    _log.warning("checkpoint step %d in %s does not restore (%s): skipped, resuming from step "
+                 "%d; the damaged checkpoint is kept as %s", step, directory, reason, fallback,
+                 aside)
 
   def close(self):
     self._manager.close()

@@ -1,14 +1,16 @@
 """The fine-tuning engine: a jitted, donated train step over a device mesh, and the training loop.
 
-A recipe gives a model (an NNX module), a loss ``loss_fn(model, teacher, batch, rng) -> (loss,
-metrics)`` and a config; the engine splits the model with ``nnx.split`` at the jit boundary (pure
-state pytrees in, ``nnx.merge`` inside), replicates params and optimiser state over the ``data``
-mesh axis, shards batches on their leading axis, accumulates gradients over micro-batches with a
-scan, updates the EMA teacher, checkpoints with Orbax, logs JSON lines and caches eval logits.
+A recipe gives a model (an NNX module), a loss ``loss_fn(model, batch, rng) -> (loss, metrics)``
+and a config; the engine splits the model with ``nnx.split`` at the jit boundary (pure state
+pytrees in, ``nnx.merge`` inside), replicates params and optimiser state over the ``data`` mesh
+axis, shards batches on their leading axis and accumulates gradients over micro-batches with a
+scan. Everything else is a hook: logging and the non-finite guard (:class:`MetricsLog`),
+checkpoints (:class:`CheckpointHook`), and a recipe's second copy of the parameters updated inside
+the step (``teacher_update``, CaRot's EMA teacher: the loss then receives the teacher model as its
+fourth argument).
 """
 from __future__ import annotations
 
-import functools
 import importlib.util
 import json
 import os
@@ -22,16 +24,17 @@ import numpy as np
 import optax
 import tqdm
 from flax import nnx
-from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from glajax.errors import ConfigError, TrainingError, bad_argument
-from glajax.train import losses
+from glajax.evaluate import global_batch, split_model
+from glajax.parallel import DATA_AXIS, data_sharding, is_primary, make_mesh, replicated
 from glajax.train.checkpoint import Checkpointer
-from glajax.train.mesh import DATA_AXIS, data_sharding, make_mesh, replicated, shard_batch
 from glajax.train.state import TrainState, create_train_state, make_optimizer
 
 LossFn = Callable[..., tuple[jax.Array, Mapping[str, jax.Array]]]
+# (teacher params, params after the update, 0-based step k) -> new teacher params
+TeacherUpdate = Callable[[dict, dict, jax.Array], dict]
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -43,20 +46,12 @@ def default_config() -> ml_collections.ConfigDict:
       log_every=50,
       checkpoint_every=500,    # 0: no periodic checkpoints
       keep_checkpoints=3,
-      eval_every=0,            # 0: evaluate only at the end
       progress=True,
       tensorboard=True,        # when tensorboard is installed
       optimizer=dict(name="adamw", learning_rate=3e-5, weight_decay=0.1, b1=0.9, b2=0.999,
                      eps=1e-8, momentum=0.9, nesterov=False, warmup_steps=500,
                      schedule="cosine", grad_clip_norm=1.0, trainable=(".*",), groups=()),
-      teacher=dict(enabled=False, every=500, start=0.05, end=0.9, warmup_fraction=0.2),
   ))
-
-
-def split_model(model: nnx.Module):
-  """(graphdef, params, rest): the NNX graph and two pure dicts, the ``nnx.Param``s and the rest."""
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
 
 
 def _microbatches(batch, accum_steps: int, mesh):
@@ -74,20 +69,20 @@ def _microbatches(batch, accum_steps: int, mesh):
 
 
 def make_train_step(graphdef, loss_fn: LossFn, tx: optax.GradientTransformation, mesh, *,
-                    accum_steps: int = 1, teacher_config=None, total_steps: int = 1):
+                    accum_steps: int = 1, teacher_update: TeacherUpdate | None = None):
   """``step(state, rest, batch) -> (state, metrics)``: jitted, ``state`` donated, params
-  replicated and ``batch`` sharded on ``data``. With a teacher, every ``teacher.every`` steps
-  θ_t ← m·θ_t + (1 − m)·θ_s with CaRot's momentum m(step)."""
+  replicated and ``batch`` sharded on ``data``. ``metrics["finite"]`` says whether the loss and
+  every updated parameter are finite. With ``teacher_update``, the teacher is updated right after
+  the optimiser update of 0-based step k = ``state.step``."""
   if accum_steps < 1:
-    raise bad_argument("accum_steps", "a positive integer", accum_steps, ConfigError)
-  if teacher_config is not None and teacher_config.enabled and teacher_config.every < 1:
-    raise bad_argument("teacher.every", "a positive number of steps", teacher_config.every,
-                       ConfigError)
+    raise bad_argument("train.accum_steps", "a positive integer", accum_steps, ConfigError)
 
   def loss_of(params, rest, teacher, batch, rng):
     model = nnx.merge(graphdef, params, rest)
-    teacher_model = None if teacher is None else nnx.merge(graphdef, teacher, rest)
-    loss, metrics = loss_fn(model, teacher_model, batch, rng)
+    if teacher is None:
+      loss, metrics = loss_fn(model, batch, rng)
+    else:
+      loss, metrics = loss_fn(model, batch, rng, nnx.merge(graphdef, teacher, rest))
     return loss, dict(metrics)
 
   grad_fn = jax.value_and_grad(loss_of, has_aux=True)
@@ -111,16 +106,14 @@ def make_train_step(graphdef, loss_fn: LossFn, tx: optax.GradientTransformation,
       loss, metrics, grads = jax.tree.map(lambda x: x / accum_steps, (loss, metrics, grads))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    new_step = state.step + 1
     teacher = state.teacher
-    if teacher is not None:
-      momentum = losses.teacher_momentum(new_step, total_steps, teacher_config.start,
-                                         teacher_config.end, teacher_config.warmup_fraction)
-      teacher = jax.lax.cond(new_step % teacher_config.every == 0,
-                             lambda t: losses.ema_update(t, params, momentum), lambda t: t,
-                             teacher)
-    state = state.replace(params=params, opt_state=opt_state, teacher=teacher, step=new_step)
-    return state, {"loss": loss, **metrics}
+    if teacher_update is not None:
+      teacher = teacher_update(teacher, params, state.step)
+    finite = jnp.isfinite(loss) & jnp.all(jnp.asarray(
+        [jnp.isfinite(x).all() for x in jax.tree.leaves(params)]))
+    state = state.replace(params=params, opt_state=opt_state, teacher=teacher,
+                          step=state.step + 1)
+    return state, {"loss": loss, **metrics, "finite": finite}
 
   repl, data = replicated(mesh), data_sharding(mesh)
   return jax.jit(step, in_shardings=(repl, repl, data), out_shardings=(repl, repl),
@@ -143,185 +136,126 @@ def _to_host(tree):
   return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
 
 
-def _global_batch(batch, mesh):
-  """Sharded global arrays pass through; this process's NumPy slice is sharded first."""
-  if all(isinstance(x, jax.Array) for x in jax.tree.leaves(batch)):
-    return batch
-  return shard_batch(batch, mesh)
+class MetricsLog:
+  """The logging hook: JSON lines in ``metrics.jsonl`` (+ TensorBoard when installed) and the
+  progress bar, written by process 0 every ``log_every`` steps; also the non-finite guard, which
+  raises a TrainingError naming the step before anything of that step is saved or exported."""
 
-
-def image_logits(model, batch):
-  """The ``logits_fn`` of an image classifier: ``model(batch["image"])``."""
-  return model(batch["image"])
-
-
-@functools.lru_cache(maxsize=32)
-def _predict_fn(graphdef, logits_fn, mesh):
-  """The jitted ``logits_fn`` of one model structure on one mesh, compiled once and reused by
-  every evaluation (e.g. each WiSE-FT α) of a model with that structure."""
-  repl, data = replicated(mesh), data_sharding(mesh)
-  return jax.jit(lambda p, r, b: logits_fn(nnx.merge(graphdef, p, r), b).astype(jnp.float32),
-                 in_shardings=(repl, repl, data), out_shardings=data)
-
-
-def evaluate_logits(model: nnx.Module, logits_fn, batches, mesh=None):
-  """(logits, labels) as NumPy over every batch, padding rows (``mask`` == 0) dropped.
-
-  ``logits_fn(model, batch) -> (B, C)`` runs jitted with the batch sharded on ``data``.
-  """
-  mesh = make_mesh() if mesh is None else mesh
-  graphdef, params, rest = split_model(model)
-  predict = _predict_fn(graphdef, logits_fn, mesh)
-  all_logits, all_labels = [], []
-  for batch in batches:
-    batch = _global_batch(batch, mesh)
-    logits = multihost_utils.process_allgather(predict(params, rest, batch), tiled=True)
-    labels = multihost_utils.process_allgather(batch["label"], tiled=True)
-    keep = (multihost_utils.process_allgather(batch["mask"], tiled=True).astype(bool)
-            if "mask" in batch else np.ones(len(labels), bool))
-    all_logits.append(np.asarray(logits)[keep])
-    all_labels.append(np.asarray(labels)[keep].astype(np.int32))
-  if not all_logits:
-    raise bad_argument("batches", "at least one evaluation batch", "none")
-  return np.concatenate(all_logits), np.concatenate(all_labels)
-
-
-def save_npz(path: str, **arrays) -> None:
-  """Writes ``arrays`` to ``path`` (.npz) through a temporary file and a rename: never
-  half-written."""
-  tmp = f"{path}.tmp.npz"
-  np.savez(tmp, **arrays)
-  os.replace(tmp, path)
-
-
-def save_logits(path: str, logits, labels, metadata: Mapping) -> None:
-  """Writes ``logits``, ``labels`` and JSON ``metadata`` to ``path`` (.npz) atomically."""
-  save_npz(path, logits=np.asarray(logits, np.float32), labels=np.asarray(labels, np.int32),
-           metadata=np.asarray(json.dumps(dict(metadata))))
-
-
-class _MetricsLog:
-  """JSON lines in ``metrics.jsonl`` (+ TensorBoard when installed), written by process 0."""
-
-  def __init__(self, workdir: str, tensorboard: bool):
-    self._active = jax.process_index() == 0
+  def __init__(self, workdir: str, config, schedule, start: int, checkpoints: Checkpointer,
+               name: str = "train"):
+    self._active = is_primary()
+    self._workdir, self._schedule, self._checkpoints = workdir, schedule, checkpoints
+    self._every = max(int(config.log_every), 1)
     self._file = open(os.path.join(workdir, "metrics.jsonl"), "a") if self._active else None
     self._tb = None
-    if self._active and tensorboard and importlib.util.find_spec("tensorboard") is not None:
+    if self._active and config.tensorboard and importlib.util.find_spec("tensorboard"):
       from flax.metrics.tensorboard import SummaryWriter  # pylint: disable=import-outside-toplevel
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    self._bar = tqdm.tqdm(total=int(config.total_steps), initial=start, desc=name, unit="step",
+                          disable=not config.progress or not self._active)
+    self._pending, self._examples, self._clock = [], 0, time.perf_counter()
 
-  def write(self, step: int, metrics: Mapping[str, float]):
-    if not self._active:
+  def after_step(self, step: int, metrics, examples: int, flush: bool) -> None:
+    self._pending.append(metrics)
+    self._examples += examples
+    self._bar.update(1)
+    if flush or step % self._every == 0:
+      self.flush(step)
+
+  def flush(self, step: int) -> None:
+    """Checks and writes the pending steps' metrics (the first non-finite one raises)."""
+    if not self._pending:
       return
-    self._file.write(json.dumps({"step": step, **metrics}) + "\n")
-    self._file.flush()
-    if self._tb is not None:
-      for name, value in metrics.items():
-        self._tb.scalar(name, value, step)
+    values = jax.device_get(self._pending)
+    for i, metrics in enumerate(values):
+      if not metrics.pop("finite"):
+        self._raise_non_finite(step - len(values) + i + 1, float(metrics["loss"]))
+    elapsed = time.perf_counter() - self._clock
+    summary = {k: float(np.mean([m[k] for m in values])) for k in values[-1]}
+    summary["learning_rate"] = float(self._schedule(step))
+    summary["examples_per_s"] = self._examples / max(elapsed, 1e-9)
+    if self._active:
+      self._file.write(json.dumps({"step": step, **summary}) + "\n")
+      self._file.flush()
+      if self._tb is not None:
+        for name, value in summary.items():
+          self._tb.scalar(name, value, step)
+    self._bar.set_postfix(loss=f"{summary['loss']:.4f}",
+                          img_s=f"{summary['examples_per_s']:.0f}")
+    self._pending, self._examples, self._clock = [], 0, time.perf_counter()
+
+  def _raise_non_finite(self, step: int, loss: float):
+    last = self._checkpoints.latest_step()
+    what = (f"loss {loss}" if not np.isfinite(loss)
+            else f"non-finite parameters after the update (loss {loss})")
+    raise TrainingError(
+        f"loss: expected a finite value and finite parameters, found {what} at step {step} "
+        f"of the run in {self._workdir}; training stopped and nothing was exported; the last "
+        f"good checkpoint is {'step ' + str(last) if last else 'none'} in "
+        f"{os.path.join(self._workdir, 'checkpoints')}")
 
   def close(self):
+    self._bar.close()
     if self._file is not None:
       self._file.close()
     if self._tb is not None:
       self._tb.close()
 
 
+def _checked_config(config) -> int:
+  """The run's step count, after the engine settings that would fail late are checked."""
+  for key, lo in (("total_steps", 1), ("accum_steps", 1), ("log_every", 1),
+                  ("checkpoint_every", 0), ("keep_checkpoints", 1)):
+    value = config.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo:
+      raise bad_argument(f"train.{key}", f"an integer >= {lo}", repr(value), ConfigError)
+  return int(config.total_steps)
+
+
 def fit(model: nnx.Module, loss_fn: LossFn, config, data: Callable[[int], Iterator],
-        workdir: str, *, mesh=None, evaluators: Mapping | None = None,
-        eval_model: Callable | None = None, export: Callable | None = None):
+        workdir: str, *, mesh=None, teacher_update: TeacherUpdate | None = None,
+        name: str = "train"):
   """Trains ``model`` for ``config.total_steps`` optimiser steps; returns (trained model, state).
 
   ``data(start_step)`` yields the batches from ``start_step`` on (this process's NumPy slice, or
-  global sharded arrays), so a resumed run sees the same data as an uninterrupted one.
-  ``evaluators``: name -> (batches_fn, logits_fn); logits are cached every ``eval_every`` steps and
-  at the end to ``workdir/logits/<name>_step<k>.npz``; ``eval_model(model)`` turns the trained
-  model into the evaluated one first (e.g. a classifier with a rebuilt zero-shot head).
-  ``export(model, directory)`` writes the
-  final model to ``workdir/final`` (e.g. ``glajax.save_clip``).
-  Raises TrainingError on a non-finite loss; checkpoints before that step stay as they were.
+  global sharded arrays), so a resumed run sees the same data as an uninterrupted one. Resumes
+  from the newest checkpoint in ``workdir/checkpoints`` that restores. Raises TrainingError when
+  the loss or the parameters stop being finite (the final update included), so a diverged model
+  is never returned; checkpoints before that step stay as they were. The last step is always
+  checkpointed (``checkpoint_every`` = 0 turns off the periodic ones only), so a finished run
+  is reused, not retrained. ``name`` labels the progress bar.
   """
   mesh = make_mesh() if mesh is None else mesh
+  total = _checked_config(config)
   os.makedirs(workdir, exist_ok=True)
   graphdef, params, rest = split_model(model)
-  total = int(config.total_steps)
   tx, schedule = make_optimizer(config.optimizer, params, total)
-  state = _put_replicated(create_train_state(params, tx, config.seed, config.teacher.enabled), mesh)
+  state = _put_replicated(create_train_state(params, tx, config.seed, teacher_update is not None),
+                          mesh)
   rest = _put_replicated(rest, mesh)
-  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint_every,
-                              config.keep_checkpoints)
-  start = checkpointer.latest_step() or 0
-  if start:
-    state = checkpointer.restore(start, state)
+  checkpoints = Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint_every,
+                             config.keep_checkpoints)
+  start, restored = checkpoints.restore_latest(state)
+  state = state if restored is None else restored
   step_fn = make_train_step(graphdef, loss_fn, tx, mesh, accum_steps=config.accum_steps,
-                            teacher_config=config.teacher, total_steps=total)
-  log = _MetricsLog(workdir, config.tensorboard)
-  bar = tqdm.tqdm(total=total, initial=start, disable=not config.progress
-                  or jax.process_index() != 0, desc="train")
-  evaluators = dict(evaluators or {})
-  pending, examples, clock = [], 0, time.perf_counter()
-
-  def flush(step):
-    nonlocal pending, examples, clock
-    if not pending:
-      return
-    values = jax.device_get(pending)
-    for i, metrics in enumerate(values):
-      if not np.isfinite(metrics["loss"]):
-        last = checkpointer.latest_step()
-        raise TrainingError(
-            f"loss: expected a finite value, found {float(metrics['loss'])} at step "
-            f"{step - len(values) + i + 1}; training stopped, the last good checkpoint is "
-            f"{'step ' + str(last) if last else 'none'} in {os.path.join(workdir, 'checkpoints')}")
-    elapsed = time.perf_counter() - clock
-    summary = {k: float(np.mean([m[k] for m in values])) for k in values[-1]}
-    summary["learning_rate"] = float(schedule(step))
-    summary["examples_per_s"] = examples / max(elapsed, 1e-9)
-    log.write(step, summary)
-    bar.set_postfix(loss=f"{summary['loss']:.4f}", img_s=f"{summary['examples_per_s']:.1f}")
-    pending, examples, clock = [], 0, time.perf_counter()
-
-  def run_evaluators(step):
-    os.makedirs(os.path.join(workdir, "logits"), exist_ok=True)
-    evaluated = nnx.merge(graphdef, state.params, rest)
-    if eval_model is not None:
-      evaluated = eval_model(evaluated)
-    for name, (batches_fn, logits_fn) in evaluators.items():
-      logits, labels = evaluate_logits(evaluated, logits_fn, batches_fn(), mesh)
-      if jax.process_index() == 0:
-        save_logits(os.path.join(workdir, "logits", f"{name}_step{step}.npz"), logits, labels,
-                    {"name": name, "step": step, "workdir": os.path.abspath(workdir)})
-
+                            teacher_update=teacher_update)
+  log = MetricsLog(workdir, config, schedule, start, checkpoints, name)
   try:
     batches = data(start)
     for step in range(start + 1, total + 1):
       try:
-        batch = _global_batch(next(batches), mesh)
+        batch = global_batch(next(batches), mesh)
       except StopIteration:
         raise bad_argument("data", f"batches up to step {total}", f"the end at step {step - 1}",
                            ConfigError) from None
       state, metrics = step_fn(state, rest, batch)
-      pending.append(metrics)
-      examples += jax.tree.leaves(batch)[0].shape[0]
-      bar.update(1)
-      save_due = config.checkpoint_every > 0 and step % config.checkpoint_every == 0
-      eval_due = config.eval_every > 0 and step % config.eval_every == 0
-      if step % config.log_every == 0 or save_due or eval_due or step == total:
-        flush(step)
-      if save_due:
-        checkpointer.save(step, state)
-      if eval_due and step != total:
-        run_evaluators(step)
-    flush(total)
-    if total > start and config.checkpoint_every > 0:
-      checkpointer.save(total, state, force=True)
-    if evaluators:
-      run_evaluators(total)
+      every = config.checkpoint_every
+      save_due = (every > 0 and step % every == 0) or step == total  # the last step: always
+      log.after_step(step, metrics, jax.tree.leaves(batch)[0].shape[0], flush=save_due)
+      if save_due:  # after the flush: a non-finite step is never saved
+        checkpoints.save(step, state, force=True)
+    log.flush(total)
   finally:
-    bar.close()
     log.close()
-    checkpointer.close()
-  model = nnx.merge(graphdef, _to_host(state.params), _to_host(rest))
-  if export is not None and jax.process_index() == 0:
-    export(model, os.path.join(workdir, "final"))
-  return model, state
+    checkpoints.close()
+  return nnx.merge(graphdef, _to_host(state.params), _to_host(rest)), state

@@ -4,7 +4,8 @@
 * logit-adjusted CE(z + τ·log π_train, y) (Menon et al. 2021; from ``glajax.methods``);
 * the symmetric CLIP contrastive loss (FLYP, Goyal et al. 2023);
 * CaRot's terms (Oh et al., NeurIPS 2024): orthogonality ‖W_vᵀW_v − I‖_F, EMA
-  self-distillation L_SD, and the teacher's momentum schedule.
+  self-distillation L_SD, and the teacher's momentum schedule and update timing
+  (``carot_teacher_update``, from MLAI-Yonsei/CaRot ``src/models/carot_loss.py``).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from glajax.methods.adjust import logit_adjusted_loss  # CE(z + τ·log π_train
 
 __all__ = ["cross_entropy", "logit_adjusted_loss", "contrastive_logits", "clip_contrastive_loss",
            "orthogonality_penalty", "projection_cross_penalty", "self_distillation_loss",
-           "teacher_momentum", "ema_update"]
+           "teacher_momentum", "ema_update", "carot_teacher_update"]
 
 
 def cross_entropy(logits, labels, label_smoothing: float = 0.0, where=None):
@@ -100,3 +101,28 @@ def teacher_momentum(step, total_steps: int, start: float = 0.05, end: float = 0
 def ema_update(teacher, student, momentum):
   """θ_t ← m·θ_t + (1 − m)·θ_s over every leaf (CaRot's teacher update)."""
   return jax.tree.map(lambda t, s: momentum * t + (1.0 - momentum) * s, teacher, student)
+
+
+def carot_teacher_update(teacher, params, step, *, total_steps: int, every: int = 500,
+                         start: float = 0.05, end: float = 0.9, warmup_fraction: float = 0.2):
+  """CaRot's EMA teacher after the optimiser update of 0-based step k = ``step``.
+
+  Official timing (MLAI-Yonsei/CaRot ``src/models/carot_loss.py``, defaults from
+  ``src/args.py``: ``--ema_up_freq 500 --m_sche_src 0.05 --m_sche_tar 0.9 --m_warm_up 0.2``):
+  right after ``optimizer.step()`` of step k = i + epoch·num_batches, if k mod ``every`` = 0
+  (k = 0 included) then θ_t ← m(k)·θ_t + (1 − m(k))·θ_s with
+  m(k) = start + (end − start)·k / (f·total) while k < f·total, else ``end``
+  (``teacher_momentum``); otherwise θ_t is unchanged. ``params`` are the student's parameters
+  after that update. Built on ``optax.periodic_update`` and ``optax.incremental_update``; pure
+  and jittable (``step`` may be traced). The official loop's extra condition
+  ``k == num_batches·epochs`` is never met inside the loop (k ≤ total − 1) and is left out.
+  """
+  if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+    raise bad_argument("every", "a positive int number of steps", repr(every))
+  if not 0.0 < warmup_fraction:
+    raise bad_argument("warmup_fraction", "a fraction > 0 of the training steps",
+                       warmup_fraction)
+  momentum = teacher_momentum(step, total_steps, start, end, warmup_fraction)
+  averaged = jax.tree.map(lambda new, old: new.astype(old.dtype),
+                          optax.incremental_update(teacher, params, momentum), teacher)
+  return optax.periodic_update(averaged, teacher, step, every)

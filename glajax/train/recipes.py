@@ -28,6 +28,7 @@ Typical use::
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from collections.abc import Callable
 from typing import NamedTuple
@@ -40,6 +41,7 @@ from flax import nnx
 
 from glajax.errors import bad_argument
 from glajax.models.heads import CLIPClassifier, CosineClassifier, LinearHead
+from glajax import evaluate, io
 from glajax.train import engine, losses
 from glajax.train.prompt_tuning import PromptTunedCLIP, tokenize_prompts, trim_to_longest
 from glajax.zeroshot import zeroshot_head
@@ -48,10 +50,11 @@ from glajax.zeroshot import zeroshot_head
 class Task(NamedTuple):
   """What ``engine.fit`` needs from a recipe."""
   model: nnx.Module
-  loss_fn: Callable                 # (model, teacher, batch, rng) -> (loss, metrics)
+  loss_fn: Callable                 # (model, batch, rng[, teacher]) -> (loss, metrics)
   logits_fn: Callable               # (evaluated model, batch) -> (B, C) logits
   eval_model: Callable | None       # trained model -> evaluated classifier (None: the same)
   export: Callable | None           # (trained model, directory) -> None
+  teacher_update: Callable | None = None  # engine.TeacherUpdate (CaRot's EMA teacher), or None
 
 
 def _config(batch_size: int, epochs: int, **optimizer) -> ml_collections.ConfigDict:
@@ -64,10 +67,25 @@ def _config(batch_size: int, epochs: int, **optimizer) -> ml_collections.ConfigD
 
 
 def set_total_steps(config, num_train_examples: int) -> ml_collections.ConfigDict:
-  """total_steps = epochs · ⌈N / batch_size⌉ (in place; returns ``config``)."""
-  if num_train_examples <= 0:
-    raise bad_argument("num_train_examples", "a positive count", num_train_examples)
-  config.total_steps = config.epochs * math.ceil(num_train_examples / config.batch_size)
+  """The step counts from the number N of training examples (in place; returns ``config``).
+
+  ``config.optimizer.steps_per_epoch`` = ⌈N / batch_size⌉ (PyTorch's ``DataLoader`` without
+  ``drop_last``, as LIFT and WiSE-FT/CaRot load their training data), or ⌊N / batch_size⌋ when
+  ``config.drop_last`` is true and N ≥ batch_size (Dassl's ``build_data_loader``:
+  ``drop_last=is_train and len(data_source) >= batch_size``); ``config.total_steps`` = epochs ·
+  steps_per_epoch. Per-epoch schedules (``optimizer.schedule="epoch_cosine"``,
+  ``optimizer.warmup_epochs``) read ``steps_per_epoch``.
+  """
+  if (isinstance(num_train_examples, bool) or not isinstance(num_train_examples, numbers.Integral)
+      or num_train_examples <= 0):
+    raise bad_argument("num_train_examples", "a positive int count", repr(num_train_examples))
+  num_train_examples = int(num_train_examples)
+  if config.get("drop_last", False) and num_train_examples >= config.batch_size:
+    steps_per_epoch = num_train_examples // config.batch_size
+  else:
+    steps_per_epoch = math.ceil(num_train_examples / config.batch_size)
+  config.optimizer.steps_per_epoch = steps_per_epoch
+  config.total_steps = config.epochs * steps_per_epoch
   return config
 
 
@@ -75,11 +93,19 @@ def set_total_steps(config, num_train_examples: int) -> ml_collections.ConfigDic
 
 
 def finetune() -> ml_collections.ConfigDict:
-  """WiSE-FT's end-to-end recipe: AdamW (0.9, 0.999, eps 1e-8), lr 3e-5, wd 0.1, batch 512,
-  10 epochs, 500 warmup steps then cosine, grad-norm clip 1.0, optional label smoothing. The text
-  tower is unused and frozen (so weight decay leaves it, and ``logit_scale``, as they were)."""
+  """WiSE-FT's end-to-end recipe (mlfoundations/wise-ft).
+
+  From ``README.md``'s fine-tuning command: ``--epochs=10 --lr=0.00003 --batch-size=512``; from
+  ``src/args.py``: ``--wd 0.1``, ``--warmup_length 500``, ``--ls 0`` (label smoothing); from
+  ``src/models/finetune.py``: ``torch.optim.AdamW`` (its defaults β = (0.9, 0.999), eps 1e-8),
+  ``cosine_lr(optimizer, lr, warmup_length, epochs · num_batches)`` called before every step,
+  ``clip_grad_norm_(params, 1.0)``; from ``src/models/utils.py`` ``cosine_lr``: lr·(k + 1)/500
+  at 0-based step k < 500, then a per-step cosine to 0 (``warmup="linear"``,
+  ``schedule="cosine"``). The text tower is unused and frozen (so weight decay leaves it, and
+  ``logit_scale``, as they were)."""
   config = _config(512, 10, name="adamw", learning_rate=3e-5, weight_decay=0.1, b1=0.9, b2=0.999,
-                   eps=1e-8, warmup_steps=500, schedule="cosine", grad_clip_norm=1.0,
+                   eps=1e-8, warmup_steps=500, warmup="linear", schedule="cosine",
+                   grad_clip_norm=1.0,
                    trainable=("^clip/vision_model/", "^clip/visual_projection/", "^head/"))
   config.label_smoothing = 0.0
   return config
@@ -100,35 +126,67 @@ def lp_ft() -> ml_collections.ConfigDict:
 
 def flyp() -> ml_collections.ConfigDict:
   """FLYP: the whole CLIP (logit_scale too) on (image, random template(class name)) pairs with
-  the symmetric CLIP loss; AdamW lr 1e-5, wd 0.1, batch 512, 10 epochs, 500 warmup, cosine."""
+  the symmetric CLIP loss, as run by MLAI-Yonsei/CaRot: ``example_scripts/flyp.sh`` (``--lr 1e-5
+  --wd 0.1 --batch-size 512 --epochs 10``, ViT-B/16), ``src/args.py`` (``--warmup_length 500``,
+  ``--min_lr 0``) and ``src/models/utils.py`` ``cosine_lr`` (lr·(k + 1)/500 warmup, then a
+  per-step cosine); ``torch.optim.AdamW`` with its defaults over every parameter; no gradient
+  clipping."""
   config = _config(512, 10, name="adamw", learning_rate=1e-5, weight_decay=0.1, warmup_steps=500,
-                   schedule="cosine", grad_clip_norm=0.0, trainable=(".*",))
-  config.carot = ml_collections.ConfigDict(dict(lambda_oc=0.0, lambda_sd=0.0, lambda_vt=0.0))
+                   warmup="linear", schedule="cosine", grad_clip_norm=0.0, trainable=(".*",))
+  config.carot = ml_collections.ConfigDict(dict(
+      lambda_oc=0.0, lambda_sd=0.0, lambda_vt=0.0,
+      teacher=dict(every=500, start=0.05, end=0.9, warmup_fraction=0.2)))
   return config
 
 
 def carot() -> ml_collections.ConfigDict:
-  """CaRot: FLYP + λ_OC·‖W_vᵀW_v − I‖_F (0.2) + λ_SD·L_SD (1.5) with an EMA teacher updated every
-  500 steps, m from 0.05 to 0.9 over the first 20 % of training; optional λ_VT·‖W_v W_tᵀ‖_F."""
+  """CaRot (MLAI-Yonsei/CaRot): FLYP + λ_OC·‖W_vᵀW_v − I‖_F + λ_VT·‖W_v W_tᵀ‖_F + λ_SD·L_SD.
+
+  From ``example_scripts/carot.sh``: ``--distil_coef 1.5`` (λ_SD), ``--l_orth_wv 0.2`` (λ_OC),
+  ``--cross_fnorm 0.05`` (λ_VT), ``--lr 1e-5 --wd 0.1 --batch-size 512 --epochs 10``; from
+  ``src/args.py``: ``--ema_up_freq 500``, ``--m_sche_src 0.05``, ``--m_sche_tar 0.9``,
+  ``--m_warm_up 0.2`` (the EMA teacher, ``losses.carot_teacher_update``: updated after the
+  optimiser update of every 0-based step k with k mod 500 = 0, m from 0.05 to 0.9 over the first
+  20 % of training), ``--warmup_length 500``; the loss terms and schedule from
+  ``src/models/carot_loss.py`` (no gradient clipping)."""
   config = flyp()
-  config.carot.update(lambda_oc=0.2, lambda_sd=1.5, lambda_vt=0.0)
-  config.teacher.update(enabled=True, every=500, start=0.05, end=0.9, warmup_fraction=0.2)
+  config.carot.update(lambda_oc=0.2, lambda_sd=1.5, lambda_vt=0.05)
   return config
 
 
-def adapter_dim(num_classes: int) -> int:
-  """Chen et al.'s AdaptFormer bottleneck 2^⌊log2(C/24)⌋ (at least 1)."""
-  return 2 ** max(math.floor(math.log2(num_classes / 24)), 0)
+def adapter_dim(num_classes: int, num_layers: int) -> int:
+  """LIFT's AdaptFormer bottleneck 2^max(0, ⌊log2(C / (2·L))⌋) for L transformer blocks
+  (shijxcs/LIFT ``models/peft_vit.py``, ``ViT_Tuner``: ``2 ** max(0, int(math.log2(num_classes /
+  (n_layers * 2))))``): C/24 for ViT-B (12 blocks), C/48 for ViT-L (24 blocks)."""
+  for name, value in (("num_classes", num_classes), ("num_layers", num_layers)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+      raise bad_argument(name, "a positive int", repr(value))
+  return 2 ** max(0, math.floor(math.log2(num_classes / (2 * num_layers))))
 
 
-def backdoor_peft(num_classes: int) -> ml_collections.ConfigDict:
-  """Chen et al. (2025): AdaptFormer adapters (bottleneck ``adapter_dim(C)``) + cosine classifier
-  (scale 25) on the pre-projection CLS feature, logit-adjusted CE (τ = 1); SGD lr 0.01, momentum
-  0.9, wd 5e-4, batch 128, 10 epochs, cosine schedule. Adapters and classifier are trained."""
+def backdoor_peft(num_classes: int, num_layers: int = 12) -> ml_collections.ConfigDict:
+  """Chen et al. (2025) on LIFT's code (shijxcs/LIFT), for a ViT of ``num_layers`` blocks (12:
+  the paper's ViT-B/16 backbones; 24 for ViT-L/14).
+
+  * AdaptFormer in every block (``models/peft_modules.py`` ``AdaptFormer``, applied in
+    ``models/peft_vit.py``): h + mlp(ln_2(h)) + s·up(relu(down(LN_a(h)))), LN_a its own
+    LayerNorm, s a learnable scalar initialised to 1 (``model.adapter_scale="learnable"``),
+    bottleneck ``adapter_dim(C, num_layers)``;
+  * ``CosineClassifier`` (``models/classifiers.py``) with ``utils/config.py``'s ``scale = 25`` on
+    the pre-projection CLS feature, initialised as in ``trainer.py`` ``init_head_text_feat``
+    (``configs/model/clip_vit_b16.yaml``: ``init_head: "text_feat"``, prompt "a photo of a {}.");
+  * ``loss_type: "LA"`` (``utils/losses.py`` ``LogitAdjustedLoss``, τ = 1);
+  * ``utils/config.py`` / ``configs/model/clip_vit_b16.yaml``: ``num_epochs 10``,
+    ``batch_size 128``, ``lr 0.01``, ``weight_decay 5e-4``, ``momentum 0.9``;
+  * ``trainer.py``: ``torch.optim.SGD`` over the tuner and the head,
+    ``CosineAnnealingLR(optim, num_epochs)`` stepped once per epoch (``schedule="epoch_cosine"``,
+    no warmup), a shuffled ``DataLoader`` without ``drop_last`` (⌈N/128⌉ steps an epoch).
+  """
   config = _config(128, 10, name="sgd", learning_rate=0.01, momentum=0.9, weight_decay=5e-4,
-                   warmup_steps=0, schedule="cosine", grad_clip_norm=0.0,
-                   trainable=("/adapter/", "^head/"))
-  config.model.adapter_dim = adapter_dim(num_classes)
+                   warmup_steps=0, warmup="linear", schedule="epoch_cosine", steps_per_epoch=0,
+                   grad_clip_norm=0.0, trainable=("/adapter/", "^head/"))
+  config.model.adapter_dim = adapter_dim(num_classes, num_layers)
+  config.model.adapter_scale = "learnable"
   config.tau = 1.0
   config.cosine_scale = 25.0
   return config
@@ -136,11 +194,24 @@ def backdoor_peft(num_classes: int) -> ml_collections.ConfigDict:
 
 def prompt_tuning() -> ml_collections.ConfigDict:
   """GLA's few-shot prompt tuning: residuals on the context and class-name token embeddings of
-  "a photo of a {}.", both encoders frozen. Optimiser: CoOp's few-shot schedule (SGD lr 2e-3,
-  momentum 0.9, wd 5e-4, batch 32, cosine), an assumption where GLA's text gives none."""
+  "a photo of a {}.", both encoders frozen.
+
+  Optimiser from BeierZhu/GLA ``GLA.FS.public.zip``: ``configs/trainers/GLA/vit_b16_ep50.yaml``
+  (``OPTIM.NAME "sgd"``, ``LR 0.002``, ``MAX_EPOCH 50``, ``LR_SCHEDULER "cosine"``,
+  ``WARMUP_EPOCH 1``, ``WARMUP_TYPE "constant"``, ``WARMUP_CONS_LR 1e-5``,
+  ``DATALOADER.TRAIN_X.BATCH_SIZE 32``) on the bundled ``Dassl.ProGrad.pytorch.zip``:
+  ``dassl/config/defaults.py`` (``MOMENTUM 0.9``, ``WEIGHT_DECAY 5e-4``, no dampening or
+  Nesterov, ``WARMUP_RECOUNT True``), ``dassl/optim/lr_scheduler.py`` (one epoch at a constant
+  1e-5, then ``CosineAnnealingLR(T_max=50)`` from 0: ``warmup="constant"``,
+  ``warmup_epochs=1``, ``schedule="epoch_cosine"``), ``dassl/data/data_manager.py``
+  (``drop_last`` when N ≥ batch: ``drop_last=True``) and ``trainers/gla.py`` (the scheduler
+  stepped after the last batch of each epoch). Not ported: ``trainers/gla.py``'s learning-rate
+  scaling by batch/N when the k-shot set is smaller than one batch (EuroSAT 1-shot)."""
   config = _config(32, 50, name="sgd", learning_rate=2e-3, momentum=0.9, weight_decay=5e-4,
-                   warmup_steps=0, schedule="cosine", grad_clip_norm=0.0,
+                   warmup_steps=0, warmup_epochs=1, warmup="constant", warmup_lr=1e-5,
+                   schedule="epoch_cosine", steps_per_epoch=0, grad_clip_norm=0.0,
                    trainable=("_residual$",))
+  config.drop_last = True
   config.template = "a photo of a {}."
   return config
 
@@ -153,20 +224,22 @@ def load_model(config, path_or_hub_id):
   rematerialisation and, for ``backdoor_peft``, the adapters."""
   from glajax.models.hf import load_clip  # pylint: disable=import-outside-toplevel
   return load_clip(path_or_hub_id, dtype=jnp.dtype(config.model.dtype),
-                   remat=config.model.remat, adapter_dim=config.model.get("adapter_dim"))
+                   remat=config.model.remat, adapter_dim=config.model.get("adapter_dim"),
+                   adapter_scale=config.model.get("adapter_scale", "learnable"))
 
 
 def _save_npz(path: str, **arrays) -> None:
   """``engine.save_npz`` of ``arrays`` as float32."""
-  engine.save_npz(path, **{k: np.asarray(v, np.float32) for k, v in arrays.items()})
+  io.save_npz(path, **{k: np.asarray(v, np.float32) for k, v in arrays.items()})
 
 
 def export_classifier(model: CLIPClassifier, directory: str) -> None:
   """``save_clip`` of the CLIP (transformers format) + the head's parameters in ``head.npz``."""
   from glajax.models.hf import save_clip  # pylint: disable=import-outside-toplevel
-  save_clip(model.clip, directory)
   _, params = nnx.split(model.head, nnx.Param)
-  _save_npz(os.path.join(directory, "head.npz"), **nnx.to_pure_dict(params))
+  head = nnx.to_pure_dict(params)
+  save_clip(model.clip, directory,   # head.npz inside the one atomic export
+            extra_files={"head.npz": lambda path: _save_npz(path, **head)})
 
 
 def _export_clip(model, directory: str) -> None:
@@ -179,13 +252,13 @@ def classifier_task(clip, head, config) -> Task:
   projected image features, CE with ``config.label_smoothing``."""
   model = CLIPClassifier(clip, head, features="projected")
 
-  def loss_fn(model, teacher, batch, rng):
-    del teacher, rng
+  def loss_fn(model, batch, rng):
+    del rng
     logits = model(batch["image"])
     loss = losses.cross_entropy(logits, batch["label"], config.label_smoothing, batch.get("mask"))
     return loss, {"accuracy": _accuracy(logits, batch)}
 
-  return Task(model, loss_fn, engine.image_logits, None, export_classifier)
+  return Task(model, loss_fn, evaluate.image_logits, None, export_classifier)
 
 
 def _accuracy(logits, batch):
@@ -197,8 +270,8 @@ def _accuracy(logits, batch):
 def linear_probe_task(head: LinearHead, config) -> Task:
   """A linear head on cached features: batches {"features", "label"} (see ``cache_features``)."""
 
-  def loss_fn(model, teacher, batch, rng):
-    del teacher, rng
+  def loss_fn(model, batch, rng):
+    del rng
     logits = model(batch["features"])
     loss = losses.cross_entropy(logits, batch["label"], config.label_smoothing, batch.get("mask"))
     return loss, {"accuracy": _accuracy(logits, batch)}
@@ -213,7 +286,7 @@ def linear_probe_task(head: LinearHead, config) -> Task:
 
 def cache_features(clip, batches, mesh=None):
   """(features, labels): ``encode_image`` of every batch (padding dropped), for linear probes."""
-  return engine.evaluate_logits(clip, image_features, batches, mesh)
+  return evaluate.evaluate_logits(clip, image_features, batches, mesh)
 
 
 def image_features(clip, batch):
@@ -257,7 +330,7 @@ def contrastive_task(clip, tokenizer, classnames, templates, config) -> Task:
   ids = trim_to_longest(tokenizer(prompts), clip.config.text.eos_token_id)
   prompt_ids = ids.reshape(len(classnames), len(templates), -1)
 
-  def loss_fn(model, teacher, batch, rng):
+  def loss_fn(model, batch, rng, teacher=None):
     image, text, text_ids = _contrastive_terms(model, batch, rng)
     scale = model.clip.logit_scale[...]
     clip_loss = losses.clip_contrastive_loss(image, text, scale)
@@ -272,9 +345,6 @@ def contrastive_task(clip, tokenizer, classnames, templates, config) -> Task:
           w_v, model.clip.text_projection.kernel[...])
       loss = loss + weights.lambda_vt * metrics["cross_projection"]
     if weights.lambda_sd:
-      if teacher is None:
-        raise bad_argument("config.teacher.enabled", "True for self-distillation (lambda_sd > 0)",
-                           False)
       metrics["self_distillation"] = losses.self_distillation_loss(
           image, text, scale, teacher.clip.encode_image(batch["image"]),
           teacher.clip.encode_text(text_ids), teacher.clip.logit_scale[...])
@@ -285,14 +355,19 @@ def contrastive_task(clip, tokenizer, classnames, templates, config) -> Task:
     head = zeroshot_head(model.clip, tokenizer, classnames, templates, show_progress=False)
     return CLIPClassifier(model.clip, LinearHead.from_zeroshot(head))
 
-  return Task(ContrastiveCLIP(clip, prompt_ids), loss_fn, engine.image_logits, eval_model,
-              _export_clip)
+  def teacher_update(teacher, params, step):  # read at trace time: total_steps is set by then
+    return losses.carot_teacher_update(teacher, params, step, total_steps=config.total_steps,
+                                       **weights.teacher)
+
+  return Task(ContrastiveCLIP(clip, prompt_ids), loss_fn, evaluate.image_logits, eval_model,
+              _export_clip, teacher_update if weights.lambda_sd else None)
 
 
 def backdoor_task(clip, text_features, train_counts, config) -> Task:
   """Chen et al.'s PEFT: ``clip`` built with ``adapter_dim`` adapters, a cosine classifier on the
-  pooled CLS feature initialised from (C, P) "a photo of a {}." ``text_features`` through
-  pinv(W_v), and CE(z + τ·log π_train, y) with π_train from ``train_counts``."""
+  pooled CLS feature initialised from (C, P) "a photo of a {}." ``text_features`` as LIFT's
+  ``init_head_text_feat`` (w_c = normalise(normalise(t_c) @ W_vᵀ)), and CE(z + τ·log π_train, y)
+  with π_train from ``train_counts``."""
   counts = np.asarray(train_counts, np.float64)
   if counts.ndim != 1 or (counts <= 0).any():
     raise bad_argument("train_counts", "a (C,) array of positive class counts", counts)
@@ -301,13 +376,13 @@ def backdoor_task(clip, text_features, train_counts, config) -> Task:
       text_features, np.asarray(clip.visual_projection.kernel[...]), config.cosine_scale)
   model = CLIPClassifier(clip, head, features="pre_projection")
 
-  def loss_fn(model, teacher, batch, rng):
-    del teacher, rng
+  def loss_fn(model, batch, rng):
+    del rng
     logits = model(batch["image"])
     loss = losses.logit_adjusted_loss(logits, batch["label"], log_prior, config.tau)
     return loss, {"accuracy": _accuracy(logits, batch)}
 
-  return Task(model, loss_fn, engine.image_logits, None, export_classifier)
+  return Task(model, loss_fn, evaluate.image_logits, None, export_classifier)
 
 
 def prompt_tuning_task(clip, tokenizer, classnames, config) -> Task:
@@ -322,8 +397,8 @@ def prompt_tuning_task(clip, tokenizer, classnames, config) -> Task:
       return model(image_features=batch["features"])
     return model(batch["image"])
 
-  def loss_fn(model, teacher, batch, rng):
-    del teacher, rng
+  def loss_fn(model, batch, rng):
+    del rng
     logits = logits_fn(model, batch)
     loss = losses.cross_entropy(logits, batch["label"], where=batch.get("mask"))
     return loss, {"accuracy": _accuracy(logits, batch)}

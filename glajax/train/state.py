@@ -59,19 +59,88 @@ def param_labels(params, trainable=(".*",), groups=()):
   return labels
 
 
+SCHEDULES = ("cosine", "epoch_cosine", "constant")
+WARMUPS = ("linear", "linear_from_zero", "constant")
+
+
+def _count(config, key: str) -> int:
+  value = config.get(key, 0)
+  if value is None:
+    return 0
+  if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    raise bad_argument(f"optimizer.{key}", "an int >= 0", repr(value), ConfigError)
+  return value
+
+
 def learning_rate_schedule(config, total_steps: int):
-  """Linear warmup from 0 over ``warmup_steps``, then cosine to 0 at ``total_steps`` or constant."""
-  lr, warmup = config.learning_rate, config.get("warmup_steps", 0)
+  """The learning rate of 0-based optimiser step k (an Optax schedule of the update count).
+
+  Warmup over the first W steps (``warmup_steps``, or ``warmup_epochs`` · ``steps_per_epoch``):
+
+  * ``warmup="linear"`` (the default): lr·(k + 1)/W, WiSE-FT's and CaRot's ``cosine_lr``
+    (mlfoundations/wise-ft ``src/models/utils.py`` ``_warmup_lr``; MLAI-Yonsei/CaRot the same);
+  * ``"constant"``: ``warmup_lr`` throughout, Dassl's ``ConstantWarmupScheduler``
+    (``dassl/optim/lr_scheduler.py``; GLA's ``WARMUP_TYPE: "constant"``, ``WARMUP_CONS_LR: 1e-5``);
+  * ``"linear_from_zero"``: lr·k/W (glajax's earlier warmup, first step at lr 0).
+
+  Then ``schedule``:
+
+  * ``"cosine"``: lr·½(1 + cos(π(k − W)/(total − W))) per step, ``cosine_lr``'s decay;
+  * ``"epoch_cosine"``: ``torch.optim.lr_scheduler.CosineAnnealingLR(T_max = E)`` stepped once
+    per epoch, E = ⌈total/steps_per_epoch⌉ epochs: lr·½(1 + cos(π·e/E)) for the whole epoch
+    e = ⌊(k − W)/steps_per_epoch⌋ counted from the end of the warmup (LIFT ``trainer.py``; Dassl
+    ``build_lr_scheduler`` with its default ``WARMUP_RECOUNT=True``, where T_max = MAX_EPOCH
+    includes the warmup epochs, so the last epoch stays above 0);
+  * ``"constant"``: lr.
+
+  Per-epoch schedules need ``steps_per_epoch`` (``recipes.set_total_steps`` sets it from the
+  number of training examples); without it this raises a ``ConfigError``.
+  """
+  lr = config.learning_rate
   schedule = config.get("schedule", "cosine")
-  if schedule == "constant":
-    decay = optax.constant_schedule(lr)
-  elif schedule == "cosine":
-    decay = optax.cosine_decay_schedule(lr, max(total_steps - warmup, 1))
-  else:
-    raise bad_argument("optimizer.schedule", "'cosine' or 'constant'", repr(schedule), ConfigError)
-  if warmup <= 0:
-    return decay
-  return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
+  warmup = config.get("warmup", "linear")
+  if schedule not in SCHEDULES:
+    raise bad_argument("optimizer.schedule", f"one of {SCHEDULES}", repr(schedule), ConfigError)
+  if warmup not in WARMUPS:
+    raise bad_argument("optimizer.warmup", f"one of {WARMUPS}", repr(warmup), ConfigError)
+  warmup_steps, warmup_epochs = _count(config, "warmup_steps"), _count(config, "warmup_epochs")
+  steps_per_epoch = _count(config, "steps_per_epoch")
+  if warmup_steps and warmup_epochs:
+    raise bad_argument("optimizer.warmup_steps", "0 when warmup_epochs is set (one warmup)",
+                       f"warmup_steps={warmup_steps}, warmup_epochs={warmup_epochs}", ConfigError)
+  if (schedule == "epoch_cosine" or warmup_epochs) and not steps_per_epoch:
+    raise bad_argument("optimizer.steps_per_epoch",
+                       "a positive int for a per-epoch schedule (recipes.set_total_steps sets it)",
+                       config.get("steps_per_epoch"), ConfigError)
+  total = int(total_steps)
+  if total < 1:
+    raise bad_argument("total_steps", "a positive number of steps", total, ConfigError)
+  num_warmup = warmup_steps or warmup_epochs * steps_per_epoch
+  epochs = -(-total // steps_per_epoch) if steps_per_epoch else 0
+  warmup_lr = config.get("warmup_lr", 1e-5)
+  decay_steps = max(total - num_warmup, 1)
+
+  def rate(count):
+    k = jnp.asarray(count, jnp.int32)
+    kf = k.astype(jnp.float32)
+    if warmup == "linear":
+      ramp = lr * (kf + 1.0) / max(num_warmup, 1)
+    elif warmup == "linear_from_zero":
+      ramp = lr * kf / max(num_warmup, 1)
+    else:
+      ramp = jnp.full_like(kf, warmup_lr)
+    after = jnp.maximum(k - num_warmup, 0)
+    if schedule == "cosine":
+      progress = jnp.minimum(after, decay_steps).astype(jnp.float32) / decay_steps
+      decay = lr * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+    elif schedule == "epoch_cosine":
+      epoch = (after // steps_per_epoch).astype(jnp.float32)
+      decay = lr * 0.5 * (1.0 + jnp.cos(jnp.pi * epoch / epochs))
+    else:
+      decay = jnp.full_like(kf, lr)
+    return jnp.where(k < num_warmup, ramp, decay).astype(jnp.float32)
+
+  return rate
 
 
 def _base_optimizer(config, learning_rate, weight_decay):
@@ -91,8 +160,9 @@ def make_optimizer(config, params, total_steps: int) -> tuple[optax.GradientTran
                                                                  callable]:
   """The recipe's optimiser and its learning-rate schedule.
 
-  config: ``name`` ('adamw' | 'sgd'), ``learning_rate``, ``weight_decay``, ``warmup_steps``,
-  ``schedule``, ``grad_clip_norm`` (0: none), ``b1``, ``b2``, ``eps``, ``momentum``,
+  config: ``name`` ('adamw' | 'sgd'), ``learning_rate``, ``weight_decay``, the schedule's keys
+  (``schedule``, ``warmup``, ``warmup_steps`` or ``warmup_epochs``, ``warmup_lr``,
+  ``steps_per_epoch``: see ``learning_rate_schedule``), ``grad_clip_norm`` (0: none), ``b1``, ``b2``, ``eps``, ``momentum``,
   ``trainable`` (regexes of trained parameter paths, the rest frozen) and ``groups`` (dicts with
   ``name``, ``pattern``, ``lr_scale``, ``weight_decay``; per-group learning rate and decay).
   Frozen gradients are zeroed before clipping, so the global norm counts trained parameters only

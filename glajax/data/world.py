@@ -311,16 +311,4 @@ def dataset_name(config: str = "default") -> str:
   return "demo_shapes" if config == "default" else f"demo_shapes_{config}"
 
 
-def register(config: str = "default") -> str:
-  """Registers the world's ``config`` with ``glajax.data.registry``; returns its name.
-
-  Its train split is the balanced photo set, its eval split the photo test set; the other
-  splits (``split_names``) are read by name.
-  """
-  from glajax.data import registry  # pylint: disable=import-outside-toplevel
-  name = dataset_name(config)
-  registry.register(registry.DatasetInfo(
-      name=name, tfds_name=f"demo_shapes/{config}", train_split="train",
-      eval_split="test_photo", classnames=CLASSNAMES, templates=TEMPLATES,
-      num_classes=NUM_CLASSES))
-  return name
+CONFIGS = ("default", "quick", "tiny")

@@ -1,0 +1,114 @@
+"""Absent-class calibration (Mai et al., NeurIPS 2024): fine-tune on the seen classes S, add γ to
+the absent classes' logits (ALG from the fine-tuning data; PCV from pseudo splits of S, chosen on
+held-out training data of S; the oracle γ, best on test, for reference only), AUSUC.
+
+With ``absent_class.test_fraction`` the dataset's one labelled split is divided per class into a
+fine-tuning pool and the test set (then ``data.test`` must name that split)."""
+from __future__ import annotations
+
+import numpy as np
+
+from glajax import methods as M
+from glajax.errors import ConfigError, bad_argument
+from glajax.experiments import report, roles
+from glajax.experiments.kinds import common
+
+NAME = "absent_class"
+ACCURACY_LABELS = {"acc_y_y": "Acc_{Y/Y}", "acc_s_y": "Acc_{S/Y}", "acc_u_y": "Acc_{U/Y}",
+                   "acc_s_s": "Acc_{S/S}", "acc_u_u": "Acc_{U/U}", "ausuc": "AUSUC"}
+
+
+def _pool_and_tests(config):
+  options, train = config.absent_class, common.train_ref(config)
+  if not options.test_fraction:
+    return train, common.test_uses(config)
+  if config.data.test != config.data.train or config.data.get("shifts"):
+    raise bad_argument("data.test", f"the training split {config.data.train!r} and no shifts: "
+                       "absent_class.test_fraction divides it into fine-tuning and test data",
+                       repr(config.data.test), ConfigError)
+  split = lambda part: roles.holdout(options.test_fraction, options.split_seed, part)  # noqa
+  return train.then(split(0)), [roles.Use(roles.TEST, "test", "absent_class.test_fraction",
+                                          train.then(split(1)))]
+
+
+def plan(config) -> list[roles.Use]:
+  options = config.absent_class
+  pool, tests = _pool_and_tests(config)
+  seen = pool.then(roles.classes(options.num_seen, options.split_seed, 0))
+  holdout = lambda part: roles.holdout(options.pcv_holdout, options.split_seed, part)  # noqa
+  uses = [roles.Use(roles.FIT, "fine-tuning", "absent_class.num_seen", seen),
+          roles.Use(roles.FIT, "ALG γ", "absent_class.num_seen", seen),
+          roles.Use(roles.FIT, "PCV γ", "absent_class.pcv_holdout", seen.then(holdout(1)))]
+  within = (options.num_seen, options.split_seed)
+  for seed in options.pcv_seeds:
+    pseudo_seen = roles.classes(options.num_seen // 2, seed, 0, within=within)
+    uses.append(roles.Use(roles.FIT, f"PCV fine-tuning (seed {seed})", "absent_class.pcv_seeds",
+                          seen.then(holdout(0), pseudo_seen)))
+  return uses + tests
+
+
+def _pcv_gamma(exp, models, tags, seen: np.ndarray):
+  """PCV: per seed, fine-tune on the pseudo-seen half of S (minus the held-out rows) and choose
+  γ for the pseudo-absent half on the held-out rows of S, against the source (zero-shot)
+  model's pseudo-absent accuracy on the same rows; γ averaged over the seeds."""
+  options, seen_ids = exp.config.absent_class, np.flatnonzero(seen)
+  val = exp.use("PCV γ")
+  zs_logits, labels = exp.arrays(val, tags["zs"], lambda: models.zs)
+  labels = np.searchsorted(seen_ids, labels)
+  splits, pseudo_absent_classes = [], []
+  for seed in options.pcv_seeds:
+    use = exp.use(f"PCV fine-tuning (seed {seed})")
+    pseudo_absent = ~roles.class_mask(use.ref.steps[-1], exp.num_classes(use.ref))[seen_ids]
+    run = exp.run_key("pcv", exp.config.train, exp.config.model.checkpoints[0], use)
+    logits, _ = exp.arrays(val, run, lambda u=use, r=run: common.finetuned(
+        exp, models.zs, r, u, exp.train_config()))
+    source = M.seen_absent_accuracies(zs_logits[:, seen], labels, pseudo_absent)["acc_u_y"]
+    splits.append((logits[:, seen], labels, pseudo_absent, source))
+    pseudo_absent_classes.append(seen_ids[pseudo_absent].tolist())
+  return float(M.pcv_gamma(splits)), pseudo_absent_classes
+
+
+def _rows(variants: dict, labels, absent):
+  rows, results, curves, points = [], {}, {}, {}
+  for name, logits in variants.items():
+    row = {k: float(v) for k, v in M.seen_absent_accuracies(logits, labels, absent).items()}
+    if name in ("zero-shot", "fine-tuned"):
+      area, curve = M.ausuc(logits, labels, absent, return_curve=True)
+      row["ausuc"] = float(area)
+      curves[name] = (float(area), {k: np.asarray(v) for k, v in curve.items()})
+    if name != "zero-shot":
+      points[name] = (row["acc_s_y"], row["acc_u_y"])
+    rows.append((name, row))
+    results[name] = row
+  return rows, results, curves, points
+
+
+def run(exp) -> dict:
+  config, options = exp.config, exp.config.absent_class
+  use, test = exp.use("fine-tuning"), exp.tests()[0]
+  seen = roles.class_mask(use.ref.steps[-1], exp.num_classes(use.ref))
+  absent = ~seen
+  models, tags = common.classifier_models(exp, config.model.checkpoints[0], use,
+                                          exp.train_config(), export="finetuned")
+  zs_logits, labels = exp.arrays(test, tags["zs"], lambda: models.zs)
+  ft_logits, _ = exp.arrays(test, tags["ft"], lambda: models.ft)
+  gamma_alg = float(M.alg_gamma(*exp.arrays(exp.use("ALG γ"), tags["ft"], lambda: models.ft),
+                                absent))
+  gamma_pcv, pseudo_absent_classes = _pcv_gamma(exp, models, tags, seen)
+  gamma_oracle = float(M.oracle_gamma(ft_logits, labels, absent))
+  variants = {"zero-shot": zs_logits, "fine-tuned": ft_logits,
+              f"fine-tuned + ALG γ ({gamma_alg:.2f})": M.apply_gamma(ft_logits, absent, gamma_alg),
+              f"fine-tuned + PCV γ ({gamma_pcv:.2f})": M.apply_gamma(ft_logits, absent, gamma_pcv),
+              f"fine-tuned + oracle γ ({gamma_oracle:.2f}, chosen on test: reference only)":
+                  M.apply_gamma(ft_logits, absent, gamma_oracle)}
+  rows, results, curves, points = _rows(variants, labels, absent)
+  title = (f"Absent-class calibration on {use.ref.dataset} ({int(seen.sum())} seen / "
+           f"{int(absent.sum())} absent classes, {config.train.recipe})")
+  return {"results": {"accuracy": results, "gamma_alg": gamma_alg, "gamma_pcv": gamma_pcv,
+                      "gamma_oracle": gamma_oracle, "seen_classes": np.flatnonzero(seen).tolist(),
+                      "pcv_seeds": list(options.pcv_seeds),
+                      "pcv_pseudo_absent_classes": pseudo_absent_classes,
+                      "recipe": config.train.recipe},
+          "tables": [report.table(title, list(ACCURACY_LABELS), rows, config.published,
+                                  ACCURACY_LABELS)],
+          "plots": {"ausuc.png": report.AusucPlot(curves, points)}}

@@ -1,0 +1,76 @@
+"""Backdoor adjustment (Chen et al., ICML 2025): per foundation model m, AdaptFormer adapters and
+a cosine classifier trained with the logit-adjusted loss (``recipes.backdoor_peft``, after
+LIFT); the prediction Σ_m z_m (P(c) = 1/M). With ``backdoor.compare_ce`` the first model is also
+trained with plain cross-entropy (τ = 0), the baseline the logit-adjusted loss improves on."""
+from __future__ import annotations
+
+import numpy as np
+
+import glajax
+from glajax import methods as M
+from glajax.experiments import report, roles
+from glajax.experiments.kinds import common
+from glajax.train import recipes
+
+NAME = "backdoor"
+
+
+def plan(config) -> list[roles.Use]:
+  train = common.train_ref(config)
+  if config.backdoor.imbalance_ratio:
+    train = train.then(roles.long_tail(config.backdoor.imbalance_ratio, config.seed))
+  key = "backdoor.imbalance_ratio" if config.backdoor.imbalance_ratio else "data.train"
+  return [roles.Use(roles.FIT, "fine-tuning", key, train), *common.test_uses(config)]
+
+
+def _trained(exp, checkpoint: str, counts, train, run: str):
+  """The adapters + cosine classifier of ``checkpoint`` trained on the fine-tuning data."""
+  ref = common.train_ref(exp.config)
+  clip = exp.load_clip(checkpoint, train)  # with train.model.adapter_dim adapters
+  head = glajax.zeroshot_head(clip, exp.tokenizer(checkpoint), exp.classes(ref)[0],
+                              [exp.config.backdoor.template], show_progress=exp.config.progress)
+  task = recipes.backdoor_task(clip, np.asarray(head), counts, train)
+  return exp.fit(run, task, train, exp.use("fine-tuning"))
+
+
+def _runs(exp):
+  """(label, checkpoint, train config) of every model to train."""
+  runs = [(f"{checkpoint} (LA loss)", checkpoint, exp.train_config())
+          for checkpoint in exp.config.model.checkpoints]
+  if exp.config.backdoor.get("compare_ce"):
+    ce = exp.train_config()
+    ce.tau = 0.0
+    runs.append((f"{exp.config.model.checkpoints[0]} (CE loss)", exp.config.model.checkpoints[0],
+                 ce))
+  return runs
+
+
+def run(exp) -> dict:
+  config = exp.config
+  tests = exp.tests()
+  use = exp.use("fine-tuning")
+  num_classes = exp.num_classes(use.ref)
+  counts = np.bincount(exp.labels(use), minlength=num_classes)
+  rows, results, la_logits = [], {}, []
+  for label, checkpoint, train in _runs(exp):
+    run_name = exp.run_key("backdoor", train, checkpoint, use)
+    outputs = exp.logits(run_name, lambda c=checkpoint, t=train, r=run_name: _trained(
+        exp, c, counts, t, r), tests)
+    logits, labels = outputs[tests[0].purpose]
+    if train.tau:
+      la_logits.append(logits)
+    row = {k: float(v) for k, v in M.group_accuracy(logits, labels, counts).items()}
+    rows.append((label, row))
+    results[label] = row
+  ensemble = np.asarray(M.backdoor_ensemble(la_logits))
+  row = {k: float(v) for k, v in M.group_accuracy(ensemble, labels, counts).items()}
+  rows.append(("backdoor ensemble", row))
+  results["backdoor ensemble"] = row
+  title = (f"Backdoor adjustment on {use.ref.dataset} ({config.train.recipe}, τ = "
+           f"{config.train.tau:g}, adapter dim {config.train.model.adapter_dim}): per-class "
+           "accuracy by training-count group")
+  return {"results": {"accuracy": results, "train_counts": counts.tolist(),
+                      "recipe": config.train.recipe},
+          "tables": [report.table(title, ["many", "medium", "few", "all"], rows,
+                                  config.published)],
+          "plots": {"train_counts.png": report.PriorPlot(np.log(counts / counts.sum()), None)}}

@@ -1,0 +1,97 @@
+"""What several experiment kinds share: test uses and their columns, accuracy rows, and the
+zero-shot and fine-tuned classifiers built lazily (cached logits may make them unnecessary)."""
+from __future__ import annotations
+
+import numpy as np
+
+from glajax import methods as M
+from glajax.experiments import roles
+from glajax.train import recipes
+
+ID = "ID"
+
+
+def train_ref(config) -> roles.DataRef:
+  return roles.DataRef.parse(config.data.train, "data.train")
+
+
+def test_uses(config) -> list[roles.Use]:
+  """The test sets: ``data.test`` (purpose ``test``), then each of ``data.shifts``."""
+  uses = [roles.Use(roles.TEST, "test", "data.test",
+                    roles.DataRef.parse(config.data.test, "data.test"))]
+  for i, spec in enumerate(config.data.get("shifts", ())):
+    key = f"data.shifts[{i}]"
+    uses.append(roles.Use(roles.TEST, f"shift {spec}", key, roles.DataRef.parse(spec, key)))
+  return uses
+
+
+def column(use: roles.Use, id_use: roles.Use) -> str:
+  """A test set's column: ``ID``, else its dataset name, or its split when it shares the ID
+  dataset."""
+  if use == id_use:
+    return ID
+  return use.ref.split if use.ref.dataset == id_use.ref.dataset else use.ref.dataset
+
+
+def accuracy(logits, labels) -> float:
+  return float(M.accuracy(logits, labels))
+
+
+def accuracy_row(outputs: dict, tests: list[roles.Use]) -> dict:
+  """{column: accuracy} over the test sets (``outputs``: purpose -> (logits, labels)), plus
+  ``avg shifts`` when there are shifts."""
+  row = {column(u, tests[0]): accuracy(*outputs[u.purpose]) for u in tests}
+  return with_average(row, [column(u, tests[0]) for u in tests[1:]])
+
+
+def with_average(row: dict, shift_columns: list[str]) -> dict:
+  if shift_columns:
+    row["avg shifts"] = float(np.mean([row[c] for c in shift_columns]))
+  return row
+
+
+def columns(tests: list[roles.Use]) -> list[str]:
+  shifts = [column(u, tests[0]) for u in tests[1:]]
+  return [ID, *shifts] + (["avg shifts"] if shifts else [])
+
+
+class Lazy:
+  """Builds each named model once, on first use (cached logits may make it unnecessary)."""
+
+  def __init__(self, **factories):
+    self._factories, self._built = factories, {}
+
+  def __getattr__(self, name):
+    if name.startswith("_"):
+      raise AttributeError(name)
+    if name not in self._built:
+      self._built[name] = self._factories[name]()
+    return self._built[name]
+
+
+def zeroshot_tag(exp, checkpoint: str, classes_ref: roles.DataRef, templates=None) -> str:
+  """The cache tag of a zero-shot classifier: its checkpoint and its classes' prompts."""
+  names, default = exp.classes(classes_ref)
+  return f"zeroshot-{exp.key(checkpoint, names, list(templates or default))}"
+
+
+def zeroshot(exp, checkpoint: str, classes_ref: roles.DataRef, train=None):
+  """The zero-shot classifier of ``checkpoint`` for the classes of ``classes_ref``."""
+  return exp.zeroshot_classifier(exp.load_clip(checkpoint, train), checkpoint, classes_ref)
+
+
+def finetuned(exp, zs, run: str, use: roles.Use, train, export: str | None = None):
+  """The zero-shot classifier ``zs`` fine-tuned end to end (the recipe ``train``, WiSE-FT's
+  ``finetune`` by default) on ``use``."""
+  task = recipes.classifier_task(zs.clip, zs.head, train)
+  return exp.fit(run, task, train, use, export=export)
+
+
+def classifier_models(exp, checkpoint: str, use: roles.Use, train, export: str | None = None):
+  """(models, tags): the lazily built zero-shot classifier ``zs`` and its fine-tuned version
+  ``ft`` on ``use``, with their cache tags."""
+  ref = train_ref(exp.config)
+  run = exp.run_key("finetuned", train, checkpoint, use)
+  models = Lazy(zs=lambda: zeroshot(exp, checkpoint, ref, train),
+                ft=lambda: finetuned(exp, models.zs, run, use, train, export))
+  return models, {"zs": zeroshot_tag(exp, checkpoint, ref), "ft": run}

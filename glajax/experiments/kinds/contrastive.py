@@ -1,0 +1,69 @@
+"""Contrastive fine-tuning on class prompts: FLYP (Goyal et al., CVPR 2023) or CaRot (Oh et al.,
+NeurIPS 2024), whichever recipe ``train.recipe`` names; accuracy and ECE on the test set and
+each shift against zero-shot. ``contrastive.ece_per_batch`` (CaRot's evaluation: 512) adds the
+batch-size-weighted per-batch ECE beside the whole-set ECE."""
+from __future__ import annotations
+
+import numpy as np
+
+from glajax import methods as M
+from glajax.experiments import report, roles
+from glajax.experiments.kinds import common
+from glajax.train import recipes
+
+NAME = "contrastive"
+DISPLAY = {"flyp": "FLYP", "carot": "CaRot"}  # the papers' names of the recipes
+
+
+def plan(config) -> list[roles.Use]:
+  return [roles.Use(roles.FIT, "fine-tuning", "data.train", common.train_ref(config)),
+          *common.test_uses(config)]
+
+
+def _trained(exp, checkpoint: str, run: str):
+  train = exp.train_config()
+  classnames, templates = exp.classes(common.train_ref(exp.config))
+  task = recipes.contrastive_task(exp.load_clip(checkpoint, train), exp.tokenizer(checkpoint),
+                                  classnames, templates, train)
+  return exp.fit(run, task, train, exp.use("fine-tuning"), export=exp.config.train.recipe)
+
+
+def _row(outputs, tests, bins: int, per_batch):
+  row = common.accuracy_row(outputs, tests)
+  shift_columns = [common.column(u, tests[0]) for u in tests[1:]]
+  for prefix, kwargs in (("ECE", {}), ("batch ECE", {"per_batch": per_batch})):
+    if prefix == "batch ECE" and not per_batch:
+      continue
+    ece = {f"{prefix} {common.column(u, tests[0])}": float(
+        M.ece(*outputs[u.purpose], num_bins=bins, **kwargs)) for u in tests}
+    if shift_columns:
+      ece[f"{prefix} avg shifts"] = float(np.mean([ece[f"{prefix} {c}"] for c in shift_columns]))
+    row.update(ece)
+  return row
+
+
+def run(exp) -> dict:
+  config, options = exp.config, exp.config.contrastive
+  checkpoint, recipe = config.model.checkpoints[0], config.train.recipe
+  tests, use = exp.tests(), exp.use("fine-tuning")
+  ref = common.train_ref(config)
+  zs_tag = common.zeroshot_tag(exp, checkpoint, ref)
+  run_name = exp.run_key(recipe, exp.train_config(), checkpoint, use)
+  outputs = {
+      "zero-shot": exp.logits(zs_tag, lambda: common.zeroshot(exp, checkpoint, ref), tests),
+      DISPLAY.get(recipe, recipe): exp.logits(
+          run_name, lambda: _trained(exp, checkpoint, run_name), tests)}
+  bins, per_batch = int(options.ece_bins), options.get("ece_per_batch")
+  rows = [(name, _row(logits, tests, bins, per_batch)) for name, logits in outputs.items()]
+  accuracy_columns = common.columns(tests)
+  columns = accuracy_columns + [f"ECE {c}" for c in accuracy_columns]
+  if per_batch:
+    columns += [f"batch ECE {c}" for c in accuracy_columns]
+  panels = {common.column(u, tests[0]): {name: logits[u.purpose]
+                                          for name, logits in outputs.items()} for u in tests}
+  title = (f"{DISPLAY.get(recipe, recipe)} on {ref.dataset}: accuracy and ECE ({bins} bins"
+           + (f"; batch ECE over batches of {per_batch}" if per_batch else "") + ") under shift")
+  return {"results": {"metrics": dict(rows), "recipe": recipe,
+                      "recipe_values": {"carot": config.train.carot.to_dict()}},
+          "tables": [report.table(title, columns, rows, config.published)],
+          "plots": {"reliability.png": report.Reliability(panels, bins)}}

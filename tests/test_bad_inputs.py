@@ -1,0 +1,429 @@
+"""Every bad input raises a clear GlajaxError and changes nothing on disk (issue 13).
+
+One table, ``CASES``: a row is ``Case(id, call, error, names, setup)``. ``call(ctx)`` must raise
+``error`` (a GlajaxError subclass) whose message contains every string of ``names`` (the
+argument, or config key, it is about; a str or a tuple); ``setup(ctx)``, if given, prepares files
+first. To add rows (configs, the command line), append to ``CASES``.
+
+Each row runs with the current directory set to ``ctx.cwd``, a temporary folder holding files of
+its own, so that a call aimed at "" or "." finds something to destroy. The whole temporary tree
+(``ctx.root``: cwd, anything ``setup`` made, and the targets) is snapshotted before and after the
+call, content and permissions included: a refused call writes, moves and deletes nothing.
+Expensive resources (a tiny model, the tokenizer, a checkpoint) are built once per module,
+outside the snapshotted tree, and only by the rows that use them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from glajax import methods as M
+from glajax.data import registry, subsample
+from glajax.models import clip as clip_lib
+from glajax.models import hf
+from glajax.errors import CheckpointError, ConfigError, DatasetError, GlajaxError, InputError
+from glajax.models import tokenizer as tokenizer_lib
+
+
+# ---------------------------------------------------------------------------------------------
+# The harness
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  id: str
+  call: Callable[["Ctx"], object]
+  error: type[GlajaxError]
+  names: str | tuple[str, ...]
+  setup: Callable[["Ctx"], object] | None = None
+
+
+class Shared:
+  """Module-wide resources, built on first use, outside every row's snapshotted tree."""
+
+  def __init__(self, directory: Path):
+    self.directory = directory
+
+  @functools.cached_property
+  def model(self):
+    """A random tiny CLIP with a 1000-token vocabulary (smaller than the tokenizer's)."""
+    return clip_lib.init_clip(_tiny(vocab_size=1000, text_eos_token_id=999,
+                                    text_bos_token_id=998, text_pad_token_id=0))
+
+  @functools.cached_property
+  def tok(self):
+    return tokenizer_lib.load_tokenizer()
+
+  @functools.cached_property
+  def checkpoint(self) -> str:
+    return hf.save_clip(self.model, self.directory / "checkpoint")
+
+  @functools.cached_property
+  def nan_checkpoint(self) -> str:
+    """``checkpoint`` with one NaN in the second vision block's fc1 weight."""
+    import safetensors.numpy
+    out = self.directory / "nan_checkpoint"
+    out.mkdir()
+    tensors = safetensors.numpy.load_file(os.path.join(self.checkpoint, "model.safetensors"))
+    tensors["vision_model.encoder.layers.1.mlp.fc1.weight"][3, 2] = np.nan
+    safetensors.numpy.save_file(tensors, out / "model.safetensors")
+    (out / "config.json").write_bytes(Path(self.checkpoint, "config.json").read_bytes())
+    return str(out)
+
+
+@dataclasses.dataclass
+class Ctx:
+  root: Path       # the snapshotted tree
+  cwd: Path        # the current directory during the call
+  shared: Shared
+
+  def __getattr__(self, name):  # ctx.model, ctx.tok, ctx.checkpoint, ... from Shared
+    return getattr(self.shared, name)
+
+  def path(self, *parts) -> Path:
+    return self.root.joinpath(*parts)
+
+  def files(self, *relative, content: bytes = b"x"):
+    """Creates files (and their folders) under root."""
+    for name in relative:
+      path = self.path(name)
+      path.parent.mkdir(parents=True, exist_ok=True)
+      path.write_bytes(content)
+
+
+def _snapshot(root: Path) -> dict:
+  """{relative path: (mode incl. file type, sha256 of a file's content)} under ``root``."""
+  out = {}
+  for dirpath, dirnames, filenames in os.walk(root):
+    for name in dirnames + filenames:
+      path = os.path.join(dirpath, name)
+      stat = os.lstat(path)
+      digest = None
+      if os.path.isfile(path) and not os.path.islink(path):
+        digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+      out[os.path.relpath(path, root)] = (stat.st_mode, digest)
+  return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs the rows share
+
+Z = np.array([[2.0, 1.0, 0.0], [0.0, 3.0, 1.0], [1.0, 0.0, 2.0], [0.5, 0.2, 3.0]], np.float32)
+Y = np.array([0, 1, 2, 2], np.int32)
+Z0, Y0 = np.zeros((0, 3), np.float32), np.zeros((0,), np.int32)
+ABSENT = np.array([False, False, True])
+IMAGE_SIZE = 32  # CLIPConfig.tiny's
+
+
+def _images(batch: int, size: int = IMAGE_SIZE):
+  return np.zeros((batch, size, size, 3), np.float32)
+
+
+def _tiny(**overrides):
+  return clip_lib.CLIPConfig.tiny(**overrides)
+
+
+def _save(ctx, target, **kwargs):
+  return hf.save_clip(ctx.model, target, **kwargs)
+
+
+def _load(path, **kwargs):
+  return hf.load_clip(path, **kwargs)
+
+
+def _zeroshot(ctx, classnames=("cat", "dog"), templates=("a photo of a {}.",), **kwargs):
+  from glajax.zeroshot import zeroshot_head
+  return zeroshot_head(ctx.model, ctx.tok, classnames, templates, show_progress=False, **kwargs)
+
+
+def _nan_model(ctx):
+  del ctx
+  model = clip_lib.init_clip(_tiny(vision_num_hidden_layers=1, text_num_hidden_layers=1))
+  kernel = model.visual_projection.kernel
+  kernel[...] = kernel[...].at[0, 0].set(jnp.inf)
+  return model
+
+
+def _folder(ctx, *relative):
+  return registry.folder_dataset("bad_inputs_folder", ctx.path(*relative))
+
+
+def _prepare_folder(ctx, data_dir):
+  from glajax.data import builders
+  return builders.prepare(_folder(ctx, "raw").source, None, ctx.path(data_dir))
+
+
+def _image_files(ctx, *relative):
+  from PIL import Image
+  for name in relative:
+    path = ctx.path(name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(path)
+
+
+def _checkpointer(ctx, directory, **kwargs):
+  from glajax.train.checkpoint import Checkpointer
+  return Checkpointer(str(ctx.path(directory)), every=1, **kwargs)
+
+
+def _export_with_user_files(ctx):
+  ctx.path("export").mkdir()
+  ctx.files("export/notes.txt", "export/config.json")
+
+
+# ---------------------------------------------------------------------------------------------
+# The table
+
+CASES = [
+    # --- models: configs ----------------------------------------------------------------------
+    Case("config_image_size_0", lambda c: _tiny(image_size=0), ConfigError, "image_size"),
+    Case("config_image_size_negative", lambda c: _tiny(image_size=-32), ConfigError,
+         "image_size"),
+    Case("config_image_size_indivisible", lambda c: _tiny(image_size=30), ConfigError,
+         ("image_size", "patch_size")),
+    Case("config_image_size_str", lambda c: _tiny(image_size="32"), ConfigError, "image_size"),
+    Case("config_patch_size_0", lambda c: _tiny(patch_size=0), ConfigError, "patch_size"),
+    Case("config_hidden_size_0", lambda c: _tiny(vision_hidden_size=0), ConfigError,
+         "vision.hidden_size"),
+    Case("config_heads_0", lambda c: _tiny(text_num_attention_heads=0), ConfigError,
+         "text.num_attention_heads"),
+    Case("config_layers_0", lambda c: _tiny(vision_num_hidden_layers=0), ConfigError,
+         "vision.num_hidden_layers"),
+    Case("config_vocab_size_0", lambda c: _tiny(vocab_size=0), ConfigError, "vocab_size"),
+    Case("config_projection_dim_0", lambda c: _tiny(projection_dim=0), ConfigError,
+         "projection_dim"),
+    Case("config_unknown_field", lambda c: _tiny(image_sise=32), ConfigError, "image_sise"),
+    # --- models: encoders ---------------------------------------------------------------------
+    Case("encode_text_id_too_large", lambda c: c.model.encode_text(np.array([[998, 1000, 999]])),
+         InputError, ("input_ids", "vocab_size")),
+    Case("encode_text_id_negative", lambda c: c.model.encode_text(np.array([[998, -1, 999]])),
+         InputError, "input_ids"),
+    Case("encode_text_float_ids", lambda c: c.model.encode_text(np.ones((1, 3), np.float32)),
+         InputError, "input_ids"),
+    Case("encode_text_too_long", lambda c: c.model.encode_text(np.ones((1, 78), np.int32)),
+         InputError, "input_ids"),
+    Case("encode_image_empty_batch", lambda c: c.model.encode_image(_images(0)), InputError,
+         "images"),
+    Case("encode_image_nchw", lambda c: c.model.encode_image(np.zeros((1, 3, 32, 32),
+                                                                      np.float32)),
+         InputError, "images"),
+    Case("encode_image_wrong_size", lambda c: c.model.encode_image(_images(1, 40)), InputError,
+         "images"),
+    Case("encode_image_uint8", lambda c: c.model.encode_image(_images(1).astype(np.uint8)),
+         InputError, "images"),
+    Case("interpolate_image_size_0",
+         lambda c: clip_lib.interpolate_position_embedding(c.model, 0), InputError, "image_size"),
+    # --- tokenizer ----------------------------------------------------------------------------
+    Case("tokenizer_non_str", lambda c: c.tok(["a cat", 3]), InputError, "texts"),
+    Case("tokenizer_context_length_1", lambda c: tokenizer_lib.load_tokenizer(context_length=1),
+         InputError, "context_length"),
+    Case("tokenizer_missing_directory",
+         lambda c: tokenizer_lib.load_tokenizer(str(c.path("missing"))), CheckpointError,
+         "path_or_hub_id"),
+    Case("tokenizer_corrupt_files", lambda c: tokenizer_lib.load_tokenizer(str(c.path("tok"))),
+         CheckpointError, ("path_or_hub_id", "tok"),
+         setup=lambda c: (c.files("tok/vocab.json", content=b"{bad"), c.files("tok/merges.txt"))),
+    # --- zero-shot head -----------------------------------------------------------------------
+    Case("zeroshot_classnames_str", lambda c: _zeroshot(c, classnames="cat"), InputError,
+         ("classnames", "'cat'")),
+    Case("zeroshot_classnames_empty", lambda c: _zeroshot(c, classnames=[]), InputError,
+         "classnames"),
+    Case("zeroshot_classnames_not_str", lambda c: _zeroshot(c, classnames=["cat", 7]), InputError,
+         "classnames"),
+    Case("zeroshot_templates_str", lambda c: _zeroshot(c, templates="a photo of a {}."),
+         InputError, "templates"),
+    Case("zeroshot_template_two_fields", lambda c: _zeroshot(c, templates=["a {} of a {}."]),
+         InputError, ("templates", "a {} of a {}.")),
+    Case("zeroshot_template_no_field", lambda c: _zeroshot(c, templates=["a photo."]),
+         InputError, "templates"),
+    Case("zeroshot_template_named_field", lambda c: _zeroshot(c, templates=["a {name}."]),
+         InputError, "templates"),
+    Case("zeroshot_template_unbalanced", lambda c: _zeroshot(c, templates=["a {."]), InputError,
+         "templates"),
+    Case("zeroshot_batch_size_0", lambda c: _zeroshot(c, batch_size=0), InputError,
+         "batch_size"),
+    Case("zeroshot_tokenizer_vocab_mismatch", lambda c: _zeroshot(c), InputError,
+         ("tokenizer", "vocab_size")),
+    # --- methods: calibration on no samples and bad static arguments --------------------------
+    *[Case(f"{name}_no_samples", lambda c, f=getattr(M, name): f(Z0, Y0), InputError, "logits")
+      for name in ("ece", "mce", "adaptive_ece", "classwise_ece", "nll", "brier",
+                   "reliability_diagram", "fit_temperature", "match_confidence_temperature",
+                   "accuracy")],
+    Case("ece_num_bins_0", lambda c: M.ece(Z, Y, num_bins=0), InputError, "num_bins"),
+    Case("ece_num_bins_float", lambda c: M.ece(Z, Y, num_bins=2.5), InputError, "num_bins"),
+    Case("ece_num_bins_bool", lambda c: M.mce(Z, Y, num_bins=True), InputError, "num_bins"),
+    Case("ece_per_batch_0", lambda c: M.ece(Z, Y, per_batch=0), InputError, "per_batch"),
+    Case("ece_labels_out_of_range", lambda c: M.ece(Z, Y + 1), InputError, "labels"),
+    Case("ece_nan_logits", lambda c: M.ece(np.where(Z > 2.5, np.nan, Z), Y), InputError,
+         "logits"),
+    Case("fit_temperature_num_steps_0", lambda c: M.fit_temperature(Z, Y, num_steps=0),
+         InputError, "num_steps"),
+    Case("match_confidence_num_steps_0",
+         lambda c: M.match_confidence_temperature(Z, Y, num_steps=0), InputError, "num_steps"),
+    Case("accuracy_k_0", lambda c: M.accuracy(Z, Y, k=0), InputError, "k"),
+    # --- methods: priors, adjustment, ensembles -----------------------------------------------
+    Case("estimate_log_prior_missing_class", lambda c: M.estimate_log_prior(Z[:2], Y[:2]),
+         InputError, "labels"),
+    Case("estimate_log_prior_solver", lambda c: M.estimate_log_prior(Z, Y, solver="sgd"),
+         InputError, "solver"),
+    Case("logit_adjust_tau_str", lambda c: M.logit_adjust(Z, np.zeros(3, np.float32), tau="1"),
+         InputError, "tau"),
+    Case("logit_adjust_prior_shape", lambda c: M.logit_adjust(Z, np.zeros(4, np.float32)),
+         InputError, "log_prior"),
+    Case("gla_ensemble_shapes", lambda c: M.gla_ensemble(Z, Z[:2], np.zeros(3, np.float32)),
+         InputError, "zs_logits"),
+    Case("backdoor_ensemble_empty", lambda c: M.backdoor_ensemble([]), InputError,
+         "logits_list"),
+    Case("wise_ft_alpha_str", lambda c: M.wise_ft({"w": Z}, {"w": Z}, "0.5"), InputError,
+         "alpha"),
+    Case("wise_ft_alpha_out_of_range", lambda c: M.wise_ft({"w": Z}, {"w": Z}, 1.5), InputError,
+         "alpha"),
+    Case("wise_ft_trees_differ", lambda c: M.wise_ft({"w": Z}, {"v": Z}, 0.5), InputError,
+         "params_1"),
+    Case("output_ensemble_alpha_str", lambda c: M.output_ensemble(Z, Z, "0.5"), InputError,
+         "alpha"),
+    Case("output_ensemble_space", lambda c: M.output_ensemble(Z, Z, 0.5, space="prob"),
+         InputError, "space"),
+    Case("restrict_logits_empty", lambda c: M.restrict_logits(Z, []), InputError,
+         "class_indices"),
+    Case("restrict_logits_empty_int", lambda c: M.restrict_logits(Z, np.array([], np.int32)),
+         InputError, "class_indices"),
+    Case("restrict_logits_duplicates", lambda c: M.restrict_logits(Z, [0, 0]), InputError,
+         "class_indices"),
+    Case("restrict_logits_out_of_range", lambda c: M.restrict_logits(Z, [3]), InputError,
+         "class_indices"),
+    # --- methods: absent classes --------------------------------------------------------------
+    Case("alg_gamma_one_seen_class",
+         lambda c: M.alg_gamma(Z, np.zeros(4, np.int32), np.array([False, True, True])),
+         InputError, "absent"),
+    Case("alg_gamma_absent_labels", lambda c: M.alg_gamma(Z, Y, ABSENT), InputError, "labels"),
+    Case("apply_gamma_mask_shape", lambda c: M.apply_gamma(Z, ABSENT[:2], 1.0), InputError,
+         "absent"),
+    Case("apply_gamma_empty_absent_set", lambda c: M.apply_gamma(Z, np.zeros(3, bool), 1.0),
+         InputError, "absent"),
+    Case("ausuc_no_absent_samples", lambda c: M.ausuc(Z, np.array([0, 1, 1, 0]), ABSENT),
+         InputError, "labels"),
+    # --- Hugging Face checkpoints: export -----------------------------------------------------
+    Case("save_clip_empty_path", lambda c: _save(c, ""), InputError, "directory"),
+    Case("save_clip_current_directory", lambda c: _save(c, "."), InputError,
+         ("directory", "current directory")),
+    Case("save_clip_parent_directory", lambda c: _save(c, ".."), InputError, "directory"),
+    Case("save_clip_root", lambda c: _save(c, "/", overwrite=True), InputError, "directory"),
+    Case("save_clip_over_user_files", lambda c: _save(c, c.path("export")), CheckpointError,
+         ("directory", "notes.txt"), setup=_export_with_user_files),
+    Case("save_clip_overwrite_keeps_user_files",
+         lambda c: _save(c, c.path("export"), overwrite=True), CheckpointError,
+         ("directory", "notes.txt"), setup=_export_with_user_files),
+    Case("save_clip_onto_a_file", lambda c: _save(c, c.path("model.bin")), CheckpointError,
+         "directory", setup=lambda c: c.files("model.bin")),
+    Case("save_clip_under_a_file", lambda c: _save(c, c.path("model.bin", "export")),
+         CheckpointError, ("directory", "under the file", "model.bin"),
+         setup=lambda c: c.files("model.bin")),
+    Case("save_clip_not_a_model", lambda c: hf.save_clip({"w": 1}, c.path("export")),
+         InputError, "model"),
+    Case("save_clip_non_finite_model", lambda c: hf.save_clip(_nan_model(c), c.path("export")),
+         InputError, ("model", "visual_projection.weight")),
+    Case("save_clip_extra_file_escapes", lambda c: _save(c, c.path("export"),
+                                                         extra_files={"../x": b""}),
+         InputError, "extra_files"),
+    # --- Hugging Face checkpoints: load -------------------------------------------------------
+    Case("load_clip_nan_weights", lambda c: _load(c.nan_checkpoint), CheckpointError,
+         ("checkpoint", "vision_model.encoder.layers.1.mlp.fc1.weight")),
+    Case("load_clip_image_size_0", lambda c: _load(c.checkpoint, image_size=0), InputError,
+         "image_size"),
+    Case("load_clip_image_size_indivisible", lambda c: _load(c.checkpoint, image_size=33),
+         InputError, "image_size"),
+    Case("load_clip_missing_directory", lambda c: _load(c.path("missing")), CheckpointError,
+         "path_or_hub_id"),
+    Case("load_clip_a_file", lambda c: _load(c.path("model.bin")), CheckpointError,
+         "path_or_hub_id", setup=lambda c: c.files("model.bin")),
+    Case("load_clip_no_config", lambda c: _load(c.path("ckpt")), CheckpointError,
+         ("checkpoint", "config.json"), setup=lambda c: c.files("ckpt/model.safetensors")),
+    Case("load_clip_truncated_weights", lambda c: _load(c.path("ckpt")), CheckpointError,
+         ("checkpoint", "model.safetensors"),
+         setup=lambda c: (c.files("ckpt/model.safetensors", content=b"\x08\x00\x00"),
+                          c.path("ckpt/config.json").write_bytes(
+                              Path(c.checkpoint, "config.json").read_bytes()))),
+    # --- data ---------------------------------------------------------------------------------
+    Case("folder_dataset_missing_root", lambda c: _folder(c, "missing"), DatasetError,
+         "manual_dir"),
+    Case("folder_dataset_no_class_folders", lambda c: _folder(c, "raw"), DatasetError,
+         "manual_dir", setup=lambda c: c.files("raw/readme.txt")),
+    Case("folder_dataset_class_folders_without_images",
+         lambda c: _prepare_folder(c, "tfds"), DatasetError, ("manual_dir", "raw"),
+         setup=lambda c: c.files("raw/cat/notes.txt", "raw/dog/.hidden.jpg")),
+    Case("folder_dataset_undecodable_image", lambda c: _prepare_folder(c, "tfds"), DatasetError,
+         ("image file", "bad.jpg"),
+         setup=lambda c: (_image_files(c, "raw/cat/0.jpg"), c.files("raw/dog/bad.jpg"))),
+    Case("dataset_unknown_name", lambda c: registry.get("imagenet2013"), DatasetError, "name"),
+    Case("split_list_bad_line", lambda c: subsample.read_split_list(c.path("list.txt")),
+         DatasetError, "list.txt", setup=lambda c: c.files("list.txt", content=b"a.jpg cat\n")),
+    # --- file system --------------------------------------------------------------------------
+    Case("prepare_data_dir_under_a_file", lambda c: _prepare_folder(c, "blocker/tfds"),
+         DatasetError, ("data_dir", "blocker"),
+         setup=lambda c: (_image_files(c, "raw/cat/0.jpg"), c.files("blocker"))),
+    Case("checkpointer_under_a_file", lambda c: _checkpointer(c, "blocker/checkpoints"),
+         CheckpointError, ("directory", "blocker"), setup=lambda c: c.files("blocker")),
+    Case("checkpointer_keep_0", lambda c: _checkpointer(c, "checkpoints", keep=0), InputError,
+         "keep"),
+    Case("checkpointer_nothing_restores",
+         lambda c: _checkpointer(c, "checkpoints").restore_latest({"w": jnp.zeros(4)}),
+         CheckpointError, ("checkpoints", "step 1", "step 2"),
+         setup=lambda c: _two_checkpoints(c, "checkpoints", {"w": jnp.zeros(3)})),
+]
+
+
+def _two_checkpoints(ctx, directory, state):
+  checkpointer = _checkpointer(ctx, directory)
+  for step in (1, 2):
+    checkpointer.save(step, state)
+  checkpointer.close()
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+  return Shared(tmp_path_factory.mktemp("shared"))
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
+def test_bad_input(case, shared, tmp_path, monkeypatch):
+  ctx = Ctx(root=tmp_path, cwd=tmp_path / "cwd", shared=shared)
+  ctx.files("cwd/notes.txt", "cwd/results/report.json", content=b"the user's own")
+  if case.setup is not None:
+    case.setup(ctx)
+  monkeypatch.chdir(ctx.cwd)
+  before = _snapshot(tmp_path)
+  with pytest.raises(GlajaxError) as raised:
+    case.call(ctx)
+  assert isinstance(raised.value, case.error), (
+      f"expected {case.error.__name__}, got {type(raised.value).__name__}: {raised.value}")
+  message = str(raised.value)
+  for name in (case.names,) if isinstance(case.names, str) else case.names:
+    assert name in message, f"{name!r} not in the message: {message}"
+  assert "expected" in message, message
+  assert _snapshot(tmp_path) == before, "the failing call changed files"
+
+
+def test_the_table_is_large_and_ids_are_unique():
+  assert len(CASES) >= 60
+  assert len({case.id for case in CASES}) == len(CASES)
+
+
+def test_numpy_integers_are_accepted_where_ints_are():
+  """num_bins=np.int64(10) (e.g. from a config array) means 10."""
+  for fn in (M.ece, M.mce, M.adaptive_ece, M.classwise_ece):
+    np.testing.assert_allclose(fn(Z, Y, num_bins=np.int64(10)), fn(Z, Y, num_bins=10))
+  np.testing.assert_allclose(M.ece(Z, Y, per_batch=np.int32(2)), M.ece(Z, Y, per_batch=2))
+  np.testing.assert_allclose(M.fit_temperature(Z, Y, num_steps=np.int64(30)),
+                             M.fit_temperature(Z, Y, num_steps=30))
+  np.testing.assert_allclose(M.accuracy(Z, Y, k=np.int64(2)), M.accuracy(Z, Y, k=2))
+  np.testing.assert_allclose(M.wise_ft({"w": Z}, {"w": 2 * Z}, np.float32(0.25))["w"], 1.25 * Z)
+  assert _tiny(image_size=np.int64(16)).vision.image_size == 16
