@@ -32,7 +32,7 @@ def get_config(arg=None):
   config.train = C.recipe("finetune")
   config.absent_class = dict(num_seen=num_seen, split_seed=0, test_fraction=test_fraction,
                              pcv_seeds=(0, 1, 2), pcv_holdout=0.2)
-  config.published = dict(table="absent_class")
+  config.published.table = "absent_class"
   if "runlocal" in args:
     C.runlocal(config, shifts=())  # the tiny world has its own test split
     config.absent_class.update(num_seen=50, test_fraction=0.0, pcv_seeds=(0,), pcv_holdout=0.5)

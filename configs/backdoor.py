@@ -25,7 +25,7 @@ def get_config(arg=None):
   config.train = C.recipe("backdoor_peft", num_classes=registry.get(name).num_classes)
   config.backdoor = dict(imbalance_ratio=100 if dataset == "cifar100_lt" else 0,
                          template="a photo of a {}.", compare_ce=False)
-  config.published = dict(table="backdoor")
+  config.published.table = "backdoor"
   if "runlocal" in args:
     C.runlocal(config, train="train_lt", shifts=(), backbones=2)
     config.train.model.adapter_dim = recipes.adapter_dim(100, 12)

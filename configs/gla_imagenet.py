@@ -16,7 +16,7 @@ def get_config(arg=None):
   config.train = C.recipe("finetune")
   config.gla = dict(shots=0, val_shots=0, long_tail=False, match_confidence=True,
                     prior_data="training")
-  config.published = dict(table="gla")  # headline claims only: no table was readable
+  config.published.table = "gla"  # headline claims only: no table was readable
   if "runlocal" in args:
     C.runlocal(config)
   return config

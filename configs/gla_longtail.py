@@ -19,7 +19,7 @@ def get_config(arg=None):
   config.train = C.recipe("finetune")
   config.gla = dict(shots=0, val_shots=0, long_tail=True, match_confidence=True,
                     prior_data="training")
-  config.published = dict(table="gla")
+  config.published.table = "gla"
   if "runlocal" in args:
     C.runlocal(config, train="train_lt", shifts=())
   return config

@@ -18,10 +18,10 @@ _LAZY = {
 
 def __getattr__(name):
   if name in _LAZY:
-    import importlib
+    import importlib  # noqa  (the lazy public API)
     return getattr(importlib.import_module(_LAZY[name]), name)
   if name == "methods":
-    import importlib
+    import importlib  # noqa  (the lazy public API)
     return importlib.import_module("glajax.methods")
   raise AttributeError(f"module 'glajax' has no attribute {name!r}")
 

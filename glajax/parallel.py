@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from glajax.errors import bad_argument
@@ -34,7 +35,6 @@ def barrier(name: str) -> None:
   """Waits until every process reaches ``barrier(name)`` (no-op in a single process), e.g. so
   that what process 0 wrote to the shared work directory is there for all."""
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
     multihost_utils.sync_global_devices(name)
 
 

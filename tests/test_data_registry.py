@@ -25,6 +25,12 @@ _RENAMED = {"background_google": "background", "faces": "off-center face",
             "Residential": "residential buildings or homes or apartments", "SeaLake": "lake or sea"}
 
 
+
+def _transform(name):
+  """The evaluation's ImageNet-1k -> dataset logits map of a registry dataset."""
+  from glajax import evaluate
+  return evaluate.imagenet_logits_transform(registry.get(name).imagenet_classes)
+
 def _key(name):
   return re.sub(r"[^a-z]", "", name.lower()).removesuffix("s")
 
@@ -67,7 +73,7 @@ def test_imagenet_subsets_restrict_logits_and_relabel():
     assert info.source_labels == tuple(indices)
     assert info.classnames == tuple(registry.imagenet_classnames()[i] for i in indices)
     logits = np.random.default_rng(0).normal(size=(5, 1000)).astype(np.float32)
-    restricted = jax.jit(registry.eval_logits_transform(name))(logits)
+    restricted = jax.jit(_transform(name))(logits)
     np.testing.assert_array_equal(restricted, logits[:, indices])
   assert registry.get("imagenet_r").classnames[:2] == ("goldfish", "great white shark")
 
@@ -83,13 +89,13 @@ def test_objectnet_map_and_max_over_mapped_classes():
   assert by_name["Banana"] == (954,)
   assert by_name["Backpack"] == (414,)
   logits = np.random.default_rng(1).normal(size=(4, 1000)).astype(np.float32)
-  ours = jax.jit(registry.eval_logits_transform("objectnet"))(logits)
+  ours = jax.jit(_transform("objectnet"))(logits)
   expected = np.stack([logits[:, list(g)].max(axis=1) for g in groups], axis=1)
   np.testing.assert_array_equal(ours, expected)
   assert registry.get("objectnet").border_crop == 2
-  assert registry.eval_logits_transform("cifar10") is None
+  assert _transform("cifar10") is None
   with pytest.raises(ValueError, match=r"indices in \[0, 10\)"):
-    registry.eval_logits_transform("objectnet")(logits[:, :10])
+    _transform("objectnet")(logits[:, :10])
 
 
 def test_register_adds_a_dataset(monkeypatch):

@@ -1,51 +1,84 @@
 """The demo's pieces (effect thresholds, report, pre-training inputs); the reduced run is slow."""
 import json
+import os
 
 import numpy as np
 import pytest
 
 from glajax.data import world
-from glajax.demo import pretrain, report, stages
+from glajax.demo import effects as effects_lib
+from glajax.demo import parts, pretrain, report
 
 
-def _fake_results(**values):
-  results = {"prior": {"spearman": values.get("prior", 0.95)},
-             "debiased_zeroshot": {"gain_photo": values.get("debias", 0.05)},
-             "finetune": {"id_gain": 0.2, "ood_change": values.get("ood", 0.03)}}
-  return results
+def _reports(debias=0.05, ood=0.03, log_prior=None):
+  """Parts' reports as the runner writes them, reduced to what the effects read."""
+  gla = {"zero-shot": {"ID": 0.3}, "debiased zero-shot": {"ID": 0.3 + debias},
+         "fine-tuned": {"ID": 0.5}, "GLA": {"ID": 0.55}}
+  curve = [{"alpha": 0.0, "ID": 0.3, "avg shifts": 0.2},
+           {"alpha": 0.5, "ID": 0.45, "avg shifts": 0.25},
+           {"alpha": 1.0, "ID": 0.5, "avg shifts": 0.2 + ood}]
+  return {"gla": {"results": {"accuracy": gla, "log_prior": log_prior}},
+          "wise_ft": {"results": {"curve": curve}}}
 
 
-def test_effects_thresholds_and_missing_stages():
-  effects = stages.effects(_fake_results(prior=0.95, debias=0.05, ood=0.03))
+TRUE_COUNTS = np.arange(1, 101)
+
+
+def test_effects_thresholds_and_missing_parts():
+  effects = effects_lib.effects(_reports(log_prior=np.log(TRUE_COUNTS / TRUE_COUNTS.sum())),
+                                TRUE_COUNTS)
+  assert effects["prior_spearman"]["value"] == pytest.approx(1.0)
   assert effects["prior_spearman"]["appeared"] is True
   assert effects["debias_gain"]["appeared"] is True
-  assert effects["finetune_id_gain"]["appeared"] is True
+  assert effects["finetune_id_gain"]["value"] == pytest.approx(0.2)
   assert effects["finetune_ood_change"]["appeared"] is False  # OOD went up: not the effect
+  assert effects["wise_ft_ood_gain"]["value"] == pytest.approx(0.25 - 0.23)
+  assert effects["gla_id_gain"]["value"] == pytest.approx(0.05)
   assert effects["carot_ece_change"] == {**effects["carot_ece_change"], "measured": False,
                                          "appeared": False, "value": None}
-  effects = stages.effects(_fake_results(prior=0.89, debias=0.0, ood=-0.01))
-  assert not effects["prior_spearman"]["appeared"]       # 0.89 < 0.9
+  noisy = np.log(TRUE_COUNTS) + np.random.default_rng(0).normal(0, 3, 100)
+  effects = effects_lib.effects(_reports(debias=0.0, ood=-0.01, log_prior=noisy), TRUE_COUNTS)
+  assert not effects["prior_spearman"]["appeared"]       # far below 0.9
   assert not effects["debias_gain"]["appeared"]          # a gain must be > 0
   assert effects["finetune_ood_change"]["appeared"]
-  assert not stages.effect_appeared("debias_gain", float("nan"))
+  assert not effects_lib.effect_appeared("debias_gain", float("nan"))
 
 
 def test_report_states_each_effect_honestly(tmp_path):
-  results = _fake_results(prior=0.2)
-  results["effects"] = stages.effects(results)
-  results["timings_s"] = {"world": 1.0}
-  results["longtail"] = {"groups": {"many": float("nan")}}  # an empty group
-  files = report.write(str(tmp_path), results, arrays={}, quick=True)
+  reports = _reports(log_prior=np.zeros(100))
+  reports["gla"]["tables"], reports["gla"]["plots"] = [], []
+  results = {"effects": effects_lib.effects(reports, TRUE_COUNTS),
+             "timings_s": {"pretrain": 1.0, "gla": 2.0},
+             "prior": {"spearman": float("nan")}}
+  files = report.write(str(tmp_path), results, {"gla": reports["gla"]}, TRUE_COUNTS, quick=True)
   assert "NaN" not in open(files["json"]).read()  # strict JSON: NaN is written as null
   text = open(files["markdown"]).read()
-  assert "| estimated prior correlates with the true pre-training prior (Spearman ρ) | +0.200 | " \
-         ">= 0.9 | **did not appear in this world** |" in text
-  assert "not measured (stage missing)" in text
+  assert "**did not appear in this world**" in text
+  assert "not measured (part missing)" in text  # backdoor, absent-class, CaRot: no reports
   assert "glajax demo --workdir" in text and "--quick" in text
+  assert "| total | 3.0 |" in text  # a timing table, not a dict
   saved = json.load(open(files["json"]))
-  assert saved["prior"]["spearman"] == 0.2 and saved["effects"]["debias_gain"]["appeared"]
-  assert saved["longtail"]["groups"]["many"] is None
-  assert files["plots"] == []  # no stage produced plot data
+  assert saved["prior"]["spearman"] is None and saved["effects"]["debias_gain"]["appeared"]
+  assert files["plots"] == [str(tmp_path / "prior.png")]
+
+
+def test_demo_parts_are_ordinary_configs_with_checked_plans(tmp_path):
+  """Each part is a config of a registered kind, validated and its data plan checked by the
+  same code as `glajax run`; the recipe each names is the one its report will say ran."""
+  from glajax import experiments
+  foundations = [str(tmp_path / f"foundation_{i}") for i in range(2)]
+  for directory in foundations:  # stand-ins for pre-trained checkpoints: their config.json
+    os.makedirs(directory)
+    with open(os.path.join(directory, "config.json"), "w") as f:
+      json.dump({"vision_config": {"patch_size": 8}}, f)
+  configs = parts.configs(parts.SCALES["quick"], foundations)
+  assert set(configs) == {"gla", "wise_ft", "backdoor", "absent_class", "flyp", "carot"}
+  for name, config in configs.items():
+    experiments.validate(config, check_files=False)
+    assert config.experiment in experiments.KINDS
+  assert (configs["flyp"].train.recipe, configs["carot"].train.recipe) == ("flyp", "carot")
+  assert configs["backdoor"].model.checkpoints == tuple(foundations)
+  assert configs["wise_ft"].data.validation == "demo_shapes_quick@validation"
 
 
 def test_caption_ids_match_the_stored_captions(tmp_path):
@@ -64,14 +97,30 @@ def test_caption_ids_match_the_stored_captions(tmp_path):
   assert [texts[i] for i in arrays["label"]] == [ex["caption"].decode() for ex in stored]
 
 
-def test_images_are_normalised_in_the_loss_as_the_pipeline_does():
+def test_device_crops_match_the_pipeline():
+  """augment_images = preprocess.train_transform (no flip) on the device: a window resized back
+  like TF's crop-then-resize, then CLIP normalisation."""
+  import jax
   import tensorflow as tf
   from glajax.data import preprocess
-  images = np.random.default_rng(0).integers(0, 256, (2, 4, 4, 3), dtype=np.uint8)
-  np.testing.assert_allclose(pretrain.normalize_images(images),
-                             preprocess.normalize(tf.constant(images)).numpy(), atol=1e-6)
-  normalised = np.zeros((1, 4, 4, 3), np.float32)
-  assert pretrain.normalize_images(normalised) is normalised  # already normalised: unchanged
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (3, 32, 32, 3)).astype(np.float32)
+  windows = np.array([[0, 0, 32, 32], [1, 1, 29, 31], [3, 6, 28, 26]], np.float32)
+  resized = pretrain._resize_windows(images, *windows.T)  # pylint: disable=protected-access
+  for image, (top, left, h, w), out in zip(images, windows.astype(int), np.asarray(resized)):
+    expected = tf.image.resize(image[top:top + h, left:left + w], (32, 32), method="bicubic",
+                               antialias=True).numpy()
+    np.testing.assert_allclose(out, expected, atol=1e-3)
+  uint8 = images.astype(np.uint8)
+  whole = pretrain.augment_images(uint8, jax.random.key(0), scale=(1.0, 1.0), ratio=(1.0, 1.0))
+  np.testing.assert_allclose(whole, preprocess.normalize(tf.constant(uint8)).numpy(), atol=1e-5)
+  crops = jax.jit(pretrain.augment_images)(uint8, jax.random.key(1))
+  np.testing.assert_array_equal(crops, jax.jit(pretrain.augment_images)(uint8, jax.random.key(1)))
+  assert crops.shape == (3, 32, 32, 3) and crops.dtype == np.float32
+  assert not np.allclose(crops, whole, atol=0.1)  # the crops do crop
+  low = (0 - np.asarray(preprocess.CLIP_MEAN)) / preprocess.CLIP_STD
+  high = (1 - np.asarray(preprocess.CLIP_MEAN)) / preprocess.CLIP_STD
+  assert np.all(crops >= low - 1e-5) and np.all(crops <= high + 1e-5)
 
 
 def test_foundation_config_shapes():
@@ -83,7 +132,7 @@ def test_foundation_config_shapes():
 
 def test_scales_and_world_configs_agree():
   configs = {c.name for c in world.DemoShapes.BUILDER_CONFIGS}
-  for scale in stages.SCALES.values():
+  for scale in parts.SCALES.values():
     assert scale.world_config in configs
     assert scale.batch_size % 8 == 0 and scale.pretrain.batch_size % 8 == 0  # 8-device mesh
 
@@ -107,7 +156,7 @@ def test_pretrain_is_cached(tmp_path):
 
 
 # Effects `glajax demo --quick` must show, with the thresholds this test holds them to (the
-# report states each effect's own threshold from stages.EFFECTS). Measured on 2 CPU cores (1
+# report states each effect's own threshold from effects.EFFECTS). Measured on 2 CPU cores (1
 # device, seed 0): prior Spearman 0.86 (slope 0.90; the full demo: 0.96 and 0.94), debias +0.058,
 # fine-tune ID +0.082, PCV γ absent +0.25. Not asserted: the effects below 0.02 at this scale,
 # within test noise (WiSE-FT +0.019, GLA +0.012, ALG γ +0.010, backdoor +0.007, fine-tuning's OOD
@@ -132,8 +181,8 @@ def test_quick_demo_shows_its_effects(tmp_path):
     assert (value < threshold) if below else (value > threshold), (name, value)
   # The caption loss's optimum is log p(caption | image): log-prior estimates with slope ≈ 1.
   assert 0.6 < results["prior"]["slope"] < 1.4
-  for name in ("report.md", "report.json", "prior.png", "wise_ft.png", "reliability.png",
-               "ausuc.png"):
+  for name in ("report.md", "report.json", "prior.png", "wise_ft/wise_ft_curve.png",
+               "wise_ft/reliability.png", "absent_class/ausuc.png", "gla/report.md"):
     assert (tmp_path / name).is_file(), name
   text = (tmp_path / "report.md").read_text()
   for effect in effects.values():

@@ -9,7 +9,7 @@ import pytest
 from glajax import experiments
 from glajax.errors import CheckpointError, ConfigError, DatasetError
 from glajax.experiments import config as config_lib
-from glajax.experiments import report, runner
+from glajax.experiments import report, roles, runner
 
 
 def test_overrides_reach_the_config():
@@ -72,15 +72,16 @@ def test_full_configs_build_and_name_known_datasets_and_checkpoints(name, arg):
 
 def test_full_configs_follow_the_papers():
   wise = experiments.load("wise_ft")
-  assert wise.data.shifts == ("imagenet_v2", "imagenet_r", "imagenet_sketch", "objectnet",
-                              "imagenet_a")
+  assert wise.data.shifts == ("imagenet_v2@test", "imagenet_r@test", "imagenet_sketch@test",
+                              "objectnet@test", "imagenet_a@test")
+  assert (wise.data.train, wise.data.test) == ("imagenet2012@train", "imagenet2012@validation")
   assert wise.wise_ft.alphas[0] == 0.0 and wise.wise_ft.alphas[-1] == 1.0
   assert len(wise.wise_ft.alphas) == 11
   assert experiments.load("wise_ft:linear").wise_ft.linear  # a head on cached features
   assert experiments.load("backdoor:imagenet_lt").model.checkpoints == config_lib.BACKBONES
   for ratio in (10, 50, 100):
     config = experiments.load(f"backdoor:cifar100_lt,backdoor.imbalance_ratio={ratio}")
-    assert (config.data.train, config.backdoor.imbalance_ratio) == ("cifar100", ratio)
+    assert (config.data.train, config.backdoor.imbalance_ratio) == ("cifar100@train", ratio)
     assert config.train.model.adapter_dim == 4  # 2^floor(log2(100 / 24))
   assert experiments.load("absent_class:imagenet_r").absent_class.num_seen == 100
   assert experiments.load("absent_class:imagenet_sketch").absent_class.num_seen == 500
@@ -88,6 +89,13 @@ def test_full_configs_follow_the_papers():
   assert (office_home.num_seen, office_home.test_fraction) == (30, 0.3)  # of 65 classes, 7:3
   for shots in (1, 2, 4, 8, 16):
     assert experiments.load(f"gla_fewshot:dtd,gla.shots={shots}").gla.shots == shots
+  dtd = experiments.load("gla_fewshot:dtd")  # validation shots from DTD's own validation split
+  assert (dtd.data.validation, dtd.gla.val_shots, dtd.gla.prior_data) == (
+      "dtd@validation", 0, "training")
+  imagenet = experiments.load("gla_fewshot:imagenet2012")  # k more shots of the training split
+  assert (imagenet.data.validation, imagenet.gla.val_shots) == ("imagenet2012@train", 16)
+  for spec in ("wise_ft", "carot", "gla_fewshot:dtd", "absent_class", "backdoor"):
+    assert experiments.load(spec).train.recipe  # the recipe a config names is the one that runs
   assert experiments.load("carot").train.carot.lambda_oc == 0.2
   assert experiments.load("flyp").train.carot.lambda_oc == 0.0
 
@@ -101,11 +109,11 @@ def test_missing_dataset_dir_or_checkpoint_fails_before_any_work(tmp_path):
        "/no/such/checkpoint"),
       ("wise_ft:runlocal,model.checkpoints=('nobody/no-such-clip',)", CheckpointError,
        "nobody/no-such-clip"),  # offline (conftest): not in the hub cache
-      (f"gla_longtail:runlocal,data.train='imagenet_lt',data.data_dir='{tmp_path}'",
+      (f"gla_longtail:runlocal,data.train='imagenet_lt@train',data.data_dir='{tmp_path}'",
        DatasetError, "manual_dir"),  # needs a manual download, not prepared
-      ("wise_ft:runlocal,data.train='no_such_dataset'", DatasetError, "no_such_dataset"),
-      ("gla_fewshot:runlocal,gla.shots=0", ConfigError, "gla.prior_data"),  # no shots to use
-      ("absent_class:imagenet_r,data.eval='imagenet_r@test[80%:]'", ConfigError, "data.eval"),
+      ("wise_ft:runlocal,data.train='no_such_dataset@train'", DatasetError, "no_such_dataset"),
+      ("gla_fewshot:runlocal,data.validation=None", ConfigError, "data.validation"),
+      ("absent_class:imagenet_r,data.test='imagenet_r@test[80%:]'", ConfigError, "data.test"),
       ("wise_ft:data.manual_dirs.objectnet='/no/objectnet'", DatasetError, "/no/objectnet"),
       (f"wise_ft:data.data_dir='{tmp_path}'", DatasetError,
        "data.manual_dirs.imagenet2012"),  # the full config: ImageNet is not prepared there
@@ -133,15 +141,35 @@ def test_workdir_of_another_experiment_is_refused(tmp_path):
 
 
 def test_report_table_shows_published_numbers_alongside():
-  published = {"source": "Paper, Table 1", "rows": {"fine-tuned": {"ID": 0.813}}}
+  """Published rows come from the package's published.json, mapped to our rows and columns,
+  in percent, with their source and setting."""
+  published = {"table": "wise_ft/vit_b16_table5", "columns": {"ID": "IN", "shift": "R"},
+               "rows": (("fine-tuned", "fine-tuned end-to-end (alpha=1)"),)}
   entry = report.table("T", ["ID", "shift"], [("zero-shot", {"ID": 0.5, "shift": 0.25}),
                                               ("fine-tuned", {"ID": 0.75, "shift": np.nan})],
                        published)
   text = report.markdown_table(entry)
   assert "| zero-shot | 50.0 | 25.0 |" in text
   assert "| fine-tuned | 75.0 | – |" in text  # NaN is shown as missing, never as a number
-  assert "| *fine-tuned — published* | *81.3* | *–* |" in text
-  assert "Paper, Table 1" in text
+  assert "| *fine-tuned — published* | *81.3* | *65.6* |" in text  # Table 5: IN 81.3, R 65.6
+  assert "Wortsman et al." in text and "Table 5" in text
+  claims = report.markdown_table(report.table("T", ["ID"], [("a", {"ID": 0.5})],
+                                              {"table": "backdoor"}))
+  assert "+1.67" in claims  # a paper with headline claims only: cited as such
+  with pytest.raises(KeyError):
+    report.table("T", ["ID"], [], {"table": "wise_ft/no_such_table"})
+
+
+def test_every_published_row_a_config_names_exists():
+  for spec in ("wise_ft", "wise_ft:linear", "flyp", "carot", "gla_fewshot", "gla_fewshot:dtd",
+               "gla_fewshot:imagenet2012,gla.shots=4", "gla_imagenet",
+               "backdoor", "absent_class"):
+    config = experiments.load(spec)
+    paper, entry = report.published_entry(config.published.table)
+    assert paper["source"]
+    for _, theirs in config.published.rows:
+      assert theirs.format(shots=config.gla.shots if "gla" in config else 0) in entry["rows"], (
+          spec, theirs)
 
 
 def _params(directory):
@@ -165,7 +193,8 @@ def test_tiny_wise_ft_end_to_end(tmp_path, capsys, monkeypatch):
   labels = [row["label"] for row in result["tables"][0]["rows"]]
   assert labels == ["zero-shot (α=0)", "WiSE-FT α=0.5", "fine-tuned (α=1)"]
   assert result["tables"][0]["columns"] == ["ID", "test_sketch", "test_noise", "avg shifts"]
-  cached = np.load(workdir / "logits" / "wise_alpha1__demo_shapes_tiny_test_photo.npz")
+  tag = next(n for n in os.listdir(workdir / "runs") if n.startswith("finetuned-"))
+  cached = np.load(workdir / "logits" / f"{tag}__demo_shapes_tiny_test_photo.npz")
   assert cached["logits"].shape == (100, 100)  # the tiny world's photo test set, 100 classes
   accuracy = np.mean(cached["logits"].argmax(-1) == cached["labels"])
   assert result["tables"][0]["rows"][2]["values"]["ID"] == pytest.approx(accuracy, abs=1e-12)
@@ -180,7 +209,7 @@ def test_tiny_wise_ft_end_to_end(tmp_path, capsys, monkeypatch):
                                rtol=1e-6, atol=1e-6)
   assert "head.npz" in os.listdir(workdir / "final" / "wise_ft_alpha0.5")
   markdown = (workdir / "report.md").read_text()
-  assert "WiSE-FT on demo_shapes_tiny: accuracy, ID and shifts" in markdown
+  assert "WiSE-FT on demo_shapes_tiny (finetune): accuracy, ID and shifts" in markdown
   # Resume: everything is cached, nothing is recomputed.
   stamps = {p: p.stat().st_mtime_ns for p in (workdir / "logits").iterdir()}
   again = experiments.run("wise_ft:runlocal", str(workdir))
@@ -202,3 +231,24 @@ def test_cli_reports_bad_input_without_a_traceback(tmp_path, capsys):
   err = capsys.readouterr().err
   assert err.startswith("glajax run: ") and "'bogus'" in err and "wise_ft.alphas" in err
   assert not (tmp_path / "w").exists()
+
+
+def test_roles_guard_in_closed_form():
+  """The disjointness rule: different splits, or different parts of one partition."""
+  train = roles.DataRef("d", "train")
+  test = roles.DataRef("d", "test")
+  fit = lambda ref: roles.Use(roles.FIT, "f", "key.fit", ref)  # noqa: E731
+  tested = lambda ref: roles.Use(roles.TEST, "t", "key.test", ref)  # noqa: E731
+  roles.check_plan([fit(train), tested(test)])
+  holdout = lambda part: train.then(roles.holdout(0.3, 0, part))  # noqa: E731
+  roles.check_plan([fit(holdout(0).then(roles.classes(5, 0))), tested(holdout(1))])
+  shots = lambda part: train.then(roles.shots((2, 2), 0, part))  # noqa: E731
+  roles.check_plan([fit(shots(0)), fit(shots(1)), tested(test)])
+  for bad in ([fit(test), tested(test)], [fit(holdout(1)), tested(holdout(1))],
+              [fit(train), tested(holdout(1))],
+              [fit(train.then(roles.holdout(0.2, 0, 0))), tested(holdout(1))]):
+    with pytest.raises(ConfigError, match="key.fit"):
+      roles.check_plan(bad)
+  labels = np.repeat(np.arange(10), 10)
+  a, b = (roles.rows(shots(p), labels, 10) for p in (0, 1))
+  assert not set(a) & set(b) and len(a) == len(b) == 20

@@ -1,5 +1,5 @@
 """The engine on a small stand-in NNX model: training, mesh invariance, accumulation, optimiser
-groups, the EMA teacher, eval logits, checkpoints (resume, SIGKILL, unfinalised saves), NaN stop,
+groups, the teacher hook, the final-step guard, checkpoints (resume, SIGKILL, unfinalised saves), NaN stop,
 and two processes with jax.distributed."""
 import json
 import os
@@ -36,8 +36,8 @@ class _MLP(nnx.Module):
     return self.head(nnx.relu(self.body(x)))
 
 
-def _loss(model, teacher, batch, rng):
-  del teacher, rng
+def _loss(model, batch, rng, teacher=None):
+  del rng, teacher
   logits = model(batch["image"]).astype(jnp.float32)
   accuracy = (logits.argmax(-1) == batch["label"]).mean()
   return losses.cross_entropy(logits, batch["label"]), {"accuracy": accuracy}
@@ -139,7 +139,7 @@ def test_frozen_params_and_group_learning_rates_match_plain_sgd(tmp_path):
   got = _params(trained)
 
   def reference_loss(params):
-    return _loss(nnx.merge(nnx.graphdef(_MLP()), params), None, _batch(1), None)[0]
+    return _loss(nnx.merge(nnx.graphdef(_MLP()), params), _batch(1), None)[0]
 
   grads = jax.grad(reference_loss)(init)
   _assert_params_close(got["body"], init["body"], 0, 0)          # frozen: bit-for-bit
@@ -149,19 +149,23 @@ def test_frozen_params_and_group_learning_rates_match_plain_sgd(tmp_path):
                              init["head"]["bias"] - 0.05 * grads["head"]["bias"], 1e-5, 1e-6)
 
 
-def test_ema_teacher_follows_carot_schedule(tmp_path):
-  total = 20   # the momentum ramps over the first 0.2 * 20 = 4 steps: m(2) = 0.475, then 0.9
-  config = _config(total=total, checkpoint_every=2, keep_checkpoints=total)
-  config.teacher.update(enabled=True, every=2)
-  _, state = engine.fit(_MLP(), _loss, config, _data(), str(tmp_path))
-  ck = Checkpointer(str(tmp_path / "checkpoints"), 2, keep=total)
+def test_teacher_hook_is_carot_ema_after_each_update(tmp_path):
+  """The recipe's teacher update runs inside the step, after the optimiser update of 0-based
+  step k, with k itself: CaRot's EMA (every 2 steps, k = 0 included) against a NumPy loop."""
+  import functools
+  total, every = 10, 2   # the momentum ramps over the first 0.2 * 10 = 2 steps
+  config = _config(total=total, checkpoint_every=1, keep_checkpoints=total)
+  update = functools.partial(losses.carot_teacher_update, total_steps=total, every=every)
+  _, state = engine.fit(_MLP(), _loss, config, _data(), str(tmp_path), teacher_update=update)
+  ck = Checkpointer(str(tmp_path / "checkpoints"), 1, keep=total)
   student = {s: jax.tree.map(np.asarray, ck.restore(s, state).params)
-             for s in range(2, total + 1, 2)}
+             for s in range(1, total + 1)}
   ck.close()
   want = _params(_MLP())   # the teacher starts as the initial student
-  for s in range(2, total + 1, 2):
-    m = 0.05 + (0.9 - 0.05) * s / (0.2 * total) if s < 0.2 * total else 0.9
-    want = jax.tree.map(lambda t, p: m * t + (1 - m) * p, want, student[s])
+  for k in range(total):
+    if k % every == 0:
+      m = 0.05 + (0.9 - 0.05) * k / (0.2 * total) if k < 0.2 * total else 0.9
+      want = jax.tree.map(lambda t, p: m * t + (1 - m) * p, want, student[k + 1])
   _assert_params_close(jax.tree.map(np.asarray, state.teacher), want)
   _assert_params_close(jax.tree.map(np.asarray, state.params), student[total])
 
@@ -204,8 +208,8 @@ def test_unfinalised_checkpoint_directory_is_ignored(tmp_path):
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   config = _config(total=10, checkpoint_every=2, log_every=1)
-  with pytest.raises(TrainingError, match=r"loss: expected a finite value, found nan at step 5"
-                     r".*last good checkpoint is step 4"):
+  with pytest.raises(TrainingError, match=r"loss: expected a finite value and finite parameters,"
+                     r" found loss nan at step 5.*last good checkpoint is step 4"):
     engine.fit(_MLP(), _loss, config, _data(nan_at=5), str(tmp_path))
   ck = Checkpointer(str(tmp_path / "checkpoints"), 2)
   assert ck.all_steps() == [2, 4]
@@ -215,25 +219,26 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(restored.params)))
 
 
-def test_eval_hook_caches_logits(tmp_path):
-  rng = np.random.default_rng(7)
-  images = rng.normal(size=(24, DIM)).astype(np.float32)
-  labels = rng.integers(0, CLASSES, 24).astype(np.int32)
-  mask = np.ones(24, np.int32)
-  mask[-5:] = 0    # padding rows of the last batch
+def test_divergence_on_the_last_step_returns_no_model(tmp_path):
+  """A NaN that enters at the final update is caught (the guard checks the updated parameters
+  too), so no diverged model reaches an export; the last good checkpoint stays."""
+  config = _config(total=6, checkpoint_every=2, log_every=100)
+  with pytest.raises(TrainingError, match=r"at step 6 of the run .*nothing was exported.*"
+                     r"last good checkpoint is step 4"):
+    engine.fit(_MLP(), _loss, config, _data(nan_at=6), str(tmp_path))
+  ck = Checkpointer(str(tmp_path / "checkpoints"), 2)
+  assert ck.all_steps() == [2, 4]
+  ck.close()
 
-  def batches():
-    for i in range(0, 24, 8):
-      yield {"image": images[i:i + 8], "label": labels[i:i + 8], "mask": mask[i:i + 8]}
 
-  evaluators = {"val": (batches, lambda model, batch: model(batch["image"]))}
-  model, _ = engine.fit(_MLP(), _loss, _config(total=4, eval_every=2), _data(), str(tmp_path),
-                        evaluators=evaluators)
-  cached = np.load(tmp_path / "logits" / "val_step4.npz")
-  np.testing.assert_allclose(cached["logits"], np.asarray(model(images[:19])), 1e-5, 1e-5)
-  np.testing.assert_array_equal(cached["labels"], labels[:19])
-  assert json.loads(str(cached["metadata"]))["step"] == 4
-  assert (tmp_path / "logits" / "val_step2.npz").exists()
+def test_last_step_is_always_checkpointed_and_reused(tmp_path):
+  config = _config(total=4, checkpoint_every=0)
+  first, _ = engine.fit(_MLP(), _loss, config, _data(), str(tmp_path))
+  ck = Checkpointer(str(tmp_path / "checkpoints"), 0)
+  assert ck.all_steps() == [4]
+  ck.close()
+  again, _ = engine.fit(_MLP(), _loss, config, _data(stop_after=1), str(tmp_path))  # no step runs
+  _assert_params_close(_params(first), _params(again), 0, 0)
 
 
 def _child_main(workdir, total, every, delay):

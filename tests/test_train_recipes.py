@@ -12,6 +12,7 @@ from flax import nnx
 
 from glajax.models.clip import CLIP, CLIPConfig
 from glajax.models.heads import LinearHead
+from glajax import evaluate
 from glajax.train import engine, recipes
 from glajax.parallel import make_mesh
 from glajax.train.prompt_tuning import tokenize_prompts
@@ -103,8 +104,9 @@ def test_finetune_loss_falls_text_tower_frozen_and_exports(tmp_path):
   config.optimizer.learning_rate = 1e-3
   task = recipes.classifier_task(clip, LinearHead.from_zeroshot(_zeroshot_head(clip)), config)
   before = _flat(engine.split_model(task.model)[1])
-  model, _ = engine.fit(task.model, task.loss_fn, config, _data, str(tmp_path), mesh=_one_device(),
-                        evaluators={"val": (_eval_batches, task.logits_fn)}, export=task.export)
+  model, _ = engine.fit(task.model, task.loss_fn, config, _data, str(tmp_path), mesh=_one_device())
+  task.export(model, str(tmp_path / "final"))
+  logits, _ = evaluate.evaluate_logits(model, task.logits_fn, _eval_batches(), _one_device())
   history = _losses(tmp_path)
   assert np.mean(history[-5:]) < 0.5 * np.mean(history[:5])
   changed = _changed(before, _flat(engine.split_model(model)[1]))
@@ -112,8 +114,7 @@ def test_finetune_loss_falls_text_tower_frozen_and_exports(tmp_path):
   assert "head/kernel" in changed
   assert not any(k.startswith("clip/text_model/") for k in changed)
   assert "clip/logit_scale" not in changed
-  cached = np.load(tmp_path / "logits" / "val_step10.npz")
-  assert cached["logits"].shape == (16, CLASSES)
+  assert logits.shape == (16, CLASSES)
   # The export: transformers-format CLIP + head, reloadable.
   config.model.update(dtype="float32", remat=True)
   reloaded = recipes.load_model(config, tmp_path / "final")
@@ -142,8 +143,10 @@ def test_tiny_clip_one_device_equals_eight(tmp_path):
     model, _ = engine.fit(task.model, task.loss_fn, config, _data, str(tmp_path / name),
                           mesh=mesh)
     results.append(_flat(engine.split_model(model)[1]))
+  # AdamW turns a parameter's near-zero gradient (e.g. k_proj's bias, exactly 0 in theory) into
+  # a step of up to lr whose sign is rounding noise, which differs between meshes: atol 0.1·lr.
   for k in results[0]:
-    np.testing.assert_allclose(results[0][k], results[1][k], rtol=1e-4, atol=1e-5, err_msg=k)
+    np.testing.assert_allclose(results[0][k], results[1][k], rtol=1e-4, atol=1e-4, err_msg=k)
 
 
 @pytest.mark.slow
@@ -194,30 +197,29 @@ def test_contrastive_recipes(tmp_path, recipe):
   config = _engine_config(getattr(recipes, recipe)(), 4)
   config.optimizer.learning_rate = 1e-3
   if recipe == "carot":
-    config.teacher.every = 2
+    config.carot.teacher.every = 2
   tok, names = _WordTokenizer(), ["red", "green", "blue", "grey"]
   templates = ["a photo of a {}.", "a {} thing.", "{}"]
   task = recipes.contrastive_task(clip, tok, names, templates, config)
   assert task.model.prompt_ids[...].shape == (CLASSES, 3, 8)   # cut after the longest prompt's EOS
-  evaluate = recipe == "flyp"   # the evaluation path is the same for both; test it once
-  evaluators = {"val": (_eval_batches, task.logits_fn)} if evaluate else None
   model, state = engine.fit(task.model, task.loss_fn, config, _data, str(tmp_path),
-                            mesh=_one_device(), evaluators=evaluators, eval_model=task.eval_model)
+                            mesh=_one_device(), teacher_update=task.teacher_update)
   lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
   assert all(np.isfinite(l["loss"]) for l in lines)
   init_scale = float(_clip().logit_scale[...])
   assert float(model.clip.logit_scale[...]) != init_scale       # FLYP trains the logit scale
-  if evaluate:
-    cached = np.load(tmp_path / "logits" / "val_step4.npz")
+  if recipe == "flyp":   # the evaluation path is the same for both; test it once
+    logits, _ = evaluate.evaluate_logits(task.eval_model(model), task.logits_fn,
+                                         _eval_batches(), _one_device())
     # Evaluation uses the zero-shot head rebuilt from the fine-tuned text tower.
     head = zeroshot_head(model.clip, tok, names, templates, show_progress=False)
     want = recipes.CLIPClassifier(model.clip, LinearHead.from_zeroshot(head))(
         next(_eval_batches())["image"])
-    np.testing.assert_allclose(cached["logits"], want, 1e-4, 1e-4)
+    np.testing.assert_allclose(logits[:len(want)], want, 1e-4, 1e-4)
   if recipe == "carot":
     assert {"orthogonality", "self_distillation", "clip_loss"} <= set(lines[0])
-    total = lines[0]["clip_loss"] + 0.2 * lines[0]["orthogonality"] + 1.5 * lines[0][
-        "self_distillation"]
+    total = (lines[0]["clip_loss"] + 0.2 * lines[0]["orthogonality"]
+             + 0.05 * lines[0]["cross_projection"] + 1.5 * lines[0]["self_distillation"])
     assert lines[0]["loss"] == pytest.approx(total, rel=1e-5)
     assert state.teacher is not None
   else:
@@ -226,9 +228,10 @@ def test_contrastive_recipes(tmp_path, recipe):
 
 def test_backdoor_peft_trains_adapters_and_cosine_classifier(tmp_path):
   config = _engine_config(recipes.backdoor_peft(num_classes=100), 20)
-  assert config.model.adapter_dim == 4          # 2^floor(log2(100 / 24))
-  assert recipes.adapter_dim(1000) == 32 and recipes.adapter_dim(10) == 1
-  config.optimizer.learning_rate = 0.05
+  assert config.model.adapter_dim == 4          # 2^floor(log2(100 / (2 · 12)))
+  assert recipes.adapter_dim(1000, 12) == 32 and recipes.adapter_dim(10, 12) == 1
+  assert recipes.adapter_dim(1000, 24) == 16    # ViT-L: C / 48
+  config.optimizer.update(learning_rate=0.05, steps_per_epoch=5)   # the per-epoch cosine
   clip = _clip(adapter_dim=config.model.adapter_dim)
   text = np.random.default_rng(1).normal(size=(CLASSES, 16)).astype(np.float32)
   counts = np.array([40, 20, 5, 2])
@@ -256,7 +259,8 @@ def test_tokenize_prompts_marks_context_and_name_tokens():
 
 def _prompt_task():
   config = _engine_config(recipes.prompt_tuning(), 15)
-  config.optimizer.learning_rate = 0.1
+  # one warmup epoch of 3 steps at 1e-5 (the recipe's), then a per-epoch cosine
+  config.optimizer.update(learning_rate=0.003, warmup_steps=0, steps_per_epoch=3)
   tok, names = _WordTokenizer(), ["red", "green", "blue", "grey"]
   return recipes.prompt_tuning_task(_clip(), tok, names, config), tok, names, config
 

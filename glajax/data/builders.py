@@ -224,7 +224,7 @@ OFFICE_HOME = {domain.lower().replace(" ", "_"): folder_source(
 
 def _check_image(path: Path) -> bytes:
   """The file's bytes, after decoding it once (a reduced-size draft for JPEG) to prove it valid."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top  (PIL: only to validate images)
   try:
     data = path.read_bytes()
   except OSError as e:
@@ -241,7 +241,7 @@ def _check_image(path: Path) -> bytes:
 
 @functools.cache
 def _builder_class():
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # noqa  (TFDS: loaded on demand)
 
   class LocalImages(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """TFDS builder over a :class:`LocalSource` and its ``manual_dir``."""
@@ -298,7 +298,7 @@ def prepared_dir(source: LocalSource, data_dir: str | os.PathLike) -> Path:
 
 def prepare(source: LocalSource, manual_dir: str | os.PathLike | None, data_dir: str | os.PathLike):
   """Builds ``source`` from ``manual_dir`` into ``data_dir`` (once); returns a TFDS builder."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # noqa  (TFDS: loaded on demand)
   target = prepared_dir(source, data_dir)
   if (target / "dataset_info.json").is_file():
     return tfds.builder_from_directory(str(target))

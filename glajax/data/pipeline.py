@@ -50,7 +50,7 @@ def tfds_builder(info: registry.DatasetInfo, data_dir=None, manual_dir=None):
   Its label feature must have ``info.num_classes`` classes (a missing class folder would
   otherwise shift every label after it).
   """
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # noqa  (TFDS: loaded on demand)
   if info.source is not None:
     builder = builders.prepare(info.source, manual_dir, data_dir or _default_data_dir())
   else:
@@ -89,7 +89,7 @@ def _relabel(info: registry.DatasetInfo | None):
 def _read(builder, info: registry.DatasetInfo, split):
   """Encoded examples of ``split`` in stored order: files one after another (TFDS interleaves 16
   files by default, which would make a sub-split's order differ from the whole split's)."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # noqa  (TFDS: loaded on demand)
   return builder.as_dataset(split=split, shuffle_files=False,
                             read_config=tfds.ReadConfig(interleave_cycle_length=1),
                             decoders={info.image_key: tfds.decode.SkipDecoding()})
@@ -111,7 +111,7 @@ def _even_counts(total: int, processes: int) -> list[int]:
 
 def _local_examples(name_or_dataset, split, data_dir, manual_dir) -> _Slice:
   """This process's slice as a dataset of {"image": bytes or uint8, "label", "index"}."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # noqa  (TFDS: loaded on demand)
   info = _info_of(name_or_dataset)
   processes, me = jax.process_count(), jax.process_index()
   if info is None:

@@ -118,7 +118,7 @@ def imagenet_templates() -> tuple[str, ...]:
 def _imagenet_lemmas() -> dict[str, int]:
   """ImageNet-1k WordNet lemma strings ("tench, Tinca tinca") -> label, from TFDS's copy."""
   try:
-    from tensorflow_datasets.datasets.siscore import labels  # pylint: disable=g-import-not-at-top
+    from tensorflow_datasets.datasets.siscore import labels  # noqa  (TFDS: loaded on demand)
   except ImportError as e:
     raise DatasetError("ObjectNet's ImageNet map needs ImageNet's lemma names from "
                        "tensorflow_datasets.datasets.siscore (tensorflow-datasets >= 4.9)") from e
@@ -157,7 +157,7 @@ def clean_classname(name: str) -> str:
 
 def _tfds_classnames(tfds_name: str) -> tuple[str, ...]:
   """Cleaned class names of a TFDS builder's label feature (reads the builder's code only)."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # noqa  (TFDS: loaded on demand)
   return tuple(map(clean_classname, tfds.builder(tfds_name).info.features["label"].names))
 
 
@@ -235,7 +235,7 @@ def _builtin() -> dict[str, Callable[[], DatasetInfo]]:
 def _demo_world(config: str) -> DatasetInfo:
   """The demo's procedural world (``glajax.data.world``): photo train split, photo test split;
   the other splits (pretrain_<i>, train_lt, validation, test_<domain>) are read by name."""
-  from glajax.data import world  # pylint: disable=import-outside-toplevel  (keeps TFDS off)
+  from glajax.data import world  # noqa  (keeps TFDS off the registry)
   return DatasetInfo(world.dataset_name(config), f"demo_shapes/{config}", "train", "test_photo",
                      classnames=world.CLASSNAMES, templates=world.TEMPLATES,
                      num_classes=world.NUM_CLASSES)

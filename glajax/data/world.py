@@ -312,3 +312,11 @@ def dataset_name(config: str = "default") -> str:
 
 
 CONFIGS = ("default", "quick", "tiny")
+
+
+def spec(config: str = "default") -> WorldSpec:
+  """The :class:`WorldSpec` of builder config ``config`` (no builder, no files)."""
+  for builder_config in DemoShapes.BUILDER_CONFIGS:
+    if builder_config.name == config:
+      return builder_config.spec
+  raise bad_argument("config", f"one of {CONFIGS}", repr(config))

@@ -6,16 +6,19 @@ The world has one caption per class, so the captions are tokenised once into a t
 after the longest caption's EOS) and every example's label is its caption's row. A pre-training
 set is small (8,000–20,000 images of 32 × 32), so it is read once into memory as uint8 images and
 caption rows (``caption_arrays``) and batched by ``pipeline.array_batches`` (shuffled per epoch
-from the seed, resumable at any step); images are CLIP-normalised on the device, in the loss.
-The images are used as rendered, without crops: the world already draws every image's pose at
-random, and a tf.data augmentation pipeline would cost more than the tiny model's step.
+from the seed, resumable at any step). The loss crops and normalises the uint8 images on the
+device (``augment_images``: the train pipeline's RandomResizedCrop, drawn from the engine's
+per-step key), so the batches stay a function of (seed, step) and no tf.data pipeline competes
+with the model for the CPU.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import tensorflow as tf
@@ -77,19 +80,64 @@ def caption_arrays(builder, split: str) -> dict[str, np.ndarray]:
   return {k: np.concatenate([c[k] for c in chunks]) for k in ("image", "label")}
 
 
-def normalize_images(images):
-  """uint8 (..., 3) images -> CLIP-normalised float32: (x / 255 − mean) / std; float images
-  are taken as normalised already."""
+def _keys_weights(start, size, length: int):
+  """(N, length, length) weights resizing the window [start, start + size) of each row of a
+  length-long axis back to ``length`` samples: Keys' cubic kernel (a = −0.5, as TF's and PIL's
+  bicubic), pixel centres at i + ½, taps outside the window dropped and the rest renormalised
+  (TF's crop-then-resize)."""
+  step = size / length                                               # (N,) window px per output px
+  centre = start[:, None] + (jnp.arange(length) + 0.5) * step[:, None] - 0.5   # (N, out)
+  taps = jnp.arange(length, dtype=jnp.float32)
+  x = jnp.abs(taps[None, None, :] - centre[:, :, None])              # (N, out, in)
+  a = -0.5
+  kernel = jnp.where(x <= 1, ((a + 2) * x - (a + 3)) * x * x + 1,
+                     jnp.where(x < 2, ((a * x - 5 * a) * x + 8 * a) * x - 4 * a, 0.0))
+  inside = (taps[None, :] >= start[:, None]) & (taps[None, :] < (start + size)[:, None])
+  kernel = jnp.where(inside[:, None, :], kernel, 0.0)
+  return kernel / kernel.sum(-1, keepdims=True)
+
+
+def _resize_windows(images, top, left, height, width):
+  """(N, S, S, C) float images: each image's window (top, left, height, width) resized
+  (bicubic) to S × S; crops never exceed the image, so no antialiasing is due."""
+  rows = _keys_weights(top, height, images.shape[1])
+  cols = _keys_weights(left, width, images.shape[2])
+  return jnp.einsum("nyh,nhwc,nxw->nyxc", rows, images, cols,
+                    precision=jax.lax.Precision.HIGHEST)
+
+
+def augment_images(images, rng, scale=(0.9, 1.0), ratio=(3 / 4, 4 / 3), attempts: int = 10):
+  """The train pipeline's ``preprocess.train_transform`` (no flip) on the device, for a batch of
+  uint8 (N, S, S, 3) images: a RandomResizedCrop window per image (``preprocess.sample_crop``'s
+  draws, from ``rng``) resized back to S × S (bicubic, clipped to [0, 255]), then CLIP-normalised
+  (x / 255 − mean) / std. Returns float32."""
   from glajax.data import preprocess  # pylint: disable=import-outside-toplevel
-  if images.dtype != jnp.uint8:
-    return images
+  n, h, w = images.shape[:3]
+  area_key, ratio_key, place_key = jax.random.split(rng, 3)
+  area = h * w * jax.random.uniform(area_key, (n, attempts), minval=scale[0], maxval=scale[1])
+  aspect = jnp.exp(jax.random.uniform(ratio_key, (n, attempts), minval=math.log(ratio[0]),
+                                      maxval=math.log(ratio[1])))
+  crop_w, crop_h = jnp.round(jnp.sqrt(area * aspect)), jnp.round(jnp.sqrt(area / aspect))
+  fits = (crop_w > 0) & (crop_h > 0) & (crop_w <= w) & (crop_h <= h)
+  first = jnp.argmax(fits, axis=1)[:, None]
+  any_fits = fits.any(axis=1)
+  fallback_w = round(h * ratio[1]) if w / h > ratio[1] else w  # no draw fits: a central crop
+  fallback_h = round(w / ratio[0]) if w / h < ratio[0] else h
+  crop_h = jnp.where(any_fits, jnp.take_along_axis(crop_h, first, 1)[:, 0], fallback_h)
+  crop_w = jnp.where(any_fits, jnp.take_along_axis(crop_w, first, 1)[:, 0], fallback_w)
+  u = jax.random.uniform(place_key, (n, 2))
+  top = jnp.where(any_fits, jnp.floor(u[:, 0] * (h - crop_h + 1)), jnp.floor((h - crop_h) / 2))
+  left = jnp.where(any_fits, jnp.floor(u[:, 1] * (w - crop_w + 1)), jnp.floor((w - crop_w) / 2))
+  images = _resize_windows(images.astype(jnp.float32), top, left, crop_h, crop_w)
   mean, std = jnp.asarray(preprocess.CLIP_MEAN), jnp.asarray(preprocess.CLIP_STD)
-  return (images.astype(jnp.float32) / 255.0 - mean) / std
+  return (jnp.clip(images, 0.0, 255.0) / 255.0 - mean) / std
 
 
 def caption_loss_fn(text_ids):
   """loss(model, batch, rng) = CE(exp(s)·norm(f_img)·norm(f_txt)ᵀ, label): CLIP's
   image→text loss with every distinct caption of the world (``text_ids``) as a candidate.
+  ``batch``: {"image": (B, S, S, 3) uint8 as stored, "label": caption rows}; the images are
+  augmented and normalised here, from ``rng`` (``augment_images``).
 
   Its optimum is z(x, t) = log p(t | x) + c(x): the pre-training conditional, label prior included,
   which is how GLA models a foundation model's zero-shot logits (Zhu et al., NeurIPS 2023, §3).
@@ -100,9 +148,9 @@ def caption_loss_fn(text_ids):
   text_ids = jnp.asarray(text_ids)
 
   def loss_fn(model, batch, rng):
-    del rng
-    logits = losses.contrastive_logits(model.encode_image(normalize_images(batch["image"])),
-                                       model.encode_text(text_ids), model.logit_scale[...])
+    images = augment_images(batch["image"], rng)
+    logits = losses.contrastive_logits(model.encode_image(images), model.encode_text(text_ids),
+                                       model.logit_scale[...])
     loss = losses.cross_entropy(logits, batch["label"])
     return loss, {"logit_scale": jnp.exp(model.logit_scale[...])}
 

@@ -1,5 +1,6 @@
-"""The demo's outputs: ``report.json`` (every number), ``report.md`` (the effects table) and PNG
-plots (estimated vs true prior, WiSE-FT curve, reliability diagrams, AUSUC curve)."""
+"""The demo's outputs: ``report.json`` (every number), ``report.md`` (the effects table, timings,
+each part's tables and a link to its own report) and the estimated-vs-true prior plot; each
+part's plots (WiSE-FT curve, reliability diagrams, AUSUC) are in its own directory."""
 from __future__ import annotations
 
 import json
@@ -7,10 +8,10 @@ import os
 
 import numpy as np
 
-from glajax.experiments.report import json_default, plot, write_atomic
+from glajax import io
+from glajax.experiments import report as experiment_report
 
 COMMAND = "glajax demo --workdir {workdir}{quick}"
-RELIABILITY_BINS = 10  # as CaRot reports ECE
 
 
 def _strict(value):
@@ -26,14 +27,10 @@ def _strict(value):
   return value
 
 
-def _to_json(results: dict) -> str:
-  return json.dumps(_strict(results), indent=2, default=json_default, allow_nan=False)
-
-
 def _format(value) -> str:
   if value is None:
     return "not measured"
-  return f"{value:+.3f}" if abs(value) < 10 else f"{value:.1f}"
+  return f"{value:+.3f}"
 
 
 def effects_table(effects: dict) -> str:
@@ -41,7 +38,7 @@ def effects_table(effects: dict) -> str:
   lines = ["| effect | value | threshold | appeared |", "|---|---|---|---|"]
   for effect in effects.values():
     if not effect["measured"]:
-      verdict = "not measured (stage missing)"
+      verdict = "not measured (part missing)"
     else:
       verdict = "yes" if effect["appeared"] else "**did not appear in this world**"
     lines.append(f"| {effect['description']} | {_format(effect['value'])} | "
@@ -49,26 +46,23 @@ def effects_table(effects: dict) -> str:
   return "\n".join(lines)
 
 
-def _accuracy_rows(results: dict) -> list[str]:
-  rows = []
-  for label, key in (("zero-shot", "zeroshot"), ("debiased zero-shot", "debiased_zeroshot"),
-                     ("fine-tuned", "finetune"), ("GLA ensemble", "gla")):
-    accuracy = results.get(key, {}).get("accuracy")
-    if accuracy:
-      rows.append(f"| {label} | " + " | ".join(f"{accuracy[s]:.3f}" for s in sorted(accuracy))
-                  + " |")
-  return rows
+def timings_table(timings: dict) -> str:
+  lines = ["| stage | seconds |", "|---|---|"]
+  lines += [f"| {stage} | {seconds:.1f} |" for stage, seconds in timings.items()]
+  lines.append(f"| total | {sum(timings.values()):.1f} |")
+  return "\n".join(lines)
 
 
-def markdown(results: dict, command: str) -> str:
-  """``report.md``: the command, the effects table, the accuracy table and the plots."""
+def markdown(results: dict, reports: dict, command: str) -> str:
+  """``report.md``: the command, the effects table, timings, the prior fit, the parts' tables."""
   parts = [
       "# glajax demo report", "",
-      f"Produced by `{command}` in {sum(results.get('timings_s', {}).values()):.0f} s "
-      f"(stages: {results.get('timings_s', {})}).", "",
+      f"Produced by `{command}` in {sum(results.get('timings_s', {}).values()):.0f} s.", "",
       "The world is procedural (coloured shapes × domains, "
-      f"{results.get('world', {}).get('classes', '?')} classes); every number below is in "
-      "`report.json`. An effect that did not appear is reported as such, not tuned away.", "",
+      f"{results.get('world', {}).get('classes', '?')} classes); every part is an ordinary "
+      "`glajax run` config run by the same runner, with its own report. Accuracies below are "
+      "fractions in the effects table and percent in the parts' tables. An effect that did not "
+      "appear is reported as such, not tuned away.", "",
       "## Effects", "", effects_table(results.get("effects", {})), ""]
   test_size = results.get("world", {}).get("splits", {}).get("test_photo")
   if test_size:
@@ -82,60 +76,30 @@ def markdown(results: dict, command: str) -> str:
               "distinct caption of the world, whose optimum is log p(caption | image): their "
               "zero-shot logits carry the pre-training label prior, as GLA assumes of web-scale "
               "CLIP. The estimated log prior against the true one has slope "
-              f"{prior['slope']:.2f} (1 at that optimum) and Spearman ρ {prior['spearman']:.2f}. "
-              "With in-batch negatives the optimum would be the pointwise mutual information "
-              "log p(caption | image) / p(caption), which carries no prior (a world trained that "
-              "way gave ρ ≈ 0.03).", ""]
-  finetune, zeroshot = results.get("finetune", {}), results.get("zeroshot", {})
-  if "accuracy" in finetune and "accuracy" in zeroshot:
-    after, before = finetune["accuracy"], zeroshot["accuracy"]
-    changes = ", ".join(f"{split[5:]} {after[split] - before[split]:+.3f}"
-                        for split in sorted(after) if split != "test_photo")
-    parts += [f"Fine-tuning on photos changed zero-shot accuracy on each shifted domain by: "
-              f"{changes}.", ""]
-  rows = _accuracy_rows(results)
-  if rows:
-    splits = sorted(results["zeroshot"]["accuracy"])
-    parts += ["## Accuracy by domain", "", "| model | " + " | ".join(splits) + " |",
-              "|---" * (len(splits) + 1) + "|", *rows, ""]
-  parts += ["## Plots", ""]
-  for image in results.get("plots", []):
-    parts.append(f"![{image[:-4]}]({image})")
+              f"{prior['slope']:.2f} (1 at that optimum) and Spearman ρ {prior['spearman']:.2f} "
+              "(`prior.png`). With in-batch negatives the optimum would be the pointwise mutual "
+              "information log p(caption | image) / p(caption), which carries no prior.", ""]
+  parts += ["## Timings", "", timings_table(results.get("timings_s", {})), ""]
+  for name, part in reports.items():
+    parts += [f"## Part `{name}` ([report]({name}/report.md))", ""]
+    parts += [experiment_report.markdown_table(t) + "\n" for t in part["tables"]]
+    parts += [f"![{p[:-4]}]({name}/{p})" for p in part["plots"]] + [""]
   return "\n".join(parts) + "\n"
 
 
-def _plot_data(arrays: dict, results: dict) -> dict:
-  """file name -> (plot kind, *data) for ``experiments.report.plot``, for each stage that ran."""
-  specs = {}
-  if "log_prior" in arrays:
-    specs["prior.png"] = ("prior", arrays["log_prior"], arrays["pretrain_counts"][0],
-                          "true prior (pre-training class frequency)")
-  if "wise_ft" in results:
-    specs["wise_ft.png"] = ("wise_ft_curve", results["wise_ft"]["curve"])
-  if "reliability" in arrays:
-    specs["reliability.png"] = ("reliability", arrays["reliability"], RELIABILITY_BINS)
-  if "ausuc" in arrays:
-    specs["ausuc.png"] = ("ausuc", arrays["ausuc"])
-  return specs
-
-
-def plots(workdir: str, arrays: dict, results: dict) -> list[str]:
-  """Writes every plot whose data exists; returns the files written."""
-  written = []
-  for filename, (kind, *data) in _plot_data(arrays, results).items():
-    plot(os.path.join(workdir, filename), kind, *data)
-    written.append(os.path.join(workdir, filename))
-  return written
-
-
-def write(workdir: str, results: dict, arrays: dict, *, quick: bool) -> dict:
-  """Writes report.json, report.md and the plots into ``workdir``; returns their paths."""
+def write(workdir: str, results: dict, reports: dict, true_counts, *, quick: bool) -> dict:
+  """Writes report.json, report.md and prior.png into ``workdir``; returns their paths."""
   command = COMMAND.format(workdir=workdir, quick=" --quick" if quick else "")
-  results = {**results, "command": command, "plots": []}
-  json_path, md_path = os.path.join(workdir, "report.json"), os.path.join(workdir, "report.md")
-  write_atomic(json_path, _to_json(results))
-  images = plots(workdir, arrays, results)
-  results["plots"] = [os.path.basename(p) for p in images]
-  write_atomic(json_path, _to_json(results))
-  write_atomic(md_path, markdown(results, command))
-  return {"json": json_path, "markdown": md_path, "plots": images}
+  files = {"json": os.path.join(workdir, "report.json"),
+           "markdown": os.path.join(workdir, "report.md"), "plots": []}
+  if "gla" in reports:
+    path = os.path.join(workdir, "prior.png")
+    experiment_report.render(path, experiment_report.PriorPlot(
+        np.asarray(reports["gla"]["results"]["log_prior"]), np.asarray(true_counts),
+        "true prior (pre-training class frequency)"))
+    files["plots"].append(path)
+  content = {**results, "command": command}
+  io.write_text(files["json"], json.dumps(_strict(content), indent=2, default=io.json_default,
+                                          allow_nan=False))
+  io.write_text(files["markdown"], markdown(results, reports, command))
+  return files

@@ -31,8 +31,11 @@ def plan(config) -> list[roles.Use]:
 
 def validate(config, check_files: bool = True) -> list[roles.Use]:
   """Every check ``run`` makes before any work; returns the checked data plan."""
-  validate_config(config, check_files=check_files, kinds=tuple(KINDS))
-  return plan(config)
+  validate_config(config, check_files=False, kinds=tuple(KINDS))
+  uses = plan(config)
+  if check_files:  # directories, prepared datasets, checkpoints: last, a hub id may need the net
+    validate_config(config, check_files=True, kinds=tuple(KINDS))
+  return uses
 
 
 def run(config, workdir: str, cache_dir: str | None = None) -> dict:

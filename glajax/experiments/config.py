@@ -27,8 +27,10 @@ from pathlib import Path
 import ml_collections
 import numpy as np
 
-from glajax.data import registry, world
+from glajax.data import builders, registry, world
 from glajax.errors import CheckpointError, ConfigError, DatasetError, bad_argument
+from glajax.models import hf
+from glajax.train import recipes, state
 
 TINY = "tiny"
 # Keys that change where or how fast a run goes, or only the post-hoc methods applied to cached
@@ -49,6 +51,10 @@ def configs_dir() -> Path:
 
 
 def _config_file(name: str) -> Path:
+  if not name.strip():
+    known = sorted(p.stem for p in configs_dir().glob("*.py"))
+    raise bad_argument("CONFIG", f"a get_config() file, or one of {', '.join(known)}",
+                       "an empty string", ConfigError)
   path = Path(name).expanduser()
   candidates = [path] if path.suffix == ".py" else [path.with_suffix(".py")]
   candidates += [configs_dir() / candidates[0].name]
@@ -206,7 +212,21 @@ def manual_dir_of(config, name: str):
 # ------------------------------------------------------------------------------- validation
 
 
-def _check_checkpoint(checkpoint: str, check_files: bool) -> None:
+def _check_patch_size(checkpoint: str, patch_size, image_size) -> None:
+  if patch_size and image_size % patch_size:
+    raise bad_argument("data.image_size", f"a multiple of {checkpoint}'s patch size "
+                       f"{patch_size}", repr(image_size), ConfigError)
+
+
+def _local_patch_size(path: Path):
+  try:
+    with open(path / "config.json") as f:
+      return json.load(f).get("vision_config", {}).get("patch_size")
+  except (OSError, ValueError, AttributeError):
+    return None  # load_clip reports a broken checkpoint, naming it
+
+
+def _check_checkpoint(checkpoint: str, check_files: bool, image_size: int = 0) -> None:
   if not isinstance(checkpoint, str) or not checkpoint:
     raise bad_argument("model.checkpoints", "hub ids, directories or 'tiny[:SEED]'",
                        repr(checkpoint), ConfigError)
@@ -215,6 +235,7 @@ def _check_checkpoint(checkpoint: str, check_files: bool) -> None:
     if checkpoint != TINY and not seed.isdigit():
       raise bad_argument("model.checkpoints", "'tiny' or 'tiny:SEED' with an integer seed",
                          repr(checkpoint), ConfigError)
+    _check_patch_size(checkpoint, 8, image_size)  # CLIPConfig.tiny's patch size
     return
   path = Path(checkpoint).expanduser()
   looks_local = checkpoint.startswith((".", "/", "~")) or path.exists()
@@ -222,10 +243,10 @@ def _check_checkpoint(checkpoint: str, check_files: bool) -> None:
     if not (path / "config.json").is_file():
       raise bad_argument("model.checkpoints", "a checkpoint directory with config.json or a hub "
                          "id org/name", f"{checkpoint!r} (no such checkpoint)", CheckpointError)
+    _check_patch_size(checkpoint, _local_patch_size(path), image_size)
     return
   if check_files:
-    from glajax.models.hf import resolve_checkpoint  # pylint: disable=import-outside-toplevel
-    resolve_checkpoint(checkpoint, allow_patterns=["config.json"])  # (lazy: huggingface_hub)
+    hf.resolve_checkpoint(checkpoint, allow_patterns=["config.json"])
 
 
 def _check_dir(key: str, value) -> None:
@@ -236,7 +257,6 @@ def _check_dir(key: str, value) -> None:
 
 def _check_prepared(name: str, data_dir, manual_dir) -> None:
   """A dataset that needs a manual download must be prepared already or have its manual_dir."""
-  from glajax.data import builders  # pylint: disable=import-outside-toplevel
   info = registry.get(name)
   if not info.manual_download or manual_dir is not None:
     return
@@ -256,8 +276,7 @@ def known_splits(name: str) -> tuple[str, ...] | None:
   """The split names of a dataset when they are known without reading its files, else None."""
   world_config = generated_world(name)
   if world_config is not None:
-    spec = next(c.spec for c in world.DemoShapes.BUILDER_CONFIGS if c.name == world_config)
-    return world.split_names(spec)
+    return world.split_names(world.spec(world_config))
   source = registry.get(name).source
   return None if source is None else tuple(source.splits)
 
@@ -350,8 +369,7 @@ def check_values(config) -> None:
       raise bad_argument(key, f"one of {', '.join(options)}", repr(value), ConfigError)
   schedule = _get(config, "train.optimizer.schedule")
   if schedule is not _MISSING:
-    from glajax.train import state  # pylint: disable=import-outside-toplevel  (keeps jax off)
-    known = getattr(state, "SCHEDULES", ("cosine", "constant"))
+    known = state.SCHEDULES
     if schedule not in known:
       raise bad_argument("train.optimizer.schedule", f"one of {', '.join(known)}",
                          repr(schedule), ConfigError)
@@ -392,7 +410,7 @@ def validate(config, check_files: bool = True, kinds=None) -> None:
   for key, spec in data_keys(config):
     _check_dataset(key, spec, check_files, config)
   for checkpoint in checkpoints_of(config):  # last: a hub id may need the network
-    _check_checkpoint(checkpoint, check_files)
+    _check_checkpoint(checkpoint, check_files, config.data.image_size)
 
 
 def fingerprint(config) -> str:
@@ -448,7 +466,6 @@ def test_spec(name: str) -> str:
 def recipe(name: str, **arguments) -> ml_collections.ConfigDict:
   """The config of recipe ``name`` (``train.recipes.RECIPES``) with ``recipe`` set to its name:
   the recipe a config names is the recipe that runs, and reports label it so."""
-  from glajax.train import recipes  # pylint: disable=import-outside-toplevel  (keeps jax off)
   if name not in recipes.RECIPES:
     raise bad_argument("recipe", f"one of {', '.join(recipes.RECIPES)}", repr(name), ConfigError)
   config = recipes.RECIPES[name](**arguments)

@@ -5,8 +5,8 @@ A table is a dict ``{"title", "columns", "rows": [{"label", "values"}], "publish
 values are fractions, shown in percent. Published rows come from the package asset
 ``published.json`` (the papers' numbers, each with its source and setting): ``config.published``
 names the entry (``table``, e.g. ``"wise_ft/vit_b16_table5"``), pairs our row labels with its
-own (``rows``: (ours, theirs) pairs) and maps our columns to its own (``columns``). A plot is a small dataclass whose ``draw(figure)``
-draws it; :func:`write` renders each into its PNG.
+own (``rows``: (ours, theirs) pairs) and maps our columns to its own (``columns``). A plot is
+a small dataclass whose ``draw(figure)`` draws it; :func:`write` renders each into its PNG.
 """
 from __future__ import annotations
 
@@ -16,9 +16,11 @@ import os
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+from scipy import stats
 
 from glajax import io, methods as M, parallel
 from glajax.data import assets
+from glajax.experiments import config as config_lib
 
 
 def published_entry(path: str | None):
@@ -32,8 +34,9 @@ def published_entry(path: str | None):
   return content[paper], (content[paper][name] if name else None)
 
 
-def _published_rows(published, columns) -> tuple[list[dict], str]:
-  """Our-layout rows of the published table that ``published`` names, and its citation."""
+def _published_rows(published, columns, context) -> tuple[list[dict], str]:
+  """Our-layout rows of the published table that ``published`` names, and its citation.
+  A published row name may hold ``{key}`` fields, filled from ``context`` (e.g. the shots)."""
   if not published or not published.get("table"):
     return [], ""
   paper, entry = published_entry(published["table"])
@@ -45,23 +48,24 @@ def _published_rows(published, columns) -> tuple[list[dict], str]:
   their_columns = entry.get("columns", [])
   rows = []
   for ours, theirs in published.get("rows", ()):
-    values = entry["rows"].get(theirs)
+    values = entry["rows"].get(theirs.format(**(context or {})))
     if values is None:
       continue
-    by_column = dict(zip(their_columns, values)) if isinstance(values, list) else {}
+    # A table of one number per row (e.g. GLA's accuracy per shot count) fills the ID column.
+    by_column = dict(zip(their_columns, values)) if isinstance(values, list) else {"ID": values}
     mapped = {c: by_column.get(published.get("columns", {}).get(c, c)) for c in columns}
     rows.append({"label": ours, "values": {c: None if v is None else v / 100
                                            for c, v in mapped.items()}})
   return rows, ", ".join(n for n in notes if n)
 
 
-def table(title: str, columns, rows, published=None, labels: Mapping[str, str] | None = None
-          ) -> dict:
+def table(title: str, columns, rows, published=None, labels: Mapping[str, str] | None = None,
+          context: Mapping | None = None) -> dict:
   """A report table; ``rows`` are (label, {column: value}); ``labels`` maps column keys to the
   headers shown (the papers' notation); published rows from ``published`` (see the module
-  docstring) are attached with their source."""
+  docstring) are attached with their source; ``context`` fills fields of their row names."""
   columns = list(columns)
-  published_rows, source = _published_rows(published, columns)
+  published_rows, source = _published_rows(published, columns, context)
   return {
       "title": title, "columns": columns,
       "headers": [dict(labels or {}).get(c, c) for c in columns],
@@ -162,10 +166,10 @@ class PriorPlot:
   reference_label: str = "training label frequency"
 
   def draw(self, figure):
-    from scipy import stats  # pylint: disable=import-outside-toplevel  (scipy: plots only)
     ax = figure.subplots()
     estimated = np.asarray(self.estimated, np.float64)
-    if self.reference is None or np.ptp(np.asarray(self.reference, np.float64)) == 0:
+    if (self.reference is None or np.ptp(np.asarray(self.reference, np.float64)) == 0
+        or np.ptp(estimated) == 0):
       ax.plot(np.sort(estimated)[::-1], "o", ms=3)
       ax.set_xlabel("class (sorted by estimated prior)")
       ax.set_ylabel("estimated log prior")
@@ -205,9 +209,9 @@ class AusucPlot:
 
 def render(path: str, plot) -> None:
   """Draws ``plot`` into the PNG ``path``, atomically."""
-  import matplotlib  # pylint: disable=import-outside-toplevel  (matplotlib: reports only)
+  import matplotlib  # noqa  (matplotlib: when drawing only)
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  import matplotlib.pyplot as plt  # noqa  (after use("Agg"))
   figure = plt.figure(figsize=(5, 4))
   try:
     plot.draw(figure)
@@ -253,7 +257,6 @@ def markdown(report: dict) -> str:
 
 def write(exp, outcome: dict) -> dict:
   """Writes report.json, report.md and the plots into the work directory; returns the report."""
-  from glajax.experiments import config as config_lib  # pylint: disable=import-outside-toplevel
   config = exp.config
   plots = dict(outcome.get("plots", {}))
   report = {

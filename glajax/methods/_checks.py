@@ -25,6 +25,8 @@ def concrete(x) -> np.ndarray | None:
   """Returns ``x`` as a NumPy array when its value is known, ``None`` when it is a tracer."""
   if isinstance(x, jax.core.Tracer):
     return None
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:  # spread over several hosts
+    return None
   return np.asarray(x)
 
 

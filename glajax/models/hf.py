@@ -20,6 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from huggingface_hub import snapshot_download
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 from glajax.errors import CheckpointError, ConfigError, InputError, bad_argument
 from glajax.methods import _checks
@@ -120,7 +123,6 @@ def resolve_checkpoint(path_or_hub_id: str | os.PathLike, allow_patterns=None) -
   if not re.fullmatch(r"[\w.-]+/[\w.-]+", path) or path.startswith((".", "/")):
     raise bad_argument("path_or_hub_id", "an existing checkpoint directory or a hub id (org/name)",
                        f"{path} (no such directory)", CheckpointError)
-  from huggingface_hub import snapshot_download
   try:
     return snapshot_download(path, allow_patterns=allow_patterns)
   except Exception as e:  # offline cache miss, unknown repo, network error: one message
@@ -159,7 +161,6 @@ def _has_weights(directory: str) -> bool:
 
 
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
-  from safetensors import safe_open
   try:
     with jax.default_device(jax.devices("cpu")[0]), safe_open(path, framework="flax") as f:
       return {k: np.asarray(f.get_tensor(k).astype(jnp.float32)) for k in f.keys()}
@@ -170,7 +171,7 @@ def _read_safetensors(path: str) -> dict[str, np.ndarray]:
 
 def _read_torch(path: str) -> dict[str, np.ndarray]:
   try:
-    import torch
+    import torch  # noqa  (torch: optional, pytorch_model.bin only)
   except ImportError:
     raise bad_argument("checkpoint", "model.safetensors (reading pytorch_model.bin needs torch)",
                        path, CheckpointError) from None
@@ -329,7 +330,6 @@ def _read_adapters(directory: str):
   path = os.path.join(directory, ADAPTERS_FILE)
   if not os.path.exists(path):
     return None
-  from safetensors import safe_open
   try:
     with safe_open(path, framework="numpy") as f:
       meta = f.metadata() or {}
@@ -377,7 +377,6 @@ def save_clip(model: CLIP, directory: str | os.PathLike, *, overwrite: bool = Fa
   write. Files that are not part of an export are never removed: a directory holding any is
   refused, as are ``""``, the current directory and its parents. Returns the absolute path.
   """
-  from safetensors.numpy import save_file
   if not isinstance(model, CLIP):
     raise bad_argument("model", "a glajax CLIP", type(model).__name__)
   target = _export_target(directory)

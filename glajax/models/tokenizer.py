@@ -15,6 +15,7 @@ import numpy as np
 
 from glajax.errors import CheckpointError, bad_argument
 from glajax.methods import _checks
+from glajax.models.hf import resolve_checkpoint
 
 CONTEXT_LENGTH = 77
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
@@ -81,7 +82,7 @@ class Tokenizer:
 
 
 def _openai_tokenizer():
-  from transformers import CLIPTokenizer
+  from transformers import CLIPTokenizer  # noqa  (transformers: a checkpoint's own tokenizer only)
   vocab, merges = _openai_vocab_and_merges()
   return CLIPTokenizer(vocab=vocab, merges=list(merges))
 
@@ -96,11 +97,10 @@ def load_tokenizer(path_or_hub_id: str | os.PathLike | None = None, *,
   _checks.positive_int("context_length", context_length, 2)  # before building a tokenizer
   if path_or_hub_id is None:
     return Tokenizer(_openai_tokenizer(), context_length)
-  from glajax.models.hf import resolve_checkpoint
   directory = resolve_checkpoint(path_or_hub_id, allow_patterns=["*.json", "*.txt"])
   if not any(os.path.exists(os.path.join(directory, f)) for f in _TOKENIZER_FILES):
     return Tokenizer(_openai_tokenizer(), context_length)
-  from transformers import CLIPTokenizer
+  from transformers import CLIPTokenizer  # noqa  (transformers: a checkpoint's own tokenizer only)
   try:
     hf_tokenizer = CLIPTokenizer.from_pretrained(directory)
   except Exception as e:  # unreadable or corrupt tokenizer files: OSError, JSON and other errors

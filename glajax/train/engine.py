@@ -149,7 +149,7 @@ class MetricsLog:
     self._file = open(os.path.join(workdir, "metrics.jsonl"), "a") if self._active else None
     self._tb = None
     if self._active and config.tensorboard and importlib.util.find_spec("tensorboard"):
-      from flax.metrics.tensorboard import SummaryWriter  # pylint: disable=import-outside-toplevel
+      from flax.metrics.tensorboard import SummaryWriter  # noqa  (tensorboard is optional)
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
     self._bar = tqdm.tqdm(total=int(config.total_steps), initial=start, desc=name, unit="step",
                           disable=not config.progress or not self._active)

@@ -40,6 +40,7 @@ import numpy as np
 from flax import nnx
 
 from glajax.errors import bad_argument
+from glajax.models.hf import load_clip, save_clip
 from glajax.models.heads import CLIPClassifier, CosineClassifier, LinearHead
 from glajax import evaluate, io
 from glajax.train import engine, losses
@@ -222,7 +223,6 @@ def prompt_tuning() -> ml_collections.ConfigDict:
 def load_model(config, path_or_hub_id):
   """``load_clip`` with the recipe's ``config.model``: compute dtype (params stay float32),
   rematerialisation and, for ``backdoor_peft``, the adapters."""
-  from glajax.models.hf import load_clip  # pylint: disable=import-outside-toplevel
   return load_clip(path_or_hub_id, dtype=jnp.dtype(config.model.dtype),
                    remat=config.model.remat, adapter_dim=config.model.get("adapter_dim"),
                    adapter_scale=config.model.get("adapter_scale", "learnable"))
@@ -235,7 +235,6 @@ def _save_npz(path: str, **arrays) -> None:
 
 def export_classifier(model: CLIPClassifier, directory: str) -> None:
   """``save_clip`` of the CLIP (transformers format) + the head's parameters in ``head.npz``."""
-  from glajax.models.hf import save_clip  # pylint: disable=import-outside-toplevel
   _, params = nnx.split(model.head, nnx.Param)
   head = nnx.to_pure_dict(params)
   save_clip(model.clip, directory,   # head.npz inside the one atomic export
@@ -243,7 +242,6 @@ def export_classifier(model: CLIPClassifier, directory: str) -> None:
 
 
 def _export_clip(model, directory: str) -> None:
-  from glajax.models.hf import save_clip  # pylint: disable=import-outside-toplevel
   save_clip(model.clip, directory)
 
 

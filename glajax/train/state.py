@@ -5,6 +5,7 @@ state is a plain pytree that jit, Optax and Orbax all take as is.
 """
 from __future__ import annotations
 
+import numbers
 import re
 
 import flax.struct
@@ -67,9 +68,9 @@ def _count(config, key: str) -> int:
   value = config.get(key, 0)
   if value is None:
     return 0
-  if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
     raise bad_argument(f"optimizer.{key}", "an int >= 0", repr(value), ConfigError)
-  return value
+  return int(value)
 
 
 def learning_rate_schedule(config, total_steps: int):

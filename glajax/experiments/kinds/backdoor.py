@@ -51,9 +51,10 @@ def run(exp) -> dict:
   use = exp.use("fine-tuning")
   num_classes = exp.num_classes(use.ref)
   counts = np.bincount(exp.labels(use), minlength=num_classes)
-  rows, results, la_logits = [], {}, []
+  rows, results, la_logits, tags = [], {}, [], {}
   for label, checkpoint, train in _runs(exp):
     run_name = exp.run_key("backdoor", train, checkpoint, use)
+    tags[label] = run_name
     outputs = exp.logits(run_name, lambda c=checkpoint, t=train, r=run_name: _trained(
         exp, c, counts, t, r), tests)
     logits, labels = outputs[tests[0].purpose]
@@ -69,7 +70,7 @@ def run(exp) -> dict:
   title = (f"Backdoor adjustment on {use.ref.dataset} ({config.train.recipe}, τ = "
            f"{config.train.tau:g}, adapter dim {config.train.model.adapter_dim}): per-class "
            "accuracy by training-count group")
-  return {"results": {"accuracy": results, "train_counts": counts.tolist(),
+  return {"results": {"accuracy": results, "train_counts": counts.tolist(), "logits_tags": tags,
                       "recipe": config.train.recipe},
           "tables": [report.table(title, ["many", "medium", "few", "all"], rows,
                                   config.published)],

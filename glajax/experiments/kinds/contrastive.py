@@ -64,6 +64,7 @@ def run(exp) -> dict:
   title = (f"{DISPLAY.get(recipe, recipe)} on {ref.dataset}: accuracy and ECE ({bins} bins"
            + (f"; batch ECE over batches of {per_batch}" if per_batch else "") + ") under shift")
   return {"results": {"metrics": dict(rows), "recipe": recipe,
+                      "trained": DISPLAY.get(recipe, recipe),
                       "recipe_values": {"carot": config.train.carot.to_dict()}},
           "tables": [report.table(title, columns, rows, config.published)],
           "plots": {"reliability.png": report.Reliability(panels, bins)}}

@@ -133,5 +133,6 @@ def run(exp) -> dict:
                       "prior_residual": float(info["residual"]),
                       "zs_temperature": zs_temperature, "ft_temperature": ft_temperature,
                       "train_counts": counts.tolist(), "recipe": config.train.recipe},
-          "tables": [report.table(title, columns, rows, config.published)],
+          "tables": [report.table(title, columns, rows, config.published,
+                                  context={"shots": options.shots})],
           "plots": {"prior.png": report.PriorPlot(np.asarray(log_prior), counts)}}

@@ -1,5 +1,5 @@
-"""WiSE-FT (Wortsman et al., CVPR 2022): θ_α = (1 − α)·θ_zs + α·θ_ft over encoder and head,
-evaluated for each α on the test set and the shifts; optionally temperature scaling of the
+"""WiSE-FT (Wortsman et al., CVPR 2022): θ_α = (1 − α)·θ_zs + α·θ_ft over encoder and
+head, evaluated for each α on the test set and the shifts; optionally temperature scaling of the
 fine-tuned model, T fitted on ``data.validation``."""
 from __future__ import annotations
 
@@ -60,7 +60,8 @@ def _sweep(exp, models, tags, tests, alphas):
 
   outputs = {}
   for alpha in alphas:  # the endpoints under the models' own tags, shared with other kinds
-    tag = {0.0: tags["zs"], 1.0: tags["ft"]}.get(alpha, f"wise-{exp.key(tags['zs'], tags['ft'], alpha)}")
+    tag = {0.0: tags["zs"], 1.0: tags["ft"]}.get(
+        alpha, f"wise{alpha:g}-{exp.key(tags['zs'], tags['ft'], alpha)}")
     model = {0.0: lambda: models.zs, 1.0: lambda: models.ft}.get(alpha, lambda a=alpha: merged(a))
     outputs[alpha] = exp.logits(tag, model, tests)
   export_alpha = float(exp.config.wise_ft.export_alpha)

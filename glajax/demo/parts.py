@@ -1,0 +1,115 @@
+"""The demo's experiment configs: every paper's protocol on the procedural world, each an ordinary
+``glajax run`` config of its kind, run by the same runner.
+
+=============  ============  ==================================================================
+part           kind          what it shows on the world
+=============  ============  ==================================================================
+gla            gla           the estimated prior follows the true pre-training prior; debiasing;
+                             the GLA ensemble
+wise_ft        wise_ft       fine-tuning (ID gain, shifts), the α sweep, temperature scaling
+                             (T fitted on the validation split)
+backdoor       backdoor      logit-adjusted loss against CE on the long tail; Σ_m z_m over two
+                             foundation models
+absent_class   absent_class  ALG and PCV γ after fine-tuning on half of the classes
+flyp, carot    contrastive   CaRot against FLYP, ECE under shift
+=============  ============  ==================================================================
+
+The scale (``full``, ``quick``, ``tiny``) sets the world's size and the step counts: a demo's
+models are small and its learning rates larger than the papers'.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+
+from glajax.data import world
+from glajax.demo import pretrain as pretrain_lib
+from glajax.experiments import config as C
+from glajax.train import recipes
+
+OOD_SPLITS = tuple(f"test_{d}" for d in world.DOMAINS[1:])
+
+
+@dataclasses.dataclass(frozen=True)
+class Scale:
+  """How much of everything a run does (``full``, ``quick`` and the test's ``tiny``)."""
+  world_config: str
+  pretrain: pretrain_lib.PretrainSpec
+  num_foundation: int = 2
+  batch_size: int = 128
+  finetune_steps: int = 150
+  finetune_lr: float = 1e-3
+  contrastive_steps: int = 150
+  contrastive_lr: float = 5e-4
+  longtail_steps: int = 150
+  longtail_lr: float = 0.05
+  wise_alphas: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+  pcv_seeds: int = 3
+  eval_batch: int = 500
+
+
+SCALES = {
+    "full": Scale("default", pretrain_lib.PretrainSpec(steps=400)),
+    "quick": Scale("quick", pretrain_lib.PretrainSpec(steps=250, batch_size=128),
+                   finetune_steps=80, contrastive_steps=80, longtail_steps=80,
+                   wise_alphas=(0.0, 0.25, 0.5, 0.75, 1.0), pcv_seeds=1, eval_batch=600),
+    "tiny": Scale("tiny", pretrain_lib.PretrainSpec(width=32, steps=20, batch_size=64),
+                  batch_size=64, finetune_steps=10, contrastive_steps=10, longtail_steps=10,
+                  wise_alphas=(0.0, 0.5, 1.0), pcv_seeds=1, eval_batch=100),
+}
+
+
+def _base(kind: str, scale: Scale, foundations, seed: int, progress: bool, recipe: str,
+          steps: int, lr: float, **recipe_arguments) -> ml_collections.ConfigDict:
+  name = world.dataset_name(scale.world_config)
+  config = C.base(kind)
+  config.seed, config.progress = seed, progress
+  config.model.checkpoints = tuple(foundations[:1])
+  config.data.update(train=f"{name}@train", test=f"{name}@test_photo",
+                     shifts=tuple(f"{name}@{s}" for s in OOD_SPLITS), image_size=32,
+                     eval_batch_size=scale.eval_batch)
+  config.train = C.recipe(recipe, **recipe_arguments)
+  config.train.update(batch_size=scale.batch_size, total_steps=steps, checkpoint_every=0,
+                      log_every=max(1, steps // 5), tensorboard=False)
+  config.train.model.dtype = "float32"
+  config.train.optimizer.learning_rate = lr
+  if config.train.optimizer.get("warmup_steps"):
+    config.train.optimizer.warmup_steps = max(1, steps // 10)
+  config.config_spec = f"demo part {kind} ({recipe})"
+  return config
+
+
+def configs(scale: Scale, foundations, seed: int = 0, progress: bool = True
+            ) -> dict[str, ml_collections.ConfigDict]:
+  """part name -> the experiment config of that part, on the pre-trained ``foundations``."""
+  common = dict(scale=scale, foundations=foundations, seed=seed, progress=progress)
+  finetune = dict(recipe="finetune", steps=scale.finetune_steps, lr=scale.finetune_lr)
+  parts = {}
+  parts["gla"] = _base("gla", **common, **finetune)
+  parts["gla"].gla = dict(shots=0, val_shots=0, long_tail=False, match_confidence=False,
+                          prior_data="training")
+  parts["wise_ft"] = _base("wise_ft", **common, **finetune)
+  parts["wise_ft"].data.validation = parts["wise_ft"].data.train.replace("@train", "@validation")
+  parts["wise_ft"].wise_ft = dict(alphas=tuple(scale.wise_alphas), export_alpha=0.5,
+                                  ece_bins=15, linear=False)
+  backdoor = _base("backdoor", **common, recipe="backdoor_peft", steps=scale.longtail_steps,
+                   lr=scale.longtail_lr, num_classes=world.NUM_CLASSES)
+  backdoor.model.checkpoints = tuple(foundations)
+  backdoor.data.update(train=backdoor.data.train.replace("@train", "@train_lt"), shifts=())
+  backdoor.train.model.adapter_dim = recipes.adapter_dim(world.NUM_CLASSES, scale.pretrain.layers)
+  backdoor.backdoor = dict(imbalance_ratio=0, template=world.TEMPLATES[0], compare_ce=True)
+  parts["backdoor"] = backdoor
+  absent = _base("absent_class", **common, **finetune)
+  absent.data.shifts = ()
+  absent.absent_class = dict(num_seen=world.NUM_CLASSES // 2, split_seed=seed, test_fraction=0.0,
+                             pcv_seeds=tuple(1000 + k for k in range(scale.pcv_seeds)),
+                             pcv_holdout=0.2)
+  parts["absent_class"] = absent
+  for recipe in ("flyp", "carot"):
+    part = _base("contrastive", **common, recipe=recipe, steps=scale.contrastive_steps,
+                 lr=scale.contrastive_lr)
+    part.train.carot.teacher.every = max(1, scale.contrastive_steps // 10)
+    part.contrastive = dict(ece_bins=10, ece_per_batch=0)
+    parts[recipe] = part
+  return parts
