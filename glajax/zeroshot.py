@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from glajax.errors import bad_argument
 from glajax.methods import _checks
-from glajax.models.clip import check_token_ids
+from glajax.models.clip import check_token_ids, l2_normalise
 
 
 def _fill(template: str | Callable[[str], str], classname: str) -> str:
@@ -34,10 +34,6 @@ def _is_template(template) -> bool:
   except ValueError:  # unbalanced braces
     return False
   return len(fields) == 1 and fields[0] in ("", "0")
-
-
-def _normalise(x):
-  return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
 
 
 def zeroshot_head(model, tokenizer, classnames: Sequence[str],
@@ -65,7 +61,7 @@ def zeroshot_head(model, tokenizer, classnames: Sequence[str],
   prompts = [_fill(t, c) for c in classnames for t in templates]
   size = min(batch_size, len(prompts))
   graphdef, state = nnx.split(model)
-  encode = jax.jit(lambda state, ids: _normalise(nnx.merge(graphdef, state).encode_text(ids)))
+  encode = jax.jit(lambda state, ids: l2_normalise(nnx.merge(graphdef, state).encode_text(ids)))
   embeddings = []
   with tqdm(total=len(prompts), desc="zero-shot head", unit="prompt",
             disable=not show_progress) as bar:
@@ -76,5 +72,5 @@ def zeroshot_head(model, tokenizer, classnames: Sequence[str],
       embeddings.append(np.asarray(encode(state, ids))[:len(chunk)])
       bar.update(len(chunk))
   per_prompt = np.concatenate(embeddings).reshape(len(classnames), len(templates), -1)
-  weights = _normalise(jnp.asarray(per_prompt, jnp.float32).mean(axis=1))
+  weights = l2_normalise(jnp.asarray(per_prompt, jnp.float32).mean(axis=1))
   return weights * jnp.exp(jnp.asarray(model.logit_scale[...], jnp.float32))

@@ -249,6 +249,14 @@ def test_roles_guard_in_closed_form():
               [fit(train.then(roles.holdout(0.2, 0, 0))), tested(holdout(1))]):
     with pytest.raises(ConfigError, match="key.fit"):
       roles.check_plan(bad)
+  sliced = lambda split: roles.DataRef("d", split)  # noqa: E731
+  roles.check_plan([fit(sliced("train[:90%]")), tested(sliced("train[90%:]")),
+                    tested(sliced("validation")), tested(sliced("test+validation[50%:]"))])
+  for fitted, tests in (("train[:90%]", "train[50%:]"), ("train", "train[90%:]"),
+                        ("train[:900]", "train[90%:]"), ("train[-10%:]", "train[:5%]"),
+                        ("validation[:50%]", "test+validation[40%:]")):
+    with pytest.raises(ConfigError, match="key.fit"):
+      roles.check_plan([fit(sliced(fitted)), tested(sliced(tests))])
   labels = np.repeat(np.arange(10), 10)
   a, b = (roles.rows(shots(p), labels, 10) for p in (0, 1))
   assert not set(a) & set(b) and len(a) == len(b) == 20

@@ -201,7 +201,7 @@ def test_save_clip_overwrites_atomically(checkpoints, tmp_path, monkeypatch):
   def crash(*args, **kwargs):
     raise OSError("disk full")
 
-  monkeypatch.setattr(safetensors.numpy, "save_file", crash)
+  monkeypatch.setattr(glajax_hf, "save_file", crash)  # as hf.py imported it
   with pytest.raises(CheckpointError, match="directory: .*disk full"):
     save_clip(model, target)
   assert (target / "model.safetensors").read_bytes() == before  # old checkpoint untouched

@@ -304,3 +304,20 @@ def test_two_processes_with_jax_distributed_equal_one_process(tmp_path):
   assert set(got) == set(want)
   for k in want:
     np.testing.assert_allclose(got[k], want[k], 1e-5, 1e-6)
+
+
+def test_corrupted_latest_checkpoint_resumes_from_the_one_before(tmp_path):
+  """An interrupted run whose newest checkpoint is damaged resumes from the previous one (the
+  damaged step set aside, not deleted) and ends equal to the uninterrupted run."""
+  import shutil
+  config = _config(total=10, checkpoint_every=2, keep_checkpoints=5)
+  whole, _ = engine.fit(_MLP(), _loss, config, _data(), str(tmp_path / "whole"))
+  with pytest.raises(_Interrupted):
+    engine.fit(_MLP(), _loss, config, _data(stop_after=7), str(tmp_path / "resumed"))
+  checkpoints = tmp_path / "resumed" / "checkpoints"
+  shutil.rmtree(checkpoints / "6" / "default")  # the newest save lost its data
+  resumed, _ = engine.fit(_MLP(), _loss, config, _data(), str(tmp_path / "resumed"))
+  _assert_params_close(_params(whole), _params(resumed), 0, 0)
+  assert any(name.startswith("corrupt-6-") for name in os.listdir(checkpoints))
+  steps = [json.loads(l)["step"] for l in open(tmp_path / "resumed" / "metrics.jsonl")]
+  assert steps == [2, 4, 6, 6, 8, 10]  # steps 5-6 ran again, from the step-4 checkpoint

@@ -265,7 +265,8 @@ def write(exp, outcome: dict) -> dict:
       "fingerprint": config_lib.fingerprint(config),
       "config": json.loads(config.to_json_best_effort()),
       "results": outcome["results"], "tables": outcome["tables"], "plots": list(plots),
-      "ledger": list(exp.ledger), "final_models": _final_models(exp.workdir),
+      "ledger": list(exp.ledger), "logits_files": list(exp.logits_files),
+      "final_models": _final_models(exp.workdir),
   }
   if parallel.is_primary():  # one writer; the other processes return the same report
     for filename, plot in plots.items():

@@ -10,11 +10,14 @@ ledger, so a report says where every number came from.
 Two refs on the same split are disjoint only when it is so by construction: their chains agree up
 to a *partition* step (same kind and parameters) at which they take different parts, e.g. the
 k-shot training and validation draws of one split, or the two sides of a per-class hold-out.
-Anything else on the same split counts as overlapping.
+Anything else on the same split counts as overlapping. Two splits of one dataset are disjoint
+when their TFDS expressions are: different base splits, or slices of one base that do not
+overlap ('train[:90%]' and 'train[90%:]'); a slice that cannot be read counts as overlapping.
 """
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -99,10 +102,44 @@ class DataRef:
     return " → ".join([self.spec, *(s.describe() for s in self.steps)])
 
 
+_SLICE = re.compile(r"^(\w+)(?:\[(-?\d*)(%?):(-?\d*)(%?)\])?$")
+
+
+def _intervals(split: str):
+  """TFDS split syntax -> [(base, start, stop, unit)], or None when it cannot be read (then
+  nothing is assumed). 'train[:80%]+validation' -> [('train', 0, 80, '%'), ('validation', ...)]."""
+  out = []
+  for part in split.replace(" ", "").split("+"):
+    match = _SLICE.match(part)
+    if match is None:
+      return None
+    base, start, unit_a, stop, unit_b = (g or "" for g in match.groups())
+    if start.startswith("-") or stop.startswith("-") or (start and stop and unit_a != unit_b):
+      return None
+    unit = unit_a or unit_b
+    out.append((base, float(start or 0), float(stop) if stop else float("inf"), unit))
+  return out
+
+
+def _splits_disjoint(a: str, b: str) -> bool:
+  """Whether two TFDS split expressions of one dataset select no common example: different
+  base splits, or non-overlapping slices in the same unit of the same base."""
+  ia, ib = _intervals(a), _intervals(b)
+  if ia is None or ib is None:
+    return False
+  for base_a, start_a, stop_a, unit_a in ia:
+    for base_b, start_b, stop_b, unit_b in ib:
+      if base_a == base_b and (unit_a != unit_b or (start_a < stop_b and start_b < stop_a)):
+        return False
+  return True
+
+
 def disjoint(a: DataRef, b: DataRef) -> bool:
   """Whether ``a`` and ``b`` share no row by construction (see the module docstring)."""
-  if (a.dataset, a.split) != (b.dataset, b.split):
+  if a.dataset != b.dataset:
     return True
+  if a.split != b.split:
+    return _splits_disjoint(a.split, b.split)
   for step_a, step_b in zip(a.steps, b.steps):
     if step_a == step_b:
       continue

@@ -157,6 +157,7 @@ class Experiment:
     self.uses = tuple(uses)
     roles.check_plan(self.uses)
     self.ledger: list[dict] = []
+    self.logits_files: list[dict] = []  # every cached array a kind read: tag, purpose, file
     self.mesh = parallel.make_mesh()
     generated = any(config_lib.generated_world(config_lib.dataset_spec(s)[0])
                     for s in config_lib.datasets_of(config))
@@ -286,6 +287,10 @@ class Experiment:
     for use in uses:
       logits, labels, _ = evaluate.load_logits(files[use.purpose])
       out[use.purpose] = (logits, labels)
+      entry = {"tag": tag, "purpose": use.purpose, "data": use.ref.describe(),
+               "file": os.path.relpath(files[use.purpose], self.workdir)}
+      if entry not in self.logits_files:
+        self.logits_files.append(entry)
     return out
 
   def _logits_file(self, tag: str, ref: roles.DataRef) -> str:

@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from glajax.errors import ConfigError, bad_argument
@@ -430,11 +431,7 @@ class TextTransformer(nnx.Module):
     positions = self.position_embedding.embedding[:length]
     h = inputs_embeds + positions.astype(inputs_embeds.dtype)
     h = self.final_layer_norm(_run_blocks(self.layers, h, cfg.remat))
-    if cfg.eos_token_id == 2:  # legacy configs: the EOS id is the largest id of each sequence
-      eos_position = jnp.argmax(input_ids, axis=-1)
-    else:
-      eos_position = jnp.argmax(input_ids == cfg.eos_token_id, axis=-1)
-    return h[jnp.arange(batch), eos_position]
+    return h[jnp.arange(batch), eos_positions(input_ids, cfg.eos_token_id)]
 
 
 def check_token_ids(name: str, ids, vocab_size: int) -> None:
@@ -498,13 +495,25 @@ class CLIP(nnx.Module):
 
   def __call__(self, images, input_ids):
     """logits_per_image (B_img, B_txt) = exp(logit_scale) * cos(image_i, text_j)."""
-    image = _l2_normalise(self.encode_image(images))
-    text = _l2_normalise(self.encode_text(input_ids))
+    image = l2_normalise(self.encode_image(images))
+    text = l2_normalise(self.encode_text(input_ids))
     return jnp.exp(self.logit_scale[...].astype(jnp.float32)) * image @ text.T
 
 
-def _l2_normalise(x):
-  return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+def l2_normalise(x):
+  """x / max(‖x‖₂, 1e-12) over the last axis (``torch.nn.functional.normalize``); NumPy in,
+  NumPy out, so initialisers can use it too. The one L2 normalisation of glajax."""
+  xp = np if isinstance(x, np.ndarray) else jnp
+  return x / xp.maximum(xp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def eos_positions(input_ids, eos_token_id: int):
+  """Where the text tower pools: the first ``eos_token_id`` of each row (legacy configs with
+  eos_token_id == 2: the largest id, as transformers does). NumPy in, NumPy out."""
+  xp = np if isinstance(input_ids, np.ndarray) else jnp
+  if eos_token_id == 2:
+    return xp.argmax(input_ids, axis=-1)
+  return xp.argmax(input_ids == eos_token_id, axis=-1)
 
 
 def resize_position_embedding(table, new_grid: int):

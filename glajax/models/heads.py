@@ -13,24 +13,16 @@ import numpy as np
 from flax import nnx
 
 from glajax.errors import bad_argument
+from glajax.models.clip import l2_normalise
 
 COSINE_SCALE = 25.0
-
-
-def _normalize(x):
-  return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
-
-
-def _np_normalize(x):
-  """x / max(‖x‖, 1e-12) row-wise, as ``torch.nn.functional.normalize``."""
-  return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 def cosine_logits(features, weights, scale: float = COSINE_SCALE):
   """s · norm(f) · norm(W)ᵀ: (N, D) features and (C, D) class weights -> (N, C) float32 logits."""
   features = features.astype(jnp.float32)
   weights = weights.astype(jnp.float32)
-  return scale * _normalize(features) @ _normalize(weights).T
+  return scale * l2_normalise(features) @ l2_normalise(weights).T
 
 
 def _as_matrix(name, array):
@@ -55,7 +47,7 @@ class LinearHead(nnx.Module):
     return cls(_as_matrix("zeroshot_head", zeroshot_head).T)
 
   def __call__(self, features):
-    return _normalize(features.astype(jnp.float32)) @ self.kernel[...] + self.bias[...]
+    return l2_normalise(features.astype(jnp.float32)) @ self.kernel[...] + self.bias[...]
 
 
 class CosineClassifier(nnx.Module):
@@ -85,7 +77,7 @@ class CosineClassifier(nnx.Module):
       return cls(text @ np.linalg.pinv(kernel.astype(np.float64)).astype(np.float32), scale)
     if init != "lift":
       raise bad_argument("init", "'lift' or 'pinv'", repr(init))
-    return cls(_np_normalize(_np_normalize(text.astype(np.float64)) @ kernel.T.astype(np.float64))
+    return cls(l2_normalise(l2_normalise(text.astype(np.float64)) @ kernel.T.astype(np.float64))
                .astype(np.float32), scale)
 
   def __call__(self, features):

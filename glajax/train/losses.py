@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from glajax.errors import bad_argument
+from glajax.models.clip import l2_normalise
 from glajax.methods.adjust import logit_adjusted_loss  # CE(z + τ·log π_train, y), Menon et al.
 
 __all__ = ["cross_entropy", "logit_adjusted_loss", "contrastive_logits", "clip_contrastive_loss",
@@ -37,15 +38,11 @@ def cross_entropy(logits, labels, label_smoothing: float = 0.0, where=None):
   return (per_example * where).sum() / jnp.maximum(where.sum(), 1.0)
 
 
-def _normalize(x):
-  x = x.astype(jnp.float32)
-  return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
-
-
 def contrastive_logits(image_features, text_features, logit_scale):
   """CLIP's image→text logits exp(s)·norm(f_img)·norm(f_txt)ᵀ, (B, B); text→image is the .T."""
   return jnp.exp(logit_scale.astype(jnp.float32)) * (
-      _normalize(image_features) @ _normalize(text_features).T)
+      l2_normalise(image_features.astype(jnp.float32))
+      @ l2_normalise(text_features.astype(jnp.float32)).T)
 
 
 def clip_contrastive_loss(image_features, text_features, logit_scale):

@@ -12,23 +12,19 @@ import numpy as np
 from flax import nnx
 
 from glajax.errors import bad_argument
-
-
-def _eos_positions(ids: np.ndarray, eos_token_id: int) -> np.ndarray:
-  """Where the text tower pools: the first EOS (legacy configs, eos_token_id 2: the largest id)."""
-  return np.argmax(ids, axis=-1) if eos_token_id == 2 else np.argmax(ids == eos_token_id, axis=-1)
+from glajax.models.clip import eos_positions, l2_normalise
 
 
 def _token_count(ids: np.ndarray, eos_token_id: int) -> np.ndarray:
   """Tokens between SOT and the pooled EOS of each row."""
-  return _eos_positions(ids, eos_token_id) - 1
+  return eos_positions(ids, eos_token_id) - 1
 
 
 def trim_to_longest(ids, eos_token_id: int) -> np.ndarray:
   """(..., L) ids cut after the last pooled EOS: the text tower is causal and pools at EOS, so
   the tokens after it change nothing, and shorter prompts encode faster."""
   ids = np.asarray(ids, np.int32)
-  return ids[..., :int(_eos_positions(ids, eos_token_id).max()) + 1]
+  return ids[..., :int(eos_positions(ids, eos_token_id).max()) + 1]
 
 
 def tokenize_prompts(tokenizer, classnames, template: str, eos_token_id: int):
@@ -95,7 +91,6 @@ class PromptTunedCLIP(nnx.Module):
     """(N, C) logits of images, or of ``image_features`` (the image tower is frozen)."""
     if image_features is None:
       image_features = self.clip.encode_image(images)
-    image = image_features / jnp.linalg.norm(image_features, axis=-1, keepdims=True)
-    text = self.text_features()
-    text = text / jnp.linalg.norm(text, axis=-1, keepdims=True)
+    image = l2_normalise(image_features)
+    text = l2_normalise(self.text_features())
     return jnp.exp(self.clip.logit_scale[...].astype(jnp.float32)) * image @ text.T

@@ -105,9 +105,9 @@ def run(exp) -> dict:
   log_prior, info = _prior(exp, models, tags)
   zs_temperature = float(info["temperature"])
   ft_temperature = 1.0
-  if options.shots:  # few-shot: T_ft matched on the validation shots
+  if options.shots:  # few-shot: T_ft matched on the validation shots, to 1 pp (trainers/gla.py)
     ft_temperature = float(M.match_confidence_temperature(
-        *exp.arrays(exp.use("validation"), tags["ft"], lambda: models.ft)))
+        *exp.arrays(exp.use("validation"), tags["ft"], lambda: models.ft), tol=1.0))
   num_classes = log_prior.shape[0]
   counts = np.bincount(exp.labels(exp.use("fine-tuning")), minlength=num_classes)
   ft_log_prior = np.log(counts / counts.sum()) if (counts > 0).all() else None
