@@ -235,6 +235,8 @@ def test_contrastive(method, tmp_path):
   if method == "carot":  # the report names the recipe values that ran
     carot = result["results"]["recipe_values"]["carot"]
     assert (carot["lambda_oc"], carot["lambda_sd"], carot["lambda_vt"]) == (0.2, 1.5, 0.05)
+    markdown = (workdir / "report.md").read_text()
+    assert "| `carot.lambda_vt` | `0.05` |" in markdown and "| `recipe` | `carot` |" in markdown
 
 
 def test_wise_ft_linear_classifier_on_cached_features(tmp_path):

@@ -103,6 +103,24 @@ def markdown_table(entry: dict) -> str:
   return "\n".join(lines)
 
 
+def _flat(tree: Mapping, prefix: str = "") -> list[tuple[str, object]]:
+  items = []
+  for key, value in tree.items():
+    if isinstance(value, Mapping):
+      items += _flat(value, f"{prefix}{key}.")
+    else:
+      items.append((f"{prefix}{key}", value))
+  return items
+
+
+def recipe_table(train: Mapping) -> str:
+  """Every value of a recipe config, one row each (what ran, for the report)."""
+  skipped = ("progress", "log_every", "checkpoint_every", "keep_checkpoints", "tensorboard")
+  lines = ["| key | value |", "|---|---|"]
+  lines += [f"| `{key}` | `{value}` |" for key, value in _flat(train) if key not in skipped]
+  return "\n".join(lines)
+
+
 def ledger_table(ledger: Sequence[dict]) -> str:
   """Where every array came from: role, purpose, config key, data and rows."""
   lines = ["| role | purpose | config key | data | rows | classes |", "|---|---|---|---|---|---|"]
@@ -241,6 +259,10 @@ def markdown(report: dict) -> str:
            ""]
   for entry in report["tables"]:
     parts += [markdown_table(entry), ""]
+  train = report["config"].get("train")
+  if train:
+    parts += ["## Recipe", "", f"`{train.get('recipe', '?')}` as it ran (the config's `train`; "
+              "steps from the data when `total_steps` ≤ 0):", "", recipe_table(train), ""]
   if report.get("ledger"):
     parts += ["## Data", "", "Where every array came from: fitted ones (fine-tuning, priors, "
               "temperatures, γ) never share a row with a test set.", "",
