@@ -147,7 +147,8 @@ def test_pretrain_is_cached(tmp_path):
                                warmup_steps=2)
   tokenizer = glajax.load_tokenizer()
   model = pretrain.pretrain(builder, 1, spec, str(tmp_path), tokenizer=tokenizer, progress=False)
-  log = [json.loads(line) for line in open(tmp_path / "runs" / "pretrain_1" / "metrics.jsonl")]
+  (run,) = [p for p in (tmp_path / "runs").iterdir() if p.name.startswith("pretrain_1-")]
+  log = [json.loads(line) for line in open(run / "metrics.jsonl")]
   assert log[-1]["loss"] < log[0]["loss"]
   again = pretrain.pretrain(builder, 1, spec, str(tmp_path), tokenizer=tokenizer, progress=False)
   np.testing.assert_allclose(again.logit_scale[...], model.logit_scale[...], atol=1e-6)

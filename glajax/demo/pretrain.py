@@ -14,6 +14,7 @@ with the model for the CPU.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -22,9 +23,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import tensorflow as tf
+import tensorflow_datasets as tfds
+from flax import nnx
 
-from glajax.data import world
-from glajax.train import losses
+import glajax
+from glajax.data import pipeline, preprocess, world
+from glajax.models.clip import CLIPConfig
+from glajax.train import engine, losses
+from glajax.train.prompt_tuning import trim_to_longest
 
 FOUNDATION_DIR = "foundation_{}"
 RECIPE_FILE = "pretrain.json"
@@ -45,7 +51,6 @@ class PretrainSpec:
 
 def foundation_config(spec: PretrainSpec, image_size: int = 32):
   """A tiny ``CLIPConfig`` (patch 8, both towers ``spec.width`` wide and ``spec.layers`` deep)."""
-  from glajax.models.clip import CLIPConfig  # pylint: disable=import-outside-toplevel
   heads = max(1, spec.width // 16)
   return CLIPConfig.tiny(
       image_size=image_size, patch_size=8, projection_dim=spec.projection_dim,
@@ -62,7 +67,6 @@ def caption_texts() -> tuple[str, ...]:
 
 def caption_dataset(builder, split: str) -> tf.data.Dataset:
   """{"image": encoded bytes, "label": caption row} of ``split`` of the prepared world builder."""
-  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
   ds = builder.as_dataset(split=split, shuffle_files=False,
                           decoders={"image": tfds.decode.SkipDecoding()})
   return ds.map(lambda ex: {"image": ex["image"], "label": ex["label"]})
@@ -71,7 +75,6 @@ def caption_dataset(builder, split: str) -> tf.data.Dataset:
 def caption_arrays(builder, split: str) -> dict[str, np.ndarray]:
   """{"image": (N, S, S, 3) uint8, "label": (N,) int32 caption rows}: all of ``split``, decoded
   once, in stored order."""
-  from glajax.data import preprocess  # pylint: disable=import-outside-toplevel
   ds = caption_dataset(builder, split).map(
       lambda ex: {"image": preprocess.decode_image(ex["image"]),
                   "label": tf.cast(ex["label"], tf.int32)},
@@ -111,7 +114,6 @@ def augment_images(images, rng, scale=(0.9, 1.0), ratio=(3 / 4, 4 / 3), attempts
   uint8 (N, S, S, 3) images: a RandomResizedCrop window per image (``preprocess.sample_crop``'s
   draws, from ``rng``) resized back to S × S (bicubic, clipped to [0, 255]), then CLIP-normalised
   (x / 255 − mean) / std. Returns float32."""
-  from glajax.data import preprocess  # pylint: disable=import-outside-toplevel
   n, h, w = images.shape[:3]
   area_key, ratio_key, place_key = jax.random.split(rng, 3)
   area = h * w * jax.random.uniform(area_key, (n, attempts), minval=scale[0], maxval=scale[1])
@@ -159,7 +161,6 @@ def caption_loss_fn(text_ids):
 
 def engine_config(spec: PretrainSpec, seed: int, progress: bool = True):
   """The engine's config for pre-training: AdamW, warmup + cosine, no checkpoints."""
-  from glajax.train import engine  # pylint: disable=import-outside-toplevel
   config = engine.default_config()
   config.seed = seed
   config.total_steps = spec.steps
@@ -180,11 +181,6 @@ def pretrain(builder, index: int, spec: PretrainSpec, workdir: str, *, tokenizer
   specs and seed (``pretrain.json``), it is loaded instead; otherwise it is trained (again). The
   engine's run directory is ``workdir/runs/pretrain_<index>``.
   """
-  import glajax  # pylint: disable=import-outside-toplevel
-  from flax import nnx  # pylint: disable=import-outside-toplevel
-  from glajax.data import pipeline  # pylint: disable=import-outside-toplevel
-  from glajax.train import engine  # pylint: disable=import-outside-toplevel
-  from glajax.train.prompt_tuning import trim_to_longest  # pylint: disable=import-outside-toplevel
   directory = os.path.join(workdir, FOUNDATION_DIR.format(index))
   world_spec = builder.builder_config.spec
   recipe = json.dumps({"pretrain": dataclasses.asdict(spec), "world": dataclasses.asdict(
@@ -202,10 +198,10 @@ def pretrain(builder, index: int, spec: PretrainSpec, workdir: str, *, tokenizer
     return pipeline.array_batches(arrays, batch_size=spec.batch_size, seed=seed * 1000 + index,
                                   start_step=start_step)
 
+  run = f"pretrain_{index}-{hashlib.sha256(recipe.encode()).hexdigest()[:12]}"  # per recipe
   model, _ = engine.fit(model, caption_loss_fn(text_ids),
                         engine_config(spec, seed * 1000 + index, progress), data,
-                        os.path.join(workdir, "runs", f"pretrain_{index}"))
-  glajax.save_clip(model, directory)
-  with open(recipe_file, "w") as f:  # written last: its presence marks a complete checkpoint
-    f.write(recipe)
+                        os.path.join(workdir, "runs", run))
+  # The recipe file is part of the one atomic export: its presence marks a complete checkpoint.
+  glajax.save_clip(model, directory, overwrite=True, extra_files={RECIPE_FILE: recipe})
   return model
