@@ -7,9 +7,6 @@ its five shifts, ECE also as CaRot reports it (10 bins, weighted mean over batch
 """
 from glajax.experiments import config as C
 
-COLUMNS = {"ID": "IN", "imagenet_v2": "V2", "imagenet_r": "R", "imagenet_sketch": "Sketch",
-           "objectnet": "ObjectNet", "imagenet_a": "A", "avg shifts": "avg_shifts"}
-
 
 def get_config(arg=None):
   args = C.parse_arg(arg, ("runlocal",))
@@ -18,7 +15,7 @@ def get_config(arg=None):
                      shifts=C.IMAGENET_SHIFTS)
   config.train = C.recipe("carot")
   config.contrastive = dict(ece_bins=10, ece_per_batch=512)
-  config.published = dict(table="carot/vit_b16_imagenet", columns=COLUMNS,
+  config.published = dict(table="carot/vit_b16_imagenet", columns=C.IMAGENET_COLUMNS,
                           rows=(("zero-shot", "zero-shot"), ("CaRot", "CaRot")))
   if "runlocal" in args:
     C.runlocal(config)

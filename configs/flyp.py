@@ -6,9 +6,6 @@ accuracy and ECE on ImageNet and its five shifts.
 """
 from glajax.experiments import config as C
 
-COLUMNS = {"ID": "IN", "imagenet_v2": "V2", "imagenet_r": "R", "imagenet_sketch": "Sketch",
-           "objectnet": "ObjectNet", "imagenet_a": "A", "avg shifts": "avg_shifts"}
-
 
 def get_config(arg=None):
   args = C.parse_arg(arg, ("runlocal",))
@@ -18,7 +15,7 @@ def get_config(arg=None):
   config.train = C.recipe("flyp")
   config.contrastive = dict(ece_bins=15, ece_per_batch=0)
   # FLYP's own paper was not readable; CaRot's comparison table quotes its numbers.
-  config.published = dict(table="carot/vit_b16_imagenet", columns=COLUMNS,
+  config.published = dict(table="carot/vit_b16_imagenet", columns=C.IMAGENET_COLUMNS,
                           rows=(("zero-shot", "zero-shot"), ("FLYP", "FLYP")))
   if "runlocal" in args:
     C.runlocal(config)

@@ -12,10 +12,6 @@ import numpy as np
 
 from glajax.experiments import config as C
 
-# Our columns -> the columns of published.json's WiSE-FT tables.
-COLUMNS = {"ID": "IN", "imagenet_v2": "V2", "imagenet_r": "R", "imagenet_sketch": "Sketch",
-           "objectnet": "ObjectNet", "imagenet_a": "A", "avg shifts": "avg_shifts"}
-
 
 def get_config(arg=None):
   args = C.parse_arg(arg, ("runlocal", "linear"))
@@ -29,7 +25,7 @@ def get_config(arg=None):
   config.wise_ft = dict(alphas=tuple(float(a) for a in np.round(np.linspace(0, 1, 11), 2)),
                         export_alpha=0.5, ece_bins=15, linear=linear)
   kind = "linear classifier" if linear else "end-to-end"
-  config.published = dict(table="wise_ft/vit_b16_table5", columns=COLUMNS, rows=(
+  config.published = dict(table="wise_ft/vit_b16_table5", columns=C.IMAGENET_COLUMNS, rows=(
       ("zero-shot (α=0)", "zero-shot (alpha=0)"),
       ("WiSE-FT α=0.5", f"WiSE-FT {kind} alpha=0.5"),
       ("fine-tuned (α=1)", f"fine-tuned {kind} (alpha=1)")))

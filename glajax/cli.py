@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 
@@ -39,14 +40,30 @@ def _demo(args) -> int:
   return demo.main(args)
 
 
+def _guarded(command: str, run, args) -> int:
+  """``run(args)``, with bad input and Ctrl-C ended by one line and no traceback."""
+  from glajax.errors import GlajaxError  # noqa  (keeps `glajax --help` light)
+  try:
+    return run(args)
+  except GlajaxError as e:
+    print(f"glajax {command}: {e}", file=sys.stderr)
+    return 1
+  except KeyboardInterrupt:
+    print(f"glajax {command}: interrupted; what had finished (pre-trained models, finished runs, "
+          f"cached logits, the last checkpoint of the run in progress) is kept in "
+          f"{os.path.abspath(args.workdir)}: run the same command again to resume.",
+          file=sys.stderr)
+    return 130
+
+
 def main(argv: list[str] | None = None) -> int:
   """Entry point of the ``glajax`` console script; returns the exit status."""
   parser = _parser()
   args = parser.parse_args(argv)
   if args.command == "demo":
-    return _demo(args)
+    return _guarded("demo", _demo, args)
   if args.command == "run":
-    return importlib.import_module("glajax.experiments").main(args)
+    return _guarded("run", importlib.import_module("glajax.experiments").main, args)
   parser.print_help(sys.stderr)
   return 2
 

@@ -32,3 +32,25 @@ def test_no_command_prints_help(capsys):
   assert info.value.code == 0
   with pytest.raises(SystemExit):
     cli.main(["nonsense"])
+
+
+def test_errors_and_ctrl_c_end_with_one_line(monkeypatch, tmp_path, capsys):
+  from glajax.errors import ConfigError
+  fake_demo = types.ModuleType("glajax.demo")
+
+  def interrupted(args):
+    raise KeyboardInterrupt
+
+  fake_demo.main = interrupted
+  monkeypatch.setitem(sys.modules, "glajax.demo", fake_demo)
+  assert cli.main(["demo", "--workdir", str(tmp_path)]) == 130
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "interrupted" in err and str(tmp_path) in err
+  assert "run the same command again to resume" in err
+
+  def bad(args):
+    raise ConfigError("seed: expected an integer, found 'x'")
+
+  fake_demo.main = bad
+  assert cli.main(["demo"]) == 1
+  assert capsys.readouterr().err == "glajax demo: seed: expected an integer, found 'x'\n"

@@ -9,7 +9,6 @@ world is built to show (``effects``) and writes ``report.json``, ``report.md`` a
 from __future__ import annotations
 
 import os
-import sys
 import time
 
 import jax
@@ -19,7 +18,7 @@ from glajax import experiments
 from glajax.data import world
 from glajax.demo import effects as effects_lib
 from glajax.demo import parts, pretrain, report
-from glajax.errors import GlajaxError, bad_argument
+from glajax.errors import bad_argument
 
 SCALES = parts.SCALES
 EFFECTS = effects_lib.EFFECTS
@@ -81,18 +80,8 @@ def world_summary(spec: world.WorldSpec, scale: parts.Scale) -> dict:
 
 
 def main(args) -> int:
-  """The ``glajax demo`` command: ``args.workdir`` and ``args.quick``; prints the effects.
-  Bad input and Ctrl-C end with one line, no traceback."""
-  try:
-    results = run(args.workdir, quick=args.quick, seed=getattr(args, "seed", 0))
-  except GlajaxError as e:
-    print(f"glajax demo: {e}", file=sys.stderr)
-    return 1
-  except KeyboardInterrupt:
-    print(f"glajax demo: interrupted; the pre-trained models, finished parts and cached logits "
-          f"are kept in {os.path.abspath(args.workdir)}: run the same command again to resume.",
-          file=sys.stderr)
-    return 130
+  """The ``glajax demo`` command: ``args.workdir`` and ``args.quick``; prints the effects."""
+  results = run(args.workdir, quick=args.quick, seed=getattr(args, "seed", 0))
   print(report.effects_table(results["effects"]))
   print(f"\nReport: {results['files']['markdown']}")
   return 0

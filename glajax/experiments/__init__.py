@@ -8,9 +8,7 @@ and fine-tunes through caches (so a second run resumes) and writes the report.
 from __future__ import annotations
 
 import os
-import sys
 
-from glajax.errors import GlajaxError
 from glajax.experiments import report, roles, runner
 from glajax.experiments.config import flat_keys, fingerprint, load
 from glajax.experiments.config import validate as validate_config
@@ -52,19 +50,10 @@ def run(config, workdir: str, cache_dir: str | None = None) -> dict:
 
 
 def main(args) -> int:
-  """The ``glajax run`` command: ``args.config`` and ``args.workdir``; prints where things went.
-  Bad input and Ctrl-C end with one line, no traceback."""
+  """The ``glajax run`` command: ``args.config`` and ``args.workdir``; prints where things went
+  (``glajax.cli`` turns errors and Ctrl-C into one line)."""
   workdir = os.path.abspath(args.workdir)
-  try:
-    result = run(args.config, args.workdir)
-  except GlajaxError as e:
-    print(f"glajax run: {e}", file=sys.stderr)
-    return 1
-  except KeyboardInterrupt:
-    print(f"glajax run: interrupted; finished runs, cached logits and the last checkpoint of "
-          f"the run in progress are kept in {workdir}: run the same command again to resume.",
-          file=sys.stderr)
-    return 130
+  result = run(args.config, args.workdir)
   print(f"Report:  {os.path.join(workdir, 'report.md')} (numbers in report.json)")
   for plot in result["plots"]:
     print(f"Plot:    {os.path.join(workdir, plot)}")

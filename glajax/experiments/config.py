@@ -448,6 +448,9 @@ IMAGENET_SHIFTS = ("imagenet_v2@test", "imagenet_r@test", "imagenet_sketch@test"
 FEWSHOT_DATASETS = ("imagenet2012", "caltech101", "oxford_iiit_pet", "cars196",
                     "oxford_flowers102", "food101", "fgvc_aircraft", "sun397", "dtd", "eurosat",
                     "ucf101")
+# Our columns of an ImageNet table -> the columns of published.json's ImageNet tables.
+IMAGENET_COLUMNS = {"ID": "IN", "imagenet_v2": "V2", "imagenet_r": "R", "imagenet_sketch": "Sketch",
+                    "objectnet": "ObjectNet", "imagenet_a": "A", "avg shifts": "avg_shifts"}
 BACKBONES = ("openai/clip-vit-base-patch16", "laion/CLIP-ViT-B-16-laion2B-s34B-b88K",
              "facebook/metaclip-b16-fullcc2.5b")
 TINY_WORLD = "demo_shapes_tiny"
