@@ -8,6 +8,11 @@ the optimum θ* is computed independently in float64 NumPy (fixed point to resid
     python benchmarks/bench_prior.py [--data clip_like|clip_mild|extreme] [--num-samples 50000]
         [--num-classes 1000] [--threads 2]
         [--solvers newton,fixed_point,lbfgs] [--reference-steps 1000] [--out results.json]
+        [--bandwidth-tbps 4.3]
+
+The reference runs on CUDA when PyTorch sees a GPU. Each JAX solver's row reports
+``passes_over_E`` (from ``return_info``) and, from it, the memory floor: passes × N·C·4 bytes /
+bandwidth, and how many times above that floor the measured time is.
 """
 from __future__ import annotations
 
@@ -79,9 +84,11 @@ def gla_reference_torch(logits, labels, steps, threads):
   import torch
   import torch.nn.functional as F
   torch.set_num_threads(threads)
-  logits_t, labels_t = torch.from_numpy(logits), torch.from_numpy(labels).long()
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  logits_t = torch.from_numpy(logits).to(device)
+  labels_t = torch.from_numpy(labels).long().to(device)
   num_samples, num_classes = logits.shape
-  q = torch.ones(num_classes) / num_classes
+  q = torch.ones(num_classes, device=device) / num_classes
   q.requires_grad_(True)
   optimizer = torch.optim.SGD([q], lr=1e-5 * (num_samples / num_classes) / 50)
   first_nonpositive = None   # monitoring only: the first step after which some q_c <= 0
@@ -93,8 +100,11 @@ def gla_reference_torch(logits, labels, steps, threads):
     optimizer.step()
     if first_nonpositive is None and bool((q.detach() <= 0).any()):
       first_nonpositive = step + 1
+  if device == "cuda":
+    torch.cuda.synchronize()
   seconds = time.perf_counter() - start
-  return torch.log(q.detach()).double().numpy(), seconds, torch.__version__, first_nonpositive
+  return (torch.log(q.detach()).double().cpu().numpy(), seconds, f"{torch.__version__} ({device})",
+          first_nonpositive)
 
 
 def main():
@@ -107,6 +117,8 @@ def main():
   parser.add_argument("--reference-steps", type=int, default=1000)
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--out", default=None)
+  parser.add_argument("--bandwidth-tbps", type=float, default=4.3,
+                      help="memory bandwidth for the memory-floor column (H200: ~4.3 TB/s)")
   args = parser.parse_args()
 
   logits, labels, true_log_prior = make_logits(args.num_samples, args.num_classes, args.data)
@@ -141,6 +153,7 @@ def main():
   import jax.numpy as jnp
   from glajax import methods as M
   results["jax_version"] = jax.__version__
+  results["jax_device"] = f"{jax.devices()[0].platform}: {jax.devices()[0].device_kind}"
   z, y = jnp.asarray(logits), jnp.asarray(labels)
   for solver in args.solvers.split(","):
     log_prior, info = M.estimate_log_prior(z, y, solver=solver, return_info=True)  # compile
@@ -150,8 +163,12 @@ def main():
       log_prior, info = M.estimate_log_prior(z, y, solver=solver, return_info=True)
       log_prior.block_until_ready()
       times.append(time.perf_counter() - start)
+    passes = int(info["passes"])
+    floor = (passes * logits.nbytes / (args.bandwidth_tbps * 1e12)) if passes > 0 else None
     results[solver] = {**report(np.asarray(log_prior), min(times)), "all_seconds": times,
-                       "iterations": int(info["iterations"]),
+                       "iterations": int(info["iterations"]), "passes_over_E": passes,
+                       "memory_floor_seconds": floor,
+                       "times_memory_floor": (min(times) / floor) if floor else None,
                        "reported_residual_float32": float(info["residual"]),
                        "speedup_vs_reference": seconds / min(times)}
     print(solver, json.dumps(results[solver]), flush=True)

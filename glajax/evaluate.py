@@ -16,11 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
+from tqdm.auto import tqdm
 
 from glajax import io
 from glajax.errors import bad_argument
 from glajax.methods import metrics
-from glajax.parallel import data_sharding, make_mesh, replicated, shard_batch
+from glajax.parallel import data_sharding, is_primary, make_mesh, replicated, shard_batch
 
 
 def split_model(model: nnx.Module):
@@ -50,15 +51,19 @@ def _predict_fn(graphdef, logits_fn, mesh):
                  in_shardings=(repl, repl, data), out_shardings=data)
 
 
-def evaluate_logits(model: nnx.Module, logits_fn: Callable, batches, mesh=None):
+def evaluate_logits(model: nnx.Module, logits_fn: Callable, batches, mesh=None, *,
+                    desc: str | None = None, total: int | None = None):
   """(logits, labels) as NumPy over every batch, padding rows (``mask`` == 0) dropped.
 
-  ``logits_fn(model, batch) -> (B, C)`` runs jitted with the batch sharded on ``data``.
+  ``logits_fn(model, batch) -> (B, C)`` runs jitted with the batch sharded on ``data``. With
+  ``desc``, process 0 shows a progress bar so labelled, in images (``total`` of them) per second.
   """
   mesh = make_mesh() if mesh is None else mesh
   graphdef, params, rest = split_model(model)
   predict = _predict_fn(graphdef, logits_fn, mesh)
   all_logits, all_labels = [], []
+  bar = tqdm(total=total, desc=desc, unit=" images", dynamic_ncols=True,
+             disable=desc is None or not is_primary())
   for batch in batches:
     batch = global_batch(batch, mesh)
     logits = multihost_utils.process_allgather(predict(params, rest, batch), tiled=True)
@@ -67,6 +72,8 @@ def evaluate_logits(model: nnx.Module, logits_fn: Callable, batches, mesh=None):
             if "mask" in batch else np.ones(len(labels), bool))
     all_logits.append(np.asarray(logits)[keep])
     all_labels.append(np.asarray(labels)[keep].astype(np.int32))
+    bar.update(int(keep.sum()))
+  bar.close()
   if not all_logits:
     raise bad_argument("batches", "at least one evaluation batch", "none")
   return np.concatenate(all_logits), np.concatenate(all_labels)

@@ -38,12 +38,12 @@ def _is_template(template) -> bool:
 
 def zeroshot_head(model, tokenizer, classnames: Sequence[str],
                   templates: Sequence[str | Callable[[str], str]], *, batch_size: int = 256,
-                  show_progress: bool = True) -> jax.Array:
+                  show_progress: bool = True, desc: str = "zero-shot head") -> jax.Array:
   """(C, D) float32 zero-shot head, already scaled by exp(logit_scale).
 
   ``templates`` are format strings with one ``{}`` (OpenAI's "a photo of a {}.") or callables.
   Prompts are encoded in jitted batches of one fixed size (the last one padded), so the text
-  tower compiles once.
+  tower compiles once; the progress bar is labelled ``desc``.
   """
   for name, value in (("classnames", classnames), ("templates", templates)):
     if isinstance(value, (str, bytes)):  # list("cat") would be the classes c, a, t
@@ -63,7 +63,7 @@ def zeroshot_head(model, tokenizer, classnames: Sequence[str],
   graphdef, state = nnx.split(model)
   encode = jax.jit(lambda state, ids: l2_normalise(nnx.merge(graphdef, state).encode_text(ids)))
   embeddings = []
-  with tqdm(total=len(prompts), desc="zero-shot head", unit="prompt",
+  with tqdm(total=len(prompts), desc=desc, unit=" prompts",
             disable=not show_progress) as bar:
     for start in range(0, len(prompts), size):
       chunk = prompts[start:start + size]

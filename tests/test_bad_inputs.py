@@ -393,7 +393,7 @@ CASES = [
         ("ece_bins_0", "wise_ft.ece_bins=0", ConfigError, "wise_ft.ece_bins"),
         ("optimizer_adamx", "train.optimizer.name=adamx", ConfigError, "train.optimizer.name"),
         ("image_size_33", "data.image_size=33", ConfigError, "data.image_size"),
-        ("image_size_0", "data.image_size=0", ConfigError, "data.image_size"),
+        ("data_image_size_0", "data.image_size=0", ConfigError, "data.image_size"),
         ("dtype_float17", "train.model.dtype=float17", ConfigError, "train.model.dtype"),
         ("schedule_unknown", "train.optimizer.schedule=linear", ConfigError,
          "train.optimizer.schedule"),

@@ -5,6 +5,7 @@ import chex
 import hypothesis
 import hypothesis.strategies as st
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -276,3 +277,45 @@ class BadInputTest(parameterized.TestCase):
     estimate = jax.jit(functools.partial(M.estimate_log_prior, solver="fixed_point"))(
         logits, np.where(labels == 3, 2, labels))
     assert np.isnan(estimate).all()
+
+
+def _matrix_reductions(jaxpr, shape):
+  """For every while_loop body (inner loops first): how many reductions read an array of
+  ``shape`` (each is one memory-bound pass over E once XLA fuses its elementwise producers
+  into it; nested loops counted on their own), and how many arrays of that shape the loop
+  carries or closes over (1: E itself, nothing else of that size lives across iterations)."""
+  loops = []
+
+  def reads(jaxpr):
+    count = 0
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "while":
+        body = eqn.params["body_jaxpr"].jaxpr
+        held = sum(getattr(v.aval, "shape", None) == shape for v in eqn.invars)
+        loops.append((reads(body), held, reads(eqn.params["cond_jaxpr"].jaxpr)))
+        continue
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        count += reads(sub)
+      if eqn.primitive.name in ("reduce_sum", "reduce_max", "reduce_min", "dot_general"):
+        count += any(getattr(v.aval, "shape", None) == shape for v in eqn.invars)
+    return count
+
+  reads(jaxpr)
+  return loops
+
+
+def test_newton_reads_the_matrix_in_fused_passes():
+  """Issue 14: the solve reads E in passes, one per reduction, and keeps no other (N, C) array;
+  ``passes`` counts them: 2 to start, then per Newton step 2 per CG step (a Hessian-vector
+  product: a row then a column reduction), 1 per line-search trial (f only) and 1 for the
+  gradient at the accepted point."""
+  logits, labels = _random_problem(3, num_samples=640, num_classes=16)
+  jaxpr = jax.make_jaxpr(lambda z, y: M.estimate_log_prior(z, y, return_info=True))(
+      logits, labels).jaxpr
+  # (passes in the body, (N, C) arrays held, passes in the condition): CG, line search, Newton
+  assert _matrix_reductions(jaxpr, logits.shape) == [(2, 1, 0), (1, 1, 0), (2, 1, 0)]
+  _, info = M.estimate_log_prior(logits, labels, return_info=True)
+  passes, steps = int(info["passes"]), int(info["iterations"])
+  assert 2 + 2 * steps <= passes <= 2 + steps * (2 * 20 + 11 + 1)
+  _, info = M.estimate_log_prior(logits, labels, solver="fixed_point", return_info=True)
+  assert int(info["passes"]) == 2 * (int(info["iterations"]) + 1)

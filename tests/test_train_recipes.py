@@ -17,6 +17,7 @@ from glajax.train import engine, recipes
 from glajax.parallel import make_mesh
 from glajax.train.prompt_tuning import tokenize_prompts
 from glajax.zeroshot import zeroshot_head
+from conftest import needs_devices
 
 CLASSES, BATCH, SIZE = 4, 16, 32
 _COLORS = np.random.default_rng(5).normal(size=(CLASSES, 1, 1, 3)).astype(np.float32)
@@ -133,6 +134,7 @@ def _clip_f32_copy(clip):
 
 
 @pytest.mark.slow
+@needs_devices(2)
 def test_tiny_clip_one_device_equals_eight(tmp_path):
   config = _engine_config(recipes.finetune(), 3)
   config.optimizer.learning_rate = 1e-3

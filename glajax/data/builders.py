@@ -217,6 +217,53 @@ def folder_source(name: str, subfolder: str = "", splits: tuple[str, ...] | None
                      + (f"/{{{','.join(splits)}}}" if splits else ""))
 
 
+def folder_splits(root: Path) -> tuple[str, ...] | None:
+  """The split folders of ``root`` when it is laid out as ``<split>/<class>/<image>``: ``train``
+  and at least one of ``val``, ``validation``, ``test`` (in that order, the eval split last),
+  each holding class folders; None for a plain ``<class>/<image>`` tree."""
+  def has_classes(path: Path) -> bool:
+    return path.is_dir() and any(p.is_dir() and not p.name.startswith(".")
+                                 for p in path.iterdir())
+  found = [s for s in ("train", "val", "validation", "test") if has_classes(root / s)]
+  return tuple(found) if found[:1] == ["train"] and len(found) > 1 else None
+
+
+def csv_source(name: str, csv_file: str | os.PathLike) -> LocalSource:
+  """A dataset listed in a CSV file of ``path,label`` rows (an optional third column ``split``;
+  without it every row is in ``train``), paths relative to the CSV's folder or absolute; an
+  optional header row (``path,label[,split]``). Class names: the sorted distinct labels."""
+  csv_file = Path(csv_file).expanduser().resolve()
+  rows = _csv_rows(csv_file)
+  classes = tuple(sorted({label for _, label, _ in rows}))
+  index = {c: i for i, c in enumerate(classes)}
+  splits = tuple(s for s in ("train", "val", "validation", "test")
+                 if any(split == s for _, _, split in rows))
+
+  def examples(root, split):
+    del root
+    return [(path, index[label]) for path, label, s in rows if s == split]
+
+  return LocalSource(name, splits or ("train",), examples, lambda root: classes,
+                     f"the images {csv_file.name} lists", root=csv_file.parent)
+
+
+def _csv_rows(csv_file: Path) -> list[tuple[str, str, str]]:
+  """(path, label, split) of every row of a ``path,label[,split]`` CSV file."""
+  import csv  # noqa  (only for CSV-listed datasets)
+  lines = _read_lines(csv_file)
+  rows = [[field.strip() for field in row] for row in csv.reader(lines)]
+  if rows and [f.lower() for f in rows[0][:2]] == ["path", "label"]:
+    rows = rows[1:]
+  bad = [i for i, row in enumerate(rows) if len(row) not in (2, 3) or not all(row)
+         or (len(row) == 3 and row[2] not in ("train", "val", "validation", "test"))]
+  if bad or not rows:
+    raise bad_argument("CSV file", "rows 'path,label' or 'path,label,split' (split one of "
+                       "train, val, validation, test)",
+                       f"{csv_file}: " + (f"bad rows {[i + 1 for i in bad[:5]]}" if bad
+                                          else "no rows"), DatasetError)
+  return [(row[0], row[1], row[2] if len(row) == 3 else "train") for row in rows]
+
+
 OFFICE_HOME = {domain.lower().replace(" ", "_"): folder_source(
     f"office_home_{domain.lower().replace(' ', '_')}", f"OfficeHomeDataset_10072016/{domain}")
                for domain in ("Art", "Clipart", "Product", "Real World")}

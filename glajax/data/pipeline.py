@@ -20,9 +20,9 @@ from typing import Iterator, NamedTuple
 
 import jax
 import numpy as np
-import tensorflow as tf
 
 from glajax.data import builders, preprocess, registry, world  # world: its TFDS builder
+from glajax.data.preprocess import tf  # TensorFlow, imported and kept off the GPUs there
 from glajax.errors import DatasetError, bad_argument
 from glajax import parallel as mesh_lib
 

@@ -11,8 +11,31 @@ Random ops take a stateless seed (shape (2,) int), so a crop depends on the seed
 from __future__ import annotations
 
 import math
+import warnings
 
-import tensorflow as tf
+try:
+  import tensorflow as tf
+except ImportError as _error:  # an extra: pip would put tensorflow-cpu over Colab's TensorFlow
+  raise ImportError("glajax's input pipelines need TensorFlow, which `pip install glajax` leaves "
+                    "out so as not to replace one already installed (Colab's): pip install "
+                    "'glajax[tf]' (tensorflow-cpu), or any tensorflow>=2.16") from _error
+
+
+def _hide_gpus_from_tensorflow() -> None:
+  """TensorFlow only feeds the input pipelines, on the CPU: kept off the GPUs so that it takes
+  none of their memory from JAX (as big_vision does). Called once, when this module (the lowest
+  of glajax's TensorFlow modules) is imported; it cannot change devices TensorFlow has already
+  initialised with GPUs visible, and then warns."""
+  try:
+    tf.config.set_visible_devices([], "GPU")
+  except RuntimeError as e:  # TensorFlow ran an op on a GPU before glajax was imported
+    warnings.warn(f"TensorFlow already uses the GPUs ({e}); call "
+                  "tf.config.set_visible_devices([], 'GPU') before anything else runs "
+                  "TensorFlow, or it holds GPU memory that JAX needs", RuntimeWarning,
+                  stacklevel=2)
+
+
+_hide_gpus_from_tensorflow()
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

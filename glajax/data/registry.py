@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import os
 from pathlib import Path
 from typing import Callable
@@ -270,6 +271,59 @@ def folder_dataset(name: str, root: str | os.PathLike, splits: tuple[str, ...] |
                      num_classes=len(classnames), manual_download=True, source=source)
 
 
+LOCAL_PREFIXES = ("folder:", "csv:")
+
+
+def is_local(name) -> bool:
+  """Whether ``name`` names a dataset by its path: ``folder:<dir>`` (class subfolders, or
+  ``train/`` and ``test/`` (or ``val/``) folders of class subfolders) or ``csv:<file>``
+  (``path,label[,split]`` rows). :func:`get` builds their ``DatasetInfo`` from the files,
+  registering nothing."""
+  return isinstance(name, str) and name.startswith(LOCAL_PREFIXES)
+
+
+def local_name(path: str | os.PathLike) -> str:
+  """The registry name of a folder or CSV file: ``folder:<absolute dir>`` or
+  ``csv:<absolute file>`` (a path ending in ``.csv``)."""
+  path = os.path.abspath(os.path.expanduser(os.fspath(path)))
+  return ("csv:" if path.lower().endswith(".csv") else "folder:") + path
+
+
+def _local_digest(kind: str, path: Path) -> str:
+  """Identifies the data, not just the path: a changed folder or CSV is prepared anew."""
+  digest = hashlib.sha256(str(path).encode())
+  if kind == "csv":
+    digest.update(path.read_bytes())
+  else:
+    for directory, folders, files in sorted(os.walk(path)):
+      folders.sort()
+      for name in sorted(files):
+        file = Path(directory, name)
+        digest.update(f"{file.relative_to(path)}:{file.stat().st_size};".encode())
+  return digest.hexdigest()[:12]
+
+
+@functools.cache
+def _local_info(name: str) -> DatasetInfo:
+  kind, _, raw = name.partition(":")
+  path = Path(raw).expanduser()
+  if not (path.is_file() if kind == "csv" else path.is_dir()):
+    raise bad_argument("name", f"{kind}:<an existing {'CSV file' if kind == 'csv' else 'folder'}>",
+                       f"{name!r} (no such {'file' if kind == 'csv' else 'directory'})",
+                       DatasetError)
+  safe = "".join(c if c.isalnum() else "_" for c in path.stem)[:40]
+  source_name = f"{kind}_{safe}_{_local_digest(kind, path)}"
+  if kind == "folder":
+    info = folder_dataset(source_name, path, builders.folder_splits(path))
+  else:
+    source = builders.csv_source(source_name, path)
+    classnames = tuple(map(clean_classname, source.classes(source.root)))
+    info = DatasetInfo(source_name, source.tfds_name, source.splits[0], source.splits[-1],
+                       classnames=classnames, templates=PHOTO_TEMPLATES,
+                       num_classes=len(classnames), manual_download=True, source=source)
+  return dataclasses.replace(info, name=name)
+
+
 def names() -> tuple[str, ...]:
   """Every known dataset name, built-in and registered, sorted."""
   return tuple(sorted({*_builtin(), *_REGISTERED}))
@@ -291,9 +345,12 @@ def _builtin_info(name: str) -> DatasetInfo:
 
 
 def get(name: str) -> DatasetInfo:
-  """The ``DatasetInfo`` of ``name``; unknown names raise a DatasetError listing the known ones."""
+  """The ``DatasetInfo`` of ``name`` (a registry name, or ``folder:<dir>`` / ``csv:<file>``:
+  :func:`is_local`); unknown names raise a DatasetError listing the known ones."""
   if name in _REGISTERED:
     return _REGISTERED[name]
+  if is_local(name):
+    return _local_info(name)
   if name not in _builtin():
     raise bad_argument("name", f"one of {', '.join(names())}", repr(name), DatasetError)
   return _builtin_info(name)

@@ -15,7 +15,9 @@ import dataclasses
 
 import numpy as np
 import tensorflow_datasets as tfds
+import tqdm
 from etils import epath
+from tensorflow_datasets.core.utils import tqdm_utils
 
 from glajax.errors import bad_argument
 
@@ -298,7 +300,38 @@ class DemoShapes(tfds.core.GeneratorBasedBuilder):
     return {split: self._generate_examples(split) for split in split_names(spec)}
 
   def _generate_examples(self, split: str):
-    yield from generate_split(self.builder_config.spec, split)
+    for key, example in generate_split(self.builder_config.spec, split):
+      if self._bar is not None:
+        self._bar.update(1)
+      yield key, example
+
+  _bar = None
+
+  def download_and_prepare(self, *args, **kwargs):
+    """TFDS's preparation, with one line and one progress bar over the images rendered in place
+    of TFDS's "Downloading and preparing dataset Unknown size" and its bars per split."""
+    if self.is_prepared():
+      return super().download_and_prepare(*args, **kwargs)
+    spec = self.builder_config.spec
+    images = sum(len(split_plan(spec, s)[0]) for s in split_names(spec))
+    print(f"Rendering the demo world {self.name}/{self.builder_config.name} once: {images:,} "
+          f"images of {spec.image_size}×{spec.image_size} px in {len(split_names(spec))} splits, "
+          f"nothing to download, into {self.data_dir}", flush=True)
+    was_shown = tqdm_utils._active  # noqa  (TFDS keeps its bars' switch in this module global)
+    tqdm_utils.display_progress_bar(False)
+    try:
+      with tqdm.tqdm(total=images, desc=f"demo world ({self.builder_config.name})",
+                     unit=" images") as self._bar:
+        return super().download_and_prepare(*args, **kwargs)
+    finally:
+      self._bar = None
+      tqdm_utils.display_progress_bar(was_shown)
+
+  def _log_download_bytes(self) -> None:
+    pass  # download_and_prepare says what happens: a render, no download
+
+  def _log_download_done(self) -> None:
+    pass  # the progress bar's end says it
 
 
 def builder(config: str = "default", data_dir: str | None = None) -> DemoShapes:

@@ -22,7 +22,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-import tensorflow as tf
+from glajax.data.preprocess import tf  # TensorFlow (an extra), hidden from the GPUs
 import tensorflow_datasets as tfds
 from flax import nnx
 
@@ -188,6 +188,7 @@ def pretrain(builder, index: int, spec: PretrainSpec, workdir: str, *, tokenizer
                       sort_keys=True)
   recipe_file = os.path.join(directory, RECIPE_FILE)
   if os.path.isfile(recipe_file) and open(recipe_file).read() == recipe:
+    print(f"demo: reusing pre-trained foundation model {index} from {directory}", flush=True)
     return glajax.load_clip(directory)
   model = glajax.CLIP(foundation_config(spec, world_spec.image_size),
                       rngs=nnx.Rngs(seed * 1000 + index))
@@ -201,7 +202,8 @@ def pretrain(builder, index: int, spec: PretrainSpec, workdir: str, *, tokenizer
   run = f"pretrain_{index}-{hashlib.sha256(recipe.encode()).hexdigest()[:12]}"  # per recipe
   model, _ = engine.fit(model, caption_loss_fn(text_ids),
                         engine_config(spec, seed * 1000 + index, progress), data,
-                        os.path.join(workdir, "runs", run))
+                        os.path.join(workdir, "runs", run),
+                        name=f"demo: pre-train foundation model {index}")
   # The recipe file is part of the one atomic export: its presence marks a complete checkpoint.
   glajax.save_clip(model, directory, overwrite=True, extra_files={RECIPE_FILE: recipe})
   return model

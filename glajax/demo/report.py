@@ -27,30 +27,40 @@ def _strict(value):
   return value
 
 
-def _format(value) -> str:
+# Effects measured as a correlation, not a difference of accuracies or ECEs.
+_UNITLESS = ("prior_spearman",)
+
+
+def _format(name: str, value) -> str:
+  """A difference of accuracies (or ECEs) in percentage points; a correlation as is."""
   if value is None:
     return "not measured"
-  return f"{value:+.3f}"
+  return f"{value:.3f}" if name in _UNITLESS else f"{100 * value:+.1f} pp"
+
+
+def _threshold(name: str, effect: dict) -> str:
+  threshold = effect["threshold"]
+  return f"{effect['comparison']} " + (f"{threshold:g}" if name in _UNITLESS
+                                        else f"{100 * threshold:g} pp")
 
 
 def effects_table(effects: dict) -> str:
-  """A Markdown table: effect, value, threshold, whether it appeared in this world."""
-  lines = ["| effect | value | threshold | appeared |", "|---|---|---|---|"]
-  for effect in effects.values():
+  """A Markdown table: effect, value (differences in percentage points), threshold, whether it
+  appeared in this world."""
+  lines = ["| effect | value | threshold | appeared |", "|---|---:|---|---|"]
+  for name, effect in effects.items():
     if not effect["measured"]:
       verdict = "not measured (part missing)"
     else:
       verdict = "yes" if effect["appeared"] else "**did not appear in this world**"
-    lines.append(f"| {effect['description']} | {_format(effect['value'])} | "
-                 f"{effect['comparison']} {effect['threshold']:g} | {verdict} |")
+    lines.append(f"| {effect['description']} | {_format(name, effect['value'])} | "
+                 f"{_threshold(name, effect)} | {verdict} |")
   return "\n".join(lines)
 
 
 def timings_table(timings: dict) -> str:
-  lines = ["| stage | seconds |", "|---|---|"]
-  lines += [f"| {stage} | {seconds:.1f} |" for stage, seconds in timings.items()]
-  lines.append(f"| total | {sum(timings.values()):.1f} |")
-  return "\n".join(lines)
+  """Each stage's seconds, its share, and the total."""
+  return experiment_report.timings_table(timings)
 
 
 def markdown(results: dict, reports: dict, command: str) -> str:
@@ -60,16 +70,16 @@ def markdown(results: dict, reports: dict, command: str) -> str:
       f"Produced by `{command}` in {sum(results.get('timings_s', {}).values()):.0f} s.", "",
       "The world is procedural (coloured shapes × domains, "
       f"{results.get('world', {}).get('classes', '?')} classes); every part is an ordinary "
-      "`glajax run` config run by the same runner, with its own report. Accuracies below are "
-      "fractions in the effects table and percent in the parts' tables. An effect that did not "
-      "appear is reported as such, not tuned away.", "",
+      "`glajax run` config run by the same runner, with its own report. Accuracies and ECE are "
+      "in percent, their differences in the effects table in percentage points (pp). An effect "
+      "that did not appear is reported as such, not tuned away.", "",
       "## Effects", "", effects_table(results.get("effects", {})), ""]
   test_size = results.get("world", {}).get("splits", {}).get("test_photo")
   if test_size:
     parts += [f"Each test split holds {test_size} images (balanced over the classes): an "
               f"accuracy difference below about √(0.5/{test_size}) = "
-              f"{(0.5 / test_size) ** 0.5:.3f} is within one standard error of sampling noise "
-              "between two classifiers, so a small 'yes' is weak evidence.", ""]
+              f"{100 * (0.5 / test_size) ** 0.5:.1f} pp is within one standard error of sampling "
+              "noise between two classifiers, so a small 'yes' is weak evidence.", ""]
   prior = results.get("prior", {})
   if "slope" in prior:
     parts += ["The foundation models are pre-trained with CLIP's image→text loss over every "

@@ -60,4 +60,7 @@ def main(args) -> int:
   for name, path in result["final_models"].items():
     print(f"Model:   {path} ({name})")
   print(f"Logits:  {os.path.join(workdir, 'logits')}")
+  timings = dict(result.get("timings_s", {}))
+  total = timings.pop("total", None)
+  print(f"\nTimings (this invocation):\n{report.timings_table(timings, total)}")
   return 0

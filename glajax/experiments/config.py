@@ -39,15 +39,18 @@ TINY = "tiny"
 _NOT_FINGERPRINTED = ("data.data_dir", "data.manual_dir", "data.manual_dirs",
                       "data.eval_batch_size", "progress",
                       "train.progress", "train.log_every", "train.checkpoint_every",
-                      "train.keep_checkpoints", "train.tensorboard", "published",
+                      "train.keep_checkpoints", "train.tensorboard", "train.wandb", "published",
                       "wise_ft.alphas", "wise_ft.export_alpha", "wise_ft.ece_bins",
                       "gla.match_confidence", "contrastive.ece_bins", "demo")
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
 
 def configs_dir() -> Path:
-  """The repository's ``configs/`` folder (next to the ``glajax`` package)."""
-  return Path(__file__).resolve().parents[2] / "configs"
+  """The experiment configs: the copy an installed wheel carries (``glajax/configs``, packaged
+  from the top-level folder by setup.py), else the source checkout's top-level ``configs/``."""
+  package = Path(__file__).resolve().parents[1]
+  installed = package / "configs"
+  return installed if installed.is_dir() else package.parent / "configs"
 
 
 def _config_file(name: str) -> Path:
@@ -145,8 +148,27 @@ def load(spec: str) -> ml_collections.ConfigDict:
     if "=" in token:
       key, _, value = token.partition("=")
       override(config, key.strip(), _literal(value.strip()))
+  _apply_folder(config)
   config.config_spec = spec
   return config
+
+
+def _apply_folder(config) -> None:
+  """``data.folder`` (``configs/custom.py``), a folder of class subfolders or a CSV file, sets
+  ``data.train`` to its training split and ``data.test`` to its test split, or to the training
+  split when it has none (the kind then holds out a per-class fraction of it for testing)."""
+  folder = config.data.get("folder")
+  if not folder:
+    return
+  if not isinstance(folder, str):
+    raise bad_argument("data.folder", "a folder path or a CSV file path", repr(folder),
+                       ConfigError)
+  name = registry.local_name(folder)
+  try:
+    splits = registry.get(name).source.splits
+  except DatasetError:  # validate() says what is wrong with the folder, naming the key
+    splits = ("train",)
+  config.data.train, config.data.test = f"{name}@{splits[0]}", f"{name}@{splits[-1]}"
 
 
 def _did_you_mean(key: str, known) -> str:
@@ -286,7 +308,13 @@ def _check_dataset(key: str, spec, check_files: bool, config) -> None:
   if not isinstance(spec, str) or split is None:
     raise bad_argument(key, "'dataset@split' with an explicit split (e.g. 'dtd@train')",
                        repr(spec), ConfigError)
-  if name not in registry.names():
+  if registry.is_local(name):
+    try:
+      registry.get(name)  # the folder or CSV file is there, with classes (read, not prepared)
+    except DatasetError as e:
+      raise bad_argument(key, "folder:<a folder of class subfolders> or csv:<a path,label file>",
+                         str(e), DatasetError) from None
+  elif name not in registry.names():
     raise bad_argument(key, f"a dataset name from the registry ({', '.join(registry.names())})",
                        repr(name) + _did_you_mean(name, registry.names()), DatasetError)
   splits = known_splits(name)
@@ -401,6 +429,10 @@ def validate(config, check_files: bool = True, kinds=None) -> None:
                        repr(config.get("experiment")), ConfigError)
   if not checkpoints_of(config):
     raise bad_argument("model.checkpoints", "at least one checkpoint", "none", ConfigError)
+  if "folder" in config.data and not config.data.train:
+    raise bad_argument("data.folder", "a folder of class subfolders or a CSV file of path,label "
+                       "rows (configs/custom.py:data.folder=/path/to/images)", "none given",
+                       ConfigError)
   check_values(config)
   if check_files:
     _check_dir("data.data_dir", config.data.data_dir)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -115,7 +116,8 @@ def _flat(tree: Mapping, prefix: str = "") -> list[tuple[str, object]]:
 
 def recipe_table(train: Mapping) -> str:
   """Every value of a recipe config, one row each (what ran, for the report)."""
-  skipped = ("progress", "log_every", "checkpoint_every", "keep_checkpoints", "tensorboard")
+  skipped = ("progress", "log_every", "checkpoint_every", "keep_checkpoints", "tensorboard",
+             "wandb")
   lines = ["| key | value |", "|---|---|"]
   lines += [f"| `{key}` | `{value}` |" for key, value in _flat(train) if key not in skipped]
   return "\n".join(lines)
@@ -129,12 +131,77 @@ def ledger_table(ledger: Sequence[dict]) -> str:
   return "\n".join(lines)
 
 
+def timings_table(timings: Mapping[str, float], total: float | None = None) -> str:
+  """Wall-clock time of each stage, its share of the total and the total (``total``, when
+  given, also shows the time outside the stages as "other")."""
+  stages = dict(timings)
+  spent = sum(stages.values())
+  if total is not None and total - spent >= 0.05:
+    stages["other (post-hoc methods, data, reports)"] = total - spent
+  total = max(total or 0.0, spent)
+  lines = ["| stage | seconds | share |", "|---|---:|---:|"]
+  lines += [f"| {stage} | {seconds:.1f} | {100 * seconds / max(total, 1e-9):.0f}% |"
+            for stage, seconds in stages.items()]
+  lines.append(f"| total | {total:.1f} | 100% |")
+  return "\n".join(lines)
+
+
 # -------------------------------------------------------------------------------------- plots
+
+_MARKERS = "osD^v<>pP*"
+
+
+def _label_points(ax, xy, texts, fontsize: float = 7) -> list:
+  """Labels each point of ``xy`` (data coordinates, markers of ``markersize`` 6 or less) with its
+  text, beside it where the text's box covers no marker, no earlier label and stays inside the
+  figure (the first of eight places around the point that fits; else the least-covering one).
+  Call once the figure's layout is final; returns the texts."""
+  figure = ax.figure
+  renderer = figure.canvas.get_renderer()
+  px = figure.dpi / 72
+  centres = ax.transData.transform(np.asarray(xy, np.float64).reshape(-1, 2))
+  radius = 4 * px  # half a 6-point marker, plus a margin
+  markers = [(x - radius, y - radius, x + radius, y + radius) for x, y in centres]
+  gap = 6
+  places = [(gap, gap, "left", "bottom"), (gap, -gap, "left", "top"),
+            (-gap, gap, "right", "bottom"), (-gap, -gap, "right", "top"),
+            (0, gap + 2, "center", "bottom"), (0, -gap - 2, "center", "top"),
+            (gap + 2, 0, "left", "center"), (-gap - 2, 0, "right", "center")]
+  fig_box = figure.bbox.extents
+  placed, boxes = [], []
+  for point, text in zip(np.asarray(xy).reshape(-1, 2), texts):
+    best = None
+    for dx, dy, ha, va in places:
+      label = ax.annotate(text, tuple(point), textcoords="offset points", xytext=(dx, dy),
+                          ha=ha, va=va, fontsize=fontsize)
+      box = label.get_window_extent(renderer).extents
+      cost = sum(_overlap(box, other) for other in markers + boxes) + (
+          0 if _inside(box, fig_box) else 1e6)
+      if best is None or cost < best[0]:
+        if best is not None:
+          best[1].remove()
+        best = (cost, label, box)
+      else:
+        label.remove()
+      if cost == 0:
+        break
+    placed.append(best[1])
+    boxes.append(best[2])
+  return placed
+
+
+def _overlap(a, b) -> float:
+  """The area two boxes (x0, y0, x1, y1) share."""
+  return max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+
+
+def _inside(box, outer) -> bool:
+  return box[0] >= outer[0] and box[1] >= outer[1] and box[2] <= outer[2] and box[3] <= outer[3]
 
 
 @dataclasses.dataclass
 class WiseFTCurve:
-  """ID against mean shifted accuracy along α (each point labelled by its α)."""
+  """ID against mean shifted accuracy along α, each point labelled by its α beside its marker."""
   curve: list[dict]
 
   def draw(self, figure):
@@ -142,46 +209,67 @@ class WiseFTCurve:
     shift = "avg shifts" if "avg shifts" in self.curve[0] else "ID"
     x = [100 * p["ID"] for p in self.curve]
     y = [100 * p[shift] for p in self.curve]
-    ax.plot(x, y, "o-")
-    for p, xi, yi in zip(self.curve, x, y):
-      ax.annotate(f"α={p['alpha']:g}", (xi, yi), textcoords="offset points", xytext=(4, 4),
-                  fontsize=7)
+    ax.plot(x, y, "-", color="C0", lw=1)
+    ax.plot(x[1:-1], y[1:-1], "o", color="C0", ms=5, label="WiSE-FT, 0 < α < 1")
+    ax.plot(x[:1], y[:1], "s", color="C2", ms=6, label=f"zero-shot (α={self.curve[0]['alpha']:g})")
+    ax.plot(x[-1:], y[-1:], "D", color="C3", ms=6,
+            label=f"fine-tuned (α={self.curve[-1]['alpha']:g})")
+    ax.margins(0.15)
     ax.set_xlabel("ID accuracy (%)")
     ax.set_ylabel("accuracy, mean over shifts (%)" if shift != "ID" else "ID accuracy (%)")
     ax.set_title("WiSE-FT: zero-shot (α=0) to fine-tuned (α=1)")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=3)
+
+  def annotate(self, figure):
+    ax = figure.axes[0]
+    shift = "avg shifts" if "avg shifts" in self.curve[0] else "ID"
+    _label_points(ax, [(100 * p["ID"], 100 * p[shift]) for p in self.curve],
+                  [f"α={p['alpha']:g}" for p in self.curve])
 
 
 @dataclasses.dataclass
 class Reliability:
-  """One reliability panel per domain: name -> (logits, labels), with ECE and bin counts."""
+  """One reliability panel per domain: name -> (logits, labels), with ECE in the legend and the
+  number of samples in each confidence bin drawn under the curves (right axis)."""
   panels: dict[str, dict[str, tuple]]
   num_bins: int = 15
 
   def draw(self, figure):
     axes = np.atleast_1d(figure.subplots(1, len(self.panels), squeeze=False)[0])
-    figure.set_size_inches(4 * len(self.panels), 4)
+    figure.set_size_inches(4 * len(self.panels), 4.8)
+    edges = np.linspace(0, 1, self.num_bins + 1)
     for ax, (domain, outputs) in zip(axes, self.panels.items()):
-      for name, (logits, labels) in outputs.items():
+      counts_ax = ax.twinx()
+      for i, (name, (logits, labels)) in enumerate(outputs.items()):
         diagram = M.reliability_diagram(logits, labels, num_bins=self.num_bins)
         counts = np.asarray(diagram["count"])
         keep = counts > 0
         ece = float(M.ece(logits, labels, num_bins=self.num_bins))
         ax.plot(np.asarray(diagram["confidence"])[keep], np.asarray(diagram["accuracy"])[keep],
-                "o-", label=f"{name} (ECE {100 * ece:.1f}, n={int(counts.sum())})")
+                "o-", color=f"C{i}", ms=4, label=f"{name} (ECE {100 * ece:.1f}%, "
+                f"n={int(counts.sum())})", zorder=3)
+        counts_ax.stairs(counts, edges, color=f"C{i}", alpha=0.35, fill=True)
       ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+      ax.set_xlim(0, 1)
+      ax.set_ylim(0, 1)
+      ax.set_zorder(counts_ax.get_zorder() + 1)  # curves over the bars
+      ax.patch.set_visible(False)
+      counts_ax.set_ylabel("samples per bin")
       ax.set_xlabel("confidence")
       ax.set_ylabel("accuracy")
       ax.set_title(f"Reliability: {domain}")
-      ax.legend(fontsize=7)
+      ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15))
 
 
 @dataclasses.dataclass
 class PriorPlot:
   """The estimated log prior against a reference (the true prior, or the training label
-  frequency): a log-log scatter with y = x, Spearman ρ and the slope in the title."""
+  frequency): a log-log scatter with y = x, Spearman ρ and the slope in the title. Without a
+  reference (or a flat one) the log prior alone, sorted; ``label`` names what is plotted."""
   estimated: np.ndarray
   reference: np.ndarray | None
   reference_label: str = "training label frequency"
+  label: str = "estimated log prior"
 
   def draw(self, figure):
     ax = figure.subplots()
@@ -189,44 +277,48 @@ class PriorPlot:
     if (self.reference is None or np.ptp(np.asarray(self.reference, np.float64)) == 0
         or np.ptp(estimated) == 0):
       ax.plot(np.sort(estimated)[::-1], "o", ms=3)
-      ax.set_xlabel("class (sorted by estimated prior)")
-      ax.set_ylabel("estimated log prior")
-      ax.set_title("Estimated label prior")
+      ax.set_xlabel(f"class (sorted by {self.label})")
+      ax.set_ylabel(self.label)
+      ax.set_title(f"{self.label[0].upper()}{self.label[1:]}, {len(estimated)} classes")
       return
     reference = np.log(np.asarray(self.reference, np.float64))
     reference -= np.log(np.exp(reference).sum())
     rho = stats.spearmanr(reference, estimated).statistic
     slope = np.polyfit(reference, estimated, 1)[0]
-    ax.scatter(reference, estimated, s=8)
+    ax.scatter(reference, estimated, s=8, label="one class")
     lo, hi = min(reference.min(), estimated.min()), max(reference.max(), estimated.max())
     ax.plot([lo, hi], [lo, hi], "k--", lw=0.8, label="y = x")
     ax.set_xlabel(f"log {self.reference_label}")
-    ax.set_ylabel("estimated log prior")
+    ax.set_ylabel(self.label)
     ax.set_title(f"Label prior: Spearman ρ {rho:.2f}, slope {slope:.2f}")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left")
 
 
 @dataclasses.dataclass
 class AusucPlot:
-  """Acc_{S/Y} against Acc_{U/Y} as γ varies, with the chosen γ's marked."""
+  """Acc_{S/Y} against Acc_{U/Y} as γ varies, with the chosen γ's marked (γ = 0 is the
+  fine-tuned model itself)."""
   curves: dict[str, tuple]       # name -> (area, {"seen", "absent"})
   points: dict[str, tuple]       # name -> (Acc_{S/Y}, Acc_{U/Y})
 
   def draw(self, figure):
     ax = figure.subplots()
+    figure.set_size_inches(7.5, 4)
     for name, (area, curve) in self.curves.items():
-      ax.plot(100 * np.asarray(curve["seen"]), 100 * np.asarray(curve["absent"]),
-              label=f"{name} (AUSUC {100 * area:.1f})")
-    for (name, (seen, absent)), marker in zip(self.points.items(), "osD^v<>"):
-      ax.plot(100 * seen, 100 * absent, marker, ms=7, label=name)
+      ax.plot(100 * np.asarray(curve["seen"]), 100 * np.asarray(curve["absent"]), lw=1.2,
+              label=f"{name} (AUSUC {100 * area:.1f}%)")
+    for i, (name, (seen, absent)) in enumerate(self.points.items()):
+      ax.plot(100 * seen, 100 * absent, _MARKERS[i % len(_MARKERS)], ms=7, mec="k", mew=0.6,
+              color=f"C{(i + len(self.curves)) % 10}", label=name, zorder=3)
     ax.set_xlabel("Acc_{S/Y}, seen classes (%)")
     ax.set_ylabel("Acc_{U/Y}, absent classes (%)")
     ax.set_title("Seen–absent trade-off as γ varies")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
 
 
-def render(path: str, plot) -> None:
-  """Draws ``plot`` into the PNG ``path``, atomically."""
+def figure_of(plot):
+  """A new figure with ``plot`` drawn and laid out (then its point labels placed, which needs
+  the final layout); close it with ``matplotlib.pyplot.close``."""
   import matplotlib  # noqa  (matplotlib: when drawing only)
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # noqa  (after use("Agg"))
@@ -234,6 +326,19 @@ def render(path: str, plot) -> None:
   try:
     plot.draw(figure)
     figure.tight_layout()
+    if hasattr(plot, "annotate"):
+      plot.annotate(figure)
+  except BaseException:
+    plt.close(figure)
+    raise
+  return figure
+
+
+def render(path: str, plot) -> None:
+  """Draws ``plot`` into the PNG ``path``, atomically."""
+  figure = figure_of(plot)
+  import matplotlib.pyplot as plt  # noqa  (drawing only; after figure_of's use("Agg"))
+  try:
     tmp = f"{path}.tmp{os.getpid()}.png"
     figure.savefig(tmp, dpi=110)
     os.replace(tmp, path)
@@ -259,6 +364,11 @@ def markdown(report: dict) -> str:
            ""]
   for entry in report["tables"]:
     parts += [markdown_table(entry), ""]
+  if report.get("timings_s"):
+    timings = dict(report["timings_s"])
+    total = timings.pop("total", None)
+    parts += ["## Timings", "", "This invocation only: stages reused from the cache take no "
+              "time.", "", timings_table(timings, total), ""]
   train = report["config"].get("train")
   if train:
     parts += ["## Recipe", "", f"`{train.get('recipe', '?')}` as it ran (the config's `train`; "
@@ -289,7 +399,10 @@ def write(exp, outcome: dict) -> dict:
       "results": outcome["results"], "tables": outcome["tables"], "plots": list(plots),
       "ledger": list(exp.ledger), "logits_files": list(exp.logits_files),
       "final_models": _final_models(exp.workdir),
+      "timings_s": {k: round(v, 2) for k, v in getattr(exp, "timings", {}).items()},
   }
+  if hasattr(exp, "started"):  # this invocation's wall-clock time, up to the report
+    report["timings_s"]["total"] = round(time.perf_counter() - exp.started, 2)
   if parallel.is_primary():  # one writer; the other processes return the same report
     for filename, plot in plots.items():
       render(exp.path(filename), plot)

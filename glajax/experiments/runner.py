@@ -5,7 +5,8 @@ An :class:`Experiment` owns a work directory laid out as::
   experiment.json             the config, its fingerprint and the command (written first)
   .lock                       held while a run is going on (pid and command)
   report.json, report.md, *.png
-  final/<name>/               each final model (transformers format, + head.npz for classifiers)
+  final/<name>/               each final model (transformers format with tokenizer and
+                              preprocessor_config.json; classifiers: + head.npz and id2label)
 
 and a cache directory (the work directory unless several experiments share one, as the demo's
 parts do)::
@@ -27,6 +28,7 @@ import hashlib
 import json
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -37,11 +39,12 @@ from glajax.data import pipeline, registry
 from glajax.errors import ConfigError, bad_argument
 from glajax.experiments import config as config_lib
 from glajax.experiments import roles
-from glajax.models import heads
+from glajax.models import heads, hf_export
 from glajax.models.clip import CLIPConfig, init_clip
 from glajax.train import engine, recipes
 
 LOGITS_DIR, RUNS_DIR, FINAL_DIR = "logits", "runs", "final"
+_STARTED = time.time()  # cached files older than this process come from an earlier run
 EXPERIMENT_FILE, LOCK_FILE = "experiment.json", ".lock"
 
 
@@ -160,11 +163,15 @@ class Experiment:
     self.logits_files: list[dict] = []  # every cached array a kind read: tag, purpose, file
     self.mesh = parallel.make_mesh()
     generated = any(config_lib.generated_world(config_lib.dataset_spec(s)[0])
+                    or registry.is_local(config_lib.dataset_spec(s)[0])  # prepared per workdir
                     for s in config_lib.datasets_of(config))
     self.data_dir = config.data.data_dir or (
         os.path.join(self.cache_dir, "tfds") if generated else None)
     self._tokenizers: dict = {}
     self._labels: dict = {}
+    self._fresh: set[str] = set()  # logits files already said to be reused
+    self.timings: dict[str, float] = {}  # stage -> seconds spent on it by this invocation
+    self.started = time.perf_counter()
 
   def path(self, *parts) -> str:
     return os.path.join(self.workdir, *parts)
@@ -224,7 +231,8 @@ class Experiment:
     """CLIP + ``LinearHead.from_zeroshot(zeroshot_head(...))`` for the classes of ``ref``."""
     classnames, default_templates = self.classes(ref)
     head = glajax.zeroshot_head(clip, self.tokenizer(checkpoint), classnames,
-                                templates or default_templates, show_progress=self.config.progress)
+                                templates or default_templates, show_progress=self.config.progress,
+                                desc=f"{self.config.experiment}: zero-shot head ({ref.dataset})")
     return heads.CLIPClassifier(clip, heads.LinearHead.from_zeroshot(np.asarray(head)))
 
   # ------------------------------------------------------------------------------- data
@@ -274,8 +282,12 @@ class Experiment:
     files = {u.purpose: self._logits_file(tag, u.ref) for u in uses}
     indices = {u.purpose: self.rows(u) for u in uses}
     missing = [u for u in uses if not os.path.isfile(files[u.purpose])]
+    self._say_reused(tag, [u for u in uses if u not in missing], files)
     if missing:
-      evaluated = self._evaluate(make_model(), missing, indices, logits_fn)
+      model = make_model()  # may fine-tune (timed as such) or build a zero-shot head
+      clock = time.perf_counter()
+      evaluated = self._evaluate(model, missing, indices, logits_fn, tag)
+      self._spent(f"logits: {_label(tag)}", clock)
       if parallel.is_primary():
         os.makedirs(self.cache(LOGITS_DIR), exist_ok=True)
         for use, (logits, labels) in evaluated.items():
@@ -293,18 +305,33 @@ class Experiment:
         self.logits_files.append(entry)
     return out
 
+  def _spent(self, stage: str, since: float) -> None:
+    self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - since
+
+  def _say_reused(self, tag: str, cached: Sequence[roles.Use], files: dict) -> None:
+    """One line when logits cached by an earlier run are reused (each file said once)."""
+    new = [u for u in cached if files[u.purpose] not in self._fresh
+           and os.path.getmtime(files[u.purpose]) < _STARTED]
+    self._fresh.update(files.values())
+    if new and parallel.is_primary():
+      print(f"{self.config.experiment}: reusing cached logits of {_label(tag)} on "
+            f"{_data_label(new)}", flush=True)
+
   def _logits_file(self, tag: str, ref: roles.DataRef) -> str:
     rows = ref.spec if not ref.steps else f"{ref.spec}-{self.key(ref.describe())}"
     return self.cache(LOGITS_DIR, f"{_safe(tag)}__{_safe(rows)}.npz")
 
-  def _evaluate(self, model, uses, indices, logits_fn=None) -> dict:
+  def _evaluate(self, model, uses, indices, logits_fn=None, model_tag: str = "logits") -> dict:
     batches = (b for use in uses for b in pipeline.eval_batches(
         use.ref.dataset, split=use.ref.split, batch_size=self.config.data.eval_batch_size,
         image_size=self.config.data.image_size, mesh=self.mesh, data_dir=self.data_dir,
         manual_dir=self.manual_dir(use.ref.dataset),
         indices=indices[use.purpose] if use.ref.steps else None))
-    logits, labels = evaluate.evaluate_logits(model, logits_fn or evaluate.image_logits, batches,
-                                              self.mesh)
+    logits, labels = evaluate.evaluate_logits(
+        model, logits_fn or evaluate.image_logits, batches, self.mesh,
+        desc=(f"{self.config.experiment}: {_label(model_tag)} on {_data_label(uses)}"
+              if self.config.progress else None),
+        total=sum(len(indices[u.purpose]) for u in uses))
     sizes = np.cumsum([len(indices[u.purpose]) for u in uses])[:-1]
     out = {}
     for use, z, y in zip(uses, np.split(logits, sizes), np.split(labels, sizes)):
@@ -326,7 +353,8 @@ class Experiment:
   def run_key(self, name: str, train, checkpoint: str, use: roles.Use, *extra) -> str:
     """``<name>-<key>``: a fine-tuning run identified by its recipe, checkpoint and data."""
     settings = json.loads(train.to_json_best_effort())
-    for key in ("progress", "log_every", "checkpoint_every", "keep_checkpoints", "tensorboard"):
+    for key in ("progress", "log_every", "checkpoint_every", "keep_checkpoints", "tensorboard",
+                "wandb"):
       settings.pop(key, None)
     return f"{name}-{self.key(settings, checkpoint, use.ref.describe(), *extra)}"
 
@@ -345,7 +373,7 @@ class Experiment:
                                     data_dir=self.data_dir,
                                     manual_dir=self.manual_dir(use.ref.dataset))
 
-    return self._fit(run, task, train, data, len(indices), export)
+    return self._fit(run, task, train, data, len(indices), export, use.ref)
 
   def fit_arrays(self, run: str, task, train, arrays: dict, export: str | None = None):
     """``fit`` on in-memory arrays (e.g. cached features {"features", "label"} of a use)."""
@@ -356,17 +384,29 @@ class Experiment:
 
     return self._fit(run, task, train, data, len(arrays["label"]), export)
 
-  def _fit(self, run: str, task, train, data, count: int, export: str | None):
+  def _fit(self, run: str, task, train, data, count: int, export: str | None,
+           classes_ref: roles.DataRef | None = None):
     steps = train.total_steps
     recipes.set_total_steps(train, count)  # steps per epoch (per-epoch schedules) and epochs
     if steps > 0:  # an explicit step count wins over the recipe's epochs
       train.total_steps = steps
+    clock = time.perf_counter()
     model, _ = engine.fit(task.model, task.loss_fn, train, data, self.cache(RUNS_DIR, run),
                           mesh=self.mesh, teacher_update=task.teacher_update,
-                          name=f"{self.config.experiment}: {run.rsplit('-', 1)[0]}")
+                          name=f"{self.config.experiment}: {_label(run)}")
+    self._spent(f"fine-tuning: {_label(run)}", clock)
     if export is not None and task.export is not None:
-      self.export(export, lambda directory: task.export(model, directory))
+      self.export(export, lambda directory: task.export(
+          model, directory, None if classes_ref is None else self.export_info(classes_ref)))
     return task.eval_model(model) if task.eval_model is not None else model
+
+  def export_info(self, ref: roles.DataRef) -> hf_export.ExportInfo:
+    """What an export of a model for the classes of ``ref`` writes beside its weights (class
+    names, the tokenizer of ``model.checkpoints[0]``, the image size): transformers' processor
+    and, for classifiers, ``id2label``."""
+    return hf_export.ExportInfo(self.classes(ref)[0],
+                                self.tokenizer(self.config.model.checkpoints[0]),
+                                int(self.config.data.image_size))
 
   def export(self, name: str, write: Callable[[str], None]) -> str:
     """``write(final/<name>)`` by process 0 unless that export exists; returns the directory."""
@@ -375,6 +415,20 @@ class Experiment:
       write(directory)
     parallel.barrier(f"glajax export {name}")
     return directory
+
+
+def _label(tag: str) -> str:
+  """A cache tag or run name without its content key: ``finetuned-3f2a…`` -> ``finetuned``."""
+  head, _, key = tag.rpartition("-")
+  return head if head and len(key) == 12 and all(c in "0123456789abcdef" for c in key) else tag
+
+
+def _data_label(uses: Sequence[roles.Use]) -> str:
+  """``dataset@split`` of each use, the dataset named once: ``world@test_photo,test_sketch``."""
+  datasets = {u.ref.dataset for u in uses}
+  if len(datasets) == 1:
+    return f"{uses[0].ref.dataset}@{','.join(u.ref.split for u in uses)}"
+  return ", ".join(f"{u.ref.dataset}@{u.ref.split}" for u in uses)
 
 
 def _check_finite_logits(logits, tag: str, use: roles.Use) -> None:

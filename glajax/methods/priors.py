@@ -56,8 +56,9 @@ def estimate_log_prior(logits, labels, *, num_classes: int | None = None,
     max_iter: iteration cap (defaults: newton 50, lbfgs 500, fixed_point 5000,
       gla_reference 1000 steps exactly).
     return_info: also return a dict with ``residual`` (float32, from the exact softmax),
-      ``iterations`` (Newton steps, L-BFGS or fixed-point iterations, SGD steps) and the
-      ``temperature`` used.
+      ``iterations`` (Newton steps, L-BFGS or fixed-point iterations, SGD steps), ``passes``
+      (memory-bound passes over the (N, C) matrix E = exp(z − max z) inside the solve, for
+      ``newton`` and ``fixed_point``; −1 where not counted) and the ``temperature`` used.
 
   Jittable with ``solver``, ``temperature`` (if a string), ``tol``, ``max_iter``,
   ``num_classes`` and ``return_info`` static. Value checks (finite logits, labels in range,
@@ -102,12 +103,13 @@ def _estimate(logits, labels, temperature, *, match_confidence, solver, tol, max
   freq = jnp.bincount(labels, length=z.shape[1]).astype(jnp.float32) / z.shape[0]
   solve = {"newton": _newton, "lbfgs": _lbfgs, "fixed_point": _fixed_point,
            "gla_reference": _gla_reference}[solver]
-  theta, iterations = solve(z, labels, freq, tol=tol, max_iter=max_iter)
+  theta, iterations, passes = solve(z, labels, freq, tol=tol, max_iter=max_iter)
   log_prior = normalise_log_prior(theta + jnp.log(freq))
   log_prior = jnp.where(jnp.all(freq > 0), log_prior, jnp.nan)   # missing class under jit
   if not return_info:
     return log_prior
   info = {"residual": optimality_residual(z, labels, theta), "iterations": iterations,
+          "passes": jnp.asarray(passes, jnp.int32),
           "temperature": jnp.asarray(temperature, jnp.float32)}
   return log_prior, info
 
@@ -133,10 +135,20 @@ def _objective(z, labels, theta):
 class _Factored:
   """f and its derivatives with the exponentials taken once: E = exp(z − max_c z), so that
 
-  logsumexp(z_i − θ) = max_c z_ic + log Σ_c E_ic e^{m−θ_c} − m  (m = min θ, exact for any m).
+  logsumexp(z_i − θ) = max_c z_ic + log s_i − m,   s = E w,   w = e^{m−θ}  (m = min θ, exact
+  for any m), and p_ic = E_ic w_c / s_i. Every quantity the solvers need is then one memory-bound
+  pass over E (no N·C exponentials per iteration), each a single reduction whose elementwise
+  producers fuse into it, so E is the only (N, C) array a solve reads and none is written:
 
-  Every evaluation of f, ∇f (= freq − p̄) or a Hessian-vector product is then one or two
-  matrix-vector products with E (memory bound) instead of N·C exponentials.
+    rows(θ)         s = E w, and f(θ) from s                  (a row pass)
+    columns(s, w)   p̄ = w ∘ Eᵀ(1/s)/N, so ∇f = freq − p̄        (a column pass)
+    hvp(v)          a = E(w∘v)/s²  (row pass),  ∇²f v = p̄∘v − w ∘ Eᵀa/N  (column pass)
+
+  Reductions are ``jnp.sum`` of broadcast products, not matrix-vector products: XLA:CPU's f32
+  GEMV accumulates sequentially, and its ~3e-6 error in p̄ stalled the solvers above tol = 1e-6.
+  (The exact Hessian diagonal, p̄ − w² ∘ (E∘E)ᵀ(1/s²)/N, would ride along in the column pass as
+  a sibling reduction, but XLA:CPU runs that reduction ~25× slower than p̄'s at 50 000 × 1 000,
+  so CG keeps the free diag(p̄) preconditioner.)
   """
 
   def __init__(self, z, labels, freq):
@@ -150,43 +162,70 @@ class _Factored:
     sums = jnp.sum(self.exp_z * jnp.exp(m - theta), axis=-1)
     return jnp.mean(jnp.log(sums)) - m + self.constant + jnp.dot(self.freq, theta)
 
+  def rows(self, theta):
+    """(f(θ), s, w): one row pass."""
+    m = jnp.min(theta)
+    w = jnp.exp(m - theta)
+    sums = jnp.sum(self.exp_z * w, axis=-1)
+    value = jnp.mean(jnp.log(sums)) - m + self.constant + jnp.dot(self.freq, theta)
+    return value, sums, w
+
+  def columns(self, sums, w):
+    """p̄ = w ∘ Eᵀ(1/s)/N: one column pass."""
+    return w * jnp.sum(self.exp_z * (1.0 / sums)[:, None], axis=0) / self.exp_z.shape[0]
+
+  def hvp(self, sums, w, pbar, v):
+    """∇²f v = p̄∘v − w ∘ Eᵀ(E(w∘v)/s²)/N: a row pass, then a column pass."""
+    a = jnp.sum(self.exp_z * (w * v), axis=-1) / (sums * sums)
+    return pbar * v - w * jnp.sum(self.exp_z * a[:, None], axis=0) / self.exp_z.shape[0]
+
 
 def _fixed_point(z, labels, freq, *, tol, max_iter):
-  """θ_c ← θ_c + log(p̄_c / freq_c) (EM for the prior; a gradient step preconditioned by p̄)."""
-  grad_fn = jax.grad(_Factored(z, labels, freq).objective)
+  """θ_c ← θ_c + log(p̄_c / freq_c) (EM for the prior; a gradient step preconditioned by p̄).
+
+  Two passes over E per iteration (``_Factored.rows`` then ``.columns``)."""
+  factored = _Factored(z, labels, freq)
+
+  def pbar_at(theta):
+    _, sums, w = factored.rows(theta)
+    return factored.columns(sums, w)
 
   def cond(state):
-    _, grad, it = state
-    return (jnp.max(jnp.abs(grad)) > tol) & (it < max_iter)
+    _, pbar, it = state
+    return (jnp.max(jnp.abs(freq - pbar)) > tol) & (it < max_iter)
 
   def body(state):
-    theta, grad, it = state
-    theta = theta + jnp.log((freq - grad) / freq)
-    return theta, grad_fn(theta), it + 1
+    theta, pbar, it = state
+    theta = theta + jnp.log(pbar / freq)
+    return theta, pbar_at(theta), it + 1
 
   theta = jnp.zeros_like(freq)
-  theta, _, it = jax.lax.while_loop(cond, body, (theta, grad_fn(theta), 0))
-  return theta, it
+  theta, _, it = jax.lax.while_loop(cond, body, (theta, pbar_at(theta), 0))
+  return theta, it, 2 * (it + 1)
 
 
 def _newton(z, labels, freq, *, tol, max_iter, max_cg: int = 20):
   """Truncated Newton: H d = −∇f by conjugate gradients, then a backtracking step.
 
-  H v = p̄ ∘ v − Pᵀ(P v)/N is applied matrix-free (``jax.linearize`` of ∇f on the factored
-  objective: two products with the N×C matrix per CG step, never the C×C Hessian, whose
-  N·C² flops cost ~1.2 s per step on 2 CPU cores at 50 000 × 1 000). CG is preconditioned with diag(p̄),
-  so its first iterate is the fixed-point step; it stops at relative residual
-  min(0.1, ‖∇f‖^½) (superlinear convergence, Eisenstat–Walker). H is singular along the
-  all-ones direction and ∇f ⊥ 1, so CG stays in the range of H. A step that increases f beyond float32 rounding (1e-6 relative)
-  is halved; when 10 halvings do not help, f is at float32 precision and the solver stops.
-  Iterations count Newton steps.
+  Everything runs on device inside one jitted ``while_loop`` (no host round trip in the solve)
+  and reads E = exp(z − max z) in fused passes (see ``_Factored``):
+  - each Newton step ends with one column pass that gives ∇f = freq − p̄; CG is
+    preconditioned with diag(p̄), so its first iterate is the fixed-point step;
+  - each CG step is one Hessian-vector product, H v = p̄ ∘ v − w ∘ Eᵀ(E(w∘v)/s²)/N: two
+    passes (a row, then a column reduction; the dependency is inherent), never the C×C Hessian,
+    whose N·C² flops cost ~1.2 s per step on 2 CPU cores at 50 000 × 1 000;
+  - each line-search trial is one row pass (f only); the gradient is taken once, at the
+    accepted point.
+  CG stops at relative residual min(0.1, ‖∇f‖^½) (superlinear convergence, Eisenstat–Walker).
+  H is singular along the all-ones direction and ∇f ⊥ 1, so CG stays in the range of H. A step
+  that increases f beyond float32 rounding (1e-6 relative) is halved; when 10 halvings do not
+  help, f is at float32 precision and the solver stops. Iterations count Newton steps; the
+  third result counts passes over E (rows + columns) for the memory-floor accounting.
   """
   factored = _Factored(z, labels, freq)
-  value_and_grad = jax.value_and_grad(factored.objective)
 
-  def direction(theta, grad):
-    _, hvp = jax.linearize(jax.grad(factored.objective), theta)
-    precond = 1.0 / (freq - grad)
+  def direction(grad, sums, w, pbar):
+    precond = 1.0 / pbar
     forcing = jnp.minimum(0.1, jnp.sqrt(jnp.sqrt(jnp.sum(grad ** 2))))
     target = jnp.sum(grad ** 2) * forcing ** 2
 
@@ -196,7 +235,7 @@ def _newton(z, labels, freq, *, tol, max_iter, max_cg: int = 20):
 
     def body(cg):
       d, r, s, rz, k = cg
-      hs = hvp(s)
+      hs = factored.hvp(sums, w, pbar, s)
       step = rz / jnp.dot(s, hs)
       d, r = d + step * s, r - step * hs
       zr = precond * r
@@ -205,33 +244,44 @@ def _newton(z, labels, freq, *, tol, max_iter, max_cg: int = 20):
 
     r = -grad
     zr = precond * r
-    d, *_ = jax.lax.while_loop(cond, body, (jnp.zeros_like(grad), r, zr, jnp.dot(r, zr), 0))
-    return d
+    d, _, _, _, k = jax.lax.while_loop(cond, body,
+                                       (jnp.zeros_like(grad), r, zr, jnp.dot(r, zr), 0))
+    return d, k
 
   def cond(state):
-    _, _, grad, it, scale = state
+    _, _, grad, _, _, _, it, scale, _ = state
     return (jnp.max(jnp.abs(grad)) > tol) & (it < max_iter) & (scale > 2.0 ** -10)
 
   def body(state):
-    theta, value, grad, it, _ = state
-    step = direction(theta, grad)
+    theta, value, grad, sums, w, pbar, it, _, passes = state
+    step, cg_steps = direction(grad, sums, w, pbar)
 
     def not_better(search):
-      scale, new_value, _ = search
+      scale, new_value, *_, _ = search
       return (new_value > value + 1e-6 * jnp.abs(value)) & (scale > 2.0 ** -10)
 
     def halve(search):
-      scale, _, _ = search
-      return (scale * 0.5, *value_and_grad(theta + scale * 0.5 * step))
+      scale, *_, trials = search
+      return (scale * 0.5, *factored.rows(theta + scale * 0.5 * step), trials + 1)
 
-    scale, value, grad = jax.lax.while_loop(not_better, halve,
-                                            (1.0, *value_and_grad(theta + step)))
+    scale, new_value, new_sums, new_w, trials = jax.lax.while_loop(
+        not_better, halve, (1.0, *factored.rows(theta + step), 1))
     accepted = scale > 2.0 ** -10
-    return (jnp.where(accepted, theta + scale * step, theta), value, grad, it + 1, scale)
+    # Rejected (f at float32 precision): keep θ and its gradient; the loop stops on scale.
+    theta = jnp.where(accepted, theta + scale * step, theta)
+    value = jnp.where(accepted, new_value, value)
+    sums = jnp.where(accepted, new_sums, sums)
+    w = jnp.where(accepted, new_w, w)
+    pbar = jnp.where(accepted, factored.columns(sums, w), pbar)
+    passes = passes + 2 * cg_steps + trials + 1
+    return theta, value, freq - pbar, sums, w, pbar, it + 1, scale, passes
 
   theta = jnp.zeros_like(freq)
-  theta, *_, it, _ = jax.lax.while_loop(cond, body, (theta, *value_and_grad(theta), 0, 1.0))
-  return theta, it
+  value, sums, w = factored.rows(theta)
+  pbar = factored.columns(sums, w)
+  init = (theta, value, freq - pbar, sums, w, pbar, 0, 1.0, 2)
+  theta, *_, it, _, passes = jax.lax.while_loop(cond, body, init)
+  return theta, it, passes
 
 
 def _lbfgs(z, labels, freq, *, tol, max_iter):
@@ -255,7 +305,7 @@ def _lbfgs(z, labels, freq, *, tol, max_iter):
   theta = jnp.zeros_like(freq)
   init = (theta, optimizer.init(theta), jnp.full_like(freq, jnp.inf), 0)
   theta, _, _, it = jax.lax.while_loop(cond, body, init)
-  return theta, it
+  return theta, it, -1   # passes not counted (optax's zoom line search evaluates f at will)
 
 
 def _gla_reference(z, labels, freq, *, tol, max_iter):
@@ -272,7 +322,7 @@ def _gla_reference(z, labels, freq, *, tol, max_iter):
   grad = jax.grad(lambda q: _objective(z, labels, jnp.log(q)))
   q = jax.lax.fori_loop(0, max_iter, lambda _, q: q - learning_rate * grad(q),
                         jnp.full_like(freq, 1.0 / num_classes))
-  return jnp.log(q), jnp.asarray(max_iter)
+  return jnp.log(q), jnp.asarray(max_iter), -1   # passes over z/exp, not over E: not counted
 
 
 def match_confidence_temperature(logits, labels, num_steps: int = 40, *, search: str = "gla",

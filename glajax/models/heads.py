@@ -49,6 +49,10 @@ class LinearHead(nnx.Module):
   def __call__(self, features):
     return l2_normalise(features.astype(jnp.float32)) @ self.kernel[...] + self.bias[...]
 
+  def as_linear(self) -> tuple[np.ndarray, np.ndarray]:
+    """(K (D, C), b (C,)) with logits = norm(f)·K + b: the kernel and bias themselves."""
+    return np.asarray(self.kernel[...], np.float32), np.asarray(self.bias[...], np.float32)
+
 
 class CosineClassifier(nnx.Module):
   """logits = s · cos(f, w_c) with learned (C, D) weights w and fixed scale s (25)."""
@@ -82,6 +86,12 @@ class CosineClassifier(nnx.Module):
 
   def __call__(self, features):
     return cosine_logits(features, self.weight[...], self.scale)
+
+  def as_linear(self) -> tuple[np.ndarray, np.ndarray]:
+    """(K (D, C), b (C,)) with logits = norm(f)·K + b: K = s · norm(W)ᵀ, b = 0."""
+    weight = np.asarray(self.weight[...], np.float32)
+    return ((self.scale * l2_normalise(weight)).T.astype(np.float32),
+            np.zeros(weight.shape[0], np.float32))
 
 
 class CLIPClassifier(nnx.Module):

@@ -58,7 +58,8 @@ _TABLE = (
     ("{projection}.weight", "{projection}.kernel", "linear"),
     ("logit_scale", "logit_scale", "same"),
 )
-_SKIPPED = re.compile(r".*position_ids$")  # buffers, not parameters
+# buffers, not parameters; an exported classifier's head (load_clip reads the CLIP)
+_SKIPPED = re.compile(r".*position_ids$|^classifier\.(weight|bias)$")
 
 # transform name -> (HF -> glajax, glajax -> HF)
 _TRANSFORMS = {
@@ -161,12 +162,38 @@ def _has_weights(directory: str) -> bool:
 
 
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
+  """Every tensor as float32 NumPy, on the host: no JAX backend is needed (a GPU-only JAX has
+  no "cpu" one). NumPy has no bfloat16, so BF16 tensors are read from their bytes via ml_dtypes."""
   try:
-    with jax.default_device(jax.devices("cpu")[0]), safe_open(path, framework="flax") as f:
-      return {k: np.asarray(f.get_tensor(k).astype(jnp.float32)) for k in f.keys()}
+    with safe_open(path, framework="numpy") as f:
+      tensors, bf16 = {}, []
+      for k in f.keys():
+        if f.get_slice(k).get_dtype() == "BF16":
+          bf16.append(k)
+        else:
+          tensors[k] = f.get_tensor(k).astype(np.float32)
+    if bf16:
+      tensors.update(_read_bf16(path, bf16))
+    return tensors
   except Exception as e:  # SafetensorError on a truncated or corrupt file
     raise bad_argument("checkpoint", "a readable safetensors file",
                        f"{path} ({type(e).__name__}: {e})", CheckpointError) from None
+
+
+def _read_bf16(path: str, keys: list[str]) -> dict[str, np.ndarray]:
+  """BF16 tensors of a safetensors file (8-byte header length, JSON header, raw little-endian
+  data at [start, end) after the header), widened to float32."""
+  import ml_dtypes  # noqa  (a JAX dependency)
+  with open(path, "rb") as f:
+    header_len = int.from_bytes(f.read(8), "little")
+    header = json.loads(f.read(header_len))
+    data = np.memmap(path, np.uint8, mode="r", offset=8 + header_len)
+    out = {}
+    for k in keys:
+      start, end = header[k]["data_offsets"]
+      out[k] = (np.frombuffer(data[start:end], ml_dtypes.bfloat16)
+                .reshape(header[k]["shape"]).astype(np.float32))
+    return out
 
 
 def _read_torch(path: str) -> dict[str, np.ndarray]:
@@ -363,7 +390,8 @@ _CHECKPOINT_FILES = re.compile(
 
 
 def save_clip(model: CLIP, directory: str | os.PathLike, *, overwrite: bool = False,
-              extra_files: dict | None = None) -> str:
+              extra_files: dict | None = None, config_updates: dict | None = None,
+              extra_tensors: dict | None = None) -> str:
   """Writes ``config.json`` + ``model.safetensors`` that transformers' ``CLIPModel`` loads.
 
   Adapter parameters (not part of transformers' CLIP) go to ``glajax_adapters.safetensors``,
@@ -395,6 +423,10 @@ def save_clip(model: CLIP, directory: str | os.PathLike, *, overwrite: bool = Fa
       continue
     hf_key, transform = _glajax_to_hf_key(key)
     weights[hf_key] = _TRANSFORMS[transform][1](value).copy()
+  for name, value in (extra_tensors or {}).items():
+    if not isinstance(name, str) or name in weights:
+      raise bad_argument("extra_tensors", "names other than the CLIP's own", repr(name))
+    weights[name] = np.ascontiguousarray(value, np.float32)
   # A diverged model is not exported (load_clip would refuse it anyway).
   _check_finite({**weights, **adapters}, "the model", "model", InputError)
   replaced = _removable_files(target, overwrite)
@@ -408,7 +440,7 @@ def save_clip(model: CLIP, directory: str | os.PathLike, *, overwrite: bool = Fa
       os.chmod(tmp, 0o777 & ~umask)   # mkdtemp makes it 0700
       config = model.config
       with open(os.path.join(tmp, "config.json"), "w") as f:
-        json.dump(config.to_hf(), f, indent=2)
+        json.dump({**config.to_hf(), **(config_updates or {})}, f, indent=2)
       save_file(weights, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
       if adapters:
         save_file(adapters, os.path.join(tmp, ADAPTERS_FILE),

@@ -11,6 +11,7 @@ fourth argument).
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -47,7 +48,8 @@ def default_config() -> ml_collections.ConfigDict:
       checkpoint_every=500,    # 0: no periodic checkpoints
       keep_checkpoints=3,
       progress=True,
-      tensorboard=True,        # when tensorboard is installed
+      tensorboard=True,        # TensorBoard through clu.metric_writers, when installed
+      wandb=False,             # also Weights & Biases (needs `pip install wandb`; WANDB_PROJECT)
       optimizer=dict(name="adamw", learning_rate=3e-5, weight_decay=0.1, b1=0.9, b2=0.999,
                      eps=1e-8, momentum=0.9, nesterov=False, warmup_steps=500,
                      schedule="cosine", grad_clip_norm=1.0, trainable=(".*",), groups=()),
@@ -136,23 +138,79 @@ def _to_host(tree):
   return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
 
 
+class _WandbWriter:
+  """The ``clu.metric_writers.MetricWriter`` calls the engine makes, sent to Weights & Biases.
+  The run id is derived from the run directory, so a resumed run continues its W&B run."""
+
+  def __init__(self, workdir: str, name: str, config):
+    import wandb  # noqa  (optional: only when train.wandb asks for it)
+    run_id = hashlib.sha256(os.path.abspath(workdir).encode()).hexdigest()[:16]
+    self._run = wandb.init(project=os.environ.get("WANDB_PROJECT", "glajax"), name=name,
+                           id=run_id, resume="allow", dir=workdir,
+                           config=json.loads(config.to_json_best_effort()))
+
+  def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+    self._run.log(dict(scalars), step=step)
+
+  def flush(self) -> None:
+    pass
+
+  def close(self) -> None:
+    self._run.finish()
+
+
+def _tensorboard_writer(logdir: str):
+  """clu's TensorBoard ``SummaryWriter`` (TensorFlow kept off the accelerators), or None when
+  clu, TensorBoard or TensorFlow is not installed."""
+  try:
+    # TensorFlow first through glajax's input pipelines, which keep it off the GPUs.
+    from glajax.data import preprocess  # noqa  (imports TensorFlow: only when a writer is asked)
+    from clu import metric_writers  # noqa  (imports TensorFlow and TensorBoard: only when asked)
+  except ImportError:
+    return None
+  del preprocess
+  return metric_writers.SummaryWriter(logdir)
+
+
+def _metric_writers(workdir: str, config, name: str) -> list:
+  """The metric writers ``config`` asks for: TensorBoard (``tensorboard``, in
+  ``workdir/tensorboard``, when installed) and Weights & Biases (``wandb``; raises a ConfigError
+  when ``wandb`` is not installed)."""
+  writers = []
+  if config.get("tensorboard", False):
+    tensorboard = _tensorboard_writer(os.path.join(workdir, "tensorboard"))
+    if tensorboard is not None:
+      writers.append(tensorboard)
+  if config.get("wandb", False):
+    if importlib.util.find_spec("wandb") is None:
+      raise bad_argument("train.wandb", "the wandb package installed (pip install wandb)",
+                         "no module named wandb; set train.wandb=False or install it",
+                         ConfigError)
+    writers.append(_WandbWriter(workdir, name, config))
+  return writers
+
+
 class MetricsLog:
-  """The logging hook: JSON lines in ``metrics.jsonl`` (+ TensorBoard when installed) and the
-  progress bar, written by process 0 every ``log_every`` steps; also the non-finite guard, which
-  raises a TrainingError naming the step before anything of that step is saved or exported."""
+  """The logging hook: JSON lines in ``metrics.jsonl``, the same scalars through
+  ``clu.metric_writers`` (TensorBoard; Weights & Biases when ``wandb`` is set) and a progress bar
+  labelled ``name`` with images/s, written by process 0 every ``log_every`` steps; also the
+  non-finite guard, which raises a TrainingError naming the step before anything of that step is
+  saved or exported. A finished run reused, or a run resumed, says so in one line."""
 
   def __init__(self, workdir: str, config, schedule, start: int, checkpoints: Checkpointer,
                name: str = "train"):
     self._active = is_primary()
     self._workdir, self._schedule, self._checkpoints = workdir, schedule, checkpoints
     self._every = max(int(config.log_every), 1)
+    total = int(config.total_steps)
     self._file = open(os.path.join(workdir, "metrics.jsonl"), "a") if self._active else None
-    self._tb = None
-    if self._active and config.tensorboard and importlib.util.find_spec("tensorboard"):
-      from flax.metrics.tensorboard import SummaryWriter  # noqa  (tensorboard is optional)
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-    self._bar = tqdm.tqdm(total=int(config.total_steps), initial=start, desc=name, unit="step",
-                          disable=not config.progress or not self._active)
+    self._writers = _metric_writers(workdir, config, name) if self._active else []
+    if self._active and start > 0:
+      print(f"{name}: " + (f"finished run reused ({total} steps) from {workdir}" if start >= total
+                           else f"resuming at step {start} of {total} from {workdir}"),
+            flush=True)
+    self._bar = tqdm.tqdm(total=total, initial=start, desc=name, unit="step", dynamic_ncols=True,
+                          disable=not config.progress or not self._active or start >= total)
     self._pending, self._examples, self._clock = [], 0, time.perf_counter()
 
   def after_step(self, step: int, metrics, examples: int, flush: bool) -> None:
@@ -177,11 +235,10 @@ class MetricsLog:
     if self._active:
       self._file.write(json.dumps({"step": step, **summary}) + "\n")
       self._file.flush()
-      if self._tb is not None:
-        for name, value in summary.items():
-          self._tb.scalar(name, value, step)
-    self._bar.set_postfix(loss=f"{summary['loss']:.4f}",
-                          img_s=f"{summary['examples_per_s']:.0f}")
+      for writer in self._writers:
+        writer.write_scalars(step, summary)
+    self._bar.set_postfix({"loss": f"{summary['loss']:.4f}",
+                           "images/s": f"{summary['examples_per_s']:.0f}"})
     self._pending, self._examples, self._clock = [], 0, time.perf_counter()
 
   def _raise_non_finite(self, step: int, loss: float):
@@ -198,8 +255,9 @@ class MetricsLog:
     self._bar.close()
     if self._file is not None:
       self._file.close()
-    if self._tb is not None:
-      self._tb.close()
+    for writer in self._writers:
+      writer.flush()
+      writer.close()
 
 
 def _checked_config(config) -> int:

@@ -40,6 +40,7 @@ import numpy as np
 from flax import nnx
 
 from glajax.errors import bad_argument
+from glajax.models import hf_export
 from glajax.models.hf import load_clip, save_clip
 from glajax.models.heads import CLIPClassifier, CosineClassifier, LinearHead
 from glajax import evaluate, io
@@ -54,7 +55,7 @@ class Task(NamedTuple):
   loss_fn: Callable                 # (model, batch, rng[, teacher]) -> (loss, metrics)
   logits_fn: Callable               # (evaluated model, batch) -> (B, C) logits
   eval_model: Callable | None       # trained model -> evaluated classifier (None: the same)
-  export: Callable | None           # (trained model, directory) -> None
+  export: Callable | None           # (trained model, directory[, hf_export.ExportInfo]) -> None
   teacher_update: Callable | None = None  # engine.TeacherUpdate (CaRot's EMA teacher), or None
 
 
@@ -233,16 +234,32 @@ def _save_npz(path: str, **arrays) -> None:
   io.save_npz(path, **{k: np.asarray(v, np.float32) for k, v in arrays.items()})
 
 
-def export_classifier(model: CLIPClassifier, directory: str) -> None:
-  """``save_clip`` of the CLIP (transformers format) + the head's parameters in ``head.npz``."""
+def export_classifier(model: CLIPClassifier, directory: str,
+                      info: hf_export.ExportInfo | None = None) -> None:
+  """``save_clip`` of the CLIP (transformers format) + the head's parameters in ``head.npz``.
+
+  With ``info`` (class names, tokenizer, image size) the export is also what transformers users
+  take: the tokenizer files and ``preprocessor_config.json`` (``CLIPProcessor.from_pretrained``)
+  and the classifier with ``id2label`` for ``pipeline("image-classification", model=directory,
+  trust_remote_code=True)`` (``hf_export.classifier_export`` says why transformers' own
+  ``CLIPForImageClassification`` cannot hold it). One atomic write (``save_clip``)."""
   _, params = nnx.split(model.head, nnx.Param)
   head = nnx.to_pure_dict(params)
-  save_clip(model.clip, directory,   # head.npz inside the one atomic export
-            extra_files={"head.npz": lambda path: _save_npz(path, **head)})
+  files = {"head.npz": lambda path: _save_npz(path, **head)}
+  config, tensors = {}, {}
+  if info is not None:
+    files.update(hf_export.processor_files(info.tokenizer, info.image_size))
+    config, tensors, code = hf_export.classifier_export(*model.head.as_linear(), info.classnames,
+                                                        model.features)
+    files.update(code)
+  save_clip(model.clip, directory, extra_files=files, config_updates=config,
+            extra_tensors=tensors)
 
 
-def _export_clip(model, directory: str) -> None:
-  save_clip(model.clip, directory)
+def _export_clip(model, directory: str, info: hf_export.ExportInfo | None = None) -> None:
+  """``save_clip`` of the CLIP, with the processor files when ``info`` is given."""
+  save_clip(model.clip, directory, extra_files=None if info is None else
+            hf_export.processor_files(info.tokenizer, info.image_size))
 
 
 def classifier_task(clip, head, config) -> Task:
@@ -274,7 +291,8 @@ def linear_probe_task(head: LinearHead, config) -> Task:
     loss = losses.cross_entropy(logits, batch["label"], config.label_smoothing, batch.get("mask"))
     return loss, {"accuracy": _accuracy(logits, batch)}
 
-  def save_head(model, directory):
+  def save_head(model, directory, info=None):
+    del info  # the head alone, on cached features
     os.makedirs(directory, exist_ok=True)
     _save_npz(os.path.join(directory, "head.npz"),
               **nnx.to_pure_dict(nnx.split(model, nnx.Param)[1]))
@@ -401,7 +419,8 @@ def prompt_tuning_task(clip, tokenizer, classnames, config) -> Task:
     loss = losses.cross_entropy(logits, batch["label"], where=batch.get("mask"))
     return loss, {"accuracy": _accuracy(logits, batch)}
 
-  def export(model, directory):
+  def export(model, directory, info=None):
+    del info  # the residuals alone (the CLIP is the checkpoint's)
     os.makedirs(directory, exist_ok=True)
     _save_npz(os.path.join(directory, "prompt_residuals.npz"),
               context_residual=model.context_residual[...], name_residual=model.name_residual[...])

@@ -13,8 +13,10 @@ gla             prior estimation, fine-tuning or prompt tuning, GLA ensemble    
 backdoor        adapters + cosine classifier + LA loss per backbone, Σ_m z_m       Chen 25
 absent_class    fine-tuning on seen classes, ALG / PCV / oracle γ, AUSUC           Mai 24
 contrastive     FLYP or CaRot (the recipe named), accuracy and ECE under shift     Goyal 23, Oh 24
+own_data        fine-tuning on a folder or CSV, WiSE-FT's α sweep and GLA on it    Wortsman, Zhu
 ==============  =================================================================  ===========
 """
-from glajax.experiments.kinds import absent_class, backdoor, contrastive, gla, wise_ft
+from glajax.experiments.kinds import absent_class, backdoor, contrastive, gla, own_data, wise_ft
 
-KINDS = {module.NAME: module for module in (wise_ft, gla, backdoor, absent_class, contrastive)}
+KINDS = {module.NAME: module for module in (wise_ft, gla, backdoor, absent_class, contrastive,
+                                            own_data)}

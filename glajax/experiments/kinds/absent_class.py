@@ -68,7 +68,9 @@ def _pcv_gamma(exp, models, tags, seen: np.ndarray):
   return float(M.pcv_gamma(splits)), pseudo_absent_classes
 
 
-def _rows(variants: dict, labels, absent):
+def _rows(variants: dict, labels, absent, marks: dict):
+  """Table rows and results of each variant; the AUSUC curves of the zero-shot and fine-tuned
+  models; the points of the fine-tuned curve marked in the plot (``marks``: variant -> label)."""
   rows, results, curves, points = [], {}, {}, {}
   for name, logits in variants.items():
     row = {k: float(v) for k, v in M.seen_absent_accuracies(logits, labels, absent).items()}
@@ -76,8 +78,8 @@ def _rows(variants: dict, labels, absent):
       area, curve = M.ausuc(logits, labels, absent, return_curve=True)
       row["ausuc"] = float(area)
       curves[name] = (float(area), {k: np.asarray(v) for k, v in curve.items()})
-    if name != "zero-shot":
-      points[name] = (row["acc_s_y"], row["acc_u_y"])
+    if name in marks:
+      points[marks[name]] = (row["acc_s_y"], row["acc_u_y"])
     rows.append((name, row))
     results[name] = row
   return rows, results, curves, points
@@ -96,12 +98,14 @@ def run(exp) -> dict:
                                 absent))
   gamma_pcv, pseudo_absent_classes = _pcv_gamma(exp, models, tags, seen)
   gamma_oracle = float(M.oracle_gamma(ft_logits, labels, absent))
-  variants = {"zero-shot": zs_logits, "fine-tuned": ft_logits,
-              f"fine-tuned + ALG γ ({gamma_alg:.2f})": M.apply_gamma(ft_logits, absent, gamma_alg),
-              f"fine-tuned + PCV γ ({gamma_pcv:.2f})": M.apply_gamma(ft_logits, absent, gamma_pcv),
-              f"fine-tuned + oracle γ ({gamma_oracle:.2f}, chosen on test: reference only)":
-                  M.apply_gamma(ft_logits, absent, gamma_oracle)}
-  rows, results, curves, points = _rows(variants, labels, absent)
+  variants = {"zero-shot": zs_logits, "fine-tuned": ft_logits}
+  marks = {"fine-tuned": "γ = 0 (fine-tuned)"}
+  for method, gamma, note in (("ALG", gamma_alg, ""), ("PCV", gamma_pcv, ""),
+                              ("oracle", gamma_oracle, ", chosen on test: reference only")):
+    name = f"fine-tuned + {method} γ ({gamma:.2f}{note})"
+    variants[name] = M.apply_gamma(ft_logits, absent, gamma)
+    marks[name] = f"{method} γ = {gamma:.2f}" + (" (on test)" if note else "")
+  rows, results, curves, points = _rows(variants, labels, absent, marks)
   title = (f"Absent-class calibration on {use.ref.dataset} ({int(seen.sum())} seen / "
            f"{int(absent.sum())} absent classes, {config.train.recipe})")
   return {"results": {"accuracy": results, "gamma_alg": gamma_alg, "gamma_pcv": gamma_pcv,

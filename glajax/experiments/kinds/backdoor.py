@@ -72,6 +72,7 @@ def run(exp) -> dict:
            "accuracy by training-count group")
   return {"results": {"accuracy": results, "train_counts": counts.tolist(), "logits_tags": tags,
                       "recipe": config.train.recipe},
-          "tables": [report.table(title, ["many", "medium", "few", "all"], rows,
-                                  config.published)],
-          "plots": {"train_counts.png": report.PriorPlot(np.log(counts / counts.sum()), None)}}
+          "tables": [report.table(title, ["all", "many", "medium", "few"], rows,
+                                  config.published, {"all": "ID (all classes)"})],
+          "plots": {"train_counts.png": report.PriorPlot(
+              np.log(counts / counts.sum()), None, label="log training label frequency")}}

@@ -66,7 +66,8 @@ def _sweep(exp, models, tags, tests, alphas):
     outputs[alpha] = exp.logits(tag, model, tests)
   export_alpha = float(exp.config.wise_ft.export_alpha)
   exp.export(f"wise_ft_alpha{export_alpha:g}",
-             lambda directory: recipes.export_classifier(merged(export_alpha), directory))
+             lambda directory: recipes.export_classifier(
+                 merged(export_alpha), directory, exp.export_info(common.train_ref(exp.config))))
   return outputs
 
 

@@ -1,0 +1,104 @@
+"""Writes the markdown results file of ``benchmarks/gpu.sh`` from its logs and JSON outputs."""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+
+
+def _read(path):
+  try:
+    with open(path) as f:
+      return f.read()
+  except OSError:
+    return ""
+
+
+def _json(path):
+  text = _read(path)
+  return json.loads(text) if text else None
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__)
+  parser.add_argument("--logs", required=True)
+  parser.add_argument("--out", required=True)
+  parser.add_argument("--tests", default="")
+  parser.add_argument("--train-args", default="")
+  parser.add_argument("--prior-args", default="")
+  args = parser.parse_args()
+  logs = args.logs
+  lines = [f"# issue 14 on an accelerator: `bash benchmarks/gpu.sh` "
+           f"({datetime.date.today().isoformat()})", ""]
+  lines += ["## Device and versions", "", "```", _read(f"{logs}/versions.log").strip(), "```", "",
+            "Steps (rc, seconds):", "", "```", _read(f"{logs}/steps.txt").strip(), "```", ""]
+
+  tests_log = _read(f"{logs}/tests.log")
+  summary = [l for l in tests_log.splitlines() if re.search(r"\d+ (passed|failed)", l)]
+  failed = [l for l in tests_log.splitlines() if l.startswith(("FAILED", "ERROR"))]
+  skipped = [l for l in tests_log.splitlines() if l.startswith("SKIPPED")]
+  lines += ["## Tests", "", "```", "python -m pytest -p no_tensorflow -m 'slow or not slow' "
+            + args.tests, "```", "", f"Result: `{summary[-1].strip('= ') if summary else 'none'}`",
+            ""]
+  if failed or skipped:
+    lines += ["```", *failed[:40], *skipped[:20], "```", ""]
+
+  train = _json(f"{logs}/train_step.json")
+  lines += ["## Train step (ViT-B/16 fine-tuning step)", "", "```",
+            f"python benchmarks/bench_train_step.py {args.train_args}", "```", ""]
+  if train:
+    mfu = lambda k: f"{100 * train[k]:.1f} %" if train.get(k) else "n/a"   # noqa: E731
+    lines += ["| system | images/s | MFU |", "|---|---|---|",
+              f"| glajax (jit, {train['dtype']} compute, f32 params) | "
+              f"{train['jax_images_per_s']:.1f} | {mfu('jax_mfu')} |"]
+    if train.get("torch_images_per_s"):
+      lines += [f"| PyTorch, {train['torch_anchor']} | {train['torch_images_per_s']:.1f} | "
+                f"{mfu('torch_mfu')} |"]
+      lines += ["", f"glajax / PyTorch: **{train['speedup']:.2f}×**"]
+    lines += ["", f"{train['train_gflop_per_image']:.1f} GFLOP per image per step; device "
+              f"{train['device']}; versions {train['versions']}", ""]
+    if train.get("top_kernels"):
+      lines += ["Top kernels (jax.profiler, per glajax step):", "",
+                "| kernel | ms/step | share | calls/step |", "|---|---|---|---|"]
+      for k in train["top_kernels"]:
+        lines.append(f"| `{k['name']}` | {k['ms_per_step']:.3f} | {100 * k['share']:.1f} % | "
+                     f"{k['calls_per_step']:.0f} |")
+      lines.append("")
+  else:
+    lines += ["No result (see train_step.log):", "", "```",
+              *_read(f"{logs}/train_step.log").splitlines()[-25:], "```", ""]
+
+  prior = _json(f"{logs}/prior.json")
+  lines += ["## Prior estimation", "", "```", f"python benchmarks/bench_prior.py {args.prior_args} "
+            "--solvers newton,fixed_point", "```", ""]
+  if prior:
+    ref = prior["gla_reference_torch"]
+    lines += [f"{prior['N']} × {prior['C']} logits ({prior['data']}), JAX on "
+              f"{prior.get('jax_device')}, reference in torch {prior['torch_version']}.", "",
+              "| solver | time | passes over E | memory floor | × floor | iterations | residual |",
+              "|---|---|---|---|---|---|---|",
+              f"| GLA reference SGD ({ref['steps']} steps) | {ref['seconds'] * 1e3:.1f} ms | | | | "
+              f"{ref['steps']} | {ref['residual']:.1e} |"]
+    for solver in ("newton", "fixed_point", "lbfgs"):
+      r = prior.get(solver)
+      if not r:
+        continue
+      floor = r.get("memory_floor_seconds")
+      lines.append(f"| {solver} | {r['seconds'] * 1e3:.2f} ms | {r.get('passes_over_E')} | "
+                   f"{floor * 1e3:.3f} ms | {r['times_memory_floor']:.1f} | {r['iterations']} | "
+                   f"{r['residual']:.1e} |" if floor else
+                   f"| {solver} | {r['seconds'] * 1e3:.2f} ms | | | | {r['iterations']} | "
+                   f"{r['residual']:.1e} |")
+    lines.append("")
+  else:
+    lines += ["No result (see prior.log):", "", "```",
+              *_read(f"{logs}/prior.log").splitlines()[-25:], "```", ""]
+  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+  with open(args.out, "w") as f:
+    f.write("\n".join(lines))
+
+
+if __name__ == "__main__":
+  main()

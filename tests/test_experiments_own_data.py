@@ -1,0 +1,115 @@
+"""Your own data in one command (``configs/custom.py``, kind ``own_data``): folder and CSV datasets
+named by path without registering anything, the per-class test hold-out, and the whole run on a
+generated folder of tiny images with a tiny random CLIP."""
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from glajax import experiments
+from glajax.data import builders, registry
+from glajax.errors import ConfigError, DatasetError
+from glajax.experiments import config as C
+from glajax.experiments import roles
+
+CLASSES = {"red_things": (200, 30, 30), "green_things": (30, 180, 40),
+           "blue_things": (30, 40, 210)}
+
+
+def _folder(root, per_class: int = 15, split: str = "") -> str:
+  """Class subfolders of 40-px PNGs: noise around each class's colour."""
+  rng = np.random.default_rng(0)
+  for name, colour in CLASSES.items():
+    folder = os.path.join(root, split, name)
+    os.makedirs(folder, exist_ok=True)
+    for i in range(per_class):
+      pixels = np.clip(np.asarray(colour) + rng.integers(-40, 40, (40, 40, 3)), 0, 255)
+      Image.fromarray(pixels.astype(np.uint8)).save(os.path.join(folder, f"{i}.png"))
+  return str(root)
+
+
+def test_folder_is_named_by_path_without_registering(tmp_path):
+  root = _folder(tmp_path / "images", per_class=2)
+  registered = dict(registry._REGISTERED)
+  config = C.load(f"configs/custom.py:runlocal,data.folder={root}")
+  assert config.data.train == config.data.test == f"folder:{root}@train"
+  uses = experiments.validate(config)
+  assert registry._REGISTERED == registered and f"folder:{root}" not in registry.names()
+  info = registry.get(f"folder:{root}")
+  assert info.classnames == ("blue things", "green things", "red things")
+  assert info.source.root == tmp_path / "images"
+  by_purpose = roles.by_purpose(uses)
+  assert by_purpose["test"].ref.steps == (roles.holdout(0.2, 0, 1),)
+  assert by_purpose["fine-tuning"].ref.steps == (roles.holdout(0.2, 0, 0),)
+  assert roles.disjoint(by_purpose["fine-tuning"].ref, by_purpose["test"].ref)
+
+
+def test_train_test_folders_and_csv(tmp_path):
+  root = tmp_path / "split"
+  _folder(root, per_class=2, split="train")
+  _folder(root, per_class=1, split="test")
+  assert builders.folder_splits(root) == ("train", "test")
+  config = C.load(f"configs/custom.py:runlocal,data.folder={root}")
+  assert (config.data.train, config.data.test) == (f"folder:{root}@train", f"folder:{root}@test")
+  uses = roles.by_purpose(experiments.validate(config))
+  assert uses["test"].ref.steps == () and uses["test"].key == "data.test"
+
+  csv = tmp_path / "labels.csv"
+  csv.write_text("path,label\nsplit/train/red_things/0.png,red\nsplit/train/blue_things/0.png,"
+                 f"blue\n{root}/test/red_things/0.png,red,test\n")
+  info = registry.get(registry.local_name(csv))
+  assert info.classnames == ("blue", "red") and info.source.splits == ("train", "test")
+  assert info.source.examples(info.source.root, "train") == [
+      ("split/train/red_things/0.png", 1), ("split/train/blue_things/0.png", 0)]
+  bad = tmp_path / "bad.csv"
+  bad.write_text("a.png\n")
+  with pytest.raises(DatasetError, match="path,label"):
+    registry.get(registry.local_name(bad))
+
+
+def test_bad_own_data_configs(tmp_path):
+  with pytest.raises(ConfigError, match="data.folder"):
+    experiments.validate(C.load("configs/custom.py"))
+  with pytest.raises(DatasetError, match="data.train"):
+    experiments.validate(C.load(f"configs/custom.py:data.folder={tmp_path / 'missing'}"))
+  root = _folder(tmp_path / "images", per_class=2)
+  with pytest.raises(ConfigError, match="test_fraction"):
+    experiments.validate(C.load(f"configs/custom.py:data.folder={root},"
+                                "own_data.test_fraction=0.0"))
+  with pytest.raises(ConfigError, match="gla.prior_data"):
+    experiments.validate(C.load(f"configs/custom.py:data.folder={root},gla.shots=2"))
+
+
+@pytest.mark.slow
+def test_own_data_end_to_end(tmp_path):
+  root = _folder(tmp_path / "images")
+  workdir = tmp_path / "run"
+  result = experiments.run(f"configs/custom.py:runlocal,data.folder={root}", str(workdir))
+  titles = [t["title"] for t in result["tables"]]
+  assert titles[0].startswith("WiSE-FT on folder:") and titles[1].startswith("GLA on folder:")
+  assert set(result["results"]) == {"wise_ft", "gla"}
+  assert {"wise_ft_curve.png", "reliability.png", "prior.png"} <= set(result["plots"])
+  ledger = {e["purpose"]: e for e in result["ledger"]}
+  assert ledger["test"]["rows"] == 9 and ledger["fine-tuning"]["rows"] == 36  # 3 of 15 per class
+  # one fine-tuning run shared by WiSE-FT and GLA
+  assert len(os.listdir(workdir / "runs")) == 1
+  export = workdir / "final" / "finetuned"
+  config = json.loads((export / "config.json").read_text())
+  assert config["id2label"] == {"0": "blue things", "1": "green things", "2": "red things"}
+  assert (export / "preprocessor_config.json").is_file()
+  markdown = (workdir / "report.md").read_text()
+  assert "own_data.test_fraction" in markdown and "holdout(0.2, 0) part 1" in markdown
+
+
+def test_full_custom_config_and_runlocal_without_a_folder(tmp_path):
+  root = _folder(tmp_path / "images", per_class=2)
+  config = experiments.load(f"custom:data.folder={root}")
+  experiments.validate(config, check_files=False)
+  assert config.model.checkpoints == ("openai/clip-vit-base-patch16",)
+  assert config.data.image_size == 224 and config.train.model.dtype == "bfloat16"
+  assert config.train.total_steps == -1 and config.train.optimizer.warmup_epochs == 1
+  # runlocal alone runs on the demo's tiny world (its own test split): nothing held out
+  uses = roles.by_purpose(experiments.validate(experiments.load("custom:runlocal")))
+  assert uses["test"].ref.spec == "demo_shapes_tiny@test_photo"
