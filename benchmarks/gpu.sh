@@ -43,7 +43,8 @@ export PYTHONPATH="$ROOT:$ROOT/benchmarks${PYTHONPATH:+:$PYTHONPATH}"
 if [[ $DRY == 1 ]]; then
   export JAX_PLATFORMS=cpu
   TESTS=${GPU_SH_TESTS:-"tests/test_accelerator_ready.py tests/test_methods_priors.py"}
-  TRAIN_ARGS="--preset small --batch 8 --steps 2 --warmup 1 --repeats 1 --profile-steps 1"
+  TRAIN_ARGS="--preset small --batch 8 --steps 2 --warmup 1 --repeats 1 --profile-steps 1
+    --torch-compile"
   PRIOR_ARGS="--num-samples 5000 --num-classes 200 --reference-steps 20 --repeats 2"
   TAG=dry_run
   RESULTS=${RESULTS_DIR:-/tmp/glajax_gpu_results}

@@ -183,24 +183,21 @@ class _Factored:
 def _fixed_point(z, labels, freq, *, tol, max_iter):
   """θ_c ← θ_c + log(p̄_c / freq_c) (EM for the prior; a gradient step preconditioned by p̄).
 
-  Two passes over E per iteration (``_Factored.rows`` then ``.columns``)."""
-  factored = _Factored(z, labels, freq)
-
-  def pbar_at(theta):
-    _, sums, w = factored.rows(theta)
-    return factored.columns(sums, w)
+  ∇f by autodiff of the factored f: two passes over E per iteration (a row, then a column
+  reduction; on XLA:CPU this form measured faster than ``_Factored.rows``/``.columns``)."""
+  grad_fn = jax.grad(_Factored(z, labels, freq).objective)
 
   def cond(state):
-    _, pbar, it = state
-    return (jnp.max(jnp.abs(freq - pbar)) > tol) & (it < max_iter)
+    _, grad, it = state
+    return (jnp.max(jnp.abs(grad)) > tol) & (it < max_iter)
 
   def body(state):
-    theta, pbar, it = state
-    theta = theta + jnp.log(pbar / freq)
-    return theta, pbar_at(theta), it + 1
+    theta, grad, it = state
+    theta = theta + jnp.log((freq - grad) / freq)
+    return theta, grad_fn(theta), it + 1
 
   theta = jnp.zeros_like(freq)
-  theta, _, it = jax.lax.while_loop(cond, body, (theta, pbar_at(theta), 0))
+  theta, _, it = jax.lax.while_loop(cond, body, (theta, grad_fn(theta), 0))
   return theta, it, 2 * (it + 1)
 
 
