@@ -25,15 +25,14 @@ os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 
 
 def needs_devices(n: int):
-  """Marks a test that needs ≥ n devices (skipped with the count present when there are fewer)."""
-  import jax
-  count = jax.device_count()
-  return pytest.mark.skipif(count < n, reason=f"needs {n} devices, {count} present "
-                            f"({jax.default_backend()})")
+  """Marks a test that needs ≥ n devices (skipped, saying so, when fewer are present). The
+  condition is evaluated when the test runs, never at import: a module importing this must not
+  start a JAX backend (the jax.distributed children import test modules before initialising)."""
+  return pytest.mark.skipif(f"__import__('jax').device_count() < {n}",
+                            reason=f"needs {n} devices; fewer are present on this backend")
 
 
 def needs_cpu(why: str):
-  """Marks a test that only runs on the CPU backend (e.g. CPU collectives)."""
-  import jax
-  return pytest.mark.skipif(jax.default_backend() != "cpu",
-                            reason=f"CPU backend only ({why}); backend is {jax.default_backend()}")
+  """Marks a test that only runs on the CPU backend (e.g. CPU collectives); evaluated lazily."""
+  return pytest.mark.skipif("__import__('jax').default_backend() != 'cpu'",
+                            reason=f"CPU backend only ({why})")

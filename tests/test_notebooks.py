@@ -1,15 +1,73 @@
-"""The Colab notebooks execute top to bottom in the tiny setting (nbclient, no network)."""
+"""The Colab notebooks: Colab-ready (a badge, an install cell that follows the README), committed
+with the outputs of a run in the tiny setting (``python scripts/run_notebooks.py``), and they
+execute top to bottom in that setting (nbclient, no network)."""
+import json
 import os
+import re
 from pathlib import Path
 
 import pytest
 
-NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+BADGE = "https://colab.research.google.com/github/glajax/glajax/blob/main/notebooks/{}.ipynb"
 
 
-def test_the_three_notebooks_are_there():
+def _cells(path):
+  return json.loads(path.read_text())["cells"]
+
+
+def _source(cell) -> str:
+  return "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
+
+
+def _code(path):
+  return [c for c in _cells(path) if c["cell_type"] == "code"]
+
+
+def test_the_four_notebooks_are_there():
   assert {p.stem for p in NOTEBOOKS} == {"quick_start", "robust_finetuning_wise_ft",
-                                         "absent_class_calibration"}
+                                         "absent_class_calibration", "own_data"}
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_colab_badge_and_install_cell(path):
+  first = _cells(path)[0]
+  assert first["cell_type"] == "markdown" and BADGE.format(path.stem) in _source(first)
+  install = _source(_code(path)[0])
+  # the README's Install section: Colab GPU glajax[cuda], TPU glajax[tpu], else the tf extra,
+  # from the repository, only when glajax is missing, before JAX is imported
+  assert 'find_spec("glajax") is None' in install
+  assert "git+https://github.com/glajax/glajax" in install
+  for extra in ('"cuda"', '"tpu"', '"tf"'):
+    assert extra in install
+  assert "import jax" not in install
+
+
+def _displays_results(cell) -> bool:
+  """A cell that runs an experiment, prints or displays something."""
+  source = _source(cell)
+  return bool(re.search(r"\b(print|display)\(", source)) or "experiments.run(" in source
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_committed_with_outputs_of_a_clean_run(path):
+  """Every cell that shows results has the outputs of one run top to bottom, with no error and
+  no machine path (``python scripts/run_notebooks.py`` writes them)."""
+  code = _code(path)
+  # the install cell (the first) prints only when it installs, and glajax is installed here
+  missing = [i for i, cell in enumerate(code) if i > 0 and _displays_results(cell)
+             and not cell["outputs"]]
+  assert not missing, (f"{path.name}: code cells {missing} have no outputs; run "
+                       "`python scripts/run_notebooks.py` and commit the notebooks")
+  counts = [c["execution_count"] for c in code if c["outputs"]]
+  assert counts == sorted(counts) and None not in counts, "outputs of more than one run"
+  text = json.dumps([c["outputs"] for c in code])
+  assert '"output_type": "error"' not in text
+  assert not re.search(r"/tmp/|/home/|/work/|/Users/|/content/", text), \
+      "a machine-specific path in the outputs"
+  assert any('"image/png"' in json.dumps(c["outputs"]) for c in code), "no plot shown"
+  assert len(path.read_bytes()) < 1_000_000
 
 
 @pytest.mark.slow

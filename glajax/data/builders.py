@@ -335,6 +335,12 @@ def _builder_class():
       for path, label in pairs:
         yield path, {"image": _check_image(self._root / path), "label": label, "file_name": path}
 
+    def _log_download_bytes(self) -> None:
+      pass  # prepare() says what happens: the images are read, nothing is downloaded
+
+    def _log_download_done(self) -> None:
+      pass
+
   return LocalImages
 
 
@@ -365,6 +371,9 @@ def prepare(source: LocalSource, manual_dir: str | os.PathLike | None, data_dir:
                       Path(data_dir, BUILDER_NAME, source.name), target) if not p.exists()]
   try:
     builder = _builder_class()(source=source, root=root, data_dir=os.fspath(data_dir))
+    images = sum(len(source.examples(root, split)) for split in source.splits)
+    print(f"Preparing {source.name} once: {images:,} images from {root}, nothing to download, "
+          f"into {target}", flush=True)
     builder.download_and_prepare()
   except BaseException as e:
     for folder in sorted(made, key=lambda p: len(p.parts), reverse=True):
