@@ -105,6 +105,21 @@ def _glajax_run(config, total, a, b, w0):
 # --------------------------------------------------------------------------------------- tests
 
 
+def _torch_epochs(optimizer, scheduler, w, a, b, epochs, steps_per_epoch):
+  """The official loop: per epoch, every batch's step, then ``scheduler.step()``; returns the lr
+  each step ran at and the weights after it."""
+  want_lr, want_w = [], []
+  for _ in range(epochs):
+    for _ in range(steps_per_epoch):
+      want_lr.append(optimizer.param_groups[0]["lr"])
+      optimizer.zero_grad()
+      _loss_torch(w, a, b).backward()
+      optimizer.step()
+      want_w.append(w.detach().numpy().copy())
+    scheduler.step()
+  return want_lr, want_w
+
+
 @pytest.mark.parametrize("recipe", ["finetune", "flyp"])
 def test_wise_ft_and_carot_cosine_lr_warmup(recipe):
   """WiSE-FT finetune.py / CaRot carot_loss.py: ``scheduler(step)`` before every step, AdamW,
@@ -149,15 +164,7 @@ def test_lift_per_epoch_cosine():
   optimizer = torch.optim.SGD([w], lr=opt.learning_rate, weight_decay=opt.weight_decay,
                               momentum=opt.momentum)
   scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs)
-  want_lr, want_w = [], []
-  for _ in range(epochs):
-    for _ in range(steps_per_epoch):
-      want_lr.append(optimizer.param_groups[0]["lr"])
-      optimizer.zero_grad()
-      _loss_torch(w, a, b).backward()
-      optimizer.step()
-      want_w.append(w.detach().numpy().copy())
-    scheduler.step()
+  want_lr, want_w = _torch_epochs(optimizer, scheduler, w, a, b, epochs, steps_per_epoch)
   got_lr, got_w = _glajax_run(config, config.total_steps, a, b, w0)
   np.testing.assert_allclose(got_lr, want_lr, rtol=LR_RTOL, atol=LR_ATOL * opt.learning_rate)
   assert len(set(got_lr[:steps_per_epoch])) == 1     # constant within an epoch
@@ -180,15 +187,7 @@ def test_gla_dassl_constant_warmup_epoch_then_per_epoch_cosine():
                               weight_decay=opt.weight_decay, dampening=0, nesterov=False)
   cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, float(epochs))
   scheduler = DasslConstantWarmup(optimizer, cosine, 1, 1e-5)
-  want_lr, want_w = [], []
-  for _ in range(epochs):
-    for _ in range(steps_per_epoch):
-      want_lr.append(optimizer.param_groups[0]["lr"])
-      optimizer.zero_grad()
-      _loss_torch(w, a, b).backward()
-      optimizer.step()
-      want_w.append(w.detach().numpy().copy())
-    scheduler.step()
+  want_lr, want_w = _torch_epochs(optimizer, scheduler, w, a, b, epochs, steps_per_epoch)
   got_lr, got_w = _glajax_run(config, config.total_steps, a, b, w0)
   assert want_lr[:steps_per_epoch] == [1e-5] * steps_per_epoch
   assert want_lr[steps_per_epoch] == pytest.approx(opt.learning_rate)
