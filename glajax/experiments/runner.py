@@ -36,7 +36,7 @@ import numpy as np
 import glajax
 from glajax import evaluate, io, parallel
 from glajax.data import pipeline, registry
-from glajax.errors import ConfigError, bad_argument
+from glajax.errors import ConfigError, TrainingError, bad_argument
 from glajax.experiments import config as config_lib
 from glajax.experiments import roles
 from glajax.models import heads, hf_export
@@ -435,4 +435,4 @@ def _check_finite_logits(logits, tag: str, use: roles.Use) -> None:
   if not np.isfinite(logits).all():
     raise bad_argument(f"logits of {tag}", "finite values",
                        f"{int((~np.isfinite(logits)).sum())} non-finite values on "
-                       f"{use.ref.describe()}; nothing was cached", ConfigError)
+                       f"{use.ref.describe()}; nothing was cached", TrainingError)
