@@ -3,11 +3,24 @@
 # runs `glajax run wise_ft:runlocal` from another directory, as a user who ran `pip install glajax`
 # would. Fails if the wheel lacks anything the run needs (configs, assets, the entry point), if
 # the run imports anything from the checkout, or if the wheel's declared dependencies (base + tf)
-# are not met by the versions the run used.
+# are not met by the versions the run used. Then it executes the notebooks with that environment's
+# python from outside the checkout (scripts/run_notebooks.py, tiny setting, one shared work
+# directory) into a temporary folder, and fails if any cell raised.
+#
+#   bash scripts/check_wheel.sh                    # CI
+#   bash scripts/check_wheel.sh --write-notebooks  # also copy the executed notebooks into
+#                                                  # notebooks/ (the committed outputs)
 #
 # Fast (no download): the fresh environment gets the wheel alone (--no-deps); its dependencies
 # are those already in .venv, which a .pth file puts on its path after its own site-packages.
 set -euo pipefail
+write_notebooks=0
+for arg in "$@"; do
+  case $arg in
+    --write-notebooks) write_notebooks=1 ;;
+    *) echo "usage: $0 [--write-notebooks]" >&2; exit 2 ;;
+  esac
+done
 cd "$(dirname "$0")/.."
 REPO=$PWD
 start=$SECONDS
@@ -65,5 +78,17 @@ env -u PYTHONPATH HF_HUB_OFFLINE=1 TF_CPP_MIN_LOG_LEVEL=3 JAX_PLATFORMS=cpu \
   "$TMP/venv/bin/glajax" run wise_ft:runlocal --workdir "$TMP/work" >"$TMP/run.log" 2>&1 \
   || { tail -n 40 "$TMP/run.log"; echo "wheel check: glajax run wise_ft:runlocal failed"; exit 1; }
 test -s "$TMP/work/report.json" || { tail -n 40 "$TMP/run.log"; echo "wheel check: no report.json"; exit 1; }
+run_seconds=$((SECONDS - run_start))
+
+# 4. The notebooks, executed by the wheel's environment from elsewhere (its python is the kernel).
+nb_start=$SECONDS
+env -u PYTHONPATH PATH="$TMP/venv/bin:$PATH" "$TMP/venv/bin/python" "$REPO/scripts/run_notebooks.py" \
+  --out "$TMP/notebooks" --workdir "$TMP/nbwork" \
+  || { echo "wheel check: the notebooks failed (executed copies in $TMP/notebooks, removed on exit)"; exit 1; }
+if [ "$write_notebooks" = 1 ]; then
+  cp "$TMP"/notebooks/*.ipynb "$REPO/notebooks/"
+  echo "notebooks/: outputs written from this run"
+fi
 echo "wheel check passed: $(basename "$wheel") installed outside the checkout;" \
-  "glajax run wise_ft:runlocal $((SECONDS - run_start)) s; whole check $((SECONDS - start)) s"
+  "glajax run wise_ft:runlocal ${run_seconds} s; notebooks $((SECONDS - nb_start)) s;" \
+  "whole check $((SECONDS - start)) s"

@@ -1,14 +1,21 @@
-"""Executes the notebooks in the tiny setting (as tests/test_notebooks.py does) and saves them with
-their outputs, so that the committed notebooks show what a run prints.
+"""Executes the notebooks in the tiny setting and saves them with their outputs, so that the
+committed notebooks show what a run prints.
 
-  python scripts/run_notebooks.py                    # every notebook in notebooks/
+  python scripts/run_notebooks.py                    # every notebook in notebooks/, in place
+  python scripts/run_notebooks.py --out /tmp/nbs     # write the executed copies there instead
   python scripts/run_notebooks.py notebooks/own_data.ipynb --workdir /tmp/nb   # keep the caches
 
-Each notebook runs with GLAJAX_TINY=1, JAX_PLATFORMS=cpu, HF_HUB_OFFLINE=1, MPLBACKEND=Agg and a
-temporary GLAJAX_WORKDIR (or --workdir). In the saved outputs the work directory reads
-``<GLAJAX_WORKDIR>`` and other machine paths are replaced, progress bars (carriage-return lines on
-stderr) are dropped, and the kernel's execution metadata is removed, so a re-run changes only what
-the notebook computes.
+CI runs it from the installed wheel (scripts/check_wheel.sh, with the wheel's environment's
+python, outside the checkout), and ``bash scripts/check_wheel.sh --write-notebooks`` copies that
+run's notebooks into notebooks/: the committed outputs come from it. The kernel is the python
+that runs this script (its directory goes first on PATH).
+
+Each notebook runs with GLAJAX_TINY=1, JAX_PLATFORMS=cpu, HF_HUB_OFFLINE=1, MPLBACKEND=Agg and one
+GLAJAX_WORKDIR shared by all of them (a temporary one, or --workdir), so the demo's small CLIP is
+pre-trained once. In the saved outputs the work directory reads ``<GLAJAX_WORKDIR>`` and other
+machine paths are replaced, progress bars (carriage-return lines on stderr) are dropped, and the
+kernel's execution metadata is removed, so a re-run changes only what the notebook computes.
+Exits with status 1 if any cell raised (its error output is kept in the saved notebook).
 """
 from __future__ import annotations
 
@@ -21,6 +28,7 @@ import time
 from pathlib import Path
 
 import nbclient
+import nbclient.exceptions
 import nbformat
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,17 +79,22 @@ def clean(notebook, replacements: list[tuple[str, str]]) -> None:
     cell.outputs = outputs
 
 
-def execute(path: Path, workdir: Path, timeout: int = 1800) -> float:
-  """Runs ``path`` in the tiny setting in ``workdir``, saves it with its outputs; the seconds."""
-  saved = {k: os.environ.get(k) for k in (*TINY_ENV, "GLAJAX_WORKDIR")}
-  os.environ.update(TINY_ENV, GLAJAX_WORKDIR=str(workdir))
+def execute(path: Path, workdir: Path, out: Path, timeout: int = 1800) -> float:
+  """Runs ``path`` in the tiny setting in ``workdir``, saves it with its outputs to ``out``;
+  the seconds. A cell's error stops the run; the notebook is saved with it."""
+  saved = {k: os.environ.get(k) for k in (*TINY_ENV, "GLAJAX_WORKDIR", "PATH")}
+  os.environ.update(TINY_ENV, GLAJAX_WORKDIR=str(workdir),
+                    PATH=os.pathsep.join((os.path.dirname(sys.executable),
+                                          os.environ.get("PATH", ""))))
+  notebook = nbformat.read(path, as_version=4)
+  start = time.perf_counter()
   try:
-    notebook = nbformat.read(path, as_version=4)
-    start = time.perf_counter()
     nbclient.NotebookClient(notebook, timeout=timeout, kernel_name="python3",
                             resources={"metadata": {"path": str(workdir)}}).execute()
-    seconds = time.perf_counter() - start
+  except nbclient.exceptions.CellExecutionError:
+    pass  # the error is in the cell's outputs
   finally:
+    seconds = time.perf_counter() - start
     for key, value in saved.items():
       if value is None:
         os.environ.pop(key, None)
@@ -93,7 +106,7 @@ def execute(path: Path, workdir: Path, timeout: int = 1800) -> float:
   replacements += [(sys.prefix, "<python env>"), (str(ROOT), "<glajax checkout>"),
                    (os.path.expanduser("~"), "~")]
   clean(notebook, replacements)
-  nbformat.write(notebook, path)
+  nbformat.write(notebook, out)
   return seconds
 
 
@@ -101,20 +114,30 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("notebooks", nargs="*", type=Path,
                       default=sorted((ROOT / "notebooks").glob("*.ipynb")))
-  parser.add_argument("--workdir", type=Path, help="GLAJAX_WORKDIR (default: a temporary one "
-                      "per notebook, removed afterwards)")
+  parser.add_argument("--workdir", type=Path, help="GLAJAX_WORKDIR, shared by the notebooks "
+                      "(default: a temporary one, removed afterwards)")
+  parser.add_argument("--out", type=Path, help="write the executed notebooks into this folder "
+                      "(default: over the notebooks themselves)")
   args = parser.parse_args(argv)
-  for path in args.notebooks:
-    if args.workdir:
-      args.workdir.mkdir(parents=True, exist_ok=True)
-      seconds = execute(path, args.workdir.resolve())
-    else:
-      with tempfile.TemporaryDirectory(prefix="glajax-nb-") as tmp:
-        seconds = execute(path, Path(tmp))
-    errors = [o for c in nbformat.read(path, as_version=4).cells
-              for o in c.get("outputs", []) if o.get("output_type") == "error"]
-    print(f"{path.name}: {seconds:.0f} s" + (f", {len(errors)} error(s)" if errors else ""))
-  return 0
+  if args.out:
+    args.out.mkdir(parents=True, exist_ok=True)
+  failed = []
+  with tempfile.TemporaryDirectory(prefix="glajax-nb-") as tmp:
+    workdir = args.workdir or Path(tmp)
+    workdir.mkdir(parents=True, exist_ok=True)
+    for path in args.notebooks:
+      out = args.out / path.name if args.out else path
+      seconds = execute(path, workdir.resolve(), out)
+      errors = [o for c in nbformat.read(out, as_version=4).cells
+                for o in c.get("outputs", []) if o.get("output_type") == "error"]
+      print(f"{path.name}: {seconds:.0f} s" + (f", {len(errors)} error(s)" if errors else ""),
+            flush=True)
+      if errors:
+        failed.append(path.name)
+        print("\n".join(f"  {e.get('ename')}: {e.get('evalue')}" for e in errors))
+  if failed:
+    print(f"notebooks with errors: {', '.join(failed)}")
+  return 1 if failed else 0
 
 
 if __name__ == "__main__":
