@@ -55,6 +55,20 @@ def json_default(value):
   raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
+def finite_or_none(value):
+  """``value`` (nested dicts, lists, arrays, numbers) with NaN and ±inf turned into None, so it
+  writes as strict JSON (``write_json(..., allow_nan=False)``)."""
+  if isinstance(value, dict):
+    return {k: finite_or_none(v) for k, v in value.items()}
+  if isinstance(value, np.ndarray):
+    return finite_or_none(value.tolist())
+  if isinstance(value, (list, tuple)):
+    return [finite_or_none(v) for v in value]
+  if isinstance(value, (float, np.floating)):
+    return float(value) if np.isfinite(value) else None
+  return value
+
+
 def write_json(path: str, value, **kwargs) -> None:
   """``value`` as indented JSON (NumPy values converted), written atomically."""
   write_text(path, json.dumps(value, indent=2, default=json_default, **kwargs))

@@ -3,7 +3,8 @@ against a stated threshold (an effect that does not appear is reported as such).
 from __future__ import annotations
 
 import numpy as np
-from scipy import stats
+
+from glajax.experiments import report as experiment_report
 
 # name -> (what the world is built to show, comparison, threshold); stated in the report too.
 EFFECTS = {
@@ -33,14 +34,7 @@ def effect_appeared(name: str, value) -> bool:
       _COMPARE[comparison](value, threshold))
 
 
-def prior_fit(log_prior, true_counts) -> dict:
-  """Spearman ρ, Pearson r of the logs and log-log slope of the estimated against the true
-  prior (slope 1 when the zero-shot logits carry exactly the pre-training prior)."""
-  true = np.log(np.asarray(true_counts, np.float64) / np.sum(true_counts))
-  estimated = np.asarray(log_prior, np.float64)
-  return {"spearman": float(stats.spearmanr(estimated, true).statistic),
-          "pearson_log": float(np.corrcoef(estimated, true)[0, 1]),
-          "slope": float(np.polyfit(true, estimated, 1)[0])}
+prior_fit = experiment_report.prior_fit  # the one fit of an estimated prior to a true one
 
 
 def _row(report: dict, label_start: str) -> dict:

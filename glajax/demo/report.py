@@ -3,7 +3,6 @@ each part's tables and a link to its own report) and the estimated-vs-true prior
 part's plots (WiSE-FT curve, reliability diagrams, AUSUC) are in its own directory."""
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
@@ -13,18 +12,6 @@ from glajax.experiments import report as experiment_report
 
 COMMAND = "glajax demo --workdir {workdir}{quick}"
 
-
-def _strict(value):
-  """The results with NaN and ±inf turned into None, so report.json is strict JSON."""
-  if isinstance(value, dict):
-    return {k: _strict(v) for k, v in value.items()}
-  if isinstance(value, np.ndarray):
-    return _strict(value.tolist())
-  if isinstance(value, (list, tuple)):
-    return [_strict(v) for v in value]
-  if isinstance(value, (float, np.floating)):
-    return float(value) if np.isfinite(value) else None
-  return value
 
 
 # Effects measured as a correlation, not a difference of accuracies or ECEs.
@@ -109,7 +96,6 @@ def write(workdir: str, results: dict, reports: dict, true_counts, *, quick: boo
         "true prior (pre-training class frequency)"))
     files["plots"].append(path)
   content = {**results, "command": command}
-  io.write_text(files["json"], json.dumps(_strict(content), indent=2, default=io.json_default,
-                                          allow_nan=False))
+  io.write_json(files["json"], io.finite_or_none(content), allow_nan=False)
   io.write_text(files["markdown"], markdown(results, reports, command))
   return files

@@ -261,6 +261,16 @@ class Reliability:
       ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15))
 
 
+def prior_fit(log_prior, counts) -> dict:
+  """Spearman ρ, Pearson r of the logs and log-log slope of an estimated log prior against the
+  normalised log of ``counts`` (slope 1 when the zero-shot logits carry exactly that prior)."""
+  reference = np.log(np.asarray(counts, np.float64) / np.sum(counts))
+  estimated = np.asarray(log_prior, np.float64)
+  return {"spearman": float(stats.spearmanr(estimated, reference).statistic),
+          "pearson_log": float(np.corrcoef(estimated, reference)[0, 1]),
+          "slope": float(np.polyfit(reference, estimated, 1)[0])}
+
+
 @dataclasses.dataclass
 class PriorPlot:
   """The estimated log prior against a reference (the true prior, or the training label
@@ -281,16 +291,14 @@ class PriorPlot:
       ax.set_ylabel(self.label)
       ax.set_title(f"{self.label[0].upper()}{self.label[1:]}, {len(estimated)} classes")
       return
-    reference = np.log(np.asarray(self.reference, np.float64))
-    reference -= np.log(np.exp(reference).sum())
-    rho = stats.spearmanr(reference, estimated).statistic
-    slope = np.polyfit(reference, estimated, 1)[0]
+    reference = np.log(np.asarray(self.reference, np.float64) / np.sum(self.reference))
+    fit = prior_fit(estimated, self.reference)
     ax.scatter(reference, estimated, s=8, label="one class")
     lo, hi = min(reference.min(), estimated.min()), max(reference.max(), estimated.max())
     ax.plot([lo, hi], [lo, hi], "k--", lw=0.8, label="y = x")
     ax.set_xlabel(f"log {self.reference_label}")
     ax.set_ylabel(self.label)
-    ax.set_title(f"Label prior: Spearman ρ {rho:.2f}, slope {slope:.2f}")
+    ax.set_title(f"Label prior: Spearman ρ {fit['spearman']:.2f}, slope {fit['slope']:.2f}")
     ax.legend(fontsize=7, loc="upper left")
 
 
