@@ -8,11 +8,14 @@ the optimum θ* is computed independently in float64 NumPy (fixed point to resid
     python benchmarks/bench_prior.py [--data clip_like|clip_mild|extreme] [--num-samples 50000]
         [--num-classes 1000] [--threads 2]
         [--solvers newton,fixed_point,lbfgs] [--reference-steps 1000] [--out results.json]
-        [--bandwidth-tbps 4.3]
+        [--bandwidth-tbps 4.3] [--profile-dir DIR]
 
 The reference runs on CUDA when PyTorch sees a GPU. Each JAX solver's row reports
 ``passes_over_E`` (from ``return_info``) and, from it, the memory floor: passes × N·C·4 bytes /
-bandwidth, and how many times above that floor the measured time is.
+bandwidth, and how many times above that floor the measured time is. ``--profile-dir`` also
+traces three solves per solver with ``jax.profiler`` and reports kernel launches, summed kernel
+time and the top kernels per solve (the gap between kernel time and wall time is launch and
+host overhead).
 """
 from __future__ import annotations
 
@@ -107,6 +110,17 @@ def gla_reference_torch(logits, labels, steps, threads):
           first_nonpositive)
 
 
+def _profile(methods, z, y, solver: str, trace_dir: str, solves: int = 3) -> dict:
+  """Kernel launches, summed kernel time and the top kernels per solve (jax.profiler)."""
+  import jax
+  from bench_train_step import kernel_totals, top_kernels  # pylint: disable=import-outside-toplevel
+  jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
+  for _ in range(solves):
+    methods.estimate_log_prior(z, y, solver=solver).block_until_ready()
+  jax.profiler.stop_trace()
+  return {**kernel_totals(trace_dir, solves), "top_kernels": top_kernels(trace_dir, solves, 8)}
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--data", choices=("clip_like", "clip_mild", "extreme"), default="clip_like")
@@ -119,6 +133,8 @@ def main():
   parser.add_argument("--out", default=None)
   parser.add_argument("--bandwidth-tbps", type=float, default=4.3,
                       help="memory bandwidth for the memory-floor column (H200: ~4.3 TB/s)")
+  parser.add_argument("--profile-dir", default=None,
+                      help="trace 3 solves per solver here and report their kernels")
   args = parser.parse_args()
 
   logits, labels, true_log_prior = make_logits(args.num_samples, args.num_classes, args.data)
@@ -171,6 +187,8 @@ def main():
                        "times_memory_floor": (min(times) / floor) if floor else None,
                        "reported_residual_float32": float(info["residual"]),
                        "speedup_vs_reference": seconds / min(times)}
+    if args.profile_dir:
+      results[solver]["profile"] = _profile(M, z, y, solver, f"{args.profile_dir}/{solver}")
     print(solver, json.dumps(results[solver]), flush=True)
   results["load_avg_end"] = os.getloadavg()
   print(json.dumps(results, indent=1))

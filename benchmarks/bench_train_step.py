@@ -1,23 +1,31 @@
-"""Train-step throughput (images/s) of glajax's engine vs transformers' PyTorch CLIPModel.
+"""Train-step throughput (images/s) and MFU of glajax's engine, against PyTorch for the classifier.
 
-The recipe is WiSE-FT's end-to-end fine-tuning (image tower + linear head on normalised features,
-CE, AdamW lr 3e-5 wd 0.1, grad-norm clip 1.0), the same model and optimiser on both sides:
-glajax through ``engine.make_train_step`` (jit, donated state, mesh over all local devices),
-PyTorch with ``torch.optim.AdamW`` and ``torch.autocast`` for bfloat16.
+Tasks (``--task``), each through ``engine.make_train_step`` (jit, donated state, mesh over all
+local devices):
+- ``classifier``: WiSE-FT's end-to-end fine-tuning (image tower + linear head on normalised
+  features, CE, AdamW lr 3e-5 wd 0.1, grad-norm clip 1.0); the same model and optimiser run in
+  PyTorch (transformers ``CLIPModel``, ``torch.optim.AdamW``, ``torch.autocast`` for bfloat16);
+- ``flyp``: FLYP's contrastive step (both towers, the symmetric CLIP loss, each image paired with a
+  class prompt of ``--prompt-length`` tokens);
+- ``carot``: CaRot's step (FLYP + orthogonality + cross term + self-distillation from the EMA
+  teacher, whose forward pass both towers run too). No PyTorch anchor for the last two: MFU only.
 
 Usage:
   python benchmarks/bench_train_step.py --preset small --batch 32 --dtype float32
   python benchmarks/bench_train_step.py --preset vit_b16 --batch 256 --dtype bfloat16   # a GPU
-      [--torch-compile] [--profile-steps 3] [--out result.json]
+      [--torch-compile] [--profile-steps 3] [--attention auto|xla|cudnn] [--out result.json]
+  python benchmarks/bench_train_step.py --preset vit_b16 --batch 512 --dtype bfloat16 \
+      --task flyp --skip_torch
 
 ``--torch-compile`` makes the PyTorch anchor the way an expert runs it: ``torch.compile`` of the
 model, SDPA attention (``attn_implementation="sdpa"``), fused AdamW (``fused=True``), autocast
 bfloat16. ``--profile-steps N`` traces N glajax steps with ``jax.profiler`` (Perfetto JSON) and
 reports the top kernels by total time.
 
-Model FLOPs utilisation = images/s · training FLOPs per image / peak FLOP/s, with training FLOPs
-= 3 × forward matmul FLOPs of the image tower (ViT-B/16 at 224 px: ≈ 106 GFLOP); the peak comes
-from ``--peak_tflops`` or a table of known accelerators (none for CPUs).
+Model FLOPs utilisation = images/s · training FLOPs per image / peak FLOP/s. Training FLOPs are
+3 × the forward matmul FLOPs (2 per multiply-add) of the towers the step trains (ViT-B/16 at
+224 px: ≈ 106 GFLOP per image), plus 1 × forward of both towers for CaRot's teacher; the peak
+comes from ``--peak_tflops`` or a table of known accelerators (none for CPUs).
 """
 from __future__ import annotations
 
@@ -49,20 +57,41 @@ PRESETS = {
                          projection_dim=128), 100),
     "vit_b16": (CLIPConfig.vit_b16(), 1000),
 }
+TASKS = ("classifier", "flyp", "carot")
 
 # Dense bfloat16 peak FLOP/s of accelerators, by a substring of jax's device_kind.
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L4": 121.0, "TPU v4": 275.0,
                     "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0, "TPU v6": 918.0}
 
 
-def train_flops_per_image(vision: CLIPVisionConfig) -> float:
-  """3 × forward FLOPs (2 per multiply-add) of the ViT's matmuls: patch embedding, per block
-  QKV/out projections 4d², MLP 2·d·d_ff per token, and attention 2·N²·d."""
-  tokens, width = vision.grid_size ** 2 + 1, vision.hidden_size
-  per_block = (tokens * (4 * width ** 2 + 2 * width * vision.intermediate_size)
-               + 2 * tokens ** 2 * width)
-  patch = (tokens - 1) * 3 * vision.patch_size ** 2 * width
-  return 3 * 2 * (vision.num_hidden_layers * per_block + patch)
+def _tower_macs(tokens: int, cfg) -> int:
+  """Multiply-adds of one sequence's forward through a tower's blocks: per block the q/k/v/out
+  projections 4·d², the MLP 2·d·d_ff per token, and attention 2·L²·d."""
+  width = cfg.hidden_size
+  per_block = tokens * (4 * width**2 + 2 * width * cfg.intermediate_size) + 2 * tokens**2 * width
+  return cfg.num_hidden_layers * per_block
+
+
+def image_forward_flops(vision: CLIPVisionConfig) -> float:
+  """2 × multiply-adds of the ViT forward: the blocks plus the patch embedding."""
+  tokens = vision.grid_size**2 + 1
+  patch = (tokens - 1) * 3 * vision.patch_size**2 * vision.hidden_size
+  return 2.0 * (_tower_macs(tokens, vision) + patch)
+
+
+def text_forward_flops(text: CLIPTextConfig, length: int) -> float:
+  return 2.0 * _tower_macs(length, text)
+
+
+def train_flops_per_image(config: CLIPConfig, task: str = "classifier",
+                          prompt_length: int = 0) -> float:
+  """3 × forward FLOPs of what the step trains (the image tower; both towers for FLYP/CaRot),
+  + 1 × both towers' forward for CaRot's teacher."""
+  image = image_forward_flops(config.vision)
+  if task == "classifier":
+    return 3 * image
+  both = image + text_forward_flops(config.text, prompt_length)
+  return 3 * both + (both if task == "carot" else 0)
 
 
 def _data(config: CLIPConfig, batch: int, classes: int, seed: int = 0):
@@ -72,19 +101,48 @@ def _data(config: CLIPConfig, batch: int, classes: int, seed: int = 0):
           rng.integers(0, classes, batch).astype(np.int32))
 
 
-def bench_jax(config: CLIPConfig, classes: int, images, labels, dtype, steps: int,
-              warmup: int, profile_steps: int = 0, profile_dir: str | None = None) -> float:
+def _prompt_tokenizer(text: CLIPTextConfig, length: int, seed: int = 0):
+  """A stand-in tokenizer: BOS, random ids, EOS at ``length - 1``, padding (like a CLIP prompt
+  of ``length`` tokens; the task trims the padding)."""
+  rng = np.random.default_rng(seed)
+
+  def tokenize(prompts):
+    ids = np.full((len(prompts), text.max_position_embeddings), text.pad_token_id, np.int32)
+    ids[:, 1:length - 1] = rng.integers(0, min(text.bos_token_id, text.eos_token_id),
+                                        (len(prompts), length - 2))
+    ids[:, 0], ids[:, length - 1] = text.bos_token_id, text.eos_token_id
+    return ids
+
+  return tokenize
+
+
+def build_task(config: CLIPConfig, classes: int, task: str, dtype, prompt_length: int):
+  """(Task, recipe) of ``task`` on a randomly initialised CLIP."""
   clip = CLIP(config, dtype=dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
-  head = LinearHead(np.random.default_rng(1).normal(
-      size=(config.projection_dim, classes)).astype(np.float32))
-  recipe = recipes.finetune()
-  task = recipes.classifier_task(clip, head, recipe)
+  if task == "classifier":
+    recipe = recipes.finetune()
+    head = LinearHead(np.random.default_rng(1).normal(
+        size=(config.projection_dim, classes)).astype(np.float32))
+    return recipes.classifier_task(clip, head, recipe), recipe
+  recipe = recipes.flyp() if task == "flyp" else recipes.carot()
+  recipe.total_steps = 10_000
+  names = [f"class {i}" for i in range(classes)]
+  tokenizer = _prompt_tokenizer(config.text, prompt_length)
+  return recipes.contrastive_task(clip, tokenizer, names, ["a photo of a {}."], recipe), recipe
+
+
+def bench_jax(config: CLIPConfig, classes: int, images, labels, dtype, steps: int,
+              warmup: int, profile_steps: int = 0, profile_dir: str | None = None,
+              task: str = "classifier", prompt_length: int = 16) -> float:
+  built, recipe = build_task(config, classes, task, dtype, prompt_length)
   mesh = make_mesh(jax.local_devices())
-  graphdef, params, rest = engine.split_model(task.model)
+  graphdef, params, rest = engine.split_model(built.model)
   tx, _ = make_optimizer(recipe.optimizer, params, total_steps=10_000)
-  state = jax.device_put(create_train_state(params, tx, 0), replicated(mesh))
+  state = create_train_state(params, tx, 0, built.teacher_update is not None)
+  state = jax.device_put(state, replicated(mesh))
   rest = jax.device_put(rest, replicated(mesh))
-  step = engine.make_train_step(graphdef, task.loss_fn, tx, mesh)
+  step = engine.make_train_step(graphdef, built.loss_fn, tx, mesh,
+                                teacher_update=built.teacher_update)
   batch = shard_batch({"image": images, "label": labels}, mesh)
   for _ in range(warmup):
     state, metrics = step(state, rest, batch)
@@ -103,14 +161,14 @@ def bench_jax(config: CLIPConfig, classes: int, images, labels, dtype, steps: in
   return steps * len(labels) / seconds
 
 
-def top_kernels(trace_dir: str, steps: int, top: int = 15) -> list[dict]:
-  """Sums complete events of the Perfetto trace by name, on the device's timelines when there
-  are any (process names with GPU/TPU), else on all: the top ``top`` by total time, per step."""
+def _device_kernels(trace_dir: str) -> tuple[dict, dict]:
+  """(total µs, calls) by kernel name: complete events of the newest Perfetto trace under
+  ``trace_dir``, on the device's timelines when there are any (process names with GPU/TPU)."""
   import glob  # pylint: disable=import-outside-toplevel
   import gzip  # pylint: disable=import-outside-toplevel
   paths = sorted(glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True))
   if not paths:
-    return []
+    return {}, {}
   with gzip.open(paths[-1], "rt") as f:
     events = json.load(f)
   events = events["traceEvents"] if isinstance(events, dict) else events
@@ -124,10 +182,23 @@ def top_kernels(trace_dir: str, steps: int, top: int = 15) -> list[dict]:
       continue
     totals[e["name"]] = totals.get(e["name"], 0.0) + float(e.get("dur", 0.0))
     counts[e["name"]] = counts.get(e["name"], 0) + 1
+  return totals, counts
+
+
+def top_kernels(trace_dir: str, steps: int, top: int = 15) -> list[dict]:
+  """The top ``top`` kernels of ``steps`` traced steps by total time, per step."""
+  totals, counts = _device_kernels(trace_dir)
   whole = sum(totals.values()) or 1.0
   ranked = sorted(totals.items(), key=lambda kv: -kv[1])[:top]
   return [{"name": name[:120], "ms_per_step": us / 1e3 / steps, "share": us / whole,
            "calls_per_step": counts[name] / steps} for name, us in ranked]
+
+
+def kernel_totals(trace_dir: str, steps: int) -> dict:
+  """Kernel launches and summed kernel time per step (device timelines of the trace)."""
+  totals, counts = _device_kernels(trace_dir)
+  return {"kernels_per_step": sum(counts.values()) / steps,
+          "kernel_ms_per_step": sum(totals.values()) / 1e3 / steps}
 
 
 def bench_torch(config: CLIPConfig, classes: int, images, labels, bf16: bool, steps: int,
@@ -194,6 +265,7 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--preset", choices=sorted(PRESETS), default="small")
+  parser.add_argument("--task", choices=TASKS, default="classifier")
   parser.add_argument("--batch", type=int, default=32)
   parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
   parser.add_argument("--steps", type=int, default=10)
@@ -201,46 +273,53 @@ def main():
   parser.add_argument("--repeats", type=int, default=2, help="alternating runs; best kept")
   parser.add_argument("--peak_tflops", type=float, default=0.0)
   parser.add_argument("--skip_torch", action="store_true")
-  parser.add_argument("--remat", action="store_true", help="rematerialise the image tower")
+  parser.add_argument("--remat", action="store_true", help="rematerialise the blocks")
+  parser.add_argument("--attention", choices=["auto", "xla", "cudnn"], default="auto",
+                      help="glajax's attention kernel (models.clip.attend)")
+  parser.add_argument("--prompt-length", type=int, default=16,
+                      help="tokens per class prompt for --task flyp/carot (BOS..EOS)")
   parser.add_argument("--torch-compile", action="store_true",
                       help="PyTorch anchor with torch.compile + SDPA + fused AdamW")
   parser.add_argument("--profile-steps", type=int, default=0,
                       help="trace this many glajax steps and report the top kernels")
   parser.add_argument("--profile-dir", default="/tmp/glajax_trace")
+  parser.add_argument("--top-kernels", type=int, default=15)
   parser.add_argument("--out", default=None, help="also write the report as JSON here")
   args = parser.parse_args()
 
   config, classes = PRESETS[args.preset]
-  if args.remat:
-    config = dataclasses.replace(config, vision=dataclasses.replace(config.vision, remat=True))
+  towers = dict(remat=args.remat, attention=args.attention)
+  config = dataclasses.replace(config, vision=dataclasses.replace(config.vision, **towers),
+                               text=dataclasses.replace(config.text, **towers))
   images, labels = _data(config, args.batch, classes)
   bf16 = args.dtype == "bfloat16"
+  skip_torch = args.skip_torch or args.task != "classifier"
   results = {"jax": [], "torch": []}
   for repeat in range(args.repeats):
     results["jax"].append(bench_jax(config, classes, images, labels,
                                     jnp.bfloat16 if bf16 else jnp.float32, args.steps,
                                     args.warmup, args.profile_steps if repeat == 0 else 0,
-                                    args.profile_dir))
-    if not args.skip_torch:
+                                    args.profile_dir, args.task, args.prompt_length))
+    if not skip_torch:
       results["torch"].append(bench_torch(config, classes, images, labels, bf16, args.steps,
                                           args.warmup, args.torch_compile))
-  flops = train_flops_per_image(config.vision)
+  flops = train_flops_per_image(config, args.task, args.prompt_length)
   peak = _peak_flops(args)
-  import torch  # pylint: disable=import-outside-toplevel
-  import transformers  # pylint: disable=import-outside-toplevel
   report = {
-      "preset": args.preset, "batch": args.batch, "dtype": args.dtype, "steps": args.steps,
+      "preset": args.preset, "task": args.task, "batch": args.batch, "dtype": args.dtype,
+      "steps": args.steps, "attention": args.attention, "remat": args.remat,
       "device": f"{jax.local_device_count()} x {jax.devices()[0].device_kind}",
       "platform": platform.platform(), "processor": platform.processor(),
-      "versions": {"jax": jax.__version__, "torch": torch.__version__,
-                   "transformers": transformers.__version__, "python": platform.python_version()},
+      "versions": _versions(),
       "train_gflop_per_image": flops / 1e9,
       "jax_images_per_s": max(results["jax"]),
       "torch_images_per_s": max(results["torch"]) if results["torch"] else None,
-      "torch_anchor": ("torch.compile + SDPA + fused AdamW" if args.torch_compile
-                       else "eager (transformers default attention)"),
+      "torch_anchor": (None if skip_torch else "torch.compile + SDPA + fused AdamW"
+                       if args.torch_compile else "eager (transformers default attention)"),
       "all_runs": results,
   }
+  if args.task != "classifier":
+    report["prompt_length"] = args.prompt_length
   if report["torch_images_per_s"]:
     report["speedup"] = report["jax_images_per_s"] / report["torch_images_per_s"]
   if peak:
@@ -248,11 +327,22 @@ def main():
     if report["torch_images_per_s"]:
       report["torch_mfu"] = report["torch_images_per_s"] * flops / peak
   if args.profile_steps:
-    report["top_kernels"] = top_kernels(args.profile_dir, args.profile_steps)
+    report["top_kernels"] = top_kernels(args.profile_dir, args.profile_steps, args.top_kernels)
+    report["kernel_totals"] = kernel_totals(args.profile_dir, args.profile_steps)
   print(json.dumps(report, indent=2))
   if args.out:
     with open(args.out, "w") as f:
       json.dump(report, f, indent=1)
+
+
+def _versions() -> dict:
+  versions = {"jax": jax.__version__, "python": platform.python_version()}
+  for name in ("flax", "torch", "transformers"):
+    try:
+      versions[name] = __import__(name).__version__
+    except ImportError:
+      versions[name] = None
+  return versions
 
 
 if __name__ == "__main__":

@@ -13,16 +13,21 @@
 # (ml_collections needs absl-py and PyYAML, both on the image). The device call is then
 #   run(command="bash benchmarks/gpu.sh", carry=[".whl"], timeout_s=600)
 #
-# Steps (each bounded by `timeout`: 45 + 260 + 200 + 60 s; measured on an H200: 9 + 199 + 111 + 24 s, a failing one does not stop the next):
-#   1. device and versions
-#   2. the model/methods/train tests (TensorFlow blocked, as on the image; the real-size
-#      float32 parity tests included), float32 matmuls at "highest" (tests/conftest.py)
-#   3. benchmarks/bench_train_step.py: ViT-B/16 224 px, bf16, batch 256, glajax vs
-#      torch.compile + SDPA + fused AdamW, with a jax.profiler trace of 3 steps (top kernels)
-#   4. benchmarks/bench_prior.py: 50 000 × 1 000 logits, newton / fixed_point, passes and memory
-#      floor, GLA's reference SGD in PyTorch on the same GPU
+# Steps, most wanted first; each bounded by `timeout` and all by a deadline (GPU_SH_SECONDS,
+# default 560 s: a step gets what is left, minus time for the report, and is skipped under 20 s;
+# a failing step does not stop the next):
+#   1. device and versions                                                          (~10 s)
+#   2. bench_train_step.py: ViT-B/16 224 px, bf16, batch 256, glajax vs torch.compile + SDPA +
+#      fused AdamW, with a jax.profiler trace of 3 steps (top kernels)              (~110 s)
+#   3. bench_prior.py: 50 000 × 1 000 logits, newton / fixed_point, passes, memory floor, a
+#      kernel profile, GLA's reference SGD in PyTorch on the same GPU              (~30 s)
+#   4. gpu_explore.py: cuDNN vs XLA attention numerics; train-step variants (the previous
+#      attention, no Triton GEMMs, batch 512); the prior with while-loop command buffers
+#   5. bench_train_step.py --task flyp and --task carot: the contrastive steps' MFU
+#   6. the model/methods/train tests (TensorFlow blocked, as on the image; the real-size
+#      ViT-B/16 float32 parity included), float32 matmuls at "highest" (tests/conftest.py)
 # and writes benchmarks/results/gpu_<device>.md (device, versions, commands, results), a copy of
-# everything in $OUT when set (the device tool returns it).
+# it and a tarball of the logs in $OUT when set (the device tool returns at most 8 files).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -42,9 +47,12 @@ export PYTHONPATH="$ROOT:$ROOT/benchmarks${PYTHONPATH:+:$PYTHONPATH}"
 
 if [[ $DRY == 1 ]]; then
   export JAX_PLATFORMS=cpu
-  TESTS=${GPU_SH_TESTS:-"tests/test_accelerator_ready.py tests/test_methods_priors.py"}
+  TESTS=${GPU_SH_TESTS:-"tests/test_accelerator_ready.py tests/test_attention.py
+    tests/test_methods_priors.py"}
   TRAIN_ARGS="--preset small --batch 8 --steps 2 --warmup 1 --repeats 1 --profile-steps 1
     --torch-compile"
+  CONTRASTIVE_ARGS="--preset small --batch 8 --steps 2 --warmup 1 --repeats 1"
+  EXPLORE_ARGS="--preset small --batch 8 --prior-size 5000x200"
   PRIOR_ARGS="--num-samples 5000 --num-classes 200 --reference-steps 20 --repeats 2"
   TAG=dry_run
   RESULTS=${RESULTS_DIR:-/tmp/glajax_gpu_results}
@@ -52,7 +60,8 @@ if [[ $DRY == 1 ]]; then
 else
   export JAX_PLATFORMS=${JAX_PLATFORMS:-cuda}
   export XLA_PYTHON_CLIENT_PREALLOCATE=false   # pytest-xdist workers share the GPU
-  TESTS=${GPU_SH_TESTS:-"tests/test_accelerator_ready.py tests/test_hf.py tests/test_clip.py
+  TESTS=${GPU_SH_TESTS:-"tests/test_accelerator_ready.py tests/test_attention.py
+    tests/test_hf.py tests/test_clip.py
     tests/test_lift_parity.py tests/test_zeroshot.py tests/test_tokenizer.py
     tests/test_methods_absent.py tests/test_methods_adjust.py tests/test_methods_calibrate.py
     tests/test_methods_metrics.py tests/test_methods_priors.py tests/test_train_losses.py
@@ -60,6 +69,9 @@ else
     tests/test_train_recipes.py"}
   TRAIN_ARGS="--preset vit_b16 --batch 256 --dtype bfloat16 --steps 20 --warmup 5 --repeats 1
     --torch-compile --profile-steps 3"
+  CONTRASTIVE_ARGS="--preset vit_b16 --batch 256 --dtype bfloat16 --steps 10 --warmup 3
+    --repeats 1"
+  EXPLORE_ARGS="--preset vit_b16 --batch 256"
   PRIOR_ARGS="--num-samples 50000 --num-classes 1000 --reference-steps 1000 --repeats 5"
   TAG=$($PY -c "import jax; print(jax.devices()[0].device_kind.replace(' ', '_'))" 2>/dev/null \
         || echo gpu)
@@ -68,8 +80,15 @@ else
 fi
 mkdir -p "$RESULTS"
 
-step() {  # step NAME SECONDS COMMAND...: runs it with a time limit, logs to $LOGS/NAME.log
+DEADLINE=$((SECONDS + ${GPU_SH_SECONDS:-560}))
+step() {  # step NAME SECONDS COMMAND...: runs it within its limit and the deadline; logs to $LOGS/NAME.log
   local name=$1 limit=$2; shift 2
+  local left=$((DEADLINE - SECONDS - 15))
+  (( left < limit )) && limit=$left
+  if (( limit < 20 )); then
+    echo "$name skipped (deadline)" | tee -a "$LOGS/steps.txt"
+    return
+  fi
   echo "== $name ($(date +%T), limit ${limit}s): $*"
   local start=$SECONDS
   timeout --kill-after=10 "$limit" "$@" >"$LOGS/$name.log" 2>&1
@@ -79,7 +98,7 @@ step() {  # step NAME SECONDS COMMAND...: runs it with a time limit, logs to $LO
 }
 
 : >"$LOGS/steps.txt"
-step versions 45 $PY -c "
+step versions 30 $PY -c "
 import jax, platform, sys
 import flax, optax, torch, transformers
 print('device:', jax.local_device_count(), 'x', jax.devices()[0].device_kind, '|', jax.default_backend())
@@ -88,14 +107,24 @@ print('python', platform.python_version(), '| jax', jax.__version__, '| flax', f
 print('torch cuda:', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')
 print('tensorflow importable:', __import__('importlib').util.find_spec('tensorflow') is not None)
 "
+step train_step 170 $PY benchmarks/bench_train_step.py $TRAIN_ARGS --out "$LOGS/train_step.json"
+step prior 50 $PY benchmarks/bench_prior.py $PRIOR_ARGS --solvers newton,fixed_point \
+  --profile-dir /tmp/glajax_prior_trace --out "$LOGS/prior.json"
+step explore 120 $PY benchmarks/gpu_explore.py $EXPLORE_ARGS --budget 105 --out "$LOGS/explore"
+step flyp 60 $PY benchmarks/bench_train_step.py $CONTRASTIVE_ARGS --task flyp \
+  --out "$LOGS/flyp.json"
+step carot 60 $PY benchmarks/bench_train_step.py $CONTRASTIVE_ARGS --task carot \
+  --out "$LOGS/carot.json"
 # -p no_tensorflow: blocks TensorFlow here too, so the dry run catches what the image would.
-step tests 260 $PY -m pytest -q -p no:cacheprovider -p no_tensorflow $TEST_WORKERS \
-  -m "slow or not slow" -o addopts="" $TESTS -rs --durations=10
-step train_step 200 $PY benchmarks/bench_train_step.py $TRAIN_ARGS --out "$LOGS/train_step.json"
-step prior 60 $PY benchmarks/bench_prior.py $PRIOR_ARGS --solvers newton,fixed_point \
-  --out "$LOGS/prior.json"
+step tests 200 $PY -m pytest -q -p no:cacheprovider -p no_tensorflow $TEST_WORKERS \
+  -m "slow or not slow" -o addopts="" $TESTS -rs --durations=10 -k "not vit_l14"
 
 $PY benchmarks/gpu_report.py --logs "$LOGS" --out "$RESULTS/gpu_${TAG}.md" \
-  --tests "$(echo $TESTS)" --train-args "$(echo $TRAIN_ARGS)" --prior-args "$(echo $PRIOR_ARGS)"
+  --tests "$(echo $TESTS)" --train-args "$(echo $TRAIN_ARGS)" --prior-args "$(echo $PRIOR_ARGS)" \
+  --contrastive-args "$(echo $CONTRASTIVE_ARGS)" --explore-args "$(echo $EXPLORE_ARGS)"
 echo "wrote $RESULTS/gpu_${TAG}.md"
-cp "$RESULTS/gpu_${TAG}.md" "$LOGS/" 2>/dev/null || true
+if [[ -n "${OUT:-}" && "$LOGS" == "$OUT" ]]; then   # the device tool returns at most 8 files
+  cp "$RESULTS/gpu_${TAG}.md" "$OUT/"
+  tar czf /tmp/glajax_logs.tgz -C "$OUT" . && rm -rf "$OUT"/* && mv /tmp/glajax_logs.tgz "$OUT/"
+  cp "$RESULTS/gpu_${TAG}.md" "$OUT/"
+fi

@@ -21,6 +21,55 @@ def _json(path):
   return json.loads(text) if text else None
 
 
+def _contrastive(logs: str, contrastive_args: str) -> list[str]:
+  lines = ["## Contrastive steps (FLYP, CaRot: both towers)", "", "```",
+           f"python benchmarks/bench_train_step.py {contrastive_args} --task flyp|carot", "```",
+           "", "| task | images/s | GFLOP/image | MFU |", "|---|---|---|---|"]
+  for task in ("flyp", "carot"):
+    r = _json(f"{logs}/{task}.json")
+    if r:
+      mfu = f"{100 * r['jax_mfu']:.1f} %" if r.get("jax_mfu") else "n/a"
+      lines.append(f"| {task} (prompts of {r.get('prompt_length')} tokens) | "
+                   f"{r['jax_images_per_s']:.1f} | {r['train_gflop_per_image']:.1f} | {mfu} |")
+    else:
+      lines.append(f"| {task} | no result (see {task}.log) | | |")
+  return lines + [""]
+
+
+def _explore(logs: str, explore_args: str) -> list[str]:
+  report = _json(f"{logs}/explore/explore.json")
+  lines = ["## Variants (gpu_explore.py)", "", "```",
+           f"python benchmarks/gpu_explore.py {explore_args}", "```", ""]
+  if not report:
+    return lines + ["No result (see explore.log):", "", "```",
+                    *_read(f"{logs}/explore.log").splitlines()[-25:], "```", ""]
+  lines += ["Attention, bfloat16, ‖x − x_float64‖ / ‖x_float64‖:", "",
+            "| shape | kernel | out | dq | dk | dv |", "|---|---|---|---|---|---|"]
+  for r in report.get("attention_numerics", []):
+    if "error" in r:
+      lines.append(f"| {r['shape']} | {r['impl']} | {r['error'][:80]} | | | |")
+    else:
+      lines.append(f"| {r['shape']} | {r['impl']} | {r['rel_err_out']:.1e} | "
+                   f"{r['rel_err_dq']:.1e} | {r['rel_err_dk']:.1e} | {r['rel_err_dv']:.1e} |")
+  lines += ["", "Train step variants (the default, fused q/k/v + cuDNN attention, is above):", "",
+            "| variant | XLA_FLAGS | batch | images/s | MFU |", "|---|---|---|---|---|"]
+  for r in report.get("variants", []):
+    if r.get("images_per_s"):
+      mfu = f"{100 * r['mfu']:.1f} %" if r.get("mfu") else "n/a"
+      lines.append(f"| {r['name']} | `{r['flags']}` | {r['batch']} | {r['images_per_s']:.1f} | "
+                   f"{mfu} |")
+    else:
+      lines.append(f"| {r['name']} | `{r['flags']}` | {r['batch']} | rc {r['rc']} | |")
+  cb = report.get("prior_command_buffers")
+  if cb:
+    lines += ["", f"Prior with `{cb['flags']}`: " + (", ".join(
+        f"{solver} {cb[solver]['seconds'] * 1e3:.2f} ms" for solver in ("newton", "fixed_point")
+        if solver in cb) or f"rc {cb['rc']}")]
+  if report.get("skipped"):
+    lines += ["", f"Skipped for time: {', '.join(report['skipped'])}"]
+  return lines + [""]
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument("--logs", required=True)
@@ -28,6 +77,8 @@ def main():
   parser.add_argument("--tests", default="")
   parser.add_argument("--train-args", default="")
   parser.add_argument("--prior-args", default="")
+  parser.add_argument("--contrastive-args", default="")
+  parser.add_argument("--explore-args", default="")
   args = parser.parse_args()
   logs = args.logs
   lines = [f"# issue 14 on an accelerator: `bash benchmarks/gpu.sh` "
@@ -59,6 +110,11 @@ def main():
       lines += ["", f"glajax / PyTorch: **{train['speedup']:.2f}×**"]
     lines += ["", f"{train['train_gflop_per_image']:.1f} GFLOP per image per step; device "
               f"{train['device']}; versions {train['versions']}", ""]
+    if train.get("kernel_totals"):
+      totals = train["kernel_totals"]
+      lines += [f"Kernels per step: {totals['kernels_per_step']:.0f}, summed kernel time "
+                f"{totals['kernel_ms_per_step']:.1f} ms per step (the step takes "
+                f"{1e3 * train['batch'] / train['jax_images_per_s']:.1f} ms).", ""]
     if train.get("top_kernels"):
       lines += ["Top kernels (jax.profiler, per glajax step):", "",
                 "| kernel | ms/step | share | calls/step |", "|---|---|---|---|"]
@@ -81,20 +137,29 @@ def main():
               "|---|---|---|---|---|---|---|",
               f"| GLA reference SGD ({ref['steps']} steps) | {ref['seconds'] * 1e3:.1f} ms | | | | "
               f"{ref['steps']} | {ref['residual']:.1e} |"]
+    profiles = []
     for solver in ("newton", "fixed_point", "lbfgs"):
       r = prior.get(solver)
       if not r:
         continue
+      if r.get("profile"):
+        profiles.append(f"- {solver}: {r['profile']['kernels_per_step']:.0f} kernels and "
+                        f"{r['profile']['kernel_ms_per_step']:.3f} ms of kernel time per solve "
+                        f"(wall {r['seconds'] * 1e3:.3f} ms); top: " + ", ".join(
+                            f"`{k['name'][:40]}` {k['ms_per_step']:.3f} ms"
+                            for k in r["profile"]["top_kernels"][:3]))
       floor = r.get("memory_floor_seconds")
       lines.append(f"| {solver} | {r['seconds'] * 1e3:.2f} ms | {r.get('passes_over_E')} | "
                    f"{floor * 1e3:.3f} ms | {r['times_memory_floor']:.1f} | {r['iterations']} | "
                    f"{r['residual']:.1e} |" if floor else
                    f"| {solver} | {r['seconds'] * 1e3:.2f} ms | | | | {r['iterations']} | "
                    f"{r['residual']:.1e} |")
-    lines.append("")
+    lines += ["", *(["Profile (jax.profiler, 3 solves):", "", *profiles, ""] if profiles else [])]
   else:
     lines += ["No result (see prior.log):", "", "```",
               *_read(f"{logs}/prior.log").splitlines()[-25:], "```", ""]
+  lines += _contrastive(logs, args.contrastive_args)
+  lines += _explore(logs, args.explore_args)
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   with open(args.out, "w") as f:
     f.write("\n".join(lines))

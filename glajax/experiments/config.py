@@ -356,6 +356,7 @@ _RANGES = (
 )
 _CHOICES = (
     ("train.model.dtype", ("float32", "bfloat16", "float16")),
+    ("train.model.attention", ("auto", "xla", "cudnn")),
     ("train.optimizer.name", ("adamw", "sgd")),
 )
 

@@ -8,7 +8,10 @@ Two kinds of check, one rule:
   need the numbers. They go through :func:`concrete`, which returns the value as a NumPy array
   when the input is concrete (a NumPy array, a Python number or a committed ``jax.Array``) and
   ``None`` when it is a tracer. Inside ``jit`` the value checks are therefore skipped; they run
-  on every eager call, including the eager call around an internally jitted core.
+  on every eager call, including the eager call around an internally jitted core. Checks of
+  arrays that can be large (logits, labels) read them with NumPy only where they already are on
+  the host; on an accelerator they reduce on the device and bring a few numbers to the host:
+  copying 50 000 × 1 000 logits to the host cost ~100 ms on an H200, more than the prior solve.
 
 All errors are :class:`glajax.InputError` built with :func:`glajax.errors.bad_argument`.
 """
@@ -21,13 +24,47 @@ import numpy as np
 from glajax.errors import bad_argument
 
 
+def is_concrete(x) -> bool:
+  """Whether ``x``'s value is known here: not a tracer, and not spread over several hosts."""
+  if isinstance(x, jax.core.Tracer):
+    return False
+  return not (isinstance(x, jax.Array) and not x.is_fully_addressable)
+
+
 def concrete(x) -> np.ndarray | None:
   """Returns ``x`` as a NumPy array when its value is known, ``None`` when it is a tracer."""
-  if isinstance(x, jax.core.Tracer):
-    return None
-  if isinstance(x, jax.Array) and not x.is_fully_addressable:  # spread over several hosts
-    return None
-  return np.asarray(x)
+  return np.asarray(x) if is_concrete(x) else None
+
+
+def _on_host(x) -> bool:
+  """Whether reading ``x`` as NumPy is free: not a ``jax.Array``, or one on CPU devices."""
+  return not isinstance(x, jax.Array) or all(d.platform == "cpu" for d in x.devices())
+
+
+@jax.jit
+def _count_nonfinite_on_device(x):
+  return jnp.sum(~jnp.isfinite(x))
+
+
+@jax.jit
+def _min_max_on_device(x):
+  return jnp.min(x), jnp.max(x)
+
+
+def _count_nonfinite(x) -> int:
+  """Non-finite entries of concrete ``x``: NumPy where ``x`` is on the host (XLA:CPU's reduction
+  measured 2.5x slower than NumPy's at 50 000 × 1 000), a device reduction elsewhere."""
+  if _on_host(x):
+    values = np.asarray(x).astype(np.float32, copy=False)
+    return int(values.size - np.count_nonzero(np.isfinite(values)))
+  return int(jax.device_get(_count_nonfinite_on_device(x)))
+
+
+def _min_max(x) -> tuple[int, int]:
+  if _on_host(x):
+    values = np.asarray(x)
+    return int(values.min()), int(values.max())
+  return tuple(map(int, jax.device_get(_min_max_on_device(x))))
 
 
 def float_array(name: str, x, ndim: int | None = None) -> jax.Array:
@@ -43,10 +80,10 @@ def float_array(name: str, x, ndim: int | None = None) -> jax.Array:
 def logits_array(name: str, logits, ndim: int = 2) -> jax.Array:
   """A floating (N, C) (or rank-``ndim``) array, all finite when concrete."""
   logits = float_array(name, logits, ndim)
-  values = concrete(logits)
-  if values is not None and not np.isfinite(values.astype(np.float32)).all():
-    bad = int((~np.isfinite(values.astype(np.float32))).sum())
-    raise bad_argument(name, "finite values", f"{bad} non-finite entries")
+  if is_concrete(logits) and logits.size:
+    bad = int(_count_nonfinite(logits))
+    if bad:
+      raise bad_argument(name, "finite values", f"{bad} non-finite entries")
   return logits
 
 
@@ -57,10 +94,10 @@ def labels_array(name: str, labels, num_samples: int, num_classes: int) -> jax.A
     raise bad_argument(name, "an integer array", f"dtype {labels.dtype}")
   if labels.shape != (num_samples,):
     raise bad_argument(name, f"shape ({num_samples},) to match the logits", f"shape {labels.shape}")
-  values = concrete(labels)
-  if values is not None and values.size and (values.min() < 0 or values.max() >= num_classes):
-    raise bad_argument(name, f"labels in [0, {num_classes})",
-                       f"range [{values.min()}, {values.max()}]")
+  if is_concrete(labels) and labels.size:
+    low, high = _min_max(labels)
+    if low < 0 or high >= num_classes:
+      raise bad_argument(name, f"labels in [0, {num_classes})", f"range [{low}, {high}]")
   return labels
 
 

@@ -71,9 +71,8 @@ def estimate_log_prior(logits, labels, *, num_classes: int | None = None,
     raise bad_argument("num_classes", f"logits.shape[1] = {classes}", num_classes)
   labels = _checks.labels_array("labels", labels, num_samples, classes)
   _checks.choice("solver", solver, SOLVERS)
-  present = _checks.concrete(labels)
-  if present is not None:
-    missing = np.setdiff1d(np.arange(classes), present)
+  if _checks.is_concrete(labels):
+    missing = np.flatnonzero(np.asarray(jnp.bincount(labels, length=classes) == 0))
     if missing.size:
       raise bad_argument("labels", "every class to occur in the estimation labels (the prior of "
                          "an absent class cannot be estimated)",

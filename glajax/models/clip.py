@@ -42,7 +42,9 @@ def _check_adapter_scale(scale) -> None:
 @dataclasses.dataclass(frozen=True)
 class CLIPVisionConfig:
   """The ViT image tower. ``adapter_dim > 0`` adds an AdaptFormer adapter to every block;
-  ``adapter_scale`` is ``"learnable"`` (LIFT's scalar, initialised to 1) or a fixed float."""
+  ``adapter_scale`` is ``"learnable"`` (LIFT's scalar, initialised to 1) or a fixed float.
+  ``remat`` rematerialises each block in the backward pass; ``attention`` picks the kernel
+  (``attend``: ``"auto"``, ``"xla"`` or ``"cudnn"``). Neither changes the function computed."""
   image_size: int = 224
   patch_size: int = 32
   hidden_size: int = 768
@@ -54,6 +56,7 @@ class CLIPVisionConfig:
   adapter_dim: int = 0
   adapter_scale: float | str = ADAPTER_SCALE_LEARNABLE
   remat: bool = False
+  attention: str = "auto"
 
   def __post_init__(self):
     _check_adapter_scale(self.adapter_scale)
@@ -72,7 +75,8 @@ class CLIPVisionConfig:
 
 @dataclasses.dataclass(frozen=True)
 class CLIPTextConfig:
-  """The causal text tower. ``eos_token_id == 2`` marks legacy configs (pool at argmax id)."""
+  """The causal text tower. ``eos_token_id == 2`` marks legacy configs (pool at argmax id);
+  ``remat`` and ``attention`` as in ``CLIPVisionConfig``."""
   vocab_size: int = 49408
   max_position_embeddings: int = 77
   hidden_size: int = 512
@@ -85,10 +89,20 @@ class CLIPTextConfig:
   eos_token_id: int = 49407
   pad_token_id: int = 1
   remat: bool = False
+  attention: str = "auto"
 
   def __post_init__(self):
     _check_sizes(self, "text", ("vocab_size", "max_position_embeddings"))
     _check_tower(self, "text")
+
+
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+
+
+def _check_attention(cfg, name: str) -> None:
+  if cfg.attention not in ATTENTION_IMPLEMENTATIONS:
+    raise bad_argument(f"{name}.attention", f"one of {ATTENTION_IMPLEMENTATIONS}",
+                       repr(cfg.attention), ConfigError)
 
 
 def _check_sizes(cfg, name: str, fields) -> None:
@@ -105,6 +119,7 @@ def _positive_size(name: str, value) -> None:
 
 
 def _check_tower(cfg, name: str) -> None:
+  _check_attention(cfg, name)
   if cfg.hidden_act not in _ACTIVATIONS:
     raise bad_argument(f"{name}.hidden_act", f"one of {sorted(_ACTIVATIONS)}", cfg.hidden_act,
                        ConfigError)
@@ -253,8 +268,40 @@ def _normal(std: float):
   return jax.nn.initializers.normal(stddev=std)
 
 
+def attend(q, k, v, *, causal: bool, implementation: str = "auto"):
+  """softmax(q kᵀ / √d_head [+ causal mask]) v for (B, L, H, d_head) q, k, v.
+
+  ``"xla"``: the scores in float32 (``preferred_element_type``), softmax in float32, weights
+  cast back to v's dtype. ``"cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn")``,
+  cuDNN's fused flash attention (no (B, H, L, L) array in memory; float32 softmax inside).
+  ``"auto"``: cuDNN on a GPU backend for bfloat16/float16 compute when JAX accepts the shapes,
+  else XLA; float32 models thus keep the exact XLA path that the transformers parity tests check.
+  """
+  use_cudnn = implementation == "cudnn" or (
+      implementation == "auto" and jax.default_backend() == "gpu"
+      and jnp.dtype(q.dtype) in (jnp.bfloat16, jnp.float16))
+  if use_cudnn:
+    try:
+      return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
+    except (NotImplementedError, RuntimeError):   # shape, GPU or cuDNN version not supported
+      if implementation == "cudnn":
+        raise
+  scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+  scores = scores * q.shape[-1]**-0.5
+  if causal:
+    length = q.shape[1]
+    mask = jnp.tril(jnp.ones((length, length), bool))
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+  weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+
+
 class _Attention(nnx.Module):
-  """Multi-head self-attention, softmax(q k^T / sqrt(d_head) [+ causal mask]) v."""
+  """Multi-head self-attention (``attend``) between the q/k/v and out projections.
+
+  q, k and v come from one matmul with the three kernels concatenated, [q k v] = x [W_q W_k W_v]
+  + [b_q b_k b_v] (one (d, 3d) GEMM forward and one for the input gradient, instead of three and
+  a sum); the parameters stay transformers' separate ``q_proj``/``k_proj``/``v_proj``."""
 
   def __init__(self, cfg, *, causal: bool, dtype, param_dtype, rngs: nnx.Rngs):
     width, layers = cfg.hidden_size, cfg.num_hidden_layers
@@ -265,19 +312,21 @@ class _Attention(nnx.Module):
     self.out_proj = linear(out_std)
     self.num_heads = cfg.num_attention_heads
     self.causal = causal
+    self.implementation = cfg.attention
+
+  def _qkv(self, x):
+    projections = (self.q_proj, self.k_proj, self.v_proj)
+    dtype = self.q_proj.dtype or x.dtype
+    kernel = jnp.concatenate([p.kernel[...] for p in projections], axis=1).astype(dtype)
+    bias = jnp.concatenate([p.bias[...] for p in projections]).astype(dtype)
+    return jnp.split(jnp.dot(x.astype(dtype), kernel) + bias, 3, axis=-1)
 
   def __call__(self, x):
     batch, length, width = x.shape
     split = lambda y: y.reshape(batch, length, self.num_heads, width // self.num_heads)
-    q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-    scores = scores * (width // self.num_heads)**-0.5
-    if self.causal:
-      mask = jnp.tril(jnp.ones((length, length), bool))
-      scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, length, width)
-    return self.out_proj(out)
+    q, k, v = map(split, self._qkv(x))
+    out = attend(q, k, v, causal=self.causal, implementation=self.implementation)
+    return self.out_proj(out.reshape(batch, length, width))
 
 
 class _MLP(nnx.Module):

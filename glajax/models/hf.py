@@ -284,7 +284,7 @@ def _check_finite(tensors: dict[str, np.ndarray], source: str, argument: str = "
 def load_clip(path_or_hub_id: str | os.PathLike, *, dtype=jnp.float32, param_dtype=jnp.float32,
               image_size: int | None = None, adapter_dim: int | None = None,
               adapter_scale: float | str = "learnable", remat: bool = False,
-              seed: int = 0) -> CLIP:
+              attention: str = "auto", seed: int = 0) -> CLIP:
   """Loads a transformers-format CLIP checkpoint (local directory or hub id) as a ``CLIP``.
 
   Reads ``config.json`` and ``model.safetensors`` (sharded or not) or ``pytorch_model.bin``.
@@ -292,7 +292,7 @@ def load_clip(path_or_hub_id: str | os.PathLike, *, dtype=jnp.float32, param_dty
   initialised AdaptFormer adapters (LIFT's, ``adapter_scale`` ``"learnable"`` or a fixed float;
   ``up`` zero, so outputs equal the checkpoint's); adapters
   saved by ``save_clip`` in ``glajax_adapters.safetensors`` are restored when ``adapter_dim`` is
-  None.
+  None. ``remat`` and ``attention`` set both towers' (see ``CLIPVisionConfig``).
   """
   if image_size is not None:
     _checks.positive_int("image_size", image_size)  # before reading gigabytes of weights
@@ -306,9 +306,9 @@ def load_clip(path_or_hub_id: str | os.PathLike, *, dtype=jnp.float32, param_dty
   if adapters is not None:
     adapter_dim, adapter_scale = adapters[1], adapters[2]
   vision = dataclasses.replace(config.vision, adapter_dim=adapter_dim or 0,
-                               adapter_scale=adapter_scale, remat=remat)
-  config = dataclasses.replace(config, vision=vision,
-                               text=dataclasses.replace(config.text, remat=remat))
+                               adapter_scale=adapter_scale, remat=remat, attention=attention)
+  config = dataclasses.replace(config, vision=vision, text=dataclasses.replace(
+      config.text, remat=remat, attention=attention))
   model = clip_from_hf_tensors(config, _read_weights(directory), dtype=dtype,
                                param_dtype=param_dtype, seed=seed,
                                adapters=None if adapters is None else adapters[0], source=directory)

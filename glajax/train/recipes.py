@@ -64,7 +64,7 @@ def _config(batch_size: int, epochs: int, **optimizer) -> ml_collections.ConfigD
   config.optimizer.update(optimizer)
   config.batch_size = batch_size
   config.epochs = epochs
-  config.model = ml_collections.ConfigDict(dict(dtype="bfloat16", remat=False))
+  config.model = ml_collections.ConfigDict(dict(dtype="bfloat16", remat=False, attention="auto"))
   return config
 
 
@@ -223,9 +223,10 @@ def prompt_tuning() -> ml_collections.ConfigDict:
 
 def load_model(config, path_or_hub_id):
   """``load_clip`` with the recipe's ``config.model``: compute dtype (params stay float32),
-  rematerialisation and, for ``backdoor_peft``, the adapters."""
+  rematerialisation, the attention kernel and, for ``backdoor_peft``, the adapters."""
   return load_clip(path_or_hub_id, dtype=jnp.dtype(config.model.dtype),
-                   remat=config.model.remat, adapter_dim=config.model.get("adapter_dim"),
+                   remat=config.model.remat, attention=config.model.get("attention", "auto"),
+                   adapter_dim=config.model.get("adapter_dim"),
                    adapter_scale=config.model.get("adapter_scale", "learnable"))
 
 
