@@ -125,6 +125,12 @@ def test_unknown_attention_is_a_config_error(tower):
     CLIPConfig.tiny(**{f"{tower}_attention": "flash"})
 
 
+def test_cudnn_by_name_where_it_cannot_run_is_a_config_error():
+  q, k, v = (jnp.asarray(a, jnp.float32) for a in _qkv(8))   # float32: never cuDNN's
+  with pytest.raises(ConfigError, match="attention.*cudnn.*float32"):
+    attend(q, k, v, causal=False, implementation="cudnn")
+
+
 def _loss_curve(dtype, steps: int = 100, legacy: bool = False):
   """Losses of ``steps`` WiSE-FT fine-tuning steps of a tiny CLIP + head on fixed data."""
   rng = np.random.default_rng(6)

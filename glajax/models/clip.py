@@ -283,9 +283,12 @@ def attend(q, k, v, *, causal: bool, implementation: str = "auto"):
   if use_cudnn:
     try:
       return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
-    except (NotImplementedError, RuntimeError):   # shape, GPU or cuDNN version not supported
-      if implementation == "cudnn":
-        raise
+    except (NotImplementedError, RuntimeError, ValueError, TypeError) as e:
+      if implementation == "cudnn":   # asked for by name: say why it cannot run here
+        raise bad_argument("attention", "'auto' or 'xla' here: cuDNN flash attention needs a "
+                           "CUDA GPU, bfloat16/float16 and a supported head size",
+                           f"'cudnn' with {jnp.dtype(q.dtype).name} q of shape {q.shape} on "
+                           f"{jax.default_backend()} ({e})", ConfigError) from None
   scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
   scores = scores * q.shape[-1]**-0.5
   if causal:
