@@ -127,6 +127,8 @@ def test_missing_manual_dir_and_corrupt_images_raise(tmp_path):
   ds = tf.data.Dataset.from_tensor_slices({"image": [good, b"not an image"], "label": [0, 1]})
   with pytest.raises(DatasetError, match="reading failed"):
     list(pipeline.eval_batches(ds, batch_size=2, image_size=8))
+  with pytest.raises(DatasetError, match="reading failed"):  # train: bytes go to the transform
+    next(pipeline.train_batches(ds, batch_size=2, seed=0, image_size=8))
   with pytest.raises(InputError, match="batch_size"):
     next(pipeline.eval_batches(ds, batch_size=0))
 

@@ -103,3 +103,83 @@ def test_random_flip_mirrors_half_the_time():
   flips = [not np.array_equal(preprocess.random_flip(image, tf.constant([s, 0])), image)
            for s in range(200)]
   assert 70 < sum(flips) < 130
+
+
+def _jpeg_variants(image):
+  """The same image as 4:2:0, 4:4:4, progressive, 4:2:2 (PIL) and greyscale JPEGs: chroma
+  subsampling is where a cropped decode can differ from a full one."""
+  import io
+  pil_422 = io.BytesIO()
+  Image.fromarray(image).save(pil_422, "JPEG", quality=85, subsampling=1)
+  return {"420": tf.io.encode_jpeg(image, quality=90).numpy(),
+          "444": tf.io.encode_jpeg(image, quality=90, chroma_downsampling=False).numpy(),
+          "progressive": tf.io.encode_jpeg(image, quality=75, progressive=True).numpy(),
+          "422": pil_422.getvalue(),
+          "grey": tf.io.encode_jpeg(image[..., :1]).numpy()}
+
+
+@pytest.mark.parametrize("height,width", [(375, 500), (97, 211), (300, 40)])
+def test_fused_jpeg_crop_is_exactly_the_crop_of_the_full_decode(height, width):
+  """Tolerance 0: the decoded window equals the sampler's box cut from a full decode, bit for
+  bit (without the column margin, 4:2:0 / 4:2:2 crops differ by up to ~25 levels on an edge
+  column). Small scales put the box anywhere, left edges included at multiples of 16."""
+  image = _photo_like(height, width, seed=height)
+  for kind, encoded in _jpeg_variants(image).items():
+    full = preprocess.decode_image(encoded)
+    for i, scale in enumerate([(0.9, 1.0), (0.08, 1.0), (0.01, 0.05)] * 4):
+      seed = tf.constant([i, height])
+      top, left, h, w = (int(v) for v in preprocess.sample_crop(height, width, seed, scale))
+      window = preprocess._decode_window(tf.constant(encoded), seed, scale, (3 / 4, 4 / 3))  # pylint: disable=protected-access
+      np.testing.assert_array_equal(window, full[top:top + h, left:left + w], err_msg=kind)
+
+
+def _resized_reference(full, seed, size, scale=(0.9, 1.0)):
+  """Decode-then-crop-then-resize of the sampler's box, CLIP-normalised in NumPy (no flip)."""
+  crop_seed = tf.random.experimental.stateless_split(seed, 2)[0]
+  top, left, h, w = (int(v) for v in preprocess.sample_crop(*full.shape[:2], crop_seed, scale))
+  resized = tf.image.resize(np.asarray(full[top:top + h, left:left + w], np.float32),
+                            (size, size), method="bicubic", antialias=True).numpy()
+  resized = np.clip(np.round(resized), 0, 255)
+  return (resized / np.float32(255) - np.float32(preprocess.CLIP_MEAN)) / np.float32(
+      preprocess.CLIP_STD)
+
+
+def test_train_transform_takes_jpeg_png_bytes_and_uint8_alike():
+  """Bytes (fused JPEG decode, or PNG decoded whole) and the decoded uint8 image give the same
+  output, eagerly and in tf.data, equal to crop-then-resize of the same box (float32 rounding
+  of the normalisation only: atol 1e-6)."""
+  image = _photo_like(150, 200, seed=4)
+  encoded = {"jpeg": tf.io.encode_jpeg(image, quality=90).numpy(),
+             "png": tf.io.encode_png(image).numpy()}
+  for kind, data in encoded.items():
+    full = preprocess.decode_image(data)
+    for i in range(4):
+      seed = tf.constant([i, 5], tf.int64)
+      from_bytes = preprocess.train_transform(tf.constant(data), 32, seed, flip=False)
+      from_uint8 = preprocess.train_transform(full, 32, seed, flip=False)
+      np.testing.assert_array_equal(from_bytes, from_uint8, err_msg=kind)
+      np.testing.assert_allclose(from_bytes, _resized_reference(full.numpy(), seed, 32), atol=1e-6)
+    seeds = tf.constant([[7, s] for s in range(4)], tf.int64)
+    in_graph = tf.data.Dataset.from_tensor_slices(([data] * 4, seeds)).map(
+        lambda x, s: preprocess.train_transform(x, 32, s))
+    for s, out in zip(seeds, in_graph):
+      np.testing.assert_array_equal(out, preprocess.train_transform(full, 32, s), err_msg=kind)
+
+
+def test_normalize_and_flip_match_their_plain_definitions():
+  batch = _photo_like(12, 10, seed=5)[None].repeat(2, 0)
+  expected = (batch / np.float32(255) - np.float32(preprocess.CLIP_MEAN)) / np.float32(
+      preprocess.CLIP_STD)
+  np.testing.assert_array_equal(preprocess.normalize(tf.constant(batch)), expected)
+  np.testing.assert_array_equal(preprocess.normalize(tf.constant(batch[0])), expected[0])
+  image = tf.constant(batch[0])
+  outs = [preprocess.random_flip(image, tf.constant([s, 1])).numpy() for s in range(8)]
+  assert all(np.array_equal(o, batch[0]) or np.array_equal(o, batch[0][:, ::-1]) for o in outs)
+
+
+def test_bad_bytes_raise():
+  image = _photo_like(40, 30, seed=6)
+  corrupt_jpeg = tf.io.encode_jpeg(image).numpy()[:40] + b"\x00" * 50
+  for data in (b"not an image", corrupt_jpeg):
+    with pytest.raises(tf.errors.InvalidArgumentError):
+      preprocess.train_transform(tf.constant(data), 16, tf.constant([0, 0]))

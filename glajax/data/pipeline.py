@@ -283,9 +283,8 @@ def train_batches(name_or_dataset, *, batch_size: int, seed: int, split: str | N
     shuffled = ds.shuffle(shuffle_buffer, seed=epoch_seed, reshuffle_each_iteration=False)
     return shuffled.enumerate().map(lambda i, ex: (tf.stack([epoch_seed, i]), ex))
 
-  def augment(example_seed, ex):
-    image = preprocess.train_transform(_uint8_image(ex["image"]), image_size, example_seed,
-                                       flip, scale)
+  def augment(example_seed, ex):  # bytes go in as they are: of a JPEG only the crop is decoded
+    image = preprocess.train_transform(ex["image"], image_size, example_seed, flip, scale)
     return {"image": image, "label": tf.cast(ex["label"], tf.int32)}
 
   stream = (tf.data.Dataset.range(start_epoch, np.iinfo(np.int64).max).flat_map(epoch)

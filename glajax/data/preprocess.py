@@ -7,6 +7,8 @@ Resizing is TF's antialiased Keys bicubic (a = -0.5, like PIL's), rounded and cl
 [0, 255] as PIL's uint8 output is; TF and PIL still differ by a few grey levels at edges (see
 tests/test_data_preprocess.py for the measured tolerance). Images are HWC; outputs float32.
 Random ops take a stateless seed (shape (2,) int), so a crop depends on the seed only.
+``train_transform`` also takes encoded bytes: a JPEG's crop window is then the only part decoded
+(same pixels as decoding it all); benchmarks/results/pipeline_cpu.md has the throughput.
 """
 from __future__ import annotations
 
@@ -56,9 +58,9 @@ def crop_border(image: tf.Tensor, pixels: int) -> tf.Tensor:
 
 
 def _resize_bicubic(image: tf.Tensor, height, width) -> tf.Tensor:
-  """Antialiased bicubic resize to (height, width), rounded and clipped like PIL's uint8 result."""
-  resized = tf.image.resize(tf.cast(image, tf.float32), tf.stack([height, width]),
-                            method="bicubic", antialias=True)
+  """Antialiased bicubic resize to (height, width), rounded and clipped like PIL's uint8 result.
+  (uint8 goes in as it is: the resize kernel converts each pixel to float32 exactly.)"""
+  resized = tf.image.resize(image, tf.stack([height, width]), method="bicubic", antialias=True)
   return tf.clip_by_value(tf.round(resized), 0.0, 255.0)
 
 
@@ -85,9 +87,16 @@ def center_crop(image: tf.Tensor, size: int) -> tf.Tensor:
 
 
 def normalize(image: tf.Tensor) -> tf.Tensor:
-  """x / 255, then (x - mean) / std per channel with CLIP's mean and std."""
+  """x / 255, then (x - mean) / std per channel with CLIP's mean and std.
+
+  mean and std are first broadcast to the image's shape: TF's CPU kernels for a (..., 3) by (3,)
+  broadcast are ~5x slower than same-shape ones, and the result is the same.
+  """
   image = tf.cast(image, tf.float32) / 255.0
-  return (image - tf.constant(CLIP_MEAN)) / tf.constant(CLIP_STD)
+  shape = tf.shape(image)
+  mean = tf.broadcast_to(tf.constant(CLIP_MEAN), shape)
+  std = tf.broadcast_to(tf.constant(CLIP_STD), shape)
+  return (image - mean) / std
 
 
 def eval_transform(image: tf.Tensor, size: int, border: int = 0) -> tf.Tensor:
@@ -126,24 +135,75 @@ def sample_crop(height, width, seed, scale=(0.9, 1.0), ratio=(3 / 4, 4 / 3), att
   return tuple(tf.cast(v, tf.int32) for v in (top, left, crop_h, crop_w))
 
 
-def random_resized_crop(image: tf.Tensor, size: int, seed, scale=(0.9, 1.0),
-                        ratio=(3 / 4, 4 / 3)) -> tf.Tensor:
-  """RandomResizedCrop: a :func:`sample_crop` window resized (bicubic) to (size, size)."""
+def _crop_window(image: tf.Tensor, seed, scale, ratio) -> tf.Tensor:
+  """The :func:`sample_crop` window of a decoded (H, W, C) image."""
   shape = tf.shape(image)
   top, left, crop_h, crop_w = sample_crop(shape[0], shape[1], seed, scale, ratio)
-  crop = image[top:top + crop_h, left:left + crop_w]
-  return tf.ensure_shape(_resize_bicubic(crop, size, size), [size, size, 3])
+  return tf.slice(image, tf.stack([top, left, 0]), tf.stack([crop_h, crop_w, -1]))
+
+
+# libjpeg-turbo's cropped decoding upsamples the chroma of a 4:2:0 / 4:2:2 JPEG by edge
+# replication at the crop's left and right edges, which changes an edge column by up to ~25
+# levels. Fancy upsampling reads one chroma sample (2 pixels) across, so decoding a few more
+# columns on each side (2 suffice in the tests; 8 cost ~3 % more decoding of a 500-px row) and
+# cutting them off gives exactly the pixels of a full decode.
+_JPEG_MARGIN = 8
+
+
+def _decode_window(encoded: tf.Tensor, seed, scale, ratio) -> tf.Tensor:
+  """Encoded bytes -> the (uint8, RGB) :func:`sample_crop` window of the image; for a JPEG only
+  that window (plus ``_JPEG_MARGIN`` columns) is decoded, other formats are decoded whole.
+  (The crop is sampled outside the two small conds: ops inside a cond's branches cost more.)"""
+  is_jpeg = tf.io.is_jpeg(encoded)
+
+  def decode_whole():
+    image = decode_image(encoded)
+    return tf.shape(image)[:2], image
+
+  shape, image = tf.cond(is_jpeg, lambda: (tf.io.extract_jpeg_shape(encoded)[:2],
+                                           tf.zeros([0, 0, 3], tf.uint8)), decode_whole)
+  top, left, crop_h, crop_w = sample_crop(shape[0], shape[1], seed, scale, ratio)
+
+  def jpeg():
+    start = tf.maximum(left - _JPEG_MARGIN, 0)
+    stop = tf.minimum(left + crop_w + _JPEG_MARGIN, shape[1])
+    window = tf.io.decode_and_crop_jpeg(encoded, tf.stack([top, start, crop_h, stop - start]),
+                                        channels=3)
+    return tf.slice(window, tf.stack([0, left - start, 0]), tf.stack([-1, crop_w, -1]))
+
+  def other():
+    return tf.slice(image, tf.stack([top, left, 0]), tf.stack([crop_h, crop_w, -1]))
+
+  window = tf.cond(is_jpeg, jpeg, other)
+  window.set_shape([None, None, 3])
+  return window
+
+
+def random_resized_crop(image: tf.Tensor, size: int, seed, scale=(0.9, 1.0),
+                        ratio=(3 / 4, 4 / 3)) -> tf.Tensor:
+  """RandomResizedCrop: a :func:`sample_crop` window resized (bicubic) to (size, size).
+  ``image``: uint8 (H, W, 3), or encoded bytes (a JPEG's window is the only part decoded)."""
+  if image.dtype == tf.string:
+    window = _decode_window(image, seed, scale, ratio)
+  else:
+    window = _crop_window(image, seed, scale, ratio)
+  return tf.ensure_shape(_resize_bicubic(window, size, size), [size, size, 3])
 
 
 def random_flip(image: tf.Tensor, seed) -> tf.Tensor:
-  """Mirrors the image left-right with probability 1/2."""
+  """Mirrors the image left-right with probability 1/2 (tf.reverse: a negative-stride slice
+  costs ~100x more on CPU)."""
   flip = tf.random.stateless_uniform([], seed) < 0.5
-  return tf.cond(flip, lambda: image[:, ::-1], lambda: image)
+  return tf.cond(flip, lambda: tf.reverse(image, [1]), lambda: image)
 
 
 def train_transform(image: tf.Tensor, size: int, seed, flip: bool = True,
                     scale=(0.9, 1.0)) -> tf.Tensor:
-  """RandomResizedCrop(size, scale) -> optional flip -> CLIP normalisation; uint8 in."""
+  """RandomResizedCrop(size, scale) -> optional flip -> CLIP normalisation.
+
+  ``image``: uint8 (H, W, 3) or encoded bytes (JPEG/PNG/GIF/BMP); for a JPEG only the crop
+  window is decoded, with the same result as decoding first.
+  """
   crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
   image = random_resized_crop(image, size, crop_seed, scale)
   if flip:
