@@ -318,6 +318,7 @@ class _Attention(nnx.Module):
     self.implementation = cfg.attention
 
   def _qkv(self, x):
+    """(B, L, d) -> q, k, v, each (B, L, d), from one matmul in the compute dtype."""
     projections = (self.q_proj, self.k_proj, self.v_proj)
     dtype = self.q_proj.dtype or x.dtype
     kernel = jnp.concatenate([p.kernel[...] for p in projections], axis=1).astype(dtype)
