@@ -300,9 +300,12 @@ def main():
                                     jnp.bfloat16 if bf16 else jnp.float32, args.steps,
                                     args.warmup, args.profile_steps if repeat == 0 else 0,
                                     args.profile_dir, args.task, args.prompt_length))
-    if not skip_torch:
-      results["torch"].append(bench_torch(config, classes, images, labels, bf16, args.steps,
-                                          args.warmup, args.torch_compile))
+    if not skip_torch and "torch_error" not in results:
+      try:   # a PyTorch failure (e.g. torch.compile's) must not lose glajax's figures
+        results["torch"].append(bench_torch(config, classes, images, labels, bf16, args.steps,
+                                            args.warmup, args.torch_compile))
+      except Exception as e:  # pylint: disable=broad-except
+        results["torch_error"] = f"{type(e).__name__}: {e}"[:2000]
   flops = train_flops_per_image(config, args.task, args.prompt_length)
   peak = _peak_flops(args)
   report = {
@@ -314,6 +317,7 @@ def main():
       "train_gflop_per_image": flops / 1e9,
       "jax_images_per_s": max(results["jax"]),
       "torch_images_per_s": max(results["torch"]) if results["torch"] else None,
+      "torch_error": results.pop("torch_error", None),
       "torch_anchor": (None if skip_torch else "torch.compile + SDPA + fused AdamW"
                        if args.torch_compile else "eager (transformers default attention)"),
       "all_runs": results,

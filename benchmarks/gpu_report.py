@@ -104,6 +104,8 @@ def main():
     lines += ["| system | images/s | MFU |", "|---|---|---|",
               f"| glajax (jit, {train['dtype']} compute, f32 params) | "
               f"{train['jax_images_per_s']:.1f} | {mfu('jax_mfu')} |"]
+    if train.get("torch_error"):
+      lines += [f"| PyTorch, {train['torch_anchor']} | failed: {train['torch_error'][:300]} | |"]
     if train.get("torch_images_per_s"):
       lines += [f"| PyTorch, {train['torch_anchor']} | {train['torch_images_per_s']:.1f} | "
                 f"{mfu('torch_mfu')} |"]
