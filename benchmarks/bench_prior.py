@@ -188,7 +188,10 @@ def main():
                        "reported_residual_float32": float(info["residual"]),
                        "speedup_vs_reference": seconds / min(times)}
     if args.profile_dir:
-      results[solver]["profile"] = _profile(M, z, y, solver, f"{args.profile_dir}/{solver}")
+      try:   # a profiler failure must not lose the timings
+        results[solver]["profile"] = _profile(M, z, y, solver, f"{args.profile_dir}/{solver}")
+      except Exception as e:  # pylint: disable=broad-except
+        results[solver]["profile_error"] = f"{type(e).__name__}: {e}"[:500]
     print(solver, json.dumps(results[solver]), flush=True)
   results["load_avg_end"] = os.getloadavg()
   print(json.dumps(results, indent=1))
