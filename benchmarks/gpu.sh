@@ -36,6 +36,7 @@ DRY=0
 PY=${PYTHON:-python3}
 LOGS=${OUT:-/tmp/glajax_gpu}
 mkdir -p "$LOGS"
+rm -rf "$LOGS"/*.json "$LOGS"/*.log "$LOGS"/explore   # no stale result from an earlier run
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TF_CPP_MIN_LOG_LEVEL=3
 
 if ls .whl/*.whl >/dev/null 2>&1 && ! $PY -c "import ml_collections" 2>/dev/null; then
