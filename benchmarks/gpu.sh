@@ -125,7 +125,6 @@ $PY benchmarks/gpu_report.py --logs "$LOGS" --out "$RESULTS/gpu_${TAG}.md" \
   --contrastive-args "$(echo $CONTRASTIVE_ARGS)" --explore-args "$(echo $EXPLORE_ARGS)"
 echo "wrote $RESULTS/gpu_${TAG}.md"
 if [[ -n "${OUT:-}" && "$LOGS" == "$OUT" ]]; then   # the device tool returns at most 8 files
-  cp "$RESULTS/gpu_${TAG}.md" "$OUT/"
   tar czf /tmp/glajax_logs.tgz -C "$OUT" . && rm -rf "$OUT"/* && mv /tmp/glajax_logs.tgz "$OUT/"
   cp "$RESULTS/gpu_${TAG}.md" "$OUT/"
 fi

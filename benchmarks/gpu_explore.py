@@ -1,8 +1,9 @@
 """Issue 14's exploration on one accelerator call: which changes move the ViT-B/16 train step.
 
 Runs, within ``--budget`` seconds (each part skipped once the budget is spent):
-1. attention numerics: ``attend`` with cuDNN's flash kernel against the XLA einsum path and a
-   float64 reference, bfloat16, forward and gradients, ViT (L = 197) and causal text (L = 77);
+1. attention numerics: ``attend`` with cuDNN's flash kernel and with the XLA einsum path, in
+   bfloat16, against a float64 reference (output) and XLA's float32 gradients at "highest",
+   ViT (L = 197) and causal text (L = 77);
 2. train-step variants of ``bench_train_step.py`` (bfloat16), each in its own process so that
    XLA_FLAGS can differ: the previous attention (three q/k/v matmuls, XLA einsum softmax; from
    tests/test_attention.py), the fused q/k/v with XLA attention, no Triton GEMMs, twice the batch
@@ -45,21 +46,21 @@ def run_variant(argv: list[str]) -> None:
 
 
 def attention_numerics() -> list[dict]:
-  """cuDNN vs XLA ``attend`` in bfloat16 against float64 NumPy: ‖out − ref‖/‖ref‖ of the output
-  and of the q/k/v gradients of ⟨out, g⟩ for a random cotangent g."""
+  """cuDNN vs XLA ``attend`` in bfloat16: ‖x − ref‖/‖ref‖ of the output against the float64
+  NumPy reference of tests/test_attention.py, and of the q/k/v gradients of ⟨out, g⟩ (random
+  cotangent g) against XLA's float32 gradients at "highest" precision."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   from glajax.models.clip import attend  # pylint: disable=import-outside-toplevel
+  sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
+  from test_attention import _reference  # pylint: disable=import-outside-toplevel
 
   def reference(q, k, v, g, causal):
-    q, k, v, g = (np.asarray(a, np.float64) for a in (q, k, v, g))
-    qj, kj, vj, gj = (jnp.asarray(a, jnp.float32) for a in (q, k, v, g))
     with jax.default_matmul_precision("highest"):
-      f = lambda q, k, v: jnp.sum(attend(q, k, v, causal=causal, implementation="xla") * gj)
-      grads = jax.grad(f, argnums=(0, 1, 2))(qj, kj, vj)
-      out = attend(qj, kj, vj, causal=causal, implementation="xla")
-    return [np.asarray(out, np.float64)] + [np.asarray(x, np.float64) for x in grads]
+      grads = jax.grad(lambda q, k, v: jnp.sum(
+          attend(q, k, v, causal=causal, implementation="xla") * g), argnums=(0, 1, 2))(q, k, v)
+    return [_reference(q, k, v, causal)] + [np.asarray(x, np.float64) for x in grads]
 
   rows = []
   rng = np.random.default_rng(0)
