@@ -349,3 +349,22 @@ def test_value_checks_bring_no_logits_to_the_host(monkeypatch):
       M.estimate_log_prior(logits.at[3, 4].set(jnp.nan).at[5, 0].set(jnp.inf), labels)
     with pytest.raises(GlajaxError, match=r"range \[-1, 11\]"):
       M.estimate_log_prior(logits, labels.at[0].set(-1))
+
+
+def test_device_value_checks_run_inside_jit_on_captured_arrays(monkeypatch):
+  """A concrete array captured by a jitted function (a log-prior in a loss, labels beside traced
+  logits) is still checked while the jit traces: the device reductions run then and there rather
+  than being staged into the trace (which failed on an H200 with a ConcretizationTypeError)."""
+  from glajax.methods import _checks  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(_checks, "_on_host", lambda x: False)   # as on an accelerator
+  logits, labels = _random_problem(5, num_samples=300, num_classes=6)
+  log_prior = jnp.log(jnp.full((6,), 1 / 6))
+  adjusted = jax.jit(lambda z: M.logit_adjust(z, log_prior))(logits)
+  np.testing.assert_allclose(adjusted, M.logit_adjust(logits, log_prior), rtol=1e-6)
+  labels = jnp.asarray(labels)
+  jax.jit(lambda z: M.estimate_log_prior(z, labels))(logits).block_until_ready()
+  bad_prior, bad_labels = log_prior.at[2].set(jnp.inf), jnp.where(labels == 3, 0, labels)
+  with pytest.raises(GlajaxError, match="1 non-finite"):
+    jax.jit(lambda z: M.logit_adjust(z, bad_prior))(logits)
+  with pytest.raises(GlajaxError, match="1 missing classes"):
+    jax.jit(lambda z: M.estimate_log_prior(z, bad_labels))(logits)

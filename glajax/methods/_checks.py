@@ -41,14 +41,12 @@ def _on_host(x) -> bool:
   return not isinstance(x, jax.Array) or all(d.platform == "cpu" for d in x.devices())
 
 
-@jax.jit
-def _count_nonfinite_on_device(x):
-  return jnp.sum(~jnp.isfinite(x))
-
-
-@jax.jit
-def _min_max_on_device(x):
-  return jnp.min(x), jnp.max(x)
+def _on_device(fn, x):
+  """``fn(x)`` for concrete ``x``, computed now on the device holding it and brought to the host;
+  also while a ``jit`` traces around the check (``x`` then is a captured constant, and without
+  ``ensure_compile_time_eval`` the reduction would be staged into that trace)."""
+  with jax.ensure_compile_time_eval():
+    return jax.device_get(fn(x))
 
 
 def _count_nonfinite(x) -> int:
@@ -57,14 +55,22 @@ def _count_nonfinite(x) -> int:
   if _on_host(x):
     values = np.asarray(x).astype(np.float32, copy=False)
     return int(values.size - np.count_nonzero(np.isfinite(values)))
-  return int(jax.device_get(_count_nonfinite_on_device(x)))
+  return int(_on_device(lambda x: jnp.sum(~jnp.isfinite(x)), x))
 
 
 def _min_max(x) -> tuple[int, int]:
   if _on_host(x):
     values = np.asarray(x)
     return int(values.min()), int(values.max())
-  return tuple(map(int, jax.device_get(_min_max_on_device(x))))
+  return tuple(map(int, _on_device(lambda x: (jnp.min(x), jnp.max(x)), x)))
+
+
+def class_counts(labels, num_classes: int) -> np.ndarray:
+  """(C,) occurrences of each class in concrete ``labels`` (NumPy on the host, else counted on
+  the device: only the counts come back)."""
+  if _on_host(labels):
+    return np.bincount(np.asarray(labels), minlength=num_classes)
+  return _on_device(lambda y: jnp.bincount(y, length=num_classes), labels)
 
 
 def float_array(name: str, x, ndim: int | None = None) -> jax.Array:

@@ -72,7 +72,7 @@ def estimate_log_prior(logits, labels, *, num_classes: int | None = None,
   labels = _checks.labels_array("labels", labels, num_samples, classes)
   _checks.choice("solver", solver, SOLVERS)
   if _checks.is_concrete(labels):
-    missing = np.flatnonzero(np.asarray(jnp.bincount(labels, length=classes) == 0))
+    missing = np.flatnonzero(_checks.class_counts(labels, classes) == 0)
     if missing.size:
       raise bad_argument("labels", "every class to occur in the estimation labels (the prior of "
                          "an absent class cannot be estimated)",
