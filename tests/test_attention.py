@@ -4,7 +4,8 @@
   float32 "highest" precision (tolerance 1e-5);
 - cuDNN path (GPU only): against the same float64 reference in bfloat16, where the error is set
   by bfloat16 inputs and outputs (8-bit mantissa: ~4e-3 relative per rounding), so the bound is
-  2e-2 and within 2x the XLA path's own bfloat16 error;
+  2e-2 and within 2x the XLA path's own bfloat16 error; its gradients within 2e-2 of the XLA
+  path's bfloat16 gradients; the odd-length padding it needs, checked on any backend;
 - the fused q/k/v projection against the three separate projections it replaced (float32, 1e-6);
 - a 100-step bfloat16 training run against the previous attention (``legacy_attention_call``):
   the loss curves may differ by no more than bfloat16 itself moves them, measured as the gap
@@ -83,12 +84,30 @@ def test_xla_attention_matches_float64_reference(causal):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("length,causal", [(7, False), (7, True), (8, False)])
+def test_even_length_padding_computes_the_same_attention(length, causal):
+  """The odd-length padding that cuDNN training needs, checked through XLA's implementation of
+  the same masked call: values and gradients equal unpadded attention (float32, 1e-5)."""
+  q, k, v = _qkv(9, (2, length, 2, 8))
+  g = np.random.default_rng(10).normal(size=q.shape).astype(np.float32)
+  results = []
+  for padded in (True, False):
+    fn = (lambda q, k, v: clip_lib.even_length_attention(q, k, v, causal=causal,
+                                                         implementation="xla")) if padded else (
+        lambda q, k, v: attend(q, k, v, causal=causal, implementation="xla"))
+    out, vjp = jax.vjp(jax.jit(fn), q, k, v)
+    results.append((out, *vjp(g)))
+  for got, want in zip(*results):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.skipif(_ON_GPU, reason="cuDNN flash attention needs a CUDA GPU")
 @pytest.mark.parametrize("shape,causal", [((4, 197, 12, 64), False), ((4, 77, 8, 64), True)])
 def test_cudnn_attention_matches_reference_in_bfloat16(shape, causal):
   q, k, v = _qkv(2, shape)
+  g = np.random.default_rng(3).normal(size=shape).astype(np.float32)
   want = _reference(q, k, v, causal)
-  errors = {}
+  errors, grads = {}, {}
   for implementation in ("xla", "cudnn"):
     fn = jax.jit(lambda q, k, v, i=implementation: attend(q, k, v, causal=causal,
                                                           implementation=i))
@@ -97,7 +116,14 @@ def test_cudnn_attention_matches_reference_in_bfloat16(shape, causal):
       assert "cudnn" in fn.lower(*args).as_text().lower()   # the fused kernel, not a fallback
     got = np.asarray(fn(*args), np.float64)
     errors[implementation] = np.linalg.norm(got - want) / np.linalg.norm(want)
+    # the training path too: cuDNN refused odd lengths only when differentiated
+    grads[implementation] = [np.asarray(x, np.float64) for x in jax.jit(jax.grad(
+        lambda q, k, v, i=implementation: jnp.sum(attend(q, k, v, causal=causal,
+                                                          implementation=i).astype(jnp.float32)
+                                                   * g), argnums=(0, 1, 2)))(*args)]
   assert errors["cudnn"] < 2e-2 and errors["cudnn"] < 2 * errors["xla"] + 1e-3, errors
+  for got, want_grad in zip(grads["cudnn"], grads["xla"]):   # two bfloat16 computations
+    assert np.linalg.norm(got - want_grad) / np.linalg.norm(want_grad) < 2e-2
 
 
 def test_auto_keeps_xla_for_float32_and_off_gpu():

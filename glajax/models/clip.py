@@ -268,6 +268,24 @@ def _normal(std: float):
   return jax.nn.initializers.normal(stddev=std)
 
 
+def even_length_attention(q, k, v, *, causal: bool, implementation: str):
+  """``jax.nn.dot_product_attention`` with an odd length L padded to L + 1 and sliced back.
+
+  JAX 0.11's cuDNN path refuses odd lengths when differentiated ("Unsupported sequence length Q
+  197, KV 197": its check counts the placeholder bias it passes), so ViT's 197 tokens train only
+  padded. The padded key is masked: by ``key_value_seq_lengths`` = L, or, when causal, by the
+  causal mask itself (no real query sees the last position); the padded query row is dropped."""
+  length = q.shape[1]
+  if length % 2 == 0:
+    return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=implementation)
+  widths = ((0, 0), (0, 1), (0, 0), (0, 0))
+  q, k, v = (jnp.pad(x, widths) for x in (q, k, v))
+  lengths = None if causal else jnp.full((q.shape[0],), length, jnp.int32)
+  out = jax.nn.dot_product_attention(q, k, v, is_causal=causal, key_value_seq_lengths=lengths,
+                                     implementation=implementation)
+  return out[:, :length]
+
+
 def attend(q, k, v, *, causal: bool, implementation: str = "auto"):
   """softmax(q kᵀ / √d_head [+ causal mask]) v for (B, L, H, d_head) q, k, v.
 
@@ -282,7 +300,7 @@ def attend(q, k, v, *, causal: bool, implementation: str = "auto"):
       and jnp.dtype(q.dtype) in (jnp.bfloat16, jnp.float16))
   if use_cudnn:
     try:
-      return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
+      return even_length_attention(q, k, v, causal=causal, implementation="cudnn")
     except (NotImplementedError, RuntimeError, ValueError, TypeError) as e:
       if implementation == "cudnn":   # asked for by name: say why it cannot run here
         raise bad_argument("attention", "'auto' or 'xla' here: cuDNN flash attention needs a "
