@@ -151,6 +151,17 @@ def test_unknown_attention_is_a_config_error(tower):
     CLIPConfig.tiny(**{f"{tower}_attention": "flash"})
 
 
+def test_auto_says_when_it_falls_back_from_cudnn(monkeypatch):
+  """On a GPU backend, bfloat16 "auto" that cuDNN refuses warns (a silent fallback once hid a
+  1.36x slower ViT-B/16 step on an H200); here the refusal is the CPU's "cuDNN is not detected"."""
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  q, k, v = (jnp.asarray(a, jnp.bfloat16) for a in _qkv(11))
+  with pytest.warns(UserWarning, match="cuDNN flash attention refused.*using XLA attention"):
+    out = attend(q, k, v, causal=False)
+  np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(attend(
+      q, k, v, causal=False, implementation="xla"), np.float32))
+
+
 def test_cudnn_by_name_where_it_cannot_run_is_a_config_error():
   q, k, v = (jnp.asarray(a, jnp.float32) for a in _qkv(8))   # float32: never cuDNN's
   with pytest.raises(ConfigError, match="attention.*cudnn.*float32"):

@@ -12,6 +12,7 @@ import json
 import math
 import numbers
 import os
+import warnings
 from typing import Any
 
 import jax
@@ -307,6 +308,8 @@ def attend(q, k, v, *, causal: bool, implementation: str = "auto"):
                            "CUDA GPU, bfloat16/float16 and a supported head size",
                            f"'cudnn' with {jnp.dtype(q.dtype).name} q of shape {q.shape} on "
                            f"{jax.default_backend()} ({e})", ConfigError) from None
+      warnings.warn(f"attention 'auto': cuDNN flash attention refused q of shape {q.shape} "
+                    f"({e}); using XLA attention, which is slower", stacklevel=2)
   scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
   scores = scores * q.shape[-1]**-0.5
   if causal:
