@@ -6,7 +6,8 @@ Runs, within ``--budget`` seconds (each part skipped once the budget is spent):
    ViT (L = 197) and causal text (L = 77);
 2. train-step variants of ``bench_train_step.py`` (bfloat16), each in its own process so that
    XLA_FLAGS can differ: the previous attention (three q/k/v matmuls, XLA einsum softmax; from
-   tests/test_attention.py), the fused q/k/v with XLA attention, no Triton GEMMs, twice the batch
+   tests/test_attention.py), three q/k/v matmuls with the default attention kernel, no Triton
+   GEMMs, the fused q/k/v with XLA attention, twice the batch
    (``bench_train_step.py`` itself measures the default: fused q/k/v, cuDNN attention);
 3. the prior solve with XLA's while loops in CUDA-graph command buffers (no host round trip per
    iteration), against ``bench_prior.py``'s default run.
@@ -32,13 +33,17 @@ COMMAND_BUFFERS = ("--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTO
 
 
 def run_variant(argv: list[str]) -> None:
-  """``bench_train_step.main`` with ``argv``; ``--legacy`` first restores the old attention."""
+  """``bench_train_step.main`` with ``argv``; ``--legacy`` first restores the old attention
+  (three q/k/v matmuls, XLA softmax), ``--separate-qkv`` only the three matmuls (the attention
+  kernel stays ``--attention``'s)."""
   sys.path.insert(0, HERE)
-  if argv and argv[0] == "--legacy":
+  if argv and argv[0] in ("--legacy", "--separate-qkv"):
     sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
     from glajax.models import clip  # pylint: disable=import-outside-toplevel
     from test_attention import legacy_attention_call  # pylint: disable=import-outside-toplevel
-    clip._Attention.__call__ = legacy_attention_call  # pylint: disable=protected-access
+    clip._Attention.__call__ = (  # pylint: disable=protected-access
+        legacy_attention_call if argv[0] == "--legacy"
+        else lambda self, x: legacy_attention_call(self, x, self.implementation))
     argv = argv[1:]
   import bench_train_step  # pylint: disable=import-outside-toplevel
   sys.argv = ["bench_train_step.py", *argv]
@@ -129,13 +134,13 @@ def main():
   print(json.dumps(report["attention_numerics"], indent=1), flush=True)
   save()
 
-  def variant(name, extra_args, flags="", legacy=False, batch=args.batch):
+  def variant(name, extra_args, flags="", legacy=None, batch=args.batch):
     if left() < 30:
       report["skipped"].append(name)
       return
     out = os.path.join(args.out, f"v_{name}.json")
     cmd = [sys.executable, os.path.abspath(__file__), "--out", args.out, "--variant",
-           *(["--legacy"] if legacy else []), *TRAIN, "--preset", args.preset, "--batch",
+           *([legacy] if legacy else []), *TRAIN, "--preset", args.preset, "--batch",
            str(batch), "--out", out, *extra_args]
     log = os.path.join(args.out, f"v_{name}.log")
     rc, seconds = _run(cmd, {"XLA_FLAGS": flags} if flags else {}, left(), log)
@@ -151,7 +156,8 @@ def main():
     print(json.dumps(row), flush=True)
     save()
 
-  variant("previous_attention", ["--attention", "xla"], legacy=True)
+  variant("previous_attention", ["--attention", "xla"], legacy="--legacy")
+  variant("separate_qkv_default_attention", [], legacy="--separate-qkv")
   variant("no_triton_gemm", [], flags=NO_TRITON_GEMM)
   variant("fused_qkv_xla_attention", ["--attention", "xla"])
   variant("batch_x2", [], batch=2 * args.batch)

@@ -32,12 +32,13 @@ from glajax.train.state import create_train_state, make_optimizer
 _ON_GPU = "__import__('jax').default_backend() != 'gpu'"
 
 
-def legacy_attention_call(self, x):
-  """``_Attention.__call__`` before issue 14: three q/k/v matmuls, then the XLA einsum softmax."""
+def legacy_attention_call(self, x, implementation="xla"):
+  """``_Attention.__call__`` before issue 14: three q/k/v matmuls, then (by default) the XLA
+  einsum softmax."""
   batch, length, width = x.shape
   split = lambda y: y.reshape(batch, length, self.num_heads, width // self.num_heads)
   q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
-  out = attend(q, k, v, causal=self.causal, implementation="xla")
+  out = attend(q, k, v, causal=self.causal, implementation=implementation)
   return self.out_proj(out.reshape(batch, length, width))
 
 
