@@ -7,12 +7,15 @@ the optimum θ* is computed independently in float64 NumPy (fixed point to resid
 
     python benchmarks/bench_prior.py [--data clip_like|clip_mild|extreme] [--num-samples 50000]
         [--num-classes 1000] [--threads 2]
-        [--solvers newton,fixed_point,lbfgs] [--reference-steps 1000] [--out results.json]
-        [--bandwidth-tbps 4.3] [--profile-dir DIR]
+        [--solvers newton,fixed_point,lbfgs] [--implementations xla,pallas]
+        [--reference-steps 1000] [--out results.json] [--bandwidth-tbps 4.3] [--profile-dir DIR]
 
 The reference runs on CUDA when PyTorch sees a GPU. Each JAX solver's row reports
 ``passes_over_E`` (from ``return_info``) and, from it, the memory floor: passes × N·C·4 bytes /
-bandwidth, and how many times above that floor the measured time is. ``--profile-dir`` also
+bandwidth, and how many times above that floor the measured time is, and how much of the time
+the input checks take (the public call's time minus the jitted solve's). ``--implementations``
+runs ``newton`` and ``fixed_point`` with each way of reading E (``"pallas"``: one read per
+row-then-column pass; on a CPU it runs in Pallas' interpreter). ``--profile-dir`` also
 traces three solves per solver with ``jax.profiler`` and reports kernel launches, summed kernel
 time and the top kernels per solve (the gap between kernel time and wall time is launch and
 host overhead).
@@ -110,15 +113,59 @@ def gla_reference_torch(logits, labels, steps, threads):
           first_nonpositive)
 
 
-def _profile(methods, z, y, solver: str, trace_dir: str, solves: int = 3) -> dict:
+def _profile(estimate, trace_dir: str, solves: int = 3) -> dict:
   """Kernel launches, summed kernel time and the top kernels per solve (jax.profiler)."""
   import jax
   from bench_train_step import kernel_totals, top_kernels  # pylint: disable=import-outside-toplevel
   jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
   for _ in range(solves):
-    methods.estimate_log_prior(z, y, solver=solver).block_until_ready()
+    jax.block_until_ready(estimate())
   jax.profiler.stop_trace()
   return {**kernel_totals(trace_dir, solves), "top_kernels": top_kernels(trace_dir, solves, 8)}
+
+
+def _best_seconds(fn, repeats: int) -> tuple[float, list[float]]:
+  import jax
+  jax.block_until_ready(fn())   # compile
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return min(times), times
+
+
+def _time_solver(methods, z, y, solver, implementation, args, nbytes, report, reference_seconds):
+  """One solver's row: the public call (checks + solve), the jitted solve alone, passes over E."""
+  from glajax.methods import priors  # pylint: disable=import-outside-toplevel
+
+  def public():
+    return methods.estimate_log_prior(z, y, solver=solver, implementation=implementation,
+                                      return_info=True)
+
+  def solve_only():   # the jitted core that estimate_log_prior calls after its checks
+    return priors._estimate(  # pylint: disable=protected-access
+        z, y, None, match_confidence=False, solver=solver, tol=1e-6,
+        max_iter={"newton": 50, "lbfgs": 500, "fixed_point": 5000}[solver],
+        implementation=implementation, return_info=True)
+
+  best, times = _best_seconds(public, args.repeats)
+  solve_best, _ = _best_seconds(solve_only, args.repeats)
+  log_prior, info = public()
+  passes = int(info["passes"])
+  floor = (passes * nbytes / (args.bandwidth_tbps * 1e12)) if passes > 0 else None
+  row = {**report(np.asarray(log_prior), best), "all_seconds": times,
+         "solve_only_seconds": solve_best, "checks_seconds": best - solve_best,
+         "iterations": int(info["iterations"]), "passes_over_E": passes,
+         "memory_floor_seconds": floor, "times_memory_floor": (best / floor) if floor else None,
+         "reported_residual_float32": float(info["residual"]),
+         "speedup_vs_reference": reference_seconds / best}
+  if args.profile_dir:
+    try:   # a profiler failure must not lose the timings
+      row["profile"] = _profile(public, f"{args.profile_dir}/{solver}_{implementation}")
+    except Exception as e:  # pylint: disable=broad-except
+      row["profile_error"] = f"{type(e).__name__}: {e}"[:500]
+  return row
 
 
 def main():
@@ -128,6 +175,8 @@ def main():
   parser.add_argument("--num-classes", type=int, default=1000)
   parser.add_argument("--threads", type=int, default=2)
   parser.add_argument("--solvers", default="newton,fixed_point,lbfgs")
+  parser.add_argument("--implementations", default="xla",
+                      help="comma-separated: how newton and fixed_point read E (xla, pallas)")
   parser.add_argument("--reference-steps", type=int, default=1000)
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--out", default=None)
@@ -172,27 +221,12 @@ def main():
   results["jax_device"] = f"{jax.devices()[0].platform}: {jax.devices()[0].device_kind}"
   z, y = jnp.asarray(logits), jnp.asarray(labels)
   for solver in args.solvers.split(","):
-    log_prior, info = M.estimate_log_prior(z, y, solver=solver, return_info=True)  # compile
-    times = []
-    for _ in range(args.repeats):
-      start = time.perf_counter()
-      log_prior, info = M.estimate_log_prior(z, y, solver=solver, return_info=True)
-      log_prior.block_until_ready()
-      times.append(time.perf_counter() - start)
-    passes = int(info["passes"])
-    floor = (passes * logits.nbytes / (args.bandwidth_tbps * 1e12)) if passes > 0 else None
-    results[solver] = {**report(np.asarray(log_prior), min(times)), "all_seconds": times,
-                       "iterations": int(info["iterations"]), "passes_over_E": passes,
-                       "memory_floor_seconds": floor,
-                       "times_memory_floor": (min(times) / floor) if floor else None,
-                       "reported_residual_float32": float(info["residual"]),
-                       "speedup_vs_reference": seconds / min(times)}
-    if args.profile_dir:
-      try:   # a profiler failure must not lose the timings
-        results[solver]["profile"] = _profile(M, z, y, solver, f"{args.profile_dir}/{solver}")
-      except Exception as e:  # pylint: disable=broad-except
-        results[solver]["profile_error"] = f"{type(e).__name__}: {e}"[:500]
-    print(solver, json.dumps(results[solver]), flush=True)
+    for implementation in (args.implementations.split(",")
+                           if solver in ("newton", "fixed_point") else ["xla"]):
+      name = solver if implementation == "xla" else f"{solver}_{implementation}"
+      results[name] = _time_solver(M, z, y, solver, implementation, args, logits.nbytes, report,
+                                   seconds)
+      print(name, json.dumps(results[name]), flush=True)
   results["load_avg_end"] = os.getloadavg()
   print(json.dumps(results, indent=1))
   if args.out:

@@ -109,8 +109,8 @@ print('torch cuda:', torch.cuda.is_available(), torch.cuda.get_device_name(0) if
 print('tensorflow importable:', __import__('importlib').util.find_spec('tensorflow') is not None)
 "
 step train_step 170 $PY benchmarks/bench_train_step.py $TRAIN_ARGS --out "$LOGS/train_step.json"
-step prior 50 $PY benchmarks/bench_prior.py $PRIOR_ARGS --solvers newton,fixed_point \
-  --profile-dir /tmp/glajax_prior_trace --out "$LOGS/prior.json"
+step prior 60 $PY benchmarks/bench_prior.py $PRIOR_ARGS --solvers newton,fixed_point \
+  --implementations xla,pallas --profile-dir /tmp/glajax_prior_trace --out "$LOGS/prior.json"
 step explore 120 $PY benchmarks/gpu_explore.py $EXPLORE_ARGS --budget 105 --out "$LOGS/explore"
 step flyp 60 $PY benchmarks/bench_train_step.py $CONTRASTIVE_ARGS --task flyp \
   --out "$LOGS/flyp.json"

@@ -4,13 +4,14 @@ Runs, within ``--budget`` seconds (each part skipped once the budget is spent):
 1. attention numerics: ``attend`` with cuDNN's flash kernel and with the XLA einsum path, in
    bfloat16, against a float64 reference (output) and XLA's float32 gradients at "highest",
    ViT (L = 197) and causal text (L = 77);
-2. train-step variants of ``bench_train_step.py`` (bfloat16), each in its own process so that
+2. the prior solve (newton, fixed_point; XLA and Pallas passes) with XLA's while loops in
+   CUDA-graph command buffers (no host round trip per iteration), against ``bench_prior.py``'s
+   default run;
+3. train-step variants of ``bench_train_step.py`` (bfloat16), each in its own process so that
    XLA_FLAGS can differ: the previous attention (three q/k/v matmuls, XLA einsum softmax; from
    tests/test_attention.py), three q/k/v matmuls with the default attention kernel, no Triton
    GEMMs, the fused q/k/v with XLA attention, twice the batch
-   (``bench_train_step.py`` itself measures the default: fused q/k/v, cuDNN attention);
-3. the prior solve with XLA's while loops in CUDA-graph command buffers (no host round trip per
-   iteration), against ``bench_prior.py``'s default run.
+   (``bench_train_step.py`` itself measures the default: fused q/k/v, cuDNN attention).
 
     python benchmarks/gpu_explore.py --out DIR [--preset vit_b16] [--batch 256] [--budget 105]
 
@@ -156,29 +157,33 @@ def main():
     print(json.dumps(row), flush=True)
     save()
 
-  variant("previous_attention", ["--attention", "xla"], legacy="--legacy")
-  variant("separate_qkv_default_attention", [], legacy="--separate-qkv")
-  variant("no_triton_gemm", [], flags=NO_TRITON_GEMM)
-  variant("fused_qkv_xla_attention", ["--attention", "xla"])
-  variant("batch_x2", [], batch=2 * args.batch)
-
   if left() >= 30:
     samples, classes = args.prior_size.split("x")
     log, out = (os.path.join(args.out, f"prior_command_buffers.{ext}") for ext in ("log", "json"))
     rc, seconds = _run([sys.executable, os.path.join(HERE, "bench_prior.py"), "--num-samples",
                         samples, "--num-classes", classes, "--reference-steps", "10",
-                        "--repeats", "5", "--solvers", "newton,fixed_point", "--out", out],
+                        "--repeats", "5", "--solvers", "newton,fixed_point",
+                        "--implementations", "xla,pallas", "--out", out],
                        {"XLA_FLAGS": COMMAND_BUFFERS}, left(), log)
     report["prior_command_buffers"] = {"rc": rc, "seconds": round(seconds, 1),
                                        "flags": COMMAND_BUFFERS}
     if rc == 0:
       with open(out) as f:
         result = json.load(f)
-      report["prior_command_buffers"].update({s: result[s] for s in ("newton", "fixed_point")})
+      report["prior_command_buffers"].update(
+          {name: row for name, row in result.items()
+           if name.split("_pallas")[0] in ("newton", "fixed_point")})
     else:
       report["prior_command_buffers"]["log_tail"] = _tail(log)
   else:
     report["skipped"].append("prior_command_buffers")
+  save()
+  variant("previous_attention", ["--attention", "xla"], legacy="--legacy")
+  variant("separate_qkv_default_attention", [], legacy="--separate-qkv")
+  variant("no_triton_gemm", [], flags=NO_TRITON_GEMM)
+  variant("fused_qkv_xla_attention", ["--attention", "xla"])
+  variant("batch_x2", [], batch=2 * args.batch)
+
   save()
   print("\n| variant | flags | batch | images/s | MFU | rc | s |\n|---|---|---|---|---|---|---|")
   for row in report["variants"]:

@@ -64,11 +64,18 @@ def _explore(logs: str, explore_args: str) -> list[str]:
   cb = report.get("prior_command_buffers")
   if cb:
     lines += ["", f"Prior with `{cb['flags']}`: " + (", ".join(
-        f"{solver} {cb[solver]['seconds'] * 1e3:.2f} ms" for solver in ("newton", "fixed_point")
-        if solver in cb) or f"rc {cb['rc']}")]
+        f"{solver} {cb[solver]['seconds'] * 1e3:.2f} ms" for solver in _solver_rows(cb))
+        or f"rc {cb['rc']}")]
   if report.get("skipped"):
     lines += ["", f"Skipped for time: {', '.join(report['skipped'])}"]
   return lines + [""]
+
+
+def _solver_rows(results: dict) -> list[str]:
+  """The solver rows of a bench_prior result (``newton``, ``newton_pallas``, ...), in order."""
+  return [name for name in results
+          if name.split("_pallas")[0] in ("newton", "fixed_point", "lbfgs")
+          and isinstance(results[name], dict) and "seconds" in results[name]]
 
 
 def main():
@@ -131,20 +138,18 @@ def main():
 
   prior = _json(f"{logs}/prior.json")
   lines += ["## Prior estimation", "", "```", f"python benchmarks/bench_prior.py {args.prior_args} "
-            "--solvers newton,fixed_point", "```", ""]
+            "--solvers newton,fixed_point --implementations xla,pallas", "```", ""]
   if prior:
     ref = prior["gla_reference_torch"]
     lines += [f"{prior['N']} × {prior['C']} logits ({prior['data']}), JAX on "
               f"{prior.get('jax_device')}, reference in torch {prior['torch_version']}.", "",
-              "| solver | time | passes over E | memory floor | × floor | iterations | residual |",
-              "|---|---|---|---|---|---|---|",
+              "| solver | time | of which checks | reads of E | memory floor | × floor | "
+              "iterations | residual |", "|---|---|---|---|---|---|---|---|",
               f"| GLA reference SGD ({ref['steps']} steps) | {ref['seconds'] * 1e3:.1f} ms | | | | "
-              f"{ref['steps']} | {ref['residual']:.1e} |"]
+              f"| {ref['steps']} | {ref['residual']:.1e} |"]
     profiles = []
-    for solver in ("newton", "fixed_point", "lbfgs"):
-      r = prior.get(solver)
-      if not r:
-        continue
+    for solver in _solver_rows(prior):
+      r = prior[solver]
       if r.get("profile"):
         profiles.append(f"- {solver}: {r['profile']['kernels_per_step']:.0f} kernels and "
                         f"{r['profile']['kernel_ms_per_step']:.3f} ms of kernel time per solve "
@@ -152,11 +157,14 @@ def main():
                             f"`{k['name'][:40]}` {k['ms_per_step']:.3f} ms"
                             for k in r["profile"]["top_kernels"][:3]))
       floor = r.get("memory_floor_seconds")
-      lines.append(f"| {solver} | {r['seconds'] * 1e3:.2f} ms | {r.get('passes_over_E')} | "
-                   f"{floor * 1e3:.3f} ms | {r['times_memory_floor']:.1f} | {r['iterations']} | "
-                   f"{r['residual']:.1e} |" if floor else
-                   f"| {solver} | {r['seconds'] * 1e3:.2f} ms | | | | {r['iterations']} | "
-                   f"{r['residual']:.1e} |")
+      checks = (f"{r['checks_seconds'] * 1e3:.2f} ms" if r.get("checks_seconds") is not None
+                else "")
+      lines.append(f"| {solver} | {r['seconds'] * 1e3:.2f} ms | {checks} | "
+                   f"{r.get('passes_over_E')} | {floor * 1e3:.3f} ms | "
+                   f"{r['times_memory_floor']:.1f} | {r['iterations']} | {r['residual']:.1e} |"
+                   if floor else
+                   f"| {solver} | {r['seconds'] * 1e3:.2f} ms | {checks} | | | | "
+                   f"{r['iterations']} | {r['residual']:.1e} |")
     lines += ["", *(["Profile (jax.profiler, 3 solves):", "", *profiles, ""] if profiles else [])]
   else:
     lines += ["No result (see prior.log):", "", "```",

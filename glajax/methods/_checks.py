@@ -17,6 +17,8 @@ All errors are :class:`glajax.InputError` built with :func:`glajax.errors.bad_ar
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -41,12 +43,28 @@ def _on_host(x) -> bool:
   return not isinstance(x, jax.Array) or all(d.platform == "cpu" for d in x.devices())
 
 
-def _on_device(fn, x):
-  """``fn(x)`` for concrete ``x``, computed now on the device holding it and brought to the host;
-  also while a ``jit`` traces around the check (``x`` then is a captured constant, and without
+def _on_device(reduction, *args):
+  """``reduction(*args)`` (a jitted function: one dispatch, one transfer back) for concrete
+  arguments, computed now on the device holding them and brought to the host; also while a
+  ``jit`` traces around the check (the arguments then are captured constants, and without
   ``ensure_compile_time_eval`` the reduction would be staged into that trace)."""
   with jax.ensure_compile_time_eval():
-    return jax.device_get(fn(x))
+    return jax.device_get(reduction(*args))
+
+
+@jax.jit
+def _nonfinite_on_device(x):
+  return jnp.sum(~jnp.isfinite(x))
+
+
+@jax.jit
+def _min_max_on_device(x):
+  return jnp.min(x), jnp.max(x)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _counts_on_device(labels, num_classes):
+  return jnp.bincount(labels, length=num_classes)
 
 
 def _count_nonfinite(x) -> int:
@@ -55,14 +73,14 @@ def _count_nonfinite(x) -> int:
   if _on_host(x):
     values = np.asarray(x).astype(np.float32, copy=False)
     return int(values.size - np.count_nonzero(np.isfinite(values)))
-  return int(_on_device(lambda x: jnp.sum(~jnp.isfinite(x)), x))
+  return int(_on_device(_nonfinite_on_device, x))
 
 
 def _min_max(x) -> tuple[int, int]:
   if _on_host(x):
     values = np.asarray(x)
     return int(values.min()), int(values.max())
-  return tuple(map(int, _on_device(lambda x: (jnp.min(x), jnp.max(x)), x)))
+  return tuple(map(int, _on_device(_min_max_on_device, x)))
 
 
 def class_counts(labels, num_classes: int) -> np.ndarray:
@@ -70,7 +88,7 @@ def class_counts(labels, num_classes: int) -> np.ndarray:
   the device: only the counts come back)."""
   if _on_host(labels):
     return np.bincount(np.asarray(labels), minlength=num_classes)
-  return _on_device(lambda y: jnp.bincount(y, length=num_classes), labels)
+  return _on_device(_counts_on_device, labels, num_classes)
 
 
 def float_array(name: str, x, ndim: int | None = None) -> jax.Array:

@@ -21,7 +21,7 @@ import numpy as np
 import optax
 
 from glajax.errors import bad_argument
-from glajax.methods import _checks
+from glajax.methods import _checks, _row_column_pass
 
 SOLVERS = ("newton", "lbfgs", "fixed_point", "gla_reference")
 _TEMPERATURE_RANGE = (0.1, 10.0)
@@ -34,7 +34,8 @@ def normalise_log_prior(log_prior: jax.Array) -> jax.Array:
 
 def estimate_log_prior(logits, labels, *, num_classes: int | None = None,
                        solver: str = "newton", temperature=None, tol: float = 1e-6,
-                       max_iter: int | None = None, return_info: bool = False):
+                       max_iter: int | None = None, implementation: str = "auto",
+                       return_info: bool = False):
   """Estimates the label prior baked into a zero-shot model (GLA).
 
   Solves θ* = argmin_θ (1/N) Σ_i CE(z_i/T − θ, y_i) and returns
@@ -55,15 +56,21 @@ def estimate_log_prior(logits, labels, *, num_classes: int | None = None,
     tol: stop when the residual max_c |p̄_c − freq_c| ≤ tol (ignored by ``gla_reference``).
     max_iter: iteration cap (defaults: newton 50, lbfgs 500, fixed_point 5000,
       gla_reference 1000 steps exactly).
+    implementation: how ``newton`` and ``fixed_point`` read E = exp(z − max z) in each
+      row-then-column pass (``_row_column_pass``): ``"xla"`` (two reductions, two reads of E),
+      ``"pallas"`` (one Pallas kernel, one read; Triton on a GPU, Pallas' interpreter
+      elsewhere, which is exact but slow; at most 8192 classes) or ``"auto"`` (``"xla"``: the
+      Pallas kernel is not yet measured on a GPU, ``benchmarks/bench_prior.py
+      --implementations xla,pallas`` measures it).
     return_info: also return a dict with ``residual`` (float32, from the exact softmax),
       ``iterations`` (Newton steps, L-BFGS or fixed-point iterations, SGD steps), ``passes``
-      (memory-bound passes over the (N, C) matrix E = exp(z − max z) inside the solve, for
+      (memory-bound reads of the (N, C) matrix E = exp(z − max z) inside the solve, for
       ``newton`` and ``fixed_point``; −1 where not counted) and the ``temperature`` used.
 
   Jittable with ``solver``, ``temperature`` (if a string), ``tol``, ``max_iter``,
-  ``num_classes`` and ``return_info`` static. Value checks (finite logits, labels in range,
-  every class present) run only on concrete inputs; traced inside ``jit``, a class missing
-  from the labels makes the whole estimate NaN instead of raising.
+  ``num_classes``, ``implementation`` and ``return_info`` static. Value checks (finite logits,
+  labels in range, every class present) run only on concrete inputs; traced inside ``jit``, a
+  class missing from the labels makes the whole estimate NaN instead of raising.
   """
   logits = _checks.logits_array("logits", logits)
   num_samples, classes = logits.shape
@@ -71,6 +78,7 @@ def estimate_log_prior(logits, labels, *, num_classes: int | None = None,
     raise bad_argument("num_classes", f"logits.shape[1] = {classes}", num_classes)
   labels = _checks.labels_array("labels", labels, num_samples, classes)
   _checks.choice("solver", solver, SOLVERS)
+  implementation = _implementation(implementation, solver, classes)
   if _checks.is_concrete(labels):
     missing = np.flatnonzero(_checks.class_counts(labels, classes) == 0)
     if missing.size:
@@ -86,13 +94,27 @@ def estimate_log_prior(logits, labels, *, num_classes: int | None = None,
   if max_iter is None:
     max_iter = {"newton": 50, "lbfgs": 500, "fixed_point": 5000, "gla_reference": 1000}[solver]
   return _estimate(logits, labels, temperature, match_confidence=match, solver=solver, tol=tol,
-                   max_iter=max_iter, return_info=return_info)
+                   max_iter=max_iter, implementation=implementation, return_info=return_info)
+
+
+def _implementation(implementation: str, solver: str, num_classes: int) -> str:
+  """The pass implementation for ``solver``: ``"auto"`` resolved, ``"pallas"`` checked."""
+  _checks.choice("implementation", implementation, ("auto",) + _row_column_pass.IMPLEMENTATIONS)
+  if implementation != "pallas":
+    return "xla"
+  if solver not in ("newton", "fixed_point"):
+    raise bad_argument("implementation", "'auto' or 'xla' for solver "
+                       f"{solver!r} ('pallas' serves newton and fixed_point)", "'pallas'")
+  if num_classes > _row_column_pass.MAX_PALLAS_COLUMNS:
+    raise bad_argument("implementation", "'auto' or 'xla' for more than "
+                       f"{_row_column_pass.MAX_PALLAS_COLUMNS} classes", "'pallas'")
+  return implementation
 
 
 @functools.partial(jax.jit, static_argnames=("match_confidence", "solver", "tol", "max_iter",
-                                             "return_info"))
+                                             "implementation", "return_info"))
 def _estimate(logits, labels, temperature, *, match_confidence, solver, tol, max_iter,
-              return_info):
+              implementation, return_info):
   z = logits.astype(jnp.float32)
   if match_confidence:
     temperature = match_confidence_temperature(z, labels)
@@ -100,8 +122,9 @@ def _estimate(logits, labels, temperature, *, match_confidence, solver, tol, max
     temperature = jnp.float32(1.0)
   z = z / temperature
   freq = jnp.bincount(labels, length=z.shape[1]).astype(jnp.float32) / z.shape[0]
-  solve = {"newton": _newton, "lbfgs": _lbfgs, "fixed_point": _fixed_point,
-           "gla_reference": _gla_reference}[solver]
+  solve = {"newton": functools.partial(_newton, implementation=implementation),
+           "fixed_point": functools.partial(_fixed_point, implementation=implementation),
+           "lbfgs": _lbfgs, "gla_reference": _gla_reference}[solver]
   theta, iterations, passes = solve(z, labels, freq, tol=tol, max_iter=max_iter)
   log_prior = normalise_log_prior(theta + jnp.log(freq))
   log_prior = jnp.where(jnp.all(freq > 0), log_prior, jnp.nan)   # missing class under jit
@@ -135,13 +158,13 @@ class _Factored:
   """f and its derivatives with the exponentials taken once: E = exp(z − max_c z), so that
 
   logsumexp(z_i − θ) = max_c z_ic + log s_i − m,   s = E w,   w = e^{m−θ}  (m = min θ, exact
-  for any m), and p_ic = E_ic w_c / s_i. Every quantity the solvers need is then one memory-bound
-  pass over E (no N·C exponentials per iteration), each a single reduction whose elementwise
-  producers fuse into it, so E is the only (N, C) array a solve reads and none is written:
+  for any m), and p_ic = E_ic w_c / s_i. Every quantity the solvers need is then a row
+  reduction of E followed by a column reduction that needs its result
+  (``_row_column_pass.row_column_pass``: two reads of E with ``"xla"``, one with ``"pallas"``),
+  so E is the only (N, C) array a solve reads and none is written:
 
-    rows(θ)         s = E w, and f(θ) from s                  (a row pass)
-    columns(s, w)   p̄ = w ∘ Eᵀ(1/s)/N, so ∇f = freq − p̄        (a column pass)
-    hvp(v)          a = E(w∘v)/s²  (row pass),  ∇²f v = p̄∘v − w ∘ Eᵀa/N  (column pass)
+    gradient(θ)     s = E w, f(θ) from s;  p̄ = w ∘ Eᵀ(1/s)/N, so ∇f = freq − p̄
+    hvp(v)          a = E(w∘v)/s²,  ∇²f v = p̄∘v − w ∘ Eᵀa/N
 
   Reductions are ``jnp.sum`` of broadcast products, not matrix-vector products: XLA:CPU's f32
   GEMV accumulates sequentially, and its ~3e-6 error in p̄ stalled the solvers above tol = 1e-6.
@@ -150,80 +173,77 @@ class _Factored:
   so CG keeps the free diag(p̄) preconditioner.)
   """
 
-  def __init__(self, z, labels, freq):
+  def __init__(self, z, labels, freq, implementation="xla"):
     row_max = jnp.max(z, axis=-1)
-    self.exp_z = jnp.exp(z - row_max[:, None])
+    self.matrix = _row_column_pass.prepare(jnp.exp(z - row_max[:, None]), implementation)
     self.constant = jnp.mean(row_max - jnp.take_along_axis(z, labels[:, None], axis=-1)[:, 0])
     self.freq = freq
+    self.reads_per_pass = 1 if implementation == "pallas" else 2   # reads of E per pass
 
   def objective(self, theta):
+    """f(θ) alone, for autodiff (the ``"xla"`` layout)."""
     m = jax.lax.stop_gradient(jnp.min(theta))
-    sums = jnp.sum(self.exp_z * jnp.exp(m - theta), axis=-1)
+    sums = jnp.sum(self.matrix.values * jnp.exp(m - theta), axis=-1)
     return jnp.mean(jnp.log(sums)) - m + self.constant + jnp.dot(self.freq, theta)
 
-  def rows(self, theta):
-    """(f(θ), s, w): one row pass."""
+  def gradient(self, theta):
+    """(f(θ), s, w, p̄), ∇f = freq − p̄: one row-then-column pass."""
     m = jnp.min(theta)
     w = jnp.exp(m - theta)
-    sums = jnp.sum(self.exp_z * w, axis=-1)
+    sums, column = _row_column_pass.row_column_pass(self.matrix, w, reciprocal=True)
     value = jnp.mean(jnp.log(sums)) - m + self.constant + jnp.dot(self.freq, theta)
-    return value, sums, w
-
-  def columns(self, sums, w):
-    """p̄ = w ∘ Eᵀ(1/s)/N: one column pass."""
-    return w * jnp.sum(self.exp_z * (1.0 / sums)[:, None], axis=0) / self.exp_z.shape[0]
+    return value, sums, w, w * column / self.matrix.shape[0]
 
   def hvp(self, sums, w, pbar, v):
-    """∇²f v = p̄∘v − w ∘ Eᵀ(E(w∘v)/s²)/N: a row pass, then a column pass."""
-    a = jnp.sum(self.exp_z * (w * v), axis=-1) / (sums * sums)
-    return pbar * v - w * jnp.sum(self.exp_z * a[:, None], axis=0) / self.exp_z.shape[0]
+    """∇²f v = p̄∘v − w ∘ Eᵀ(E(w∘v)/s²)/N: one row-then-column pass."""
+    _, column = _row_column_pass.row_column_pass(self.matrix, w * v, 1.0 / (sums * sums),
+                                                 reciprocal=False)
+    return pbar * v - w * column / self.matrix.shape[0]
 
 
-def _fixed_point(z, labels, freq, *, tol, max_iter):
+def _fixed_point(z, labels, freq, *, tol, max_iter, implementation):
   """θ_c ← θ_c + log(p̄_c / freq_c) (EM for the prior; a gradient step preconditioned by p̄).
 
-  ∇f by autodiff of the factored f: two passes over E per iteration (a row, then a column
-  reduction; on XLA:CPU this form measured faster than ``_Factored.rows``/``.columns``)."""
-  grad_fn = jax.grad(_Factored(z, labels, freq).objective)
+  One row-then-column pass over E per iteration (``_Factored.gradient``)."""
+  factored = _Factored(z, labels, freq, implementation)
 
   def cond(state):
-    _, grad, it = state
-    return (jnp.max(jnp.abs(grad)) > tol) & (it < max_iter)
+    _, pbar, it = state
+    return (jnp.max(jnp.abs(freq - pbar)) > tol) & (it < max_iter)
 
   def body(state):
-    theta, grad, it = state
-    theta = theta + jnp.log((freq - grad) / freq)
-    return theta, grad_fn(theta), it + 1
+    theta, pbar, it = state
+    theta = theta + jnp.log(pbar / freq)
+    return theta, factored.gradient(theta)[3], it + 1
 
   theta = jnp.zeros_like(freq)
-  theta, _, it = jax.lax.while_loop(cond, body, (theta, grad_fn(theta), 0))
-  return theta, it, 2 * (it + 1)
+  theta, _, it = jax.lax.while_loop(cond, body, (theta, factored.gradient(theta)[3], 0))
+  return theta, it, factored.reads_per_pass * (it + 1)
 
 
-def _newton(z, labels, freq, *, tol, max_iter, max_cg: int = 20):
+def _newton(z, labels, freq, *, tol, max_iter, implementation, max_cg: int = 20):
   """Truncated Newton: H d = −∇f by conjugate gradients, then a backtracking step.
 
   Everything runs on device inside one jitted ``while_loop`` (no host round trip in the solve)
-  and reads E = exp(z − max z) in fused passes (see ``_Factored``):
-  - each Newton step ends with one column pass that gives ∇f = freq − p̄; CG is
-    preconditioned with diag(p̄), so its first iterate is the fixed-point step;
-  - each CG step is one Hessian-vector product, H v = p̄ ∘ v − w ∘ Eᵀ(E(w∘v)/s²)/N: two
-    passes (a row, then a column reduction; the dependency is inherent), never the C×C Hessian,
-    whose N·C² flops cost ~1.2 s per step on 2 CPU cores at 50 000 × 1 000;
-  - each line-search trial is one row pass (f only); the gradient is taken once, at the
-    accepted point.
+  and reads E in row-then-column passes (see ``_Factored``):
+  - each CG step is one Hessian-vector product, H v = p̄ ∘ v − w ∘ Eᵀ(E(w∘v)/s²)/N (the row,
+    then the column reduction: the dependency is inherent), never the C×C Hessian, whose N·C²
+    flops cost ~1.2 s per step on 2 CPU cores at 50 000 × 1 000; CG is preconditioned with
+    diag(p̄), so its first iterate is the fixed-point step;
+  - each line-search trial is one pass that gives f and ∇f at the trial point, so the accepted
+    trial's gradient comes with it.
   CG stops at relative residual min(0.1, ‖∇f‖^½) (superlinear convergence, Eisenstat–Walker).
   H is singular along the all-ones direction and ∇f ⊥ 1, so CG stays in the range of H. A step
   that increases f beyond float32 rounding (1e-6 relative) is halved; when 10 halvings do not
   help, f is at float32 precision and the solver stops. Iterations count Newton steps; the
-  third result counts passes over E (rows + columns) for the memory-floor accounting.
+  third result counts reads of E for the memory-floor accounting.
   """
-  factored = _Factored(z, labels, freq)
+  factored = _Factored(z, labels, freq, implementation)
 
   def direction(grad, sums, w, pbar):
     precond = 1.0 / pbar
     forcing = jnp.minimum(0.1, jnp.sqrt(jnp.sqrt(jnp.sum(grad ** 2))))
-    target = jnp.sum(grad ** 2) * forcing ** 2
+    target = jnp.maximum(jnp.sum(grad ** 2) * forcing ** 2, (0.1 * tol) ** 2)
 
     def cond(cg):
       _, r, _, _, k = cg
@@ -253,29 +273,26 @@ def _newton(z, labels, freq, *, tol, max_iter, max_cg: int = 20):
     step, cg_steps = direction(grad, sums, w, pbar)
 
     def not_better(search):
-      scale, new_value, *_, _ = search
+      scale, new_value, *_ = search
       return (new_value > value + 1e-6 * jnp.abs(value)) & (scale > 2.0 ** -10)
 
     def halve(search):
       scale, *_, trials = search
-      return (scale * 0.5, *factored.rows(theta + scale * 0.5 * step), trials + 1)
+      return (scale * 0.5, *factored.gradient(theta + scale * 0.5 * step), trials + 1)
 
-    scale, new_value, new_sums, new_w, trials = jax.lax.while_loop(
-        not_better, halve, (1.0, *factored.rows(theta + step), 1))
+    scale, *trial, trials = jax.lax.while_loop(
+        not_better, halve, (1.0, *factored.gradient(theta + step), 1))
     accepted = scale > 2.0 ** -10
     # Rejected (f at float32 precision): keep θ and its gradient; the loop stops on scale.
     theta = jnp.where(accepted, theta + scale * step, theta)
-    value = jnp.where(accepted, new_value, value)
-    sums = jnp.where(accepted, new_sums, sums)
-    w = jnp.where(accepted, new_w, w)
-    pbar = jnp.where(accepted, factored.columns(sums, w), pbar)
-    passes = passes + 2 * cg_steps + trials + 1
+    value, sums, w, pbar = (jnp.where(accepted, new, old)
+                            for new, old in zip(trial, (value, sums, w, pbar)))
+    passes = passes + factored.reads_per_pass * (cg_steps + trials)
     return theta, value, freq - pbar, sums, w, pbar, it + 1, scale, passes
 
   theta = jnp.zeros_like(freq)
-  value, sums, w = factored.rows(theta)
-  pbar = factored.columns(sums, w)
-  init = (theta, value, freq - pbar, sums, w, pbar, 0, 1.0, 2)
+  value, sums, w, pbar = factored.gradient(theta)
+  init = (theta, value, freq - pbar, sums, w, pbar, 0, 1.0, factored.reads_per_pass)
   theta, *_, it, _, passes = jax.lax.while_loop(cond, body, init)
   return theta, it, passes
 
