@@ -260,8 +260,10 @@ def _newton(z, labels, freq, *, tol, max_iter, implementation, max_cg: int = 20)
 
     r = -grad
     zr = precond * r
-    d, _, _, _, k = jax.lax.while_loop(cond, body,
-                                       (jnp.zeros_like(grad), r, zr, jnp.dot(r, zr), 0))
+    # The first step runs outside the loop: |∇f|∞ > tol ≥ 10·target^½ makes it always needed,
+    # and on a GPU each evaluation of a loop's condition is a round trip to the host.
+    first = body((jnp.zeros_like(grad), r, zr, jnp.dot(r, zr), 0))
+    d, _, _, _, k = jax.lax.while_loop(cond, body, first)
     return d, k
 
   def cond(state):
