@@ -364,7 +364,7 @@ def test_pallas_reads_the_matrix_once_per_pass():
 def test_newton_stops_cg_at_the_accuracy_the_tolerance_needs():
   """CG's residual target is max(η‖∇f‖, tol/10): the last Newton step need not solve H d = −∇f
   to η ≈ ‖∇f‖^½ when a tenth of ``tol`` already ends the solve. Measured on these problems
-  (passes): 40, 38, 42 with the η target alone; 28, 24, 28 with the floor."""
+  (reads of E): 42, 38, 22 with the η target alone; 26, 24, 22 with the floor."""
   for seed in (0, 1, 3):
     logits, labels = _random_problem(seed)
     log_prior, info = M.estimate_log_prior(logits, labels, return_info=True)

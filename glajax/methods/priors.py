@@ -203,6 +203,8 @@ class _Factored:
 
 def _fixed_point(z, labels, freq, *, tol, max_iter, implementation):
   """θ_c ← θ_c + log(p̄_c / freq_c) (EM for the prior; a gradient step preconditioned by p̄).
+  It is generalized iterative scaling (Darroch & Ratcliff, 1972) for the class biases −θ, whose
+  class features are one-hot (they sum to 1), so no step increases f.
 
   One row-then-column pass over E per iteration (``_Factored.gradient``)."""
   factored = _Factored(z, labels, freq, implementation)
@@ -222,7 +224,8 @@ def _fixed_point(z, labels, freq, *, tol, max_iter, implementation):
 
 
 def _newton(z, labels, freq, *, tol, max_iter, implementation, max_cg: int = 20):
-  """Truncated Newton: H d = −∇f by conjugate gradients, then a backtracking step.
+  """Truncated Newton from one fixed-point step: H d = −∇f by conjugate gradients, then a
+  backtracking step.
 
   Everything runs on device inside one jitted ``while_loop`` (no host round trip in the solve)
   and reads E in row-then-column passes (see ``_Factored``):
@@ -292,9 +295,12 @@ def _newton(z, labels, freq, *, tol, max_iter, implementation, max_cg: int = 20)
     passes = passes + factored.reads_per_pass * (cg_steps + trials)
     return theta, value, freq - pbar, sums, w, pbar, it + 1, scale, passes
 
-  theta = jnp.zeros_like(freq)
+  # Start one fixed-point step from θ = 0 (generalized iterative scaling: it never increases f).
+  # From θ = 0 itself a full Newton step overshoots on CLIP-like logits (f 1.9 → 30, three
+  # halvings); the start cut the clip_like solve from 6 Newton steps to 3 (36 → 20 reads).
+  theta = jnp.log(factored.gradient(jnp.zeros_like(freq))[3] / freq)
   value, sums, w, pbar = factored.gradient(theta)
-  init = (theta, value, freq - pbar, sums, w, pbar, 0, 1.0, factored.reads_per_pass)
+  init = (theta, value, freq - pbar, sums, w, pbar, 0, 1.0, 2 * factored.reads_per_pass)
   theta, *_, it, _, passes = jax.lax.while_loop(cond, body, init)
   return theta, it, passes
 
