@@ -198,6 +198,40 @@ def top_kernels(trace_dir: str, steps: int, top: int = 15) -> list[dict]:
            "calls_per_step": counts[name] / steps} for name, us in ranked]
 
 
+KERNEL_CATEGORIES = (   # (category, substrings of the kernel name), first match wins
+    ("attention (cuDNN)", ("cudnn", "sdpa", "fmha", "flash")),
+    ("GEMM", ("nvjet", "gemm", "cutlass", "xmma", "cublas", "matmul", "dot")),
+    ("convolution", ("conv",)),
+    ("transpose / copy", ("transpose", "copy", "concatenate", "slice", "memcpy")),
+    ("reduction (norms, losses, bias gradients)", ("reduce", "softmax", "norm")),
+    ("elementwise", ("loop_", "fusion")),
+)
+
+
+def kernel_categories(trace_dir: str, steps: int, flops_per_step: float | None = None,
+                      peak_flops: float | None = None) -> list[dict]:
+  """Kernel time per step by kind (``KERNEL_CATEGORIES`` by name), largest first; with the
+  step's FLOPs and the peak, also the GEMMs' own efficiency (FLOPs / (GEMM time × peak), all
+  FLOPs counted as GEMM FLOPs: an upper bound) — whether the GEMMs or everything else is the
+  gap to the MFU target."""
+  totals, counts = _device_kernels(trace_dir)
+  whole = sum(totals.values()) or 1.0
+  rows = {}
+  for name, us in totals.items():
+    lowered = name.lower()
+    kind = next((kind for kind, keys in KERNEL_CATEGORIES if any(k in lowered for k in keys)),
+                "other")
+    row = rows.setdefault(kind, {"category": kind, "ms_per_step": 0.0, "calls_per_step": 0.0})
+    row["ms_per_step"] += us / 1e3 / steps
+    row["calls_per_step"] += counts[name] / steps
+  for row in rows.values():
+    row["share"] = row["ms_per_step"] * 1e3 * steps / whole
+  gemm = rows.get("GEMM")
+  if gemm and flops_per_step and peak_flops:
+    gemm["efficiency_upper_bound"] = flops_per_step / (gemm["ms_per_step"] / 1e3 * peak_flops)
+  return sorted(rows.values(), key=lambda row: -row["ms_per_step"])
+
+
 def kernel_totals(trace_dir: str, steps: int) -> dict:
   """Kernel launches and summed kernel time per step (device timelines of the trace)."""
   totals, counts = _device_kernels(trace_dir)
@@ -337,6 +371,8 @@ def main():
   if args.profile_steps:
     report["top_kernels"] = top_kernels(args.profile_dir, args.profile_steps, args.top_kernels)
     report["kernel_totals"] = kernel_totals(args.profile_dir, args.profile_steps)
+    report["kernel_categories"] = kernel_categories(
+        args.profile_dir, args.profile_steps, flops * args.batch if peak else None, peak)
   print(json.dumps(report, indent=2))
   if args.out:
     with open(args.out, "w") as f:

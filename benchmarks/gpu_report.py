@@ -125,6 +125,16 @@ def main():
       lines += [f"Kernels per step: {totals['kernels_per_step']:.0f}, summed kernel time "
                 f"{totals['kernel_ms_per_step']:.1f} ms per step (the step takes "
                 f"{1e3 * train['batch'] / train['jax_images_per_s']:.1f} ms).", ""]
+    if train.get("kernel_categories"):
+      lines += ["Kernel time by kind (jax.profiler, per glajax step; `KERNEL_CATEGORIES` in "
+                "bench_train_step.py):", "", "| kind | ms/step | share | calls/step |",
+                "|---|---|---|---|"]
+      for c in train["kernel_categories"]:
+        efficiency = (f" (GEMM efficiency ≤ {100 * c['efficiency_upper_bound']:.0f} % of peak)"
+                      if c.get("efficiency_upper_bound") else "")
+        lines.append(f"| {c['category']}{efficiency} | {c['ms_per_step']:.3f} | "
+                     f"{100 * c['share']:.1f} % | {c['calls_per_step']:.0f} |")
+      lines.append("")
     if train.get("top_kernels"):
       lines += ["Top kernels (jax.profiler, per glajax step):", "",
                 "| kernel | ms/step | share | calls/step |", "|---|---|---|---|"]
