@@ -227,15 +227,17 @@ def _newton(z, labels, freq, *, tol, max_iter, implementation, max_cg: int = 20)
   """Truncated Newton from one fixed-point step: H d = −∇f by conjugate gradients, then a
   backtracking step.
 
-  Everything runs on device inside one jitted ``while_loop`` (no host round trip in the solve)
-  and reads E in row-then-column passes (see ``_Factored``):
+  Everything runs inside one jitted ``while_loop`` (no Python in the solve; on a GPU, XLA
+  brings each loop condition to the host, so the loops are kept short) and reads E in
+  row-then-column passes (see ``_Factored``):
   - each CG step is one Hessian-vector product, H v = p̄ ∘ v − w ∘ Eᵀ(E(w∘v)/s²)/N (the row,
     then the column reduction: the dependency is inherent), never the C×C Hessian, whose N·C²
     flops cost ~1.2 s per step on 2 CPU cores at 50 000 × 1 000; CG is preconditioned with
     diag(p̄), so its first iterate is the fixed-point step;
   - each line-search trial is one pass that gives f and ∇f at the trial point, so the accepted
     trial's gradient comes with it.
-  CG stops at relative residual min(0.1, ‖∇f‖^½) (superlinear convergence, Eisenstat–Walker).
+  CG stops at relative residual min(0.1, ‖∇f‖^½) (superlinear convergence, Eisenstat–Walker),
+  or once its residual is below tol/10, which ends the solve anyway.
   H is singular along the all-ones direction and ∇f ⊥ 1, so CG stays in the range of H. A step
   that increases f beyond float32 rounding (1e-6 relative) is halved; when 10 halvings do not
   help, f is at float32 precision and the solver stops. Iterations count Newton steps; the
