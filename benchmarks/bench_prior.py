@@ -116,12 +116,14 @@ def gla_reference_torch(logits, labels, steps, threads):
 def _profile(estimate, trace_dir: str, solves: int = 3) -> dict:
   """Kernel launches, summed kernel time and the top kernels per solve (jax.profiler)."""
   import jax
-  from bench_train_step import kernel_totals, top_kernels  # pylint: disable=import-outside-toplevel
+  from bench_train_step import (  # pylint: disable=import-outside-toplevel
+      device_kernels, kernel_totals, top_kernels)
   jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
   for _ in range(solves):
     jax.block_until_ready(estimate())
   jax.profiler.stop_trace()
-  return {**kernel_totals(trace_dir, solves), "top_kernels": top_kernels(trace_dir, solves, 8)}
+  kernels = device_kernels(trace_dir)
+  return {**kernel_totals(kernels, solves), "top_kernels": top_kernels(kernels, solves, 8)}
 
 
 def _best_seconds(fn, repeats: int) -> tuple[float, list[float]]:
@@ -146,7 +148,7 @@ def _time_solver(methods, z, y, solver, implementation, args, nbytes, report, re
   def solve_only():   # the jitted core that estimate_log_prior calls after its checks
     return priors._estimate(  # pylint: disable=protected-access
         z, y, None, match_confidence=False, solver=solver, tol=1e-6,
-        max_iter={"newton": 50, "lbfgs": 500, "fixed_point": 5000}[solver],
+        max_iter=priors.DEFAULT_MAX_ITER[solver],
         implementation=implementation, return_info=True)
 
   best, times = _best_seconds(public, args.repeats)

@@ -165,9 +165,11 @@ def bench_jax(config: CLIPConfig, classes: int, images, labels, dtype, steps: in
   return steps * len(labels) / seconds
 
 
-def _device_kernels(trace_dir: str) -> tuple[dict, dict]:
+def device_kernels(trace_dir: str) -> tuple[dict, dict]:
   """(total µs, calls) by kernel name: complete events of the newest Perfetto trace under
-  ``trace_dir``, on the device's timelines when there are any (process names with GPU/TPU)."""
+  ``trace_dir``, on the device's timelines when there are any (process names with GPU/TPU).
+  Read once per trace; ``top_kernels``, ``kernel_categories`` and ``kernel_totals`` summarise
+  the result."""
   import glob  # pylint: disable=import-outside-toplevel
   import gzip  # pylint: disable=import-outside-toplevel
   paths = sorted(glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True))
@@ -189,9 +191,9 @@ def _device_kernels(trace_dir: str) -> tuple[dict, dict]:
   return totals, counts
 
 
-def top_kernels(trace_dir: str, steps: int, top: int = 15) -> list[dict]:
-  """The top ``top`` kernels of ``steps`` traced steps by total time, per step."""
-  totals, counts = _device_kernels(trace_dir)
+def top_kernels(kernels: tuple[dict, dict], steps: int, top: int = 15) -> list[dict]:
+  """The top ``top`` of ``device_kernels`` over ``steps`` traced steps by total time, per step."""
+  totals, counts = kernels
   whole = sum(totals.values()) or 1.0
   ranked = sorted(totals.items(), key=lambda kv: -kv[1])[:top]
   return [{"name": name[:120], "ms_per_step": us / 1e3 / steps, "share": us / whole,
@@ -208,13 +210,14 @@ KERNEL_CATEGORIES = (   # (category, substrings of the kernel name), first match
 )
 
 
-def kernel_categories(trace_dir: str, steps: int, flops_per_step: float | None = None,
+def kernel_categories(kernels: tuple[dict, dict], steps: int,
+                      flops_per_step: float | None = None,
                       peak_flops: float | None = None) -> list[dict]:
-  """Kernel time per step by kind (``KERNEL_CATEGORIES`` by name), largest first; with the
-  step's FLOPs and the peak, also the GEMMs' own efficiency (FLOPs / (GEMM time × peak), all
-  FLOPs counted as GEMM FLOPs: an upper bound) — whether the GEMMs or everything else is the
-  gap to the MFU target."""
-  totals, counts = _device_kernels(trace_dir)
+  """``device_kernels``' time per step by kind (``KERNEL_CATEGORIES`` by name), largest first;
+  with the step's FLOPs and the peak, also the GEMMs' own efficiency (FLOPs / (GEMM time ×
+  peak), all FLOPs counted as GEMM FLOPs: an upper bound) — whether the GEMMs or everything
+  else is the gap to the MFU target."""
+  totals, counts = kernels
   whole = sum(totals.values()) or 1.0
   rows = {}
   for name, us in totals.items():
@@ -232,9 +235,9 @@ def kernel_categories(trace_dir: str, steps: int, flops_per_step: float | None =
   return sorted(rows.values(), key=lambda row: -row["ms_per_step"])
 
 
-def kernel_totals(trace_dir: str, steps: int) -> dict:
-  """Kernel launches and summed kernel time per step (device timelines of the trace)."""
-  totals, counts = _device_kernels(trace_dir)
+def kernel_totals(kernels: tuple[dict, dict], steps: int) -> dict:
+  """Kernel launches and summed kernel time per step, from ``device_kernels``."""
+  totals, counts = kernels
   return {"kernels_per_step": sum(counts.values()) / steps,
           "kernel_ms_per_step": sum(totals.values()) / 1e3 / steps}
 
@@ -369,10 +372,11 @@ def main():
     if report["torch_images_per_s"]:
       report["torch_mfu"] = report["torch_images_per_s"] * flops / peak
   if args.profile_steps:
-    report["top_kernels"] = top_kernels(args.profile_dir, args.profile_steps, args.top_kernels)
-    report["kernel_totals"] = kernel_totals(args.profile_dir, args.profile_steps)
+    kernels = device_kernels(args.profile_dir)
+    report["top_kernels"] = top_kernels(kernels, args.profile_steps, args.top_kernels)
+    report["kernel_totals"] = kernel_totals(kernels, args.profile_steps)
     report["kernel_categories"] = kernel_categories(
-        args.profile_dir, args.profile_steps, flops * args.batch if peak else None, peak)
+        kernels, args.profile_steps, flops * args.batch if peak else None, peak)
   print(json.dumps(report, indent=2))
   if args.out:
     with open(args.out, "w") as f:

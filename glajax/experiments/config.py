@@ -29,7 +29,7 @@ import numpy as np
 
 from glajax.data import builders, registry, world
 from glajax.errors import CheckpointError, ConfigError, DatasetError, bad_argument
-from glajax.models import hf
+from glajax.models import clip, hf
 from glajax.train import recipes, state
 
 TINY = "tiny"
@@ -356,7 +356,7 @@ _RANGES = (
 )
 _CHOICES = (
     ("train.model.dtype", ("float32", "bfloat16", "float16")),
-    ("train.model.attention", ("auto", "xla", "cudnn")),
+    ("train.model.attention", clip.ATTENTION_IMPLEMENTATIONS),
     ("train.optimizer.name", ("adamw", "sgd")),
 )
 

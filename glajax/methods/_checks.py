@@ -105,7 +105,7 @@ def logits_array(name: str, logits, ndim: int = 2) -> jax.Array:
   """A floating (N, C) (or rank-``ndim``) array, all finite when concrete."""
   logits = float_array(name, logits, ndim)
   if is_concrete(logits) and logits.size:
-    bad = int(_count_nonfinite(logits))
+    bad = _count_nonfinite(logits)
     if bad:
       raise bad_argument(name, "finite values", f"{bad} non-finite entries")
   return logits

@@ -35,6 +35,11 @@ class Matrix(NamedTuple):
   shape: tuple[int, int]
   implementation: str
 
+  @property
+  def reads_per_pass(self) -> int:
+    """Reads of E in one ``row_column_pass``: one for ``"pallas"``, two for ``"xla"``."""
+    return 1 if self.implementation == "pallas" else 2
+
 
 def prepare(exp_z: jax.Array, implementation: str) -> Matrix:
   """E laid out for ``implementation``: as is for ``"xla"``; for ``"pallas"`` with zero rows up

@@ -24,6 +24,7 @@ from glajax.errors import bad_argument
 from glajax.methods import _checks, _row_column_pass
 
 SOLVERS = ("newton", "lbfgs", "fixed_point", "gla_reference")
+DEFAULT_MAX_ITER = {"newton": 50, "lbfgs": 500, "fixed_point": 5000, "gla_reference": 1000}
 _TEMPERATURE_RANGE = (0.1, 10.0)
 
 
@@ -92,7 +93,7 @@ def estimate_log_prior(logits, labels, *, num_classes: int | None = None,
   elif temperature is not None:
     _checks.in_range("temperature", temperature, 1e-6, np.inf)
   if max_iter is None:
-    max_iter = {"newton": 50, "lbfgs": 500, "fixed_point": 5000, "gla_reference": 1000}[solver]
+    max_iter = DEFAULT_MAX_ITER[solver]
   return _estimate(logits, labels, temperature, match_confidence=match, solver=solver, tol=tol,
                    max_iter=max_iter, implementation=implementation, return_info=return_info)
 
@@ -178,7 +179,6 @@ class _Factored:
     self.matrix = _row_column_pass.prepare(jnp.exp(z - row_max[:, None]), implementation)
     self.constant = jnp.mean(row_max - jnp.take_along_axis(z, labels[:, None], axis=-1)[:, 0])
     self.freq = freq
-    self.reads_per_pass = 1 if implementation == "pallas" else 2   # reads of E per pass
 
   def objective(self, theta):
     """f(θ) alone, for autodiff (the ``"xla"`` layout)."""
@@ -220,7 +220,7 @@ def _fixed_point(z, labels, freq, *, tol, max_iter, implementation):
 
   theta = jnp.zeros_like(freq)
   theta, _, it = jax.lax.while_loop(cond, body, (theta, factored.gradient(theta)[3], 0))
-  return theta, it, factored.reads_per_pass * (it + 1)
+  return theta, it, factored.matrix.reads_per_pass * (it + 1)
 
 
 def _newton(z, labels, freq, *, tol, max_iter, implementation, max_cg: int = 20):
@@ -294,7 +294,7 @@ def _newton(z, labels, freq, *, tol, max_iter, implementation, max_cg: int = 20)
     theta = jnp.where(accepted, theta + scale * step, theta)
     value, sums, w, pbar = (jnp.where(accepted, new, old)
                             for new, old in zip(trial, (value, sums, w, pbar)))
-    passes = passes + factored.reads_per_pass * (cg_steps + trials)
+    passes = passes + factored.matrix.reads_per_pass * (cg_steps + trials)
     return theta, value, freq - pbar, sums, w, pbar, it + 1, scale, passes
 
   # Start one fixed-point step from θ = 0 (generalized iterative scaling: it never increases f).
@@ -302,7 +302,7 @@ def _newton(z, labels, freq, *, tol, max_iter, implementation, max_cg: int = 20)
   # halvings); the start cut the clip_like solve from 6 Newton steps to 3 (36 → 20 reads).
   theta = jnp.log(factored.gradient(jnp.zeros_like(freq))[3] / freq)
   value, sums, w, pbar = factored.gradient(theta)
-  init = (theta, value, freq - pbar, sums, w, pbar, 0, 1.0, 2 * factored.reads_per_pass)
+  init = (theta, value, freq - pbar, sums, w, pbar, 0, 1.0, 2 * factored.matrix.reads_per_pass)
   theta, *_, it, _, passes = jax.lax.while_loop(cond, body, init)
   return theta, it, passes
 
