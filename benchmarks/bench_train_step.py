@@ -138,7 +138,8 @@ def bench_jax(config: CLIPConfig, classes: int, images, labels, dtype, steps: in
   built, recipe = build_task(config, classes, task, dtype, prompt_length)
   mesh = make_mesh(jax.local_devices())
   graphdef, params, rest = engine.split_model(built.model)
-  tx, _ = make_optimizer(recipe.optimizer, params, total_steps=10_000)
+  tx, _ = make_optimizer(recipe.optimizer, params, total_steps=10_000,
+                         aliases=engine.param_groups(built.model))
   state = create_train_state(params, tx, 0, built.teacher_update is not None)
   state = jax.device_put(state, replicated(mesh))
   rest = jax.device_put(rest, replicated(mesh))
@@ -316,7 +317,7 @@ def main():
   parser.add_argument("--skip_torch", action="store_true")
   parser.add_argument("--remat", action="store_true", help="rematerialise the blocks")
   parser.add_argument("--attention", choices=["auto", "xla", "cudnn"], default="auto",
-                      help="glajax's attention kernel (models.clip.attend)")
+                      help="glajax's attention kernel (models.layers.attend)")
   parser.add_argument("--prompt-length", type=int, default=16,
                       help="tokens per class prompt for --task flyp/carot (BOS..EOS)")
   parser.add_argument("--torch-compile", action="store_true",

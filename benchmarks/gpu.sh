@@ -65,8 +65,8 @@ else
   export JAX_PLATFORMS=${JAX_PLATFORMS:-cuda}
   export XLA_PYTHON_CLIENT_PREALLOCATE=false   # pytest-xdist workers share the GPU
   ALL_TESTS="tests/test_accelerator_ready.py tests/test_attention.py
-    tests/test_hf.py tests/test_clip.py
-    tests/test_lift_parity.py tests/test_zeroshot.py tests/test_tokenizer.py
+    glajax/models tests/test_families.py
+    tests/test_lift_parity.py tests/test_zeroshot.py
     tests/test_methods_absent.py tests/test_methods_adjust.py tests/test_methods_calibrate.py
     tests/test_methods_metrics.py tests/test_methods_priors.py tests/test_train_losses.py
     tests/test_train_schedules.py tests/test_train_checkpoint.py tests/test_train_engine.py

@@ -40,9 +40,9 @@ def run_variant(argv: list[str]) -> None:
   sys.path.insert(0, HERE)
   if argv and argv[0] == "--separate-qkv":
     sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
-    from glajax.models import clip  # pylint: disable=import-outside-toplevel
+    from glajax.models import layers  # pylint: disable=import-outside-toplevel
     from test_attention import legacy_attention_call  # pylint: disable=import-outside-toplevel
-    clip._Attention.__call__ = (  # pylint: disable=protected-access
+    layers.Attention.__call__ = (
         lambda self, x: legacy_attention_call(self, x, self.implementation))
     argv = argv[1:]
   import bench_train_step  # pylint: disable=import-outside-toplevel
@@ -57,7 +57,7 @@ def attention_numerics() -> list[dict]:
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from glajax.models.clip import attend  # pylint: disable=import-outside-toplevel
+  from glajax.models.layers import attend  # pylint: disable=import-outside-toplevel
   sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
   from test_attention import _reference  # pylint: disable=import-outside-toplevel
 

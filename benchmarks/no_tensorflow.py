@@ -1,6 +1,6 @@
 """pytest plugin: makes TensorFlow (and TFDS) unimportable, as on accelerator images.
 
-    PYTHONPATH=benchmarks python -m pytest -p no_tensorflow tests/test_clip.py ...
+    PYTHONPATH=benchmarks python -m pytest -p no_tensorflow glajax/models ...
 
 ``benchmarks/gpu.sh --dry-run`` runs the GPU test selection with it on a CPU machine, so a test
 that would need TensorFlow there fails here first. A ``None`` in ``sys.modules`` makes ``import``

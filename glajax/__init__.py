@@ -6,12 +6,14 @@ __version__ = "0.1.0"
 
 # Model-layer entry points are imported lazily so that `import glajax.methods` stays light.
 _LAZY = {
-    "load_clip": "glajax.models.hf",
-    "save_clip": "glajax.models.hf",
+    "load_model": "glajax.models.registry",
+    "save_model": "glajax.models.registry",
+    "load_tokenizer": "glajax.models.registry",
+    "load_clip": "glajax.models.clip",
+    "save_clip": "glajax.models.clip",
     "CLIP": "glajax.models.clip",
     "CLIPConfig": "glajax.models.clip",
     "init_clip": "glajax.models.clip",
-    "load_tokenizer": "glajax.models.tokenizer",
     "zeroshot_head": "glajax.zeroshot",
 }
 

@@ -1,4 +1,5 @@
-"""The zero-shot classification head of CLIP (Radford et al., 2021), as used by WiSE-FT and GLA.
+"""The zero-shot classification head of a model with a text tower (CLIP, Radford et al., 2021;
+SigLIP), as used by WiSE-FT and GLA.
 
   w_c = normalise(mean_t normalise(f_text(template_t(class_c))));  W = exp(logit_scale) * stack(w_c)
   logits = normalise(f_image(x)) @ W^T
@@ -16,7 +17,8 @@ from tqdm.auto import tqdm
 
 from glajax.errors import bad_argument
 from glajax.methods import _checks
-from glajax.models.clip import check_token_ids, l2_normalise
+from glajax.models import registry
+from glajax.models.layers import check_token_ids, l2_normalise
 
 
 def _fill(template: str | Callable[[str], str], classname: str) -> str:
@@ -57,7 +59,11 @@ def zeroshot_head(model, tokenizer, classnames: Sequence[str],
     raise bad_argument("templates", "a non-empty list of callables or format strings with "
                        "exactly one '{}'", bad[:5] if bad else "an empty list")
   batch_size = _checks.positive_int("batch_size", batch_size)
-  vocab_size = model.config.text.vocab_size
+  spec = registry.spec_of(model)
+  if not spec.has_text:
+    raise bad_argument("model", "a model with a text tower (a zero-shot head needs prompts)",
+                       f"a {spec.family} model")
+  vocab_size = spec.vocab_size
   prompts = [_fill(t, c) for c in classnames for t in templates]
   size = min(batch_size, len(prompts))
   graphdef, state = nnx.split(model)

@@ -11,7 +11,7 @@ import pytest
 
 # What the model, methods and train tests import (benchmarks/gpu.sh runs those on accelerator
 # images, which have no TensorFlow; ml_collections, which the recipes use, travels as a wheel).
-_NO_TF_MODULES = ("glajax", "glajax.methods", "glajax.models.clip", "glajax.models.hf",
+_NO_TF_MODULES = ("glajax", "glajax.methods", "glajax.models.registry", "glajax.models.clip",
                   "glajax.models.heads", "glajax.models.tokenizer", "glajax.zeroshot",
                   "glajax.evaluate", "glajax.parallel", "glajax.train.engine",
                   "glajax.train.recipes", "glajax.train.losses", "glajax.train.checkpoint",
@@ -40,7 +40,7 @@ def test_load_clip_needs_no_cpu_backend(tmp_path, monkeypatch):
   """A GPU-only JAX has no "cpu" backend: reading weights must not ask for it (issue 14)."""
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
-  from glajax.models.hf import load_clip
+  from glajax.models.clip import load_clip
   torch.manual_seed(0)
   config = transformers.CLIPConfig(
       text_config=dict(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,

@@ -1,4 +1,4 @@
-"""The attention kernels (``models.clip.attend``) and the fused q/k/v projection (issue 14).
+"""The attention kernels (``models.layers.attend``) and the fused q/k/v projection (issue 14).
 
 - XLA path: against a float64 NumPy softmax(q kᵀ/√d [+ causal]) v, values and gradients, at
   float32 "highest" precision (tolerance 1e-5);
@@ -22,8 +22,9 @@ import pytest
 from flax import nnx
 
 from glajax.errors import ConfigError
-from glajax.models import clip as clip_lib
-from glajax.models.clip import CLIPConfig, attend, init_clip
+from glajax.models import layers
+from glajax.models.clip import CLIPConfig, init_clip
+from glajax.models.layers import attend
 from glajax.models.heads import LinearHead
 from glajax.parallel import make_mesh, replicated, shard_batch
 from glajax.train import engine, recipes
@@ -33,7 +34,7 @@ _ON_GPU = "__import__('jax').default_backend() != 'gpu'"
 
 
 def legacy_attention_call(self, x, implementation="xla"):
-  """``_Attention.__call__`` before issue 14: three q/k/v matmuls, then (by default) the XLA
+  """``Attention.__call__`` before issue 14: three q/k/v matmuls, then (by default) the XLA
   einsum softmax."""
   batch, length, width = x.shape
   split = lambda y: y.reshape(batch, length, self.num_heads, width // self.num_heads)
@@ -93,7 +94,7 @@ def test_even_length_padding_computes_the_same_attention(length, causal):
   g = np.random.default_rng(10).normal(size=q.shape).astype(np.float32)
   results = []
   for padded in (True, False):
-    fn = (lambda q, k, v: clip_lib.even_length_attention(q, k, v, causal=causal,
+    fn = (lambda q, k, v: layers.even_length_attention(q, k, v, causal=causal,
                                                          implementation="xla")) if padded else (
         lambda q, k, v: attend(q, k, v, causal=causal, implementation="xla"))
     out, vjp = jax.vjp(jax.jit(fn), q, k, v)
@@ -182,7 +183,8 @@ def _loss_curve(dtype, steps: int = 100, legacy: bool = False):
   task = recipes.classifier_task(clip, head, recipe)
   mesh = make_mesh(jax.local_devices()[:1])
   graphdef, params, rest = engine.split_model(task.model)
-  tx, _ = make_optimizer(recipe.optimizer, params, total_steps=steps)
+  tx, _ = make_optimizer(recipe.optimizer, params, total_steps=steps,
+                         aliases=engine.param_groups(task.model))
   state = jax.device_put(create_train_state(params, tx, 0), replicated(mesh))
   step = engine.make_train_step(graphdef, task.loss_fn, tx, mesh)
   losses = []
@@ -198,7 +200,7 @@ def test_bfloat16_loss_curve_matches_the_previous_attention(monkeypatch):
   """100 bfloat16 steps: |L_new − L_previous| ≤ the bfloat16-vs-float32 gap of the previous
   implementation (its own rounding noise), at every step; and training does learn."""
   new = _loss_curve(jnp.bfloat16)
-  monkeypatch.setattr(clip_lib._Attention, "__call__", legacy_attention_call)
+  monkeypatch.setattr(layers.Attention, "__call__", legacy_attention_call)
   previous = _loss_curve(jnp.bfloat16)
   previous_f32 = _loss_curve(jnp.float32)
   noise = np.max(np.abs(previous - previous_f32))

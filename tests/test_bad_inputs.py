@@ -27,10 +27,10 @@ import pytest
 
 from glajax import methods as M
 from glajax.data import registry, subsample
-from glajax.models import clip as clip_lib
-from glajax.models import hf
+from glajax.models import clip as hf
+from glajax.models.clip import modeling as clip_lib
 from glajax.errors import CheckpointError, ConfigError, DatasetError, GlajaxError, InputError
-from glajax.models import tokenizer as tokenizer_lib
+from glajax.models import registry as tokenizer_lib
 
 
 # ---------------------------------------------------------------------------------------------

@@ -70,7 +70,7 @@ def test_demo_parts_are_ordinary_configs_with_checked_plans(tmp_path):
   for directory in foundations:  # stand-ins for pre-trained checkpoints: their config.json
     os.makedirs(directory)
     with open(os.path.join(directory, "config.json"), "w") as f:
-      json.dump({"vision_config": {"patch_size": 8}}, f)
+      json.dump({"model_type": "clip", "vision_config": {"patch_size": 8}}, f)
   configs = parts.configs(parts.SCALES["quick"], foundations)
   assert set(configs) == {"gla", "wise_ft", "backdoor", "absent_class", "flyp", "carot"}
   for name, config in configs.items():

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from glajax.models.clip import CLIPConfig, _Adapter, init_clip
-from glajax.models.heads import CLIPClassifier, CosineClassifier
+from glajax.models.clip import CLIPConfig, init_clip
+from glajax.models.heads import CosineClassifier, ImageClassifier
+from glajax.models.layers import Adapter
 from glajax.train import recipes
 
 torch = pytest.importorskip("torch")
@@ -124,10 +125,10 @@ def test_adaptformer_block_and_cosine_head_match_lift(randomise):
   text = np.random.default_rng(3).normal(size=(5, 16)).astype(np.float32)   # (C, P)
   kernel = np.asarray(clip.visual_projection.kernel[...])                  # OpenAI visual.proj
   head = CosineClassifier.from_text_features(text, kernel, 25.0)
-  classifier = CLIPClassifier(clip, head, features="pre_projection")
+  classifier = ImageClassifier(clip, head, features="pre_projection")
   graphdef, state = nnx.split(classifier)
   got = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, images)
-  got_features = jax.jit(lambda s, x: nnx.merge(graphdef, s).clip.vision_features(x))(state,
+  got_features = jax.jit(lambda s, x: nnx.merge(graphdef, s).backbone.image_features(x))(state,
                                                                                       images)
   with torch.no_grad():
     want_features = lift_image_features(clip, images)
@@ -137,12 +138,12 @@ def test_adaptformer_block_and_cosine_head_match_lift(randomise):
   if not randomise:   # at init the adapters add exactly nothing
     for block in clip.vision_model.layers:
       block.adapter = None
-    plain = jax.jit(lambda m, x: m.vision_features(x))(clip, images)
+    plain = jax.jit(lambda m, x: m.image_features(x))(clip, images)
     np.testing.assert_allclose(got_features, plain, atol=1e-6)
 
 
 def test_adapter_initialisation_follows_lift():
-  adapter = _Adapter(768, 64, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+  adapter = Adapter(768, 64, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
   np.testing.assert_array_equal(adapter.ln.scale[...], 1.0)
   np.testing.assert_array_equal(adapter.ln.bias[...], 0.0)
   np.testing.assert_array_equal(adapter.up.kernel[...], 0.0)
@@ -155,7 +156,7 @@ def test_adapter_initialisation_follows_lift():
   std = float(np.std(adapter.down.kernel[...]))
   assert std == pytest.approx(float(reference.std()), rel=0.03)
   assert std == pytest.approx(math.sqrt(1 / 3) / math.sqrt(768), rel=0.03)
-  fixed = _Adapter(8, 2, scale=0.1, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+  fixed = Adapter(8, 2, scale=0.1, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
   assert fixed.scale is None and fixed.fixed_scale == 0.1
 
 

@@ -111,10 +111,10 @@ def test_finetune_loss_falls_text_tower_frozen_and_exports(tmp_path):
   history = _losses(tmp_path)
   assert np.mean(history[-5:]) < 0.5 * np.mean(history[:5])
   changed = _changed(before, _flat(engine.split_model(model)[1]))
-  assert any(k.startswith("clip/vision_model/") for k in changed)
+  assert any(k.startswith("backbone/vision_model/") for k in changed)
   assert "head/kernel" in changed
-  assert not any(k.startswith("clip/text_model/") for k in changed)
-  assert "clip/logit_scale" not in changed
+  assert not any(k.startswith("backbone/text_model/") for k in changed)
+  assert "backbone/logit_scale" not in changed
   assert logits.shape == (16, CLASSES)
   # The export: transformers-format CLIP + head, reloadable.
   config.model.update(dtype="float32", remat=True)
@@ -122,7 +122,7 @@ def test_finetune_loss_falls_text_tower_frozen_and_exports(tmp_path):
   assert reloaded.config.vision.remat and reloaded.config.text.remat
   batch = next(_eval_batches())
   np.testing.assert_allclose(_encode_image(reloaded, batch["image"]),
-                             _encode_image(_clip_f32_copy(model.clip), batch["image"]), 1e-4, 1e-4)
+                             _encode_image(_clip_f32_copy(model.backbone), batch["image"]), 1e-4, 1e-4)
   head = np.load(tmp_path / "final" / "head.npz")
   np.testing.assert_array_equal(head["kernel"], np.asarray(model.head.kernel[...]))
 
@@ -210,13 +210,13 @@ def test_contrastive_recipes(tmp_path, recipe):
   lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
   assert all(np.isfinite(l["loss"]) for l in lines)
   init_scale = float(_clip().logit_scale[...])
-  assert float(model.clip.logit_scale[...]) != init_scale       # FLYP trains the logit scale
+  assert float(model.backbone.logit_scale[...]) != init_scale       # FLYP trains the logit scale
   if recipe == "flyp":   # the evaluation path is the same for both; test it once
     logits, _ = evaluate.evaluate_logits(task.eval_model(model), task.logits_fn,
                                          _eval_batches(), _one_device())
     # Evaluation uses the zero-shot head rebuilt from the fine-tuned text tower.
-    head = zeroshot_head(model.clip, tok, names, templates, show_progress=False)
-    want = recipes.CLIPClassifier(model.clip, LinearHead.from_zeroshot(head))(
+    head = zeroshot_head(model.backbone, tok, names, templates, show_progress=False)
+    want = recipes.ImageClassifier(model.backbone, LinearHead.from_zeroshot(head))(
         next(_eval_batches())["image"])
     np.testing.assert_allclose(logits[:len(want)], want, 1e-4, 1e-4)
   if recipe == "carot":
@@ -270,7 +270,7 @@ def _prompt_task():
 
 def test_prompt_tuning_starts_at_the_zero_shot_classifier():
   task, tok, names, config = _prompt_task()
-  clip = task.model.clip
+  clip = task.model.backbone
   batch = next(_eval_batches())
   ids = tok([config.template.format(n) for n in names])   # (C, 77): untrimmed
   # CLIP's own logits_per_image with one prompt per class: the zero-shot classifier.

@@ -7,7 +7,7 @@ from flax import nnx
 
 from glajax import InputError
 from glajax.models.clip import CLIP, CLIPConfig
-from glajax.models.tokenizer import load_tokenizer
+from glajax.models.registry import load_tokenizer
 from glajax.zeroshot import zeroshot_head
 
 CLASSES = ["cat", "dog", "golden retriever"]

@@ -29,10 +29,10 @@ import numpy as np
 
 from glajax.data import builders, registry, world
 from glajax.errors import CheckpointError, ConfigError, DatasetError, bad_argument
-from glajax.models import clip, hf
+from glajax.models import layers, registry as models
 from glajax.train import recipes, state
 
-TINY = "tiny"
+TINY = models.TINY
 # Keys that change where or how fast a run goes, or only the post-hoc methods applied to cached
 # logits: a work directory accepts a config that differs from its own in these alone, so
 # post-hoc methods and reports can be re-run on what it holds.
@@ -206,7 +206,8 @@ def checkpoints_of(config) -> list[str]:
 
 
 def is_tiny(checkpoint: str) -> bool:
-  return checkpoint == TINY or checkpoint.startswith(TINY + ":")
+  """Whether ``checkpoint`` names a random tiny model: ``tiny[-variant][:SEED]``."""
+  return checkpoint.partition(":")[0] in models.tiny_names()
 
 
 def generated_world(name: str) -> str | None:
@@ -249,26 +250,32 @@ def _local_patch_size(path: Path):
 
 
 def _check_checkpoint(checkpoint: str, check_files: bool, image_size: int = 0) -> None:
+  tiny = " or ".join(f"'{n}[:SEED]'" for n in models.tiny_names())
   if not isinstance(checkpoint, str) or not checkpoint:
-    raise bad_argument("model.checkpoints", "hub ids, directories or 'tiny[:SEED]'",
-                       repr(checkpoint), ConfigError)
-  if is_tiny(checkpoint):
-    seed = checkpoint[len(TINY) + 1:]
-    if checkpoint != TINY and not seed.isdigit():
-      raise bad_argument("model.checkpoints", "'tiny' or 'tiny:SEED' with an integer seed",
-                         repr(checkpoint), ConfigError)
-    _check_patch_size(checkpoint, 8, image_size)  # CLIPConfig.tiny's patch size
+    raise bad_argument("model.checkpoints", f"hub ids, directories or {tiny}", repr(checkpoint),
+                       ConfigError)
+  name, colon, seed = checkpoint.partition(":")
+  if name == TINY or name.startswith(TINY + "-"):
+    if name not in models.tiny_names() or (colon and not seed.isdigit()):
+      raise bad_argument("model.checkpoints", f"{tiny} with an integer seed", repr(checkpoint),
+                         ConfigError)
+    _check_patch_size(checkpoint, 8, image_size)  # the tiny models' patch (or stem) stride
     return
   path = Path(checkpoint).expanduser()
   looks_local = checkpoint.startswith((".", "/", "~")) or path.exists()
   if looks_local or not _HUB_ID.fullmatch(checkpoint):
-    if not (path / "config.json").is_file():
-      raise bad_argument("model.checkpoints", "a checkpoint directory with config.json or a hub "
-                         "id org/name", f"{checkpoint!r} (no such checkpoint)", CheckpointError)
+    if not path.exists():
+      raise bad_argument("model.checkpoints", "a checkpoint directory or a hub id org/name",
+                         f"{checkpoint!r} (no such checkpoint)", CheckpointError)
+    try:
+      models.locate(path)
+    except CheckpointError as e:
+      raise bad_argument("model.checkpoints", "a checkpoint of a glajax model family",
+                         f"{checkpoint!r}: {e}", CheckpointError) from None
     _check_patch_size(checkpoint, _local_patch_size(path), image_size)
     return
   if check_files:
-    hf.resolve_checkpoint(checkpoint, allow_patterns=["config.json"])
+    models.locate(checkpoint)
 
 
 def _check_dir(key: str, value) -> None:
@@ -356,7 +363,7 @@ _RANGES = (
 )
 _CHOICES = (
     ("train.model.dtype", ("float32", "bfloat16", "float16")),
-    ("train.model.attention", clip.ATTENTION_IMPLEMENTATIONS),
+    ("train.model.attention", layers.ATTENTION_IMPLEMENTATIONS),
     ("train.optimizer.name", ("adamw", "sgd")),
 )
 

@@ -39,8 +39,8 @@ from glajax.data import pipeline, registry
 from glajax.errors import ConfigError, TrainingError, bad_argument
 from glajax.experiments import config as config_lib
 from glajax.experiments import roles
-from glajax.models import heads, hf_export
-from glajax.models.clip import CLIPConfig, init_clip
+from glajax.models import heads, registry as models
+from glajax.models.family import ExportInfo
 from glajax.train import engine, recipes
 
 LOGITS_DIR, RUNS_DIR, FINAL_DIR = "logits", "runs", "final"
@@ -138,11 +138,13 @@ def _alive(pid) -> bool:
   return True
 
 
-def tiny_checkpoint(directory: str, image_size: int = 32, seed: int = 0) -> str:
-  """Writes a random tiny CLIP (``CLIPConfig.tiny``) in transformers format to ``directory``
-  unless one is there; returns ``directory``. For CPU runs and notebooks without a checkpoint."""
-  if not os.path.isfile(os.path.join(directory, "config.json")):
-    glajax.save_clip(init_clip(CLIPConfig.tiny(image_size=image_size), seed=seed), directory)
+def tiny_checkpoint(directory: str, image_size: int = 32, seed: int = 0,
+                    variant: str = models.TINY) -> str:
+  """Writes a random tiny model (``models.tiny_model(variant)``; ``"tiny"``: a CLIP ViT) in its
+  family's format to ``directory`` unless one is there; returns ``directory``. For CPU runs and
+  notebooks without a checkpoint."""
+  if not os.path.isdir(directory) or not os.listdir(directory):
+    models.save_model(models.tiny_model(variant, image_size, seed), directory)
   return directory
 
 
@@ -204,22 +206,22 @@ class Experiment:
   # ----------------------------------------------------------------------------- models
 
   def checkpoint_dir(self, checkpoint: str) -> str:
-    """A loadable checkpoint: the hub id or directory as is; ``tiny[:SEED]`` written once."""
+    """A loadable checkpoint: the hub id or directory as is; ``tiny[-variant][:SEED]`` written
+    once."""
     if not config_lib.is_tiny(checkpoint):
       return checkpoint
-    seed = int(checkpoint.partition(":")[2] or 0)
-    return tiny_checkpoint(self.cache("models", f"tiny_{seed}"), self.config.data.image_size,
-                           seed)
+    variant, _, seed = checkpoint.partition(":")
+    return tiny_checkpoint(self.cache("models", f"{variant}_{int(seed or 0)}"),
+                           self.config.data.image_size, int(seed or 0), variant)
 
-  def load_clip(self, checkpoint: str, train=None):
-    """The CLIP of ``checkpoint`` with the recipe's ``train.model`` settings (dtype, remat,
-    adapters), by ``recipes.load_model``."""
+  def load_model(self, checkpoint: str, train=None):
+    """The model of ``checkpoint`` (any family) with the recipe's ``train.model`` settings
+    (dtype, remat, adapters), by ``recipes.load_model``."""
     return recipes.load_model(train or self.config.train, self.checkpoint_dir(checkpoint))
 
   def tokenizer(self, checkpoint: str):
     if checkpoint not in self._tokenizers:
-      self._tokenizers[checkpoint] = glajax.load_tokenizer(
-          None if config_lib.is_tiny(checkpoint) else checkpoint)
+      self._tokenizers[checkpoint] = glajax.load_tokenizer(self.checkpoint_dir(checkpoint))
     return self._tokenizers[checkpoint]
 
   def classes(self, ref: roles.DataRef) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -227,13 +229,13 @@ class Experiment:
     return (pipeline.class_names(ref.dataset, self.data_dir, self.manual_dir(ref.dataset)),
             registry.get(ref.dataset).templates)
 
-  def zeroshot_classifier(self, clip, checkpoint: str, ref: roles.DataRef, templates=None):
-    """CLIP + ``LinearHead.from_zeroshot(zeroshot_head(...))`` for the classes of ``ref``."""
+  def zeroshot_classifier(self, backbone, checkpoint: str, ref: roles.DataRef, templates=None):
+    """The model + ``LinearHead.from_zeroshot(zeroshot_head(...))`` for the classes of ``ref``."""
     classnames, default_templates = self.classes(ref)
-    head = glajax.zeroshot_head(clip, self.tokenizer(checkpoint), classnames,
+    head = glajax.zeroshot_head(backbone, self.tokenizer(checkpoint), classnames,
                                 templates or default_templates, show_progress=self.config.progress,
                                 desc=f"{self.config.experiment}: zero-shot head ({ref.dataset})")
-    return heads.CLIPClassifier(clip, heads.LinearHead.from_zeroshot(np.asarray(head)))
+    return heads.ImageClassifier(backbone, heads.LinearHead.from_zeroshot(np.asarray(head)))
 
   # ------------------------------------------------------------------------------- data
 
@@ -400,11 +402,11 @@ class Experiment:
           model, directory, None if classes_ref is None else self.export_info(classes_ref)))
     return task.eval_model(model) if task.eval_model is not None else model
 
-  def export_info(self, ref: roles.DataRef) -> hf_export.ExportInfo:
+  def export_info(self, ref: roles.DataRef) -> ExportInfo:
     """What an export of a model for the classes of ``ref`` writes beside its weights (class
     names, the tokenizer of ``model.checkpoints[0]``, the image size): transformers' processor
     and, for classifiers, ``id2label``."""
-    return hf_export.ExportInfo(self.classes(ref)[0],
+    return ExportInfo(self.classes(ref)[0],
                                 self.tokenizer(self.config.model.checkpoints[0]),
                                 int(self.config.data.image_size))
 

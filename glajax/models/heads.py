@@ -1,4 +1,5 @@
-"""Classification heads on CLIP image features, and the image classifier that joins them.
+"""Classification heads on image features, and the image classifier that joins a family's model
+to one.
 
 * :class:`LinearHead` on L2-normalised projected features, initialised from the zero-shot head
   (WiSE-FT, Wortsman et al. 2022): at initialisation its logits are the zero-shot logits.
@@ -13,7 +14,7 @@ import numpy as np
 from flax import nnx
 
 from glajax.errors import bad_argument
-from glajax.models.clip import l2_normalise
+from glajax.models.layers import l2_normalise
 
 COSINE_SCALE = 25.0
 
@@ -94,18 +95,32 @@ class CosineClassifier(nnx.Module):
             np.zeros(weight.shape[0], np.float32))
 
 
-class CLIPClassifier(nnx.Module):
-  """A CLIP image tower with a head: ``features="projected"`` feeds ``encode_image`` (WiSE-FT),
-  ``"pre_projection"`` the pooled CLS ``vision_features`` (backdoor adjustment)."""
+class ImageClassifier(nnx.Module):
+  """A family's model (``backbone``) with a head: ``features="projected"`` feeds
+  ``encode_image`` (WiSE-FT), ``"pre_projection"`` the pooled ``image_features`` (backdoor
+  adjustment's cosine head)."""
 
-  def __init__(self, clip, head, features: str = "projected"):
+  def __init__(self, backbone, head, features: str = "projected"):
     if features not in ("projected", "pre_projection"):
       raise bad_argument("features", "'projected' or 'pre_projection'", repr(features))
-    self.clip = clip
+    self.backbone = backbone
     self.head = head
     self.features = features
 
+  def param_groups(self) -> dict[str, str]:
+    """The backbone's parameter groups under ``backbone/``, and ``head``."""
+    return {**prefixed_groups(self.backbone), "head": r"^head/"}
+
   def __call__(self, images):
     if self.features == "projected":
-      return self.head(self.clip.encode_image(images))
-    return self.head(self.clip.vision_features(images))
+      return self.head(self.backbone.encode_image(images))
+    return self.head(self.backbone.image_features(images))
+
+
+def prefixed_groups(backbone, prefix: str = "backbone") -> dict[str, str]:
+  """``backbone.param_groups()`` for a wrapper that holds the backbone as ``prefix``: each regex
+  anchored at ``prefix/`` instead of the root."""
+  out = {}
+  for name, regex in backbone.param_groups().items():
+    out[name] = (f"^{prefix}/" + regex[1:]) if regex.startswith("^") else f"^{prefix}/.*{regex}"
+  return out

@@ -122,6 +122,12 @@ def make_train_step(graphdef, loss_fn: LossFn, tx: optax.GradientTransformation,
                  donate_argnums=0)
 
 
+def param_groups(model) -> dict[str, str]:
+  """The model's parameter groups (``<group>`` in ``optimizer.trainable``), if it names any."""
+  groups = getattr(model, "param_groups", None)
+  return dict(groups()) if callable(groups) else {}
+
+
 def _put_replicated(tree, mesh):
   """Fresh global copies of host values on every device of ``mesh`` (works across processes)."""
   sharding = replicated(mesh)
@@ -287,7 +293,7 @@ def fit(model: nnx.Module, loss_fn: LossFn, config, data: Callable[[int], Iterat
   total = _checked_config(config)
   os.makedirs(workdir, exist_ok=True)
   graphdef, params, rest = split_model(model)
-  tx, schedule = make_optimizer(config.optimizer, params, total)
+  tx, schedule = make_optimizer(config.optimizer, params, total, param_groups(model))
   state = _put_replicated(create_train_state(params, tx, config.seed, teacher_update is not None),
                           mesh)
   rest = _put_replicated(rest, mesh)

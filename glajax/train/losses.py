@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from glajax.errors import bad_argument
-from glajax.models.clip import l2_normalise
+from glajax.models.layers import l2_normalise
 from glajax.methods.adjust import logit_adjusted_loss  # CE(z + τ·log π_train, y), Menon et al.
 
 __all__ = ["cross_entropy", "logit_adjusted_loss", "contrastive_logits", "clip_contrastive_loss",

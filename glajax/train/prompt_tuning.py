@@ -12,7 +12,9 @@ import numpy as np
 from flax import nnx
 
 from glajax.errors import bad_argument
-from glajax.models.clip import eos_positions, l2_normalise
+from glajax.models.clip.modeling import eos_positions
+from glajax.models.layers import l2_normalise
+from glajax.models.heads import prefixed_groups
 
 
 def _token_count(ids: np.ndarray, eos_token_id: int) -> np.ndarray:
@@ -60,17 +62,18 @@ def tokenize_prompts(tokenizer, classnames, template: str, eos_token_id: int):
   return ids, context_index, name_mask
 
 
-class PromptTunedCLIP(nnx.Module):
-  """A frozen CLIP whose class prompts carry learned embedding residuals (zero at init)."""
+class PromptTunedModel(nnx.Module):
+  """A frozen model (a family with a text tower pooling at EOS: CLIP) whose class prompts carry
+  learned embedding residuals (zero at init)."""
 
-  def __init__(self, clip, ids, context_index, name_mask):
+  def __init__(self, backbone, ids, context_index, name_mask):
     ids, context_index = np.asarray(ids, np.int32), np.asarray(context_index, np.int32)
     name_mask = np.asarray(name_mask, bool)
     if not ids.shape == context_index.shape == name_mask.shape or ids.ndim != 2:
       raise bad_argument("ids", "(C, L) ids, context_index and name_mask of one shape",
                          f"{ids.shape}, {context_index.shape}, {name_mask.shape}")
-    width = clip.config.text.hidden_size
-    self.clip = clip
+    width = backbone.embed_tokens(jnp.zeros((1, 1), jnp.int32)).shape[-1]
+    self.backbone = backbone
     self.ids = nnx.Variable(jnp.asarray(ids))
     self.context_index = nnx.Variable(jnp.asarray(context_index))
     self.name_mask = nnx.Variable(jnp.asarray(name_mask))
@@ -80,17 +83,20 @@ class PromptTunedCLIP(nnx.Module):
   def text_features(self):
     """(C, D) projected text features of the tuned prompts."""
     ids, index = self.ids[...], self.context_index[...]
-    embeds = self.clip.text_model.token_embedding(ids)
+    embeds = self.backbone.embed_tokens(ids)
     context = jnp.where((index >= 0)[..., None], self.context_residual[...][jnp.maximum(index, 0)],
                         0.0)
     name = jnp.where(self.name_mask[...][..., None], self.name_residual[...], 0.0)
     embeds = (embeds.astype(jnp.float32) + context + name).astype(embeds.dtype)
-    return self.clip.encode_text(ids, embeds)
+    return self.backbone.encode_text(ids, embeds)
 
   def __call__(self, images=None, image_features=None):
     """(N, C) logits of images, or of ``image_features`` (the image tower is frozen)."""
     if image_features is None:
-      image_features = self.clip.encode_image(images)
+      image_features = self.backbone.encode_image(images)
     image = l2_normalise(image_features)
     text = l2_normalise(self.text_features())
-    return jnp.exp(self.clip.logit_scale[...].astype(jnp.float32)) * image @ text.T
+    return jnp.exp(self.backbone.logit_scale[...].astype(jnp.float32)) * image @ text.T
+
+  def param_groups(self) -> dict[str, str]:
+    return prefixed_groups(self.backbone)

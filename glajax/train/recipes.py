@@ -16,11 +16,13 @@ backdoor_peft      AdaptFormer adapters + cosine classifier, LA loss, SGD  Chen 
 prompt_tuning      residuals on prompt token embeddings, encoders frozen   GLA (Zhu 2023)
 =================  ======================================================  ====================
 
-Typical use::
+Every task takes a model of any family with what its recipe needs (``glajax.models.family``):
+an image tower for the classifiers, a text tower for the contrastive and prompt recipes. Typical
+use::
 
   config = recipes.finetune()
   recipes.set_total_steps(config, num_train_examples)
-  task = recipes.classifier_task(clip, LinearHead.from_zeroshot(head), config)
+  task = recipes.classifier_task(model, LinearHead.from_zeroshot(head), config)
   model, state = engine.fit(task.model, task.loss_fn, config, data, workdir,
                             evaluators={"val": (val_batches, task.logits_fn)},
                             eval_model=task.eval_model, export=task.export)
@@ -40,12 +42,12 @@ import numpy as np
 from flax import nnx
 
 from glajax.errors import bad_argument
-from glajax.models import hf_export
-from glajax.models.hf import load_clip, save_clip
-from glajax.models.heads import CLIPClassifier, CosineClassifier, LinearHead
+from glajax.models import registry
+from glajax.models.family import ExportInfo
+from glajax.models.heads import CosineClassifier, ImageClassifier, LinearHead, prefixed_groups
 from glajax import evaluate, io
 from glajax.train import engine, losses
-from glajax.train.prompt_tuning import PromptTunedCLIP, tokenize_prompts, trim_to_longest
+from glajax.train.prompt_tuning import PromptTunedModel, tokenize_prompts, trim_to_longest
 from glajax.zeroshot import zeroshot_head
 
 
@@ -55,7 +57,7 @@ class Task(NamedTuple):
   loss_fn: Callable                 # (model, batch, rng[, teacher]) -> (loss, metrics)
   logits_fn: Callable               # (evaluated model, batch) -> (B, C) logits
   eval_model: Callable | None       # trained model -> evaluated classifier (None: the same)
-  export: Callable | None           # (trained model, directory[, hf_export.ExportInfo]) -> None
+  export: Callable | None           # (trained model, directory[, family.ExportInfo]) -> None
   teacher_update: Callable | None = None  # engine.TeacherUpdate (CaRot's EMA teacher), or None
 
 
@@ -108,7 +110,7 @@ def finetune() -> ml_collections.ConfigDict:
   config = _config(512, 10, name="adamw", learning_rate=3e-5, weight_decay=0.1, b1=0.9, b2=0.999,
                    eps=1e-8, warmup_steps=500, warmup="linear", schedule="cosine",
                    grad_clip_norm=1.0,
-                   trainable=("^clip/vision_model/", "^clip/visual_projection/", "^head/"))
+                   trainable=("<image>", "<head>"))
   config.label_smoothing = 0.0
   return config
 
@@ -186,7 +188,7 @@ def backdoor_peft(num_classes: int, num_layers: int = 12) -> ml_collections.Conf
   """
   config = _config(128, 10, name="sgd", learning_rate=0.01, momentum=0.9, weight_decay=5e-4,
                    warmup_steps=0, warmup="linear", schedule="epoch_cosine", steps_per_epoch=0,
-                   grad_clip_norm=0.0, trainable=("/adapter/", "^head/"))
+                   grad_clip_norm=0.0, trainable=("<adapters>", "<head>"))
   config.model.adapter_dim = adapter_dim(num_classes, num_layers)
   config.model.adapter_scale = "learnable"
   config.tau = 1.0
@@ -222,12 +224,18 @@ def prompt_tuning() -> ml_collections.ConfigDict:
 
 
 def load_model(config, path_or_hub_id):
-  """``load_clip`` with the recipe's ``config.model``: compute dtype (params stay float32),
-  rematerialisation, the attention kernel and, for ``backdoor_peft``, the adapters."""
-  return load_clip(path_or_hub_id, dtype=jnp.dtype(config.model.dtype),
-                   remat=config.model.remat, attention=config.model.get("attention", "auto"),
-                   adapter_dim=config.model.get("adapter_dim"),
-                   adapter_scale=config.model.get("adapter_scale", "learnable"))
+  """The model of any family (``glajax.models.registry.load_model``) with the recipe's
+  ``config.model``: compute dtype (params stay float32) and, where set, rematerialisation, the
+  attention kernel, the activation and, for ``backdoor_peft``, the adapters."""
+  model = config.model
+  options = dict(dtype=jnp.dtype(model.dtype))
+  for key, default in (("remat", False), ("attention", "auto"), ("adapter_dim", None),
+                       ("activation", None)):
+    if model.get(key, default) != default:
+      options[key] = model[key]
+  if options.get("adapter_dim"):
+    options["adapter_scale"] = model.get("adapter_scale", "learnable")
+  return registry.load_model(path_or_hub_id, **options)
 
 
 def _save_npz(path: str, **arrays) -> None:
@@ -235,38 +243,33 @@ def _save_npz(path: str, **arrays) -> None:
   io.save_npz(path, **{k: np.asarray(v, np.float32) for k, v in arrays.items()})
 
 
-def export_classifier(model: CLIPClassifier, directory: str,
-                      info: hf_export.ExportInfo | None = None) -> None:
-  """``save_clip`` of the CLIP (transformers format) + the head's parameters in ``head.npz``.
+def export_classifier(model: ImageClassifier, directory: str, info: ExportInfo | None = None
+                      ) -> None:
+  """The family's export of the backbone (``registry.save_model``; CLIP: transformers format)
+  + the head's parameters in ``head.npz``, in one atomic write.
 
-  With ``info`` (class names, tokenizer, image size) the export is also what transformers users
-  take: the tokenizer files and ``preprocessor_config.json`` (``CLIPProcessor.from_pretrained``)
-  and the classifier with ``id2label`` for ``pipeline("image-classification", model=directory,
-  trust_remote_code=True)`` (``hf_export.classifier_export`` says why transformers' own
-  ``CLIPForImageClassification`` cannot hold it). One atomic write (``save_clip``)."""
-  _, params = nnx.split(model.head, nnx.Param)
-  head = nnx.to_pure_dict(params)
+  With ``info`` (class names, tokenizer, image size) the export is also what the ecosystem's
+  users take: for CLIP the tokenizer files and ``preprocessor_config.json``
+  (``CLIPProcessor.from_pretrained``) and the classifier with ``id2label`` for
+  ``pipeline("image-classification", model=directory, trust_remote_code=True)``
+  (``glajax.models.clip.export`` says why transformers' own ``CLIPForImageClassification``
+  cannot hold it)."""
+  head = nnx.to_pure_dict(nnx.split(model.head, nnx.Param)[1])
   files = {"head.npz": lambda path: _save_npz(path, **head)}
-  config, tensors = {}, {}
-  if info is not None:
-    files.update(hf_export.processor_files(info.tokenizer, info.image_size))
-    config, tensors, code = hf_export.classifier_export(*model.head.as_linear(), info.classnames,
-                                                        model.features)
-    files.update(code)
-  save_clip(model.clip, directory, extra_files=files, config_updates=config,
-            extra_tensors=tensors)
+  classifier = None if info is None else (*model.head.as_linear(), model.features)
+  registry.save_model(model.backbone, directory, info=info, classifier=classifier,
+                      extra_files=files)
 
 
-def _export_clip(model, directory: str, info: hf_export.ExportInfo | None = None) -> None:
-  """``save_clip`` of the CLIP, with the processor files when ``info`` is given."""
-  save_clip(model.clip, directory, extra_files=None if info is None else
-            hf_export.processor_files(info.tokenizer, info.image_size))
+def _export_backbone(model, directory: str, info: ExportInfo | None = None) -> None:
+  """The family's export of the backbone, with the processor files when ``info`` is given."""
+  registry.save_model(model.backbone, directory, info=info)
 
 
-def classifier_task(clip, head, config) -> Task:
+def classifier_task(backbone, head, config) -> Task:
   """End-to-end fine-tuning (``finetune``, LP-FT's second stage): ``head`` on the normalised
   projected image features, CE with ``config.label_smoothing``."""
-  model = CLIPClassifier(clip, head, features="projected")
+  model = ImageClassifier(backbone, head, features="projected")
 
   def loss_fn(model, batch, rng):
     del rng
@@ -301,26 +304,36 @@ def linear_probe_task(head: LinearHead, config) -> Task:
   return Task(head, loss_fn, lambda model, batch: model(batch["features"]), None, save_head)
 
 
-def cache_features(clip, batches, mesh=None):
+def cache_features(backbone, batches, mesh=None):
   """(features, labels): ``encode_image`` of every batch (padding dropped), for linear probes."""
-  return evaluate.evaluate_logits(clip, image_features, batches, mesh)
+  return evaluate.evaluate_logits(backbone, image_features, batches, mesh)
 
 
-def image_features(clip, batch):
-  """The ``logits_fn`` that caches features: ``clip.encode_image(batch["image"])``."""
-  return clip.encode_image(batch["image"])
+def image_features(backbone, batch):
+  """The ``logits_fn`` that caches features: ``backbone.encode_image(batch["image"])``."""
+  return backbone.encode_image(batch["image"])
 
 
-class ContrastiveCLIP(nnx.Module):
-  """A CLIP with its class prompts' token ids (C, T, L), T templates per class (not trained)."""
+def _needs_text(backbone, recipe: str) -> None:
+  if not registry.spec_of(backbone).has_text:
+    raise bad_argument("model.checkpoints", f"a model with a text tower for the {recipe} recipe",
+                       f"a {registry.spec_of(backbone).family} model (image tower only)")
 
-  def __init__(self, clip, prompt_ids):
+
+class ContrastiveModel(nnx.Module):
+  """A family's model with its class prompts' token ids (C, T, L), T templates per class (not
+  trained)."""
+
+  def __init__(self, backbone, prompt_ids):
     prompt_ids = np.asarray(prompt_ids, np.int32)
     if prompt_ids.ndim != 3:
       raise bad_argument("prompt_ids", "(classes, templates, length) token ids",
                          f"shape {prompt_ids.shape}")
-    self.clip = clip
+    self.backbone = backbone
     self.prompt_ids = nnx.Variable(jnp.asarray(prompt_ids))
+
+  def param_groups(self) -> dict[str, str]:
+    return prefixed_groups(self.backbone)
 
 
 def _contrastive_terms(model, batch, rng):
@@ -328,61 +341,70 @@ def _contrastive_terms(model, batch, rng):
   ids = model.prompt_ids[...]
   template = jax.random.randint(rng, batch["label"].shape, 0, ids.shape[1])
   text_ids = ids[batch["label"], template]
-  return model.clip.encode_image(batch["image"]), model.clip.encode_text(text_ids), text_ids
+  return (model.backbone.encode_image(batch["image"]), model.backbone.encode_text(text_ids),
+          text_ids)
 
 
-def contrastive_task(clip, tokenizer, classnames, templates, config) -> Task:
+def prompt_ids(backbone, tokenizer, prompts) -> np.ndarray:
+  """Token ids of ``prompts``, cut after the longest pooled EOS where the text tower pools at
+  the first EOS (CLIP: the tokens after it change nothing), else at their full length."""
+  ids = np.asarray(tokenizer(prompts), np.int32)
+  eos = registry.spec_of(backbone).eos_token_id
+  return ids if eos is None else trim_to_longest(ids, eos)
+
+
+def contrastive_task(backbone, tokenizer, classnames, templates, config) -> Task:
   """FLYP, and CaRot when ``config.carot`` has non-zero weights:
 
   L = L_CLIP + λ_OC·‖W_vᵀW_v − I‖_F + λ_SD·L_SD(teacher) [+ λ_VT·‖W_v W_tᵀ‖_F],
   each image paired with a random template of its class name. Evaluation rebuilds the zero-shot
   head from the fine-tuned text tower with every template (``glajax.zeroshot_head``).
   """
+  _needs_text(backbone, "contrastive")
   weights = config.carot
   classnames, templates = list(classnames), list(templates)
   if not templates or not all(isinstance(t, str) and "{}" in t for t in templates):
     raise bad_argument("templates", "a non-empty list of format strings with '{}'",
                        templates[:5])
   prompts = [t.format(c) for c in classnames for t in templates]
-  ids = trim_to_longest(tokenizer(prompts), clip.config.text.eos_token_id)
-  prompt_ids = ids.reshape(len(classnames), len(templates), -1)
+  ids = prompt_ids(backbone, tokenizer, prompts).reshape(len(classnames), len(templates), -1)
 
   def loss_fn(model, batch, rng, teacher=None):
     image, text, text_ids = _contrastive_terms(model, batch, rng)
-    scale = model.clip.logit_scale[...]
+    scale = model.backbone.logit_scale[...]
     clip_loss = losses.clip_contrastive_loss(image, text, scale)
     metrics = {"clip_loss": clip_loss, "logit_scale": scale.astype(jnp.float32)}
     loss = clip_loss
-    w_v = model.clip.visual_projection.kernel[...]
+    w_v = model.backbone.image_projection_kernel()
     if weights.lambda_oc:
       metrics["orthogonality"] = losses.orthogonality_penalty(w_v)
       loss = loss + weights.lambda_oc * metrics["orthogonality"]
     if weights.lambda_vt:
       metrics["cross_projection"] = losses.projection_cross_penalty(
-          w_v, model.clip.text_projection.kernel[...])
+          w_v, model.backbone.text_projection_kernel())
       loss = loss + weights.lambda_vt * metrics["cross_projection"]
     if weights.lambda_sd:
       metrics["self_distillation"] = losses.self_distillation_loss(
-          image, text, scale, teacher.clip.encode_image(batch["image"]),
-          teacher.clip.encode_text(text_ids), teacher.clip.logit_scale[...])
+          image, text, scale, teacher.backbone.encode_image(batch["image"]),
+          teacher.backbone.encode_text(text_ids), teacher.backbone.logit_scale[...])
       loss = loss + weights.lambda_sd * metrics["self_distillation"]
     return loss, metrics
 
   def eval_model(model):
-    head = zeroshot_head(model.clip, tokenizer, classnames, templates, show_progress=False)
-    return CLIPClassifier(model.clip, LinearHead.from_zeroshot(head))
+    head = zeroshot_head(model.backbone, tokenizer, classnames, templates, show_progress=False)
+    return ImageClassifier(model.backbone, LinearHead.from_zeroshot(head))
 
   def teacher_update(teacher, params, step):  # read at trace time: total_steps is set by then
     return losses.carot_teacher_update(teacher, params, step, total_steps=config.total_steps,
                                        **weights.teacher)
 
-  return Task(ContrastiveCLIP(clip, prompt_ids), loss_fn, evaluate.image_logits, eval_model,
-              _export_clip, teacher_update if weights.lambda_sd else None)
+  return Task(ContrastiveModel(backbone, ids), loss_fn, evaluate.image_logits, eval_model,
+              _export_backbone, teacher_update if weights.lambda_sd else None)
 
 
-def backdoor_task(clip, text_features, train_counts, config) -> Task:
-  """Chen et al.'s PEFT: ``clip`` built with ``adapter_dim`` adapters, a cosine classifier on the
-  pooled CLS feature initialised from (C, P) "a photo of a {}." ``text_features`` as LIFT's
+def backdoor_task(backbone, text_features, train_counts, config) -> Task:
+  """Chen et al.'s PEFT: ``backbone`` built with ``adapter_dim`` adapters, a cosine classifier on
+  the pooled image feature initialised from (C, P) "a photo of a {}." ``text_features`` as LIFT's
   ``init_head_text_feat`` (w_c = normalise(normalise(t_c) @ W_vᵀ)), and CE(z + τ·log π_train, y)
   with π_train from ``train_counts``."""
   counts = np.asarray(train_counts, np.float64)
@@ -390,8 +412,8 @@ def backdoor_task(clip, text_features, train_counts, config) -> Task:
     raise bad_argument("train_counts", "a (C,) array of positive class counts", counts)
   log_prior = jnp.asarray(np.log(counts / counts.sum()), jnp.float32)
   head = CosineClassifier.from_text_features(
-      text_features, np.asarray(clip.visual_projection.kernel[...]), config.cosine_scale)
-  model = CLIPClassifier(clip, head, features="pre_projection")
+      text_features, np.asarray(backbone.image_projection_kernel()), config.cosine_scale)
+  model = ImageClassifier(backbone, head, features="pre_projection")
 
   def loss_fn(model, batch, rng):
     del rng
@@ -402,12 +424,16 @@ def backdoor_task(clip, text_features, train_counts, config) -> Task:
   return Task(model, loss_fn, evaluate.image_logits, None, export_classifier)
 
 
-def prompt_tuning_task(clip, tokenizer, classnames, config) -> Task:
-  """GLA's prompt tuning: ``PromptTunedCLIP`` on ``config.template`` prompts, CE on its logits.
+def prompt_tuning_task(backbone, tokenizer, classnames, config) -> Task:
+  """GLA's prompt tuning: ``PromptTunedModel`` on ``config.template`` prompts, CE on its logits.
   Batches hold "image" or cached "features" (the image tower is frozen)."""
-  ids, context_index, name_mask = tokenize_prompts(tokenizer, classnames, config.template,
-                                                   clip.config.text.eos_token_id)
-  model = PromptTunedCLIP(clip, ids, context_index, name_mask)
+  _needs_text(backbone, "prompt_tuning")
+  eos = registry.spec_of(backbone).eos_token_id
+  if eos is None:
+    raise bad_argument("model.checkpoints", "a text tower that pools at its EOS token (CLIP) for "
+                       "prompt tuning", f"a {registry.spec_of(backbone).family} model")
+  ids, context_index, name_mask = tokenize_prompts(tokenizer, classnames, config.template, eos)
+  model = PromptTunedModel(backbone, ids, context_index, name_mask)
 
   def logits_fn(model, batch):
     if "features" in batch:
@@ -421,7 +447,7 @@ def prompt_tuning_task(clip, tokenizer, classnames, config) -> Task:
     return loss, {"accuracy": _accuracy(logits, batch)}
 
   def export(model, directory, info=None):
-    del info  # the residuals alone (the CLIP is the checkpoint's)
+    del info  # the residuals alone (the model is the checkpoint's)
     os.makedirs(directory, exist_ok=True)
     _save_npz(os.path.join(directory, "prompt_residuals.npz"),
               context_residual=model.context_residual[...], name_residual=model.name_residual[...])

@@ -41,11 +41,33 @@ def param_path(path) -> str:
   return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 
-def param_labels(params, trainable=(".*",), groups=()):
-  """The optimiser group of every leaf: ``'frozen'`` unless a ``trainable`` regex matches its path,
-  else the name of the first group whose ``pattern`` matches, else ``'default'``."""
-  trainable = [re.compile(p) for p in trainable]
-  groups = [(g["name"], re.compile(g["pattern"])) for g in groups]
+def resolve_patterns(key: str, patterns, aliases: dict | None = None) -> list[re.Pattern]:
+  """Compiled regexes of ``patterns``; an entry ``<group>`` stands for the model's parameter
+  group of that name (``aliases``: the model's ``param_groups()``, e.g. ``<image>`` = the image
+  tower and its projection); an unknown group or a bad regex raises, naming ``key``."""
+  aliases = aliases or {}
+  out = []
+  for pattern in patterns:
+    if isinstance(pattern, str) and pattern.startswith("<") and pattern.endswith(">"):
+      if pattern[1:-1] not in aliases:
+        raise bad_argument(key, f"regexes or parameter groups of the model "
+                           f"({', '.join(f'<{g}>' for g in aliases) or 'none'})", repr(pattern),
+                           ConfigError)
+      pattern = aliases[pattern[1:-1]]
+    try:
+      out.append(re.compile(pattern))
+    except (re.error, TypeError) as e:
+      raise bad_argument(key, "regular expressions", f"{pattern!r} ({e})", ConfigError) from None
+  return out
+
+
+def param_labels(params, trainable=(".*",), groups=(), aliases: dict | None = None):
+  """The optimiser group of every leaf: ``'frozen'`` unless a ``trainable`` pattern matches its
+  path, else the name of the first group whose ``pattern`` matches, else ``'default'``. Patterns
+  may name the model's parameter groups as ``<group>`` (``aliases``)."""
+  trainable = resolve_patterns("optimizer.trainable", trainable, aliases)
+  groups = [(g["name"], resolve_patterns("optimizer.groups", [g["pattern"]], aliases)[0])
+            for g in groups]
 
   def label(path, _):
     name = param_path(path)
@@ -157,21 +179,22 @@ def _base_optimizer(config, learning_rate, weight_decay):
   raise bad_argument("optimizer.name", "'adamw' or 'sgd'", repr(name), ConfigError)
 
 
-def make_optimizer(config, params, total_steps: int) -> tuple[optax.GradientTransformation,
-                                                                 callable]:
+def make_optimizer(config, params, total_steps: int, aliases: dict | None = None
+                   ) -> tuple[optax.GradientTransformation, callable]:
   """The recipe's optimiser and its learning-rate schedule.
 
   config: ``name`` ('adamw' | 'sgd'), ``learning_rate``, ``weight_decay``, the schedule's keys
   (``schedule``, ``warmup``, ``warmup_steps`` or ``warmup_epochs``, ``warmup_lr``,
   ``steps_per_epoch``: see ``learning_rate_schedule``), ``grad_clip_norm`` (0: none), ``b1``, ``b2``, ``eps``, ``momentum``,
-  ``trainable`` (regexes of trained parameter paths, the rest frozen) and ``groups`` (dicts with
+  ``trainable`` (regexes of trained parameter paths, or ``<group>`` for the model's parameter
+  groups ``aliases``; the rest frozen) and ``groups`` (dicts with
   ``name``, ``pattern``, ``lr_scale``, ``weight_decay``; per-group learning rate and decay).
   Frozen gradients are zeroed before clipping, so the global norm counts trained parameters only
   and XLA drops the frozen parameters' gradient computation.
   """
   schedule = learning_rate_schedule(config, total_steps)
   groups = tuple(dict(g) for g in config.get("groups", ()))
-  labels = param_labels(params, tuple(config.get("trainable", (".*",))), groups)
+  labels = param_labels(params, tuple(config.get("trainable", (".*",))), groups, aliases)
   weight_decay = config.get("weight_decay", 0.0)
   transforms = {FROZEN: optax.set_to_zero(),
                 "default": _base_optimizer(config, schedule, weight_decay)}

@@ -26,10 +26,10 @@ def plan(config) -> list[roles.Use]:
 def _trained(exp, checkpoint: str, counts, train, run: str):
   """The adapters + cosine classifier of ``checkpoint`` trained on the fine-tuning data."""
   ref = common.train_ref(exp.config)
-  clip = exp.load_clip(checkpoint, train)  # with train.model.adapter_dim adapters
-  head = glajax.zeroshot_head(clip, exp.tokenizer(checkpoint), exp.classes(ref)[0],
+  backbone = exp.load_model(checkpoint, train)  # with train.model.adapter_dim adapters
+  head = glajax.zeroshot_head(backbone, exp.tokenizer(checkpoint), exp.classes(ref)[0],
                               [exp.config.backdoor.template], show_progress=exp.config.progress)
-  task = recipes.backdoor_task(clip, np.asarray(head), counts, train)
+  task = recipes.backdoor_task(backbone, np.asarray(head), counts, train)
   return exp.fit(run, task, train, exp.use("fine-tuning"))
 
 

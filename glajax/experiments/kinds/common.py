@@ -77,13 +77,13 @@ def zeroshot_tag(exp, checkpoint: str, classes_ref: roles.DataRef, templates=Non
 
 def zeroshot(exp, checkpoint: str, classes_ref: roles.DataRef, train=None):
   """The zero-shot classifier of ``checkpoint`` for the classes of ``classes_ref``."""
-  return exp.zeroshot_classifier(exp.load_clip(checkpoint, train), checkpoint, classes_ref)
+  return exp.zeroshot_classifier(exp.load_model(checkpoint, train), checkpoint, classes_ref)
 
 
 def finetuned(exp, zs, run: str, use: roles.Use, train, export: str | None = None):
   """The zero-shot classifier ``zs`` fine-tuned end to end (the recipe ``train``, WiSE-FT's
   ``finetune`` by default) on ``use``."""
-  task = recipes.classifier_task(zs.clip, zs.head, train)
+  task = recipes.classifier_task(zs.backbone, zs.head, train)
   return exp.fit(run, task, train, use, export=export)
 
 

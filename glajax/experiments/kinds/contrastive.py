@@ -23,7 +23,7 @@ def plan(config) -> list[roles.Use]:
 def _trained(exp, checkpoint: str, run: str):
   train = exp.train_config()
   classnames, templates = exp.classes(common.train_ref(exp.config))
-  task = recipes.contrastive_task(exp.load_clip(checkpoint, train), exp.tokenizer(checkpoint),
+  task = recipes.contrastive_task(exp.load_model(checkpoint, train), exp.tokenizer(checkpoint),
                                   classnames, templates, train)
   return exp.fit(run, task, train, exp.use("fine-tuning"), export=exp.config.train.recipe)
 

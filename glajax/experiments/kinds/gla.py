@@ -69,7 +69,7 @@ def _models(exp, checkpoint: str, train):
   run = exp.run_key("prompt_tuned", train, checkpoint, use)
 
   def prompt_tuned():
-    task = recipes.prompt_tuning_task(exp.load_clip(checkpoint, train), exp.tokenizer(checkpoint),
+    task = recipes.prompt_tuning_task(exp.load_model(checkpoint, train), exp.tokenizer(checkpoint),
                                       exp.classes(ref)[0], train)
     return exp.fit(run, task, train, use, export="prompt_tuned")
 

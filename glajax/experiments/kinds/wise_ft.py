@@ -27,13 +27,13 @@ def plan(config) -> list[roles.Use]:
 def _linear_probe(exp, zs, run: str, use: roles.Use, train):
   """WiSE-FT's linear classifier: the zero-shot head trained on the frozen encoder's features
   of ``use`` (computed once, cached like logits, no augmentation)."""
-  features, labels = exp.arrays(use, f"features-{exp.key(run)}", lambda: zs.clip,
+  features, labels = exp.arrays(use, f"features-{exp.key(run)}", lambda: zs.backbone,
                                 logits_fn=recipes.image_features)
   head = heads.LinearHead(np.asarray(zs.head.kernel[...]), np.asarray(zs.head.bias[...]))
   task = recipes.linear_probe_task(head, train)
   head = exp.fit_arrays(run, task, train, {"features": features, "label": labels},
                         export="finetuned")
-  return heads.CLIPClassifier(zs.clip, head)
+  return heads.ImageClassifier(zs.backbone, head)
 
 
 def _models(exp, checkpoint: str, use: roles.Use, train):

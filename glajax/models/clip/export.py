@@ -25,25 +25,17 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from typing import NamedTuple
 
 import numpy as np
 
 from glajax.errors import bad_argument
+from glajax.models.clip.checkpoint import save_clip
+from glajax.models.clip.modeling import MEAN, STD
+from glajax.models.family import ExportInfo
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 CODE_FILE = "glajax_clip_classifier.py"
 _MODEL_CLASS = "GlajaxCLIPForImageClassification"
 _PIPELINE_CLASS = "GlajaxImageClassificationPipeline"
-
-
-class ExportInfo(NamedTuple):
-  """What an export writes beside the weights: the class names (in label order; a classifier's
-  ``id2label``), the tokenizer (``glajax.load_tokenizer``'s) and the image size."""
-  classnames: tuple[str, ...]
-  tokenizer: object
-  image_size: int
 
 
 def preprocessor_config(image_size: int) -> dict:
@@ -55,7 +47,7 @@ def preprocessor_config(image_size: int) -> dict:
           "do_resize": True, "size": {"shortest_edge": image_size}, "resample": 3,
           "do_center_crop": True, "crop_size": {"height": image_size, "width": image_size},
           "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-          "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD), "do_convert_rgb": True}
+          "image_mean": list(MEAN), "image_std": list(STD), "do_convert_rgb": True}
 
 
 def processor_files(tokenizer, image_size: int) -> dict[str, bytes]:
@@ -105,12 +97,30 @@ def classifier_export(kernel, bias, classnames, features: str):
   return config, tensors, {CODE_FILE: CLASSIFIER_CODE}
 
 
+def save(model, directory, *, info: ExportInfo | None = None, classifier=None,
+         extra_files: dict | None = None, overwrite: bool = False) -> str:
+  """The CLIP family's export: ``save_clip`` (transformers format) with, when ``info`` is given,
+  the processor files, and with ``classifier`` = (kernel (D, C), bias (C,), features) the image
+  classifier for transformers (:func:`classifier_export`, class names from ``info``); one
+  atomic write."""
+  files, config, tensors = dict(extra_files or {}), {}, {}
+  if info is not None:
+    files.update(processor_files(info.tokenizer, info.image_size))
+  if classifier is not None:
+    if info is None:
+      raise bad_argument("info", "the class names of the classifier (an ExportInfo)", None)
+    config, tensors, code = classifier_export(*classifier[:2], info.classnames, classifier[2])
+    files.update(code)
+  return save_clip(model, directory, overwrite=overwrite, extra_files=files,
+                   config_updates=config, extra_tensors=tensors)
+
+
 CLASSIFIER_CODE = '''\
 """glajax's fine-tuned CLIP image classifier, for transformers (written by glajax's export).
 
 logits = normalise(f(x)) @ classifier.weight.T + classifier.bias, with f(x) CLIP's pooled image
 feature (post-LayerNorm CLS token), projected by visual_projection when config.glajax_features
-is "projected": what glajax.models.heads.CLIPClassifier computes. (transformers'
+is "projected": what glajax.models.heads.ImageClassifier computes. (transformers'
 CLIPForImageClassification averages the patch tokens before post_layernorm, without projection
 or normalisation: another function.)
 

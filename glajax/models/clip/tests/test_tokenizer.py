@@ -9,7 +9,7 @@ import regex
 
 from glajax import CheckpointError, InputError
 from glajax.models.clip import CLIPConfig
-from glajax.models.tokenizer import load_tokenizer
+from glajax.models.registry import load_tokenizer
 
 
 def _openai_bytes_to_unicode():

@@ -15,9 +15,9 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from glajax import CheckpointError, GlajaxError, InputError  # noqa: E402
-from glajax.models import hf as glajax_hf  # noqa: E402
+from glajax.models.clip import checkpoint as clip_checkpoint  # noqa: E402
 from glajax.models.clip import CLIP, CLIPConfig  # noqa: E402
-from glajax.models.hf import load_clip, save_clip  # noqa: E402
+from glajax.models.clip import load_clip, save_clip  # noqa: E402
 
 ATOL = 1e-5
 
@@ -201,7 +201,7 @@ def test_save_clip_overwrites_atomically(checkpoints, tmp_path, monkeypatch):
   def crash(*args, **kwargs):
     raise OSError("disk full")
 
-  monkeypatch.setattr(glajax_hf, "save_file", crash)  # as hf.py imported it
+  monkeypatch.setattr(clip_checkpoint, "save_file", crash)  # as checkpoint.py imported it
   with pytest.raises(CheckpointError, match="directory: .*disk full"):
     save_clip(model, target)
   assert (target / "model.safetensors").read_bytes() == before  # old checkpoint untouched
@@ -454,7 +454,7 @@ def test_real_size_matches_transformers(preset):
   torch.manual_seed(0)
   hf_model = transformers.CLIPModel(transformers.CLIPConfig(**config.to_hf())).eval()
   tensors = {k: v.numpy() for k, v in hf_model.state_dict().items()}
-  model = glajax_hf.clip_from_hf_tensors(config, tensors)
+  model = clip_checkpoint.from_tensors(config, tensors)
   del tensors
   images, ids = _inputs(hf_model)
   images, ids = images[:1], np.array([[49406, 320, 1125, 539, 320, 2368, 269, 49407] + [0] * 69])

@@ -9,9 +9,11 @@ import pytest
 from PIL import Image, ImageDraw
 
 import glajax
-from glajax.models import hf_export
+from glajax.models.clip import export as hf_export
 from glajax.models.clip import CLIPConfig, init_clip
-from glajax.models.heads import CLIPClassifier, CosineClassifier, LinearHead
+from glajax.models.clip.modeling import MEAN
+from glajax.models.family import ExportInfo
+from glajax.models.heads import CosineClassifier, ImageClassifier, LinearHead
 from glajax.train import recipes
 
 torch = pytest.importorskip("torch")
@@ -50,7 +52,7 @@ def _classifier(features: str):
   else:                          # backdoor adjustment's cosine classifier (scale 25)
     head = CosineClassifier(rng.normal(size=(len(CLASSNAMES),
                                              clip.config.vision.hidden_size)).astype(np.float32))
-  return CLIPClassifier(clip, head, features=features)
+  return ImageClassifier(clip, head, features=features)
 
 
 @pytest.mark.parametrize("features", ["projected", "pre_projection"])
@@ -58,7 +60,7 @@ def test_pipeline_and_processor_give_glajax_predictions(tmp_path, tokenizer, fea
   model = _classifier(features)
   directory = tmp_path / f"export_{features}"
   recipes.export_classifier(model, str(directory),
-                            hf_export.ExportInfo(CLASSNAMES, tokenizer, 32))
+                            ExportInfo(CLASSNAMES, tokenizer, 32))
   files = set(os.listdir(directory))
   assert {"config.json", "model.safetensors", "head.npz", "preprocessor_config.json",
           hf_export.CODE_FILE} <= files
@@ -103,24 +105,24 @@ def test_export_stays_a_clip_checkpoint_and_refuses_the_pipeline_without_trust(t
                                                                               tokenizer):
   model = _classifier("projected")
   directory = str(tmp_path / "export")
-  recipes.export_classifier(model, directory, hf_export.ExportInfo(CLASSNAMES, tokenizer, 32))
+  recipes.export_classifier(model, directory, ExportInfo(CLASSNAMES, tokenizer, 32))
   with open(os.path.join(directory, "config.json")) as f:
     config = json.load(f)
   assert config["id2label"] == {"0": "red circle", "1": "green square", "2": "blue triangle"}
   assert config["label2id"]["blue triangle"] == 2
-  with open(os.path.join(directory, glajax.models.hf.EXPORT_MARKER)) as f:
+  with open(os.path.join(directory, glajax.models.checkpoints.EXPORT_MARKER)) as f:
     written = json.load(f)["files"]
   assert "preprocessor_config.json" in written and hf_export.CODE_FILE in written
   # glajax and transformers' CLIPModel read the same CLIP (the classifier tensors are skipped).
   reloaded = glajax.load_clip(directory)
   pixels = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
   np.testing.assert_allclose(np.asarray(reloaded.encode_image(pixels)),
-                             np.asarray(model.clip.encode_image(pixels)), atol=1e-6)
+                             np.asarray(model.backbone.encode_image(pixels)), atol=1e-6)
   clip = transformers.CLIPModel.from_pretrained(directory)
   with torch.no_grad():
     theirs = clip.get_image_features(pixel_values=torch.from_numpy(pixels.transpose(0, 3, 1, 2)))
   theirs = getattr(theirs, "pooler_output", theirs)
-  np.testing.assert_allclose(theirs.numpy(), np.asarray(model.clip.encode_image(pixels)),
+  np.testing.assert_allclose(theirs.numpy(), np.asarray(model.backbone.encode_image(pixels)),
                              atol=1e-5)
   # Without trust_remote_code transformers would run its own CLIPForImageClassification, another
   # function: the export's custom pipeline makes it refuse instead.
@@ -131,12 +133,12 @@ def test_export_stays_a_clip_checkpoint_and_refuses_the_pipeline_without_trust(t
 def test_clip_export_has_processor_files(tmp_path, tokenizer):
   clip = init_clip(CLIPConfig.tiny(image_size=32), seed=0)
   directory = str(tmp_path / "clip")
-  recipes._export_clip(recipes.ContrastiveCLIP(clip, np.zeros((2, 1, 4), np.int32)), directory,
-                       hf_export.ExportInfo(("a", "b"), tokenizer, 32))
+  recipes._export_backbone(recipes.ContrastiveModel(clip, np.zeros((2, 1, 4), np.int32)), directory,
+                       ExportInfo(("a", "b"), tokenizer, 32))
   processor = transformers.CLIPProcessor.from_pretrained(directory)
   assert processor.image_processor.crop_size == {"height": 32, "width": 32}
   assert processor.image_processor.size == {"shortest_edge": 32}
-  np.testing.assert_allclose(processor.image_processor.image_mean, hf_export.CLIP_MEAN)
+  np.testing.assert_allclose(processor.image_processor.image_mean, MEAN)
 
 
 def test_bad_export_inputs():

@@ -1,6 +1,6 @@
 """The Flax NNX CLIP module on its own: configs, presets, adapters, remat, pooling, resizing.
 
-Parity with transformers' PyTorch CLIP is in test_hf.py.
+Parity with transformers' PyTorch CLIP is in test_params_hf.py.
 """
 import dataclasses
 
@@ -12,9 +12,9 @@ from flax import nnx
 from PIL import Image
 
 from glajax import ConfigError, InputError
-from glajax.models.clip import (CLIP, CLIPConfig, CLIPTextConfig, CLIPVisionConfig,
-                                init_clip, interpolate_position_embedding,
-                                resize_position_embedding)
+from glajax.models.clip.modeling import (CLIP, CLIPConfig, CLIPTextConfig, CLIPVisionConfig,
+                                         init_clip, interpolate_position_embedding)
+from glajax.models.layers import resize_position_embedding
 
 
 def _tiny(seed=0, dtype=jnp.float32, **overrides):
@@ -43,7 +43,7 @@ IDS = np.array([[49406, 320, 1125, 539, 320, 2368, 269, 49407, 0, 0],
 @pytest.mark.parametrize("preset, count", [
     # transformers.CLIPModel(...).num_parameters() of the published OpenAI checkpoints
     # (ViT-B/16 149_620_737, ViT-L/14 427_616_513, ViT-L/14-336 427_944_193; those architectures
-    # are checked against transformers in test_hf.py's slow real-size test)
+    # are checked against transformers in test_params_hf.py's slow real-size test)
     ("vit_b32", 151_277_313)])
 def test_preset_parameter_counts(preset, count):
   model = nnx.eval_shape(lambda: CLIP(getattr(CLIPConfig, preset)(), rngs=nnx.Rngs(0)))
@@ -83,7 +83,7 @@ def test_call_is_scaled_cosine(model):
       txt / np.linalg.norm(txt, axis=1, keepdims=True)).T
   np.testing.assert_allclose(logits, np.exp(2.6592) * cos, atol=1e-5)
   assert logits.shape == (3, 3) and logits.dtype == jnp.float32
-  assert model.vision_features(images).shape == (3, 32)
+  assert model.image_features(images).shape == (3, 32)
 
 
 def test_text_pools_first_eos_and_ignores_padding(model):
@@ -157,7 +157,7 @@ def test_remat_gives_the_same_values_and_gradients():
     model = _tiny(vision_remat=remat, text_remat=remat, vocab_size=100, text_eos_token_id=99,
                   vision_num_hidden_layers=1, text_num_hidden_layers=1)
     graphdef, params = nnx.split(model)
-    loss = lambda params: jnp.sum(jnp.sin(nnx.merge(graphdef, params).vision_features(images)))
+    loss = lambda params: jnp.sum(jnp.sin(nnx.merge(graphdef, params).image_features(images)))
     grad = jax.grad(loss)
     jaxpr = str(jax.make_jaxpr(grad)(params))
     assert ("remat" in jaxpr or "checkpoint" in jaxpr) == remat  # the primitive's name varies
