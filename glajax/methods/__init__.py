@@ -3,9 +3,11 @@
     from glajax import methods as M
     log_prior = M.estimate_log_prior(zs_logits, labels)
     logits = M.gla_ensemble(ft_logits, zs_logits, log_prior)
+    interval = M.bootstrap(key, M.accuracy_of, M.row_summaries(logits, labels))
 """
 from glajax.methods.absent import (alg_gamma, apply_gamma, ausuc, oracle_gamma, pcv_gamma,
                                    seen_absent_accuracies)
+from glajax.methods.uncertainty import Interval, accuracy_of, bootstrap, ece_of, row_summaries
 from glajax.methods.adjust import (backdoor_ensemble, gla_ensemble, logit_adjust,
                                    logit_adjusted_loss)
 from glajax.methods.calibrate import (adaptive_ece, brier, classwise_ece, ece, fit_temperature,
@@ -24,5 +26,6 @@ __all__ = [
     "adaptive_ece", "classwise_ece", "nll", "brier", "reliability_diagram", "apply_gamma",
     "alg_gamma", "pcv_gamma", "oracle_gamma", "ausuc", "seen_absent_accuracies", "accuracy",
     "per_class_accuracy", "group_accuracy", "group_accuracy_by_prior", "restrict_logits",
-    "objectnet_logits", "average_shift_accuracy", "effective_robustness",
+    "objectnet_logits", "average_shift_accuracy", "effective_robustness", "Interval",
+    "bootstrap", "row_summaries", "accuracy_of", "ece_of",
 ]
