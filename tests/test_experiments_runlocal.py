@@ -263,3 +263,7 @@ def test_wise_ft_linear_classifier_on_cached_features(tmp_path):
     assert features.shape == (len(train_labels), trained["kernel"].shape[0])  # (N, D)
   rows = _rows(result)
   assert rows["fine-tuned (α=1)"]["ID"] == pytest.approx(_accuracy(ft, labels), abs=1e-9)
+  # α alone at 1.0 (a legal sweep): the report still shows the exported α = 0.5 it plots, reusing
+  # everything cached (the α sweep is not part of the experiment's fingerprint).
+  again = experiments.run("wise_ft:runlocal,linear,wise_ft.alphas=(1.0,)", str(workdir))
+  assert [p["alpha"] for p in again["results"]["curve"]] == [0.0, 0.5, 1.0]

@@ -91,7 +91,9 @@ def run(exp) -> dict:
   config = exp.config
   tests, use = exp.tests(), exp.use("fine-tuning")
   models, tags = _models(exp, config.model.checkpoints[0], use, exp.train_config())
-  alphas = sorted({0.0, 1.0, *map(float, config.wise_ft.alphas)})  # the endpoints always
+  # the endpoints and the exported α always: the report's plots and the export read them
+  alphas = sorted({0.0, 1.0, float(config.wise_ft.export_alpha),
+                   *map(float, config.wise_ft.alphas)})
   outputs = _sweep(exp, models, tags, tests, alphas)
   bins = int(config.wise_ft.ece_bins)
   curve = [{"alpha": a, **common.accuracy_row(outputs[a], tests),
