@@ -1,4 +1,17 @@
-"""glajax: fine-tuning CLIP-like foundation models without inheriting their biases, in JAX."""
+"""glajax: fine-tuning CLIP-like foundation models without inheriting their biases, in JAX.
+
+Models (any family: CLIP ViT and ResNet, SigLIP, supervised ResNet; any format they come in):
+    model = glajax.load_model(path_or_hub_id)         # or glajax.load_clip for CLIPs
+    glajax.save_model(model, directory)               # the family's export (CLIP: transformers)
+    tok = glajax.load_tokenizer(path_or_hub_id)       # None: OpenAI CLIP's BPE, offline
+    head = glajax.zeroshot_head(model, tok, classnames, templates)   # (C, D) zero-shot head
+The papers' methods, pure and jittable, on logits and parameter pytrees:
+    from glajax import methods as M                   # M.estimate_log_prior, M.gla_ensemble,
+                                                      # M.wise_ft, M.ece, M.bootstrap, ...
+Experiments: `glajax run CONFIG --workdir DIR` (glajax.experiments), `glajax demo`.
+Errors: every bad input raises a glajax.GlajaxError subclass (InputError, CheckpointError,
+DatasetError, ConfigError, TrainingError) naming the argument, what was expected and found.
+"""
 from glajax.errors import (CheckpointError, ConfigError, DatasetError, GlajaxError, InputError,
                            TrainingError)
 
@@ -28,5 +41,10 @@ def __getattr__(name):
   raise AttributeError(f"module 'glajax' has no attribute {name!r}")
 
 
-__all__ = ["GlajaxError", "InputError", "CheckpointError", "DatasetError", "ConfigError",
-           "TrainingError", *_LAZY, "methods"]
+def __dir__():
+  return sorted({*globals(), *_LAZY, "methods"})
+
+
+# help(glajax) documents the API; the errors are named in the docstring (their classes only
+# repeat Exception's members).
+__all__ = [*_LAZY, "methods"]

@@ -1,31 +1,89 @@
-"""The ``glajax`` command line: ``glajax demo [--workdir DIR] [--quick]`` and
-``glajax run CONFIG[:arg,key=value,...] --workdir DIR``."""
+"""The ``glajax`` command line: ``glajax demo [--workdir DIR] [--quick]``,
+``glajax run CONFIG[:arg,key=value,...] --workdir DIR`` and ``glajax --version``.
+
+TensorFlow's and absl's start-up and TFDS's informational lines are silenced unless
+``--verbose`` is given (TensorFlow only feeds the input pipelines; its C++ logging is set by the
+environment before it is imported).
+"""
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib
+import logging
 import os
 import sys
+from pathlib import Path
+
+_SYNTAX = """\
+CONFIG is a config file or the name of a bundled one, then optional tokens after a colon:
+  glajax run wise_ft --workdir ~/runs/wise_ft
+  glajax run configs/gla_fewshot.py:dtd,gla.shots=4 --workdir ~/runs/dtd_4shot
+  glajax run custom:runlocal,data.folder=~/pets --workdir /tmp/pets
+tokens without '=' go to the file's get_config(arg) (e.g. runlocal: a tiny model on CPU);
+key=value tokens override dotted config keys (values read as Python literals).
+"""
 
 
-def _parser() -> argparse.ArgumentParser:
+def _bundled_configs() -> list[tuple[str, str]]:
+  """(name, first phrase of its docstring) of every bundled config, without importing it."""
+  from glajax.experiments.config import configs_dir  # noqa  (keeps `glajax --version` light)
+  out = []
+  for path in sorted(Path(configs_dir()).glob("*.py")):
+    doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+    out.append((path.stem, " ".join(doc.split()).split(": ")[0]))
+  return out
+
+
+def _run_epilog() -> str:
+  names = _bundled_configs()
+  width = max((len(n) for n, _ in names), default=0)
+  listing = "\n".join(f"  {name:<{width}}  {title}" for name, title in names)
+  return f"bundled configs:\n{listing}\n\n{_SYNTAX}"
+
+
+def _parser(with_configs: bool) -> argparse.ArgumentParser:
+  from glajax import __version__  # noqa  (the package's version only)
   parser = argparse.ArgumentParser(
-      prog="glajax", description="Fine-tuning CLIP without inheriting its biases, in JAX.")
+      prog="glajax", description="Fine-tuning CLIP-like foundation models without inheriting "
+      "their biases, in JAX.")
+  parser.add_argument("--version", action="version", version=f"glajax {__version__}")
   commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-  demo = commands.add_parser("demo", help="run the embedded end-to-end example",
+  common = argparse.ArgumentParser(add_help=False)
+  common.add_argument("--verbose", action="store_true",
+                      help="keep TensorFlow's, absl's and TFDS's log lines")
+  demo = commands.add_parser("demo", parents=[common], help="run the embedded end-to-end example",
                              description="Runs the embedded end-to-end example and writes "
                              "report.json, report.md and plots into --workdir.")
   demo.add_argument("--workdir", default="glajax-demo",
                     help="where results and cached models go (default: %(default)s)")
   demo.add_argument("--quick", action="store_true", help="a smaller, faster run")
   demo.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-  run = commands.add_parser("run", help="run an experiment config",
-                            description="Runs CONFIG[:arg,key=value,...] (a configs/*.py file "
-                            "or its name) in --workdir, resuming from it; writes report.json, "
-                            "report.md, plots and final models there.")
-  run.add_argument("config", metavar="CONFIG", help="e.g. configs/wise_ft.py:runlocal")
+  run = commands.add_parser(
+      "run", parents=[common], help="run an experiment config",
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+      epilog=_run_epilog() if with_configs else _SYNTAX,
+      description="Runs CONFIG[:arg,key=value,...] in --workdir, resuming from it; checks the "
+      "whole config first and writes nothing if it is wrong; writes report.json, report.md, "
+      "plots and final models.")
+  run.add_argument("config", metavar="CONFIG", help="a config file or a bundled config's name")
   run.add_argument("--workdir", required=True, help="where everything goes (resumed if present)")
   return parser
+
+
+def _quiet(verbose: bool) -> None:
+  """Silences TensorFlow's C++ start-up lines (oneDNN, absl::InitializeLog) and absl's Python
+  warnings (TFDS's dataset-folder notes) unless ``verbose``."""
+  if verbose:
+    os.environ["GLAJAX_VERBOSE"] = "1"
+    return
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  try:
+    from absl import logging as absl_logging  # noqa  (absl comes with JAX and TensorFlow)
+  except ImportError:
+    return
+  absl_logging.set_verbosity(absl_logging.ERROR)
+  logging.getLogger("absl").setLevel(logging.ERROR)
 
 
 def _demo(args) -> int:
@@ -58,14 +116,16 @@ def _guarded(command: str, run, args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
   """Entry point of the ``glajax`` console script; returns the exit status."""
-  parser = _parser()
+  argv = sys.argv[1:] if argv is None else list(argv)
+  _quiet("--verbose" in argv)  # before `run --help` reads the configs (imports TensorFlow)
+  parser = _parser(with_configs="run" in argv and any(a in ("-h", "--help") for a in argv))
   args = parser.parse_args(argv)
+  if args.command is None:
+    parser.print_help(sys.stderr)
+    return 2
   if args.command == "demo":
     return _guarded("demo", _demo, args)
-  if args.command == "run":
-    return _guarded("run", importlib.import_module("glajax.experiments").main, args)
-  parser.print_help(sys.stderr)
-  return 2
+  return _guarded("run", importlib.import_module("glajax.experiments").main, args)
 
 
 if __name__ == "__main__":

@@ -9,4 +9,6 @@ if [ ! -x .venv/bin/python ]; then "$PY" -m venv .venv; fi
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
 python -m pip install -q "torch==${GLAJAX_TORCH_VERSION:-2.13.0}"
-python -m pip install -q -e ".[test]"
+# compat: the checkout goes on sys.path (a .pth entry), so a folder named glajax in the current
+# directory (the clone itself, seen from its parent) cannot shadow the package as a namespace
+python -m pip install -q -e ".[test]" --config-settings editable_mode=compat

@@ -100,3 +100,30 @@ print(seen["package_dir"], "glajax.configs" in seen["packages"],
 """)
   assert result.returncode == 0, result.stderr
   assert result.stdout.split() == ["{'glajax.configs':", "'configs'}", "True", "True", "False"]
+
+
+def test_a_folder_named_glajax_in_the_working_directory_does_not_shadow_the_package(tmp_path):
+  """From the folder that holds a clone named glajax, ``import glajax`` is the package (the
+  editable install puts the checkout on sys.path; a folder without __init__.py would otherwise
+  win as a namespace package and have no ``load_clip``)."""
+  (tmp_path / "glajax").symlink_to(REPO, target_is_directory=True)
+  result = subprocess.run([sys.executable, "-c", "import glajax; print(glajax.load_clip.__name__)"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.strip() == "load_clip"
+
+
+def test_the_command_line_is_quiet_and_helpful():
+  """`glajax run --help` lists the bundled configs and the override syntax; a bad config is one
+  line on stderr: no TensorFlow, absl or TFDS start-up lines."""
+  run = lambda *args: subprocess.run([sys.executable, "-m", "glajax.cli", *args], cwd=REPO,
+                                     capture_output=True, text=True, timeout=300)
+  help_ = run("run", "--help")
+  assert help_.returncode == 0 and not help_.stderr, help_.stderr
+  for name in ("wise_ft", "gla_fewshot", "custom", "key=value", "runlocal"):
+    assert name in help_.stdout
+  bad = run("run", "wise_ft:wise_ft.alpha=1", "--workdir", "/nonexistent/never")
+  assert bad.returncode == 1 and bad.stdout == ""
+  assert bad.stderr.count("\n") == 1 and "did you mean 'wise_ft.alphas'" in bad.stderr, bad.stderr
+  version = run("--version")
+  assert version.stdout.startswith("glajax ")

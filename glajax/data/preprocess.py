@@ -12,11 +12,36 @@ Random ops take a stateless seed (shape (2,) int), so a crop depends on the seed
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import sys
 import warnings
 
+
+@contextlib.contextmanager
+def _quiet_native_stderr():
+  """Keeps file descriptor 2 off while TensorFlow loads, unless ``GLAJAX_VERBOSE`` is set:
+  TensorFlow 2.17+ writes its C++ start-up lines (oneDNN, CPU features, the absl::InitializeLog
+  notice) before it reads TF_CPP_MIN_LOG_LEVEL (tensorflow/tensorflow#100442). Python errors
+  are exceptions, not writes, so an import failure still shows."""
+  if os.environ.get("GLAJAX_VERBOSE"):
+    yield
+    return
+  sys.stderr.flush()
+  saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+  os.dup2(null, 2)
+  try:
+    yield
+  finally:
+    os.dup2(saved, 2)
+    os.close(saved)
+    os.close(null)
+
+
 try:
-  import tensorflow as tf
+  with _quiet_native_stderr():
+    import tensorflow as tf
 except ImportError as _error:  # an extra: pip would put tensorflow-cpu over Colab's TensorFlow
   raise ImportError("glajax's input pipelines need TensorFlow, which `pip install glajax` leaves "
                     "out so as not to replace one already installed (Colab's): pip install "

@@ -117,8 +117,7 @@ def override(config: ml_collections.ConfigDict, key: str, value) -> None:
     last = depth == len(parts) - 1
     if not isinstance(node, ml_collections.ConfigDict) or part not in node or (
         not last and not isinstance(node[part], ml_collections.ConfigDict)):
-      raise bad_argument(f"config key {key!r}", f"one of {', '.join(flat_keys(config))}",
-                         "an unknown key" + _did_you_mean(key, flat_keys(config)), ConfigError)
+      raise _unknown_key(config, key, ".".join(parts[:depth]))
     if not last:
       node = node[part]
   current = node[parts[-1]]
@@ -169,6 +168,21 @@ def _apply_folder(config) -> None:
   except DatasetError:  # validate() says what is wrong with the folder, naming the key
     splits = ("train",)
   config.data.train, config.data.test = f"{name}@{splits[0]}", f"{name}@{splits[-1]}"
+
+
+def _unknown_key(config, key: str, section: str):
+  """The error for an unknown ``key``: the closest keys first, then the keys of the deepest
+  section of ``key`` that exists (or the top-level sections), not all of them."""
+  keys = flat_keys(config)
+  close = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
+  hint = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
+  inside = [k for k in keys if section and k.startswith(section + ".")]
+  if inside:
+    expected = f"one of the keys of {section!r}: {', '.join(inside)}"
+  else:
+    sections = sorted({k.split(".")[0] for k in keys})
+    expected = f"a key of this config, under one of {', '.join(sections)}"
+  return bad_argument(f"config key {key!r}{hint}", expected, "an unknown key", ConfigError)
 
 
 def _did_you_mean(key: str, known) -> str:
