@@ -121,14 +121,16 @@ def _assert_rule(tree, devices: int):
 
 
 @needs_devices(DEVICES)
-@pytest.mark.parametrize("recipe", [
-    "finetune", pytest.param("backdoor_peft", marks=pytest.mark.slow),
-    pytest.param("carot", marks=pytest.mark.slow)])
-def test_fsdp_training_equals_replicated_training(tmp_path, recipe):
+@pytest.mark.parametrize("recipe, accum_steps", [
+    ("finetune", 2), pytest.param("backdoor_peft", 1, marks=pytest.mark.slow),
+    pytest.param("carot", 1, marks=pytest.mark.slow)])
+def test_fsdp_training_equals_replicated_training(tmp_path, recipe, accum_steps):
   """Loss curve and final parameters (and CaRot's teacher) within 1e-6 relative (float32) on 8
-  devices; the params, optimiser state and teacher are placed as ``fsdp_spec`` says."""
-  replicated, repl_state = _fit(recipe, "replicated", tmp_path / "replicated")
-  fsdp, state = _fit(recipe, "fsdp", tmp_path / "fsdp")
+  devices, with and without gradient accumulation; the params, optimiser state and teacher are
+  placed as ``fsdp_spec`` says."""
+  replicated, repl_state = _fit(recipe, "replicated", tmp_path / "replicated",
+                                accum_steps=accum_steps)
+  fsdp, state = _fit(recipe, "fsdp", tmp_path / "fsdp", accum_steps=accum_steps)
   assert tr._losses(tmp_path / "replicated") == pytest.approx(tr._losses(tmp_path / "fsdp"),
                                                                rel=1e-6, abs=0)
   _assert_close(fsdp, replicated, 1e-6)

@@ -156,7 +156,7 @@ def _initial_state(params, rest, tx, config, mesh, with_teacher: bool):
   state_shardings = parallel.shardings(jax.eval_shape(init, params), mesh, how)
   rest_shardings = parallel.shardings(rest, mesh, how)
   params = parallel.put(params, state_shardings.params)
-  state = jax.jit(init, out_shardings=state_shardings)(params)
+  state = jax.jit(init, out_shardings=state_shardings, donate_argnums=0)(params)
   return state, parallel.put(rest, rest_shardings), (state_shardings, rest_shardings)
 
 
