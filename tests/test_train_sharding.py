@@ -4,9 +4,6 @@ a checkpoint written on 8 devices resumed on 4, and two processes × 4 devices r
 shards of the data equal to one process × 8 devices."""
 import json
 import os
-import socket
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +18,7 @@ from glajax.parallel import fsdp_spec, make_mesh
 from glajax.train import engine, recipes
 from glajax.train.checkpoint import Checkpointer
 from glajax.train.state import create_train_state, make_optimizer
-from conftest import needs_cpu, needs_devices
+from conftest import needs_cpu, needs_devices, two_jax_processes
 import test_train_recipes as tr
 
 DEVICES = 8
@@ -237,22 +234,8 @@ def _child_main(workdir):
 @needs_devices(DEVICES)
 @needs_cpu("two processes × 4 virtual CPU devices with gloo collectives")
 def test_two_processes_fsdp_with_their_own_shards_equal_one_process(tmp_path):
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    port = s.getsockname()[1]
   workdir = str(tmp_path / "two")
-  code = ("import jax; jax.config.update('jax_cpu_collectives_implementation', 'gloo'); "
-          f"jax.distributed.initialize('localhost:{port}', 2, {{i}}); "
-          f"assert jax.device_count() == 8 and jax.local_device_count() == 4; "
-          f"import test_train_sharding as t; t._child_main({workdir!r})")
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-         "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__),
-                                        os.environ.get("PYTHONPATH", "")])}
-  procs = [subprocess.Popen([sys.executable, "-c", code.format(i=i)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]
-  for proc in procs:
-    out, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, out.decode()[-3000:]
+  two_jax_processes("test_train_sharding", f"_child_main({workdir!r})")
   mesh = make_mesh()
   want, _ = _fit("finetune", "fsdp", tmp_path / "one", mesh=mesh, data=_pipeline_data(mesh),
                  checkpoint_every=2)
