@@ -302,7 +302,9 @@ def fit(model: nnx.Module, loss_fn: LossFn, config, data: Callable[[int], Iterat
 
   ``data(start_step)`` yields the batches from ``start_step`` on (this process's NumPy slice, or
   global sharded arrays), so a resumed run sees the same data as an uninterrupted one. Resumes
-  from the newest checkpoint in ``workdir/checkpoints`` that restores. Raises TrainingError when
+  from the newest checkpoint in ``workdir/checkpoints`` that restores, written on any number of
+  devices under either ``config.sharding`` (the state is restored into this run's placement;
+  the returned state keeps it, the returned model holds host copies). Raises TrainingError when
   the loss or the parameters stop being finite (the final update included), so a diverged model
   is never returned; checkpoints before that step stay as they were. The last step is always
   checkpointed (``checkpoint_every`` = 0 turns off the periodic ones only), so a finished run
