@@ -11,6 +11,9 @@ Devices: on a CPU the suite sees 8 virtual devices; on an accelerator it sees wh
 ``needs_devices(n)`` and are skipped, with the reason, when fewer are present.
 """
 import os
+import socket
+import subprocess
+import sys
 
 import pytest
 
@@ -36,3 +39,26 @@ def needs_cpu(why: str):
   """Marks a test that only runs on the CPU backend (e.g. CPU collectives); evaluated lazily."""
   return pytest.mark.skipif("__import__('jax').default_backend() != 'cpu'",
                             reason=f"CPU backend only ({why})")
+
+
+def two_jax_processes(module: str, call: str, timeout: int = 600) -> None:
+  """Runs ``module.call`` (a test module of this folder and a call in it, e.g.
+  ``"_child_main('/tmp/w')"``) in two processes joined by ``jax.distributed`` (gloo
+  collectives), 4 virtual CPU devices each, and waits for both; fails with the output of one
+  that did not exit 0."""
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  procs = []
+  for i in range(2):
+    code = (f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); import jax; "
+            "jax.config.update('jax_cpu_collectives_implementation', 'gloo'); "
+            f"jax.distributed.initialize('localhost:{port}', 2, {i}); "
+            "assert jax.device_count() == 8 and jax.local_device_count() == 4; "
+            f"import {module} as t; t.{call}")
+    procs.append(subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}))
+  for proc in procs:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out.decode()[-3000:]

@@ -1,10 +1,12 @@
-"""Device mesh and batch sharding.
+"""Device mesh, batch sharding and the sharding of parameters and optimiser state.
 
 Data parallelism is ``jax.jit`` over a ``Mesh`` of all devices with one axis, ``data``: batches are
-sharded on their leading axis, parameters are replicated (what ``pmap`` lowers to since JAX 0.8).
-Each process feeds its own slice of the global batch; multi-host runs call
-``jax.distributed.initialize()`` first, and share one work directory: process 0 writes the files
-(``is_primary``) and the others wait at a ``barrier`` where they read them.
+sharded on their leading axis. Parameters, optimiser state and the rest of a model's state are
+either replicated (what ``pmap`` lowers to since JAX 0.8) or fully sharded over the same axis
+(``"fsdp"``, ZeRO-3: :func:`fsdp_spec` says where each array goes; a jitted step gathers them
+where it computes with them). Each process feeds its own slice of the global batch; multi-host
+runs call ``jax.distributed.initialize()`` first, and share one work directory: process 0 writes
+the files (``is_primary``) and the others wait at a ``barrier`` where they read them.
 """
 from __future__ import annotations
 
@@ -16,6 +18,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from glajax.errors import bad_argument
 
 DATA_AXIS = "data"
+# How parameters, optimiser state and a model's other state are placed on the mesh.
+SHARDINGS = ("replicated", "fsdp")
+# Under "fsdp", arrays with fewer elements (biases, norms, scalars) stay replicated: their memory
+# is negligible and gathering each would cost a collective.
+FSDP_MIN_SIZE = 1024
 
 
 def make_mesh(devices=None) -> Mesh:
@@ -64,3 +71,53 @@ def shard_batch(local_batch, mesh: Mesh):
     return jax.make_array_from_process_local_data(sharding, x)
 
   return jax.tree.map(put, local_batch)
+
+
+def fsdp_spec(shape, devices: int) -> P:
+  """Where ``"fsdp"`` puts an array of ``shape`` on a ``data`` axis of ``devices`` devices.
+
+  Rule: the largest axis whose length ``devices`` divides (the first of equal ones) is split
+  over ``data``; an array with no such axis, or with fewer than ``FSDP_MIN_SIZE`` elements,
+  is replicated (``P()``). Each device then holds 1/``devices`` of every split array.
+  """
+  if int(np.prod(shape, dtype=np.int64)) < FSDP_MIN_SIZE:
+    return P()
+  divisible = [(-n, axis) for axis, n in enumerate(shape) if n % devices == 0]
+  if not divisible:
+    return P()
+  axis = min(divisible)[1]
+  return P(*(DATA_AXIS if a == axis else None for a in range(axis + 1)))
+
+
+def shardings(tree, mesh: Mesh, how: str = "replicated"):
+  """The ``NamedSharding`` of every leaf (an array or ``jax.ShapeDtypeStruct``) of ``tree``:
+  :func:`replicated`, or :func:`fsdp_spec` over the ``data`` axis when ``how`` is ``"fsdp"``."""
+  if how not in SHARDINGS:
+    raise bad_argument("sharding", f"one of {', '.join(SHARDINGS)}", repr(how))
+  if how == "replicated":
+    return jax.tree.map(lambda _: replicated(mesh), tree)
+  devices = mesh.shape[DATA_AXIS]
+  return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(x.shape, devices)), tree)
+
+
+def put(tree, tree_shardings):
+  """Fresh global arrays of ``tree``'s host or device values, each placed as its sharding in
+  ``tree_shardings`` says (works across processes: each builds its own shards)."""
+
+  def place(x, sharding):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+  return jax.tree.map(place, tree, tree_shardings)
+
+
+def to_host(tree):
+  """Process-local NumPy copies of global arrays: a replicated one read from this process's
+  first copy, a sharded one gathered (every process must call this)."""
+
+  def get(x):
+    if x.is_fully_replicated:
+      return np.asarray(x.addressable_data(0))
+    return multihost_utils.process_allgather(x, tiled=True)
+
+  return jax.tree.map(get, tree)

@@ -174,3 +174,35 @@ def test_array_batches_shuffle_each_epoch_resume_and_split_over_processes(monkey
   np.testing.assert_array_equal(np.concatenate(halves), labels[0])
   with pytest.raises(InputError, match="arrays"):
     next(pipeline.array_batches({"x": np.zeros(3), "label": np.zeros(4)}, batch_size=2, seed=0))
+
+
+def test_shards_give_the_same_global_batches_on_any_process_count(monkeypatch):
+  """With ``shards=4`` the global batch of every step is the same read by one, two or four
+  (simulated) processes, each reading only its own shards, resumed mid-epoch on another
+  process count too; each shard contributes batch/4 rows in shard order."""
+  def global_batches(processes, start_step=0, n=5):
+    monkeypatch.setattr(jax, "process_count", lambda: processes)
+    parts = []
+    for me in range(processes):
+      monkeypatch.setattr(jax, "process_index", lambda me=me: me)
+      parts.append(_take(pipeline.train_batches(_numbered(22), batch_size=8, seed=3,
+                                                image_size=8, shards=4, start_step=start_step,
+                                                shuffle_buffer=22), n))
+    return [{k: np.concatenate([p[i][k] for p in parts]) for k in parts[0][i]}
+            for i in range(n)]
+
+  one = global_batches(1)
+  for processes in (2, 4):
+    for a, b in zip(one, global_batches(processes)):
+      jax.tree.map(np.testing.assert_array_equal, a, b)
+  for a, b in zip(one[3:], global_batches(2, start_step=3, n=2)):  # epoch 1 of the shards
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+  ids = np.stack([_identity(b["image"]) for b in one])   # (steps, 8)
+  bounds = np.cumsum([0] + pipeline._even_counts(22, 4))
+  for shard in range(4):   # rows 2s, 2s + 1 of each batch come from shard s's slice
+    rows = ids[:, 2 * shard:2 * shard + 2]
+    assert np.all((rows >= bounds[shard]) & (rows < bounds[shard + 1])), (shard, rows)
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  for bad in (3, 0, 16):   # not a multiple of the processes; none; not dividing the batch
+    with pytest.raises(InputError, match="shards"):
+      next(pipeline.train_batches(_numbered(22), batch_size=8, seed=0, shards=bad))

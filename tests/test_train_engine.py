@@ -5,7 +5,6 @@ import importlib.util
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ from glajax.train import engine, losses
 from glajax.train.checkpoint import Checkpointer
 from glajax.parallel import make_mesh
 from glajax.train.state import param_path
-from conftest import needs_cpu, needs_devices
+from conftest import needs_cpu, needs_devices, two_jax_processes
 
 DIM, CLASSES, BATCH = 8, 4, 16
 _CENTERS = np.random.default_rng(123).normal(size=(CLASSES, DIM)).astype(np.float32) * 2
@@ -275,11 +274,10 @@ def _child_main(workdir, total, every, delay):
     np.savez(os.path.join(workdir, "params.npz"), **_flat(_params(model)))
 
 
-def _child(code, env=None):
+def _child(code):
   return subprocess.Popen(
       [sys.executable, "-c", f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); "
-       f"import test_train_engine as t; {code}"],
-      env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+       f"import test_train_engine as t; {code}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
 def _saved_params(workdir):
@@ -313,18 +311,8 @@ def test_sigkill_after_checkpoint_then_resume_equals_uninterrupted(tmp_path):
 @pytest.mark.slow
 @needs_cpu("two processes × 4 virtual CPU devices with gloo collectives")
 def test_two_processes_with_jax_distributed_equal_one_process(tmp_path):
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    port = s.getsockname()[1]
   workdir = str(tmp_path / "two")
-  env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-  procs = [_child("import jax; jax.config.update('jax_cpu_collectives_implementation', 'gloo'); "
-                  f"jax.distributed.initialize('localhost:{port}', 2, {i}); "
-                  f"assert jax.device_count() == 8; t._child_main({workdir!r}, 8, 4, 0)", env)
-           for i in range(2)]
-  for proc in procs:
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out.decode()[-3000:]
+  two_jax_processes("test_train_engine", f"_child_main({workdir!r}, 8, 4, 0)", timeout=300)
   one, _ = engine.fit(_MLP(), _loss, _config(total=8), _data(), str(tmp_path / "one"))
   want = _flat(_params(one))
   got = _saved_params(workdir)

@@ -2,16 +2,16 @@
 
 Every example has an index: its position in the split, in TFDS's stored order (the order
 ``read_labels`` returns and ``subsample`` selects from). Each process reads its own contiguous
-slice of the split (``tfds.even_splits``); ``batch_size`` is the global batch, each process
-yields ``batch_size / process_count`` examples per step; with a ``mesh`` they arrive as global
-``jax.Array``s sharded over its ``data`` axis (``glajax.parallel.shard_batch``), without one as
-NumPy arrays.
+slices of the split (``tfds.even_splits``: for training, its ``shards``; for evaluation, one per
+process); ``batch_size`` is the global batch, each process yields ``batch_size / process_count``
+examples per step; with a ``mesh`` they arrive as global ``jax.Array``s sharded over its
+``data`` axis (``glajax.parallel.shard_batch``), without one as NumPy arrays.
 
 Resuming training: ``train_batches(..., start_step=k)`` yields exactly the batches a fresh
-iterator yields from step k on. Epoch e shuffles the process's slice with a seed drawn (Philox) from
-(seed, e, process) and every example's augmentation uses the stateless seed (that epoch seed, its
-position in the shuffled epoch), so skipping k·B encoded records (no decoding) lands on the same
-state. Resuming costs a read of at most one epoch of encoded records.
+iterator yields from step k on. Epoch e shuffles a shard with a seed drawn (Philox) from
+(seed, e, shard) and every example's augmentation uses the stateless seed (that epoch seed, its
+position in the shuffled epoch), so skipping k·B/S encoded records of each of the S shards (no
+decoding) lands on the same state. Resuming costs a read of at most one epoch of encoded records.
 """
 from __future__ import annotations
 
@@ -96,8 +96,8 @@ def _read(builder, info: registry.DatasetInfo, split):
 
 
 class _Slice(NamedTuple):
-  """This process's contiguous slice [offset, offset + size) of a split, with its ``info``
-  (None for a tf.data.Dataset) and every process's example count (None with one process)."""
+  """One contiguous slice [offset, offset + size) of a split, with its ``info`` (None for a
+  tf.data.Dataset) and every slice's example count (None when there is one slice)."""
   ds: tf.data.Dataset
   info: registry.DatasetInfo | None
   offset: int
@@ -105,32 +105,35 @@ class _Slice(NamedTuple):
   counts: list[int] | None
 
 
-def _even_counts(total: int, processes: int) -> list[int]:
-  return [total * (p + 1) // processes - total * p // processes for p in range(processes)]
+def _even_counts(total: int, slices: int) -> list[int]:
+  return [total * (p + 1) // slices - total * p // slices for p in range(slices)]
 
 
-def _local_examples(name_or_dataset, split, data_dir, manual_dir) -> _Slice:
-  """This process's slice as a dataset of {"image": bytes or uint8, "label", "index"}."""
+def _local_examples(name_or_dataset, split, data_dir, manual_dir, slices: int | None = None,
+                    me: int | None = None) -> _Slice:
+  """Slice ``me`` of ``slices`` even slices of the split (default: this process's slice of one
+  per process) as a dataset of {"image": bytes or uint8, "label", "index"}."""
   import tensorflow_datasets as tfds  # noqa  (TFDS: loaded on demand)
   info = _info_of(name_or_dataset)
-  processes, me = jax.process_count(), jax.process_index()
+  slices = jax.process_count() if slices is None else slices
+  me = jax.process_index() if me is None else me
   if info is None:
     ds, counts = name_or_dataset, None
-    if processes > 1:
+    if slices > 1:
       total = int(ds.cardinality())
       if total < 0:
         raise bad_argument("name_or_dataset", "a tf.data.Dataset of known cardinality for "
-                           "multi-process reading", "unknown cardinality")
-      counts = _even_counts(total, processes)
+                           "reading in slices (several processes or shards)",
+                           "unknown cardinality")
+      counts = _even_counts(total, slices)
       ds = ds.skip(sum(counts[:me])).take(counts[me])
     image_key, label_key = "image", "label"
   else:
     split = split or info.eval_split
     builder = tfds_builder(info, data_dir, manual_dir)
-    splits = tfds.even_splits(split, processes) if processes > 1 else [split]
+    splits = tfds.even_splits(split, slices) if slices > 1 else [split]
     try:
-      counts = ([builder.info.splits[s].num_examples for s in splits] if processes > 1
-                else None)
+      counts = [builder.info.splits[s].num_examples for s in splits] if slices > 1 else None
       ds = _read(builder, info, splits[me])
     except (KeyError, ValueError) as e:
       raise bad_argument("split", f"a split of {info.tfds_name}", f"{split!r} ({e})",
@@ -246,10 +249,22 @@ def eval_batches(name_or_dataset, *, split: str | None = None, batch_size: int,
     yield _place(empty, mesh)
 
 
+def _check_shards(shards, batch_size: int) -> int:
+  """``shards`` (default: one per process); it must be a multiple of the process count and
+  divide ``batch_size``."""
+  processes = jax.process_count()
+  shards = processes if shards is None else shards
+  if (isinstance(shards, bool) or not isinstance(shards, (int, np.integer)) or shards < 1
+      or shards % processes or batch_size % shards):
+    raise bad_argument("shards", f"a multiple of the {processes} processes that divides "
+                       f"batch_size {batch_size}", repr(shards))
+  return int(shards)
+
+
 def train_batches(name_or_dataset, *, batch_size: int, seed: int, split: str | None = None,
                   image_size: int = 224, flip: bool = True, scale=(0.9, 1.0), indices=None,
-                  start_step: int = 0, shuffle_buffer: int = 10_000, mesh=None, data_dir=None,
-                  manual_dir=None) -> Iterator[dict]:
+                  start_step: int = 0, shuffle_buffer: int = 10_000, shards: int | None = None,
+                  mesh=None, data_dir=None, manual_dir=None) -> Iterator[dict]:
   """Endless shuffled, augmented batches {"image", "label"} of ``split`` (default: train split).
 
   RandomResizedCrop(image_size, scale, bicubic) + optional flip + CLIP normalisation; shuffling
@@ -257,8 +272,15 @@ def train_batches(name_or_dataset, *, batch_size: int, seed: int, split: str | N
   train on (from ``subsample``); ``start_step``: resume at that step (see the module docstring);
   ``shuffle_buffer``: encoded examples held for shuffling (TFDS already shuffled the records
   when it wrote them).
+
+  ``shards`` (default: one per process) even slices of the split each stream on their own
+  (shard s of S shuffles epoch e with the seed drawn from (seed, e·S + s)); the global batch of
+  a step is batch_size/S examples of every shard, in shard order, and process p of P reads
+  shards p·S/P … (p + 1)·S/P − 1. With one ``shards`` the global batches are therefore the same
+  on any process count that divides it, a run resumed on other hosts included.
   """
   local = _check_batch_size(batch_size, mesh)
+  shards = _check_shards(shards, batch_size)
   if start_step < 0:
     raise bad_argument("start_step", "a step >= 0", start_step)
   info = _info_of(name_or_dataset)
@@ -266,31 +288,40 @@ def train_batches(name_or_dataset, *, batch_size: int, seed: int, split: str | N
     if info.train_split is None:
       raise bad_argument("split", f"a split ({info.name} has no train split)", None, DatasetError)
     split = info.train_split
-  ds, info, offset, size, counts = _local_examples(name_or_dataset, split, data_dir, manual_dir)
-  if size is None:  # A tf.data.Dataset of unknown length: count it once (no decoding).
-    size = int(ds.reduce(np.int64(0), lambda n, _: n + 1))
-  if indices is not None:
-    ds, size, _ = _keep_rows(ds, indices, offset, size, counts)
-  ds = ds.map(lambda ex: {"image": ex["image"], "label": ex["label"]})
-  if size == 0:
-    raise bad_argument("split", "at least one example for this process", "none", DatasetError)
-  start_epoch, skip = divmod(start_step * local, size)
-  processes, me = jax.process_count(), jax.process_index()
-
-  def epoch(e):
-    key = tf.stack([tf.constant(seed, tf.int64), e * processes + me])
-    epoch_seed = tf.random.stateless_uniform([], key, minval=None, maxval=None, dtype=tf.int64)
-    shuffled = ds.shuffle(shuffle_buffer, seed=epoch_seed, reshuffle_each_iteration=False)
-    return shuffled.enumerate().map(lambda i, ex: (tf.stack([epoch_seed, i]), ex))
+  per_shard = batch_size // shards
 
   def augment(example_seed, ex):  # bytes go in as they are: of a JPEG only the crop is decoded
     image = preprocess.train_transform(ex["image"], image_size, example_seed, flip, scale)
     return {"image": image, "label": tf.cast(ex["label"], tf.int32)}
 
-  stream = (tf.data.Dataset.range(start_epoch, np.iinfo(np.int64).max).flat_map(epoch)
+  def shard_stream(shard: int):
+    ds, _, offset, size, counts = _local_examples(name_or_dataset, split, data_dir, manual_dir,
+                                                  shards, shard)
+    if size is None:  # A tf.data.Dataset of unknown length: count it once (no decoding).
+      size = int(ds.reduce(np.int64(0), lambda n, _: n + 1))
+    if indices is not None:
+      ds, size, _ = _keep_rows(ds, indices, offset, size, counts)
+    ds = ds.map(lambda ex: {"image": ex["image"], "label": ex["label"]})
+    if size == 0:
+      raise bad_argument("split", f"at least one example in shard {shard} of {shards}", "none",
+                         DatasetError)
+    start_epoch, skip = divmod(start_step * per_shard, size)
+
+    def epoch(e):
+      key = tf.stack([tf.constant(seed, tf.int64), e * shards + shard])
+      epoch_seed = tf.random.stateless_uniform([], key, minval=None, maxval=None, dtype=tf.int64)
+      shuffled = ds.shuffle(shuffle_buffer, seed=epoch_seed, reshuffle_each_iteration=False)
+      return shuffled.enumerate().map(lambda i, ex: (tf.stack([epoch_seed, i]), ex))
+
+    return (tf.data.Dataset.range(start_epoch, np.iinfo(np.int64).max).flat_map(epoch)
             .skip(skip).map(augment, num_parallel_calls=AUTOTUNE)
-            .batch(local, drop_remainder=True).prefetch(AUTOTUNE))
-  for batch in _batches(stream, info.name if info else "dataset"):
+            .batch(per_shard, drop_remainder=True))
+
+  me, mine = jax.process_index(), local // per_shard
+  streams = tuple(shard_stream(s) for s in range(me * mine, (me + 1) * mine))
+  stream = streams[0] if len(streams) == 1 else tf.data.Dataset.zip(streams).map(
+      lambda *parts: {k: tf.concat([p[k] for p in parts], 0) for k in parts[0]})
+  for batch in _batches(stream.prefetch(AUTOTUNE), info.name if info else "dataset"):
     yield _place(batch, mesh)
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 import ml_collections
 import numpy as np
 
+from glajax import parallel
 from glajax.data import builders, registry, world
 from glajax.errors import CheckpointError, ConfigError, DatasetError, bad_argument
 from glajax.models import layers, registry as models
@@ -39,7 +40,8 @@ TINY = models.TINY
 _NOT_FINGERPRINTED = ("data.data_dir", "data.manual_dir", "data.manual_dirs",
                       "data.eval_batch_size", "progress",
                       "train.progress", "train.log_every", "train.checkpoint_every",
-                      "train.keep_checkpoints", "train.tensorboard", "train.wandb", "published",
+                      "train.keep_checkpoints", "train.tensorboard", "train.wandb",
+                      "train.sharding", "published",
                       "wise_ft.alphas", "wise_ft.export_alpha", "wise_ft.ece_bins",
                       "gla.match_confidence", "contrastive.ece_bins", "demo")
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
@@ -379,6 +381,7 @@ _CHOICES = (
     ("train.model.dtype", ("float32", "bfloat16", "float16")),
     ("train.model.attention", layers.ATTENTION_IMPLEMENTATIONS),
     ("train.optimizer.name", ("adamw", "sgd")),
+    ("train.sharding", parallel.SHARDINGS),
 )
 
 

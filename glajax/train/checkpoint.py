@@ -2,7 +2,10 @@
 
 Orbax writes each step into ``<step>.orbax-checkpoint-tmp`` and renames it to ``<step>`` only once
 every file is written, so a run killed mid-save leaves no half-valid step: unfinalised directories
-are never listed and are removed when the next run opens the directory.
+are never listed and are removed when the next run opens the directory. Arrays are written as
+their shards (each process those it holds; one copy of a replicated array) and restored into the
+shardings of the state they are restored into, so a checkpoint resumes on another number of
+devices or under another placement (replicated or FSDP).
 """
 from __future__ import annotations
 

@@ -2,12 +2,13 @@
 
 A recipe gives a model (an NNX module), a loss ``loss_fn(model, batch, rng) -> (loss, metrics)``
 and a config; the engine splits the model with ``nnx.split`` at the jit boundary (pure state
-pytrees in, ``nnx.merge`` inside), replicates params and optimiser state over the ``data`` mesh
-axis, shards batches on their leading axis and accumulates gradients over micro-batches with a
-scan. Everything else is a hook: logging and the non-finite guard (:class:`MetricsLog`),
-checkpoints (:class:`CheckpointHook`), and a recipe's second copy of the parameters updated inside
-the step (``teacher_update``, CaRot's EMA teacher: the loss then receives the teacher model as its
-fourth argument).
+pytrees in, ``nnx.merge`` inside), places params, optimiser state and the rest of the model's
+state on the mesh as ``config.sharding`` says (``"replicated"``, or ``"fsdp"``: sharded over the
+``data`` axis by ``glajax.parallel.fsdp_spec``), shards batches on their leading axis and
+accumulates gradients over micro-batches with a scan. Everything else is a hook: logging and the
+non-finite guard (:class:`MetricsLog`), checkpoints (:class:`CheckpointHook`), and a recipe's
+second copy of the parameters updated inside the step (``teacher_update``, CaRot's EMA teacher:
+the loss then receives the teacher model as its fourth argument).
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from glajax.errors import ConfigError, TrainingError, bad_argument
 from glajax.evaluate import global_batch, split_model
+from glajax import parallel
 from glajax.parallel import DATA_AXIS, data_sharding, is_primary, make_mesh, replicated
 from glajax.train.checkpoint import Checkpointer
 from glajax.train.state import TrainState, create_train_state, make_optimizer
@@ -43,6 +45,7 @@ def default_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       seed=0,
       total_steps=1000,
+      sharding="replicated",   # or "fsdp": params, gradients, optimiser state sharded (parallel)
       accum_steps=1,           # micro-batches per optimiser step (scanned; same global batch)
       log_every=50,
       checkpoint_every=500,    # 0: no periodic checkpoints
@@ -70,16 +73,49 @@ def _microbatches(batch, accum_steps: int, mesh):
   return jax.tree.map(split, batch)
 
 
+def _gradients(grad_fn, state: TrainState, rest, batch, rng, accum_steps: int, mesh,
+               param_shardings):
+  """((loss, metrics), grads) of the step's batch, averaged over ``accum_steps`` scanned
+  micro-batches; gradients are constrained to ``param_shardings`` as they are made (under
+  FSDP: reduce-scattered, so the accumulator is sharded too)."""
+
+  def grads_of(micro_batch, micro_rng):
+    out, grads = grad_fn(state.params, rest, state.teacher, micro_batch, micro_rng)
+    return out, jax.lax.with_sharding_constraint(grads, param_shardings)
+
+  if accum_steps == 1:
+    return grads_of(batch, rng)
+
+  def accumulate(carry, micro):
+    i, micro_batch = micro
+    return jax.tree.map(jnp.add, carry, grads_of(micro_batch, jax.random.fold_in(rng, i))), None
+
+  zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+      grads_of, jax.tree.map(lambda x: x[: x.shape[0] // accum_steps], batch), rng))
+  zeros = (zeros[0], jax.lax.with_sharding_constraint(zeros[1], param_shardings))
+  micro = (jnp.arange(accum_steps), _microbatches(batch, accum_steps, mesh))
+  out, _ = jax.lax.scan(accumulate, zeros, micro)
+  return jax.tree.map(lambda x: x / accum_steps, out)
+
+
 def make_train_step(graphdef, loss_fn: LossFn, tx: optax.GradientTransformation, mesh, *,
-                    accum_steps: int = 1, teacher_update: TeacherUpdate | None = None):
-  """``step(state, rest, batch) -> (state, metrics)``: jitted, ``state`` donated, params
-  replicated and ``batch`` sharded on ``data``. ``metrics["finite"]`` says whether the loss and
-  every updated parameter are finite. With ``teacher_update``, the teacher is updated right after
-  the optimiser update of 0-based step k = ``state.step``."""
+                    accum_steps: int = 1, teacher_update: TeacherUpdate | None = None,
+                    shardings=None):
+  """``step(state, rest, batch) -> (state, metrics)``: jitted, ``state`` donated, ``batch``
+  sharded on ``data``, ``state`` and ``rest`` placed as ``shardings`` (a pair of pytrees like
+  them, from ``parallel.shardings``; None: replicated) says, in and out. Parameters (the
+  teacher's too) and ``rest`` are gathered where the loss uses them; gradients, the optimiser
+  update and the new state keep their shardings. ``metrics["finite"]`` says whether the loss and
+  every updated parameter are finite. With ``teacher_update``, the teacher is updated right
+  after the optimiser update of 0-based step k = ``state.step``."""
   if accum_steps < 1:
     raise bad_argument("train.accum_steps", "a positive integer", accum_steps, ConfigError)
+  repl = replicated(mesh)
+  state_shardings, rest_shardings = (repl, repl) if shardings is None else shardings
+  param_shardings = repl if shardings is None else state_shardings.params
 
   def loss_of(params, rest, teacher, batch, rng):
+    params, rest, teacher = jax.lax.with_sharding_constraint((params, rest, teacher), repl)
     model = nnx.merge(graphdef, params, rest)
     if teacher is None:
       loss, metrics = loss_fn(model, batch, rng)
@@ -91,21 +127,8 @@ def make_train_step(graphdef, loss_fn: LossFn, tx: optax.GradientTransformation,
 
   def step(state: TrainState, rest, batch):
     rng = jax.random.fold_in(state.rng, state.step)
-    if accum_steps == 1:
-      (loss, metrics), grads = grad_fn(state.params, rest, state.teacher, batch, rng)
-    else:
-      def accumulate(carry, micro):
-        i, micro_batch = micro
-        out, g = grad_fn(state.params, rest, state.teacher, micro_batch,
-                         jax.random.fold_in(rng, i))
-        return jax.tree.map(jnp.add, carry, (out, g)), None
-
-      zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
-          grad_fn, state.params, rest, state.teacher,
-          jax.tree.map(lambda x: x[: x.shape[0] // accum_steps], batch), rng))
-      micro = (jnp.arange(accum_steps), _microbatches(batch, accum_steps, mesh))
-      ((loss, metrics), grads), _ = jax.lax.scan(accumulate, zeros, micro)
-      loss, metrics, grads = jax.tree.map(lambda x: x / accum_steps, (loss, metrics, grads))
+    (loss, metrics), grads = _gradients(grad_fn, state, rest, batch, rng, accum_steps, mesh,
+                                        param_shardings)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     teacher = state.teacher
@@ -117,9 +140,8 @@ def make_train_step(graphdef, loss_fn: LossFn, tx: optax.GradientTransformation,
                           step=state.step + 1)
     return state, {"loss": loss, **metrics, "finite": finite}
 
-  repl, data = replicated(mesh), data_sharding(mesh)
-  return jax.jit(step, in_shardings=(repl, repl, data), out_shardings=(repl, repl),
-                 donate_argnums=0)
+  return jax.jit(step, in_shardings=(state_shardings, rest_shardings, data_sharding(mesh)),
+                 out_shardings=(state_shardings, repl), donate_argnums=0)
 
 
 def param_groups(model) -> dict[str, str]:
@@ -128,20 +150,20 @@ def param_groups(model) -> dict[str, str]:
   return dict(groups()) if callable(groups) else {}
 
 
-def _put_replicated(tree, mesh):
-  """Fresh global copies of host values on every device of ``mesh`` (works across processes)."""
-  sharding = replicated(mesh)
+def _initial_state(params, rest, tx, config, mesh, with_teacher: bool):
+  """(step 0's train state, ``rest``, their shardings) on ``mesh``, placed as ``config.sharding``
+  says; the optimiser state and the teacher are made on the devices, already in their
+  shardings (never whole on one device)."""
 
-  def put(x):
-    x = np.asarray(x)
-    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+  def init(params):
+    return create_train_state(params, tx, config.seed, with_teacher)
 
-  return jax.tree.map(put, tree)
-
-
-def _to_host(tree):
-  """Process-local NumPy copies of replicated global arrays."""
-  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
+  how = config.get("sharding", "replicated")
+  state_shardings = parallel.shardings(jax.eval_shape(init, params), mesh, how)
+  rest_shardings = parallel.shardings(rest, mesh, how)
+  params = parallel.put(params, state_shardings.params)
+  state = jax.jit(init, out_shardings=state_shardings, donate_argnums=0)(params)
+  return state, parallel.put(rest, rest_shardings), (state_shardings, rest_shardings)
 
 
 class _WandbWriter:
@@ -273,6 +295,9 @@ def _checked_config(config) -> int:
     value = config.get(key)
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo:
       raise bad_argument(f"train.{key}", f"an integer >= {lo}", repr(value), ConfigError)
+  if config.get("sharding", "replicated") not in parallel.SHARDINGS:
+    raise bad_argument("train.sharding", f"one of {', '.join(parallel.SHARDINGS)}",
+                       repr(config.get("sharding")), ConfigError)
   return int(config.total_steps)
 
 
@@ -283,7 +308,9 @@ def fit(model: nnx.Module, loss_fn: LossFn, config, data: Callable[[int], Iterat
 
   ``data(start_step)`` yields the batches from ``start_step`` on (this process's NumPy slice, or
   global sharded arrays), so a resumed run sees the same data as an uninterrupted one. Resumes
-  from the newest checkpoint in ``workdir/checkpoints`` that restores. Raises TrainingError when
+  from the newest checkpoint in ``workdir/checkpoints`` that restores, written on any number of
+  devices under either ``config.sharding`` (the state is restored into this run's placement;
+  the returned state keeps it, the returned model holds host copies). Raises TrainingError when
   the loss or the parameters stop being finite (the final update included), so a diverged model
   is never returned; checkpoints before that step stay as they were. The last step is always
   checkpointed (``checkpoint_every`` = 0 turns off the periodic ones only), so a finished run
@@ -294,15 +321,14 @@ def fit(model: nnx.Module, loss_fn: LossFn, config, data: Callable[[int], Iterat
   os.makedirs(workdir, exist_ok=True)
   graphdef, params, rest = split_model(model)
   tx, schedule = make_optimizer(config.optimizer, params, total, param_groups(model))
-  state = _put_replicated(create_train_state(params, tx, config.seed, teacher_update is not None),
-                          mesh)
-  rest = _put_replicated(rest, mesh)
+  state, rest, shardings = _initial_state(params, rest, tx, config, mesh,
+                                          teacher_update is not None)
   checkpoints = Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint_every,
                              config.keep_checkpoints)
   start, restored = checkpoints.restore_latest(state)
   state = state if restored is None else restored
   step_fn = make_train_step(graphdef, loss_fn, tx, mesh, accum_steps=config.accum_steps,
-                            teacher_update=teacher_update)
+                            teacher_update=teacher_update, shardings=shardings)
   log = MetricsLog(workdir, config, schedule, start, checkpoints, name)
   try:
     batches = data(start)
@@ -322,4 +348,4 @@ def fit(model: nnx.Module, loss_fn: LossFn, config, data: Callable[[int], Iterat
   finally:
     log.close()
     checkpoints.close()
-  return nnx.merge(graphdef, _to_host(state.params), _to_host(rest)), state
+  return nnx.merge(graphdef, parallel.to_host(state.params), parallel.to_host(rest)), state
