@@ -42,7 +42,7 @@ def needs_cpu(why: str):
 
 
 def two_jax_processes(module: str, call: str, timeout: int = 600) -> None:
-  """Runs ``module.call`` (a test module of this folder and a call in it, e.g.
+  """Runs ``module.call`` (a test module of ``tests/`` and a call in it, e.g.
   ``"_child_main('/tmp/w')"``) in two processes joined by ``jax.distributed`` (gloo
   collectives), 4 virtual CPU devices each, and waits for both; fails with the output of one
   that did not exit 0."""
@@ -51,7 +51,8 @@ def two_jax_processes(module: str, call: str, timeout: int = 600) -> None:
     port = s.getsockname()[1]
   procs = []
   for i in range(2):
-    code = (f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); import jax; "
+    tests = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests")
+    code = (f"import sys; sys.path.insert(0, {tests!r}); import jax; "
             "jax.config.update('jax_cpu_collectives_implementation', 'gloo'); "
             f"jax.distributed.initialize('localhost:{port}', 2, {i}); "
             "assert jax.device_count() == 8 and jax.local_device_count() == 4; "

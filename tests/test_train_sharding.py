@@ -51,36 +51,39 @@ def test_unknown_sharding_is_a_config_error_before_any_work(tmp_path):
   assert not (tmp_path / "run").exists()
 
 
-def _no_key_bias(config):
+def _no_key_bias(task, config):
   """Freezes the keys' biases: softmax ignores them, so their gradient is 0 in exact arithmetic
   and what the devices sum is rounding, which AdamW's g/√v turns into steps of ±lr whose sign no
-  two summation orders share."""
-  config.optimizer.trainable = tuple(f"{p}.*(?<!/k_proj/bias)$"
+  two summation orders share. (The recipe's ``<group>`` patterns resolved on the task's model.)"""
+  groups = engine.param_groups(task.model)
+  resolve = lambda p: groups[p[1:-1]] if p.startswith("<") and p.endswith(">") else p
+  config.optimizer.trainable = tuple(f"{resolve(p)}.*(?<!/k_proj/bias)$"
                                      for p in config.optimizer.trainable)
-  return config
+  return task, config
 
 
 def _task(recipe: str):
   """(task, config) of ``recipe`` on a tiny CLIP (finetune: from a wrong head, so the loss is
   far from 0)."""
   if recipe == "finetune":
-    config = _no_key_bias(tr._engine_config(recipes.finetune(), 4))
+    config = tr._engine_config(recipes.finetune(), 4)
     config.optimizer.learning_rate = 1e-4
     clip = tr._clip()
     head = np.roll(np.asarray(tr._zeroshot_head(clip)), 1, axis=0)
-    return recipes.classifier_task(clip, LinearHead.from_zeroshot(head), config), config
+    return _no_key_bias(recipes.classifier_task(clip, LinearHead.from_zeroshot(head), config),
+                        config)
   if recipe == "backdoor_peft":
     config = tr._engine_config(recipes.backdoor_peft(num_classes=100), 4)
     config.optimizer.update(learning_rate=0.05, steps_per_epoch=2)
     clip = tr._clip(adapter_dim=32)   # adapters big enough to be sharded
     text = np.random.default_rng(1).normal(size=(tr.CLASSES, 16)).astype(np.float32)
     return recipes.backdoor_task(clip, text, np.array([40, 20, 5, 2]), config), config
-  config = _no_key_bias(tr._engine_config(recipes.carot(), 4))
+  config = tr._engine_config(recipes.carot(), 4)
   config.optimizer.learning_rate = 1e-4
   config.carot.teacher.every = 1
   task = recipes.contrastive_task(tr._clip(), tr._WordTokenizer(), ["red", "green", "blue", "grey"],
                                   ["a photo of a {}.", "a {} thing."], config)
-  return task, config
+  return _no_key_bias(task, config)
 
 
 def _fit(recipe: str, how: str, workdir, mesh=None, data=tr._data, **overrides):
