@@ -2,6 +2,9 @@
 zero-shot and fine-tuned classifiers built lazily (cached logits may make them unnecessary)."""
 from __future__ import annotations
 
+import dataclasses
+
+import jax
 import numpy as np
 
 from glajax import methods as M
@@ -95,3 +98,81 @@ def classifier_models(exp, checkpoint: str, use: roles.Use, train, export: str |
   models = Lazy(zs=lambda: zeroshot(exp, checkpoint, ref, train),
                 ft=lambda: finetuned(exp, models.zs, run, use, train, export))
   return models, {"zs": zeroshot_tag(exp, checkpoint, ref), "ft": run}
+
+
+# ------------------------------------------------------------------------------ uncertainty
+
+EFFECT_COLUMNS = ("Δ ID", "Δ avg shifts", "Δ ECE ID", "Δ ECE avg shifts")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeanOver:
+  """A bootstrap statistic (hashable, so ``M.bootstrap`` compiles it once per shape): the mean
+  over groups (test sets) of each one's accuracy or ECE; ``paired``: of after − before, both
+  measured on the group's same resampled rows."""
+  metric: str
+  bins: int = 15
+  paired: bool = False
+
+  def _value(self, rows):
+    return M.accuracy_of(rows) if self.metric == "accuracy" else M.ece_of(rows, self.bins)
+
+  def __call__(self, *groups):
+    if self.paired:
+      values = [self._value(g["after"]) - self._value(g["before"]) for g in groups]
+    else:
+      values = [self._value(g) for g in groups]
+    return sum(values) / len(values)
+
+
+class Evidence:
+  """Every cell of a table with its 95 % bootstrap interval over the test rows, and the
+  differences between two rows with paired intervals (``methods.uncertainty``); resamples drawn
+  from one key per experiment seed, so a rerun gives the same intervals."""
+
+  def __init__(self, exp, bins: int = 15, num_samples: int = M.uncertainty.DEFAULT_SAMPLES):
+    self.key = jax.random.PRNGKey(int(exp.config.seed))
+    self.bins, self.num_samples = int(bins), int(num_samples)
+
+  def interval(self, statistic, *groups) -> M.Interval:
+    return M.bootstrap(self.key, statistic, *groups, num_samples=self.num_samples)
+
+  @staticmethod
+  def columns(tests: list[roles.Use], seen=None) -> list[str]:
+    accuracy = columns(tests)
+    extra = ["Acc_{S/Y}", "Acc_{U/Y}"] if seen is not None and not np.all(seen) else []
+    return accuracy + [f"ECE {c}" for c in accuracy] + extra
+
+  def row(self, outputs: dict, tests: list[roles.Use], seen=None) -> dict:
+    """{column: Interval} of accuracy and ECE on every test set and their mean over the shifts
+    (a stratified bootstrap), and Acc_{S/Y} / Acc_{U/Y} when some classes are absent."""
+    rows = {u.purpose: M.row_summaries(*outputs[u.purpose]) for u in tests}
+    shifts = [rows[u.purpose] for u in tests[1:]]
+    out = {}
+    for metric, prefix in (("accuracy", ""), ("ece", "ECE ")):
+      statistic = MeanOver(metric, self.bins)
+      for use in tests:
+        out[prefix + column(use, tests[0])] = self.interval(statistic, rows[use.purpose])
+      if shifts:
+        out[prefix + "avg shifts"] = self.interval(statistic, *shifts)
+    if seen is not None and not np.all(seen):
+      logits, labels = outputs[tests[0].purpose]
+      for name, classes in (("Acc_{S/Y}", seen), ("Acc_{U/Y}", ~seen)):
+        kept = np.isin(labels, np.flatnonzero(classes))
+        out[name] = self.interval(MeanOver("accuracy"), M.row_summaries(logits[kept],
+                                                                         labels[kept]))
+    return out
+
+  def effects(self, before: dict, after: dict, tests: list[roles.Use]) -> dict:
+    """{Δ column: Interval} of after − before on the ID test set and the mean over the shifts,
+    accuracy and ECE, each a paired bootstrap on the same rows."""
+    pairs = {u.purpose: {"before": M.row_summaries(*before[u.purpose]),
+                         "after": M.row_summaries(*after[u.purpose])} for u in tests}
+    id_pair, shift_pairs = pairs[tests[0].purpose], [pairs[u.purpose] for u in tests[1:]]
+    out = {}
+    for metric, prefix in (("accuracy", "Δ "), ("ece", "Δ ECE ")):
+      statistic = MeanOver(metric, self.bins, paired=True)
+      out[prefix + "ID"] = self.interval(statistic, id_pair)
+      if shift_pairs:
+        out[prefix + "avg shifts"] = self.interval(statistic, *shift_pairs)
+    return out

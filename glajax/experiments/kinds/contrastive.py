@@ -20,12 +20,13 @@ def plan(config) -> list[roles.Use]:
           *common.test_uses(config)]
 
 
-def _trained(exp, checkpoint: str, run: str):
-  train = exp.train_config()
+def trained(exp, checkpoint: str, run: str, train, use: roles.Use, export: str | None = None):
+  """The classifier of ``checkpoint`` fine-tuned contrastively (the recipe ``train``) on
+  ``use``: its zero-shot head rebuilt from the fine-tuned text tower."""
   classnames, templates = exp.classes(common.train_ref(exp.config))
   task = recipes.contrastive_task(exp.load_model(checkpoint, train), exp.tokenizer(checkpoint),
                                   classnames, templates, train)
-  return exp.fit(run, task, train, exp.use("fine-tuning"), export=exp.config.train.recipe)
+  return exp.fit(run, task, train, use, export=export)
 
 
 def _row(outputs, tests, bins: int, per_batch):
@@ -52,7 +53,8 @@ def run(exp) -> dict:
   outputs = {
       "zero-shot": exp.logits(zs_tag, lambda: common.zeroshot(exp, checkpoint, ref), tests),
       DISPLAY.get(recipe, recipe): exp.logits(
-          run_name, lambda: _trained(exp, checkpoint, run_name), tests)}
+          run_name, lambda: trained(exp, checkpoint, run_name, exp.train_config(), use,
+                                    export=recipe), tests)}
   bins, per_batch = int(options.ece_bins), options.get("ece_per_batch")
   rows = [(name, _row(logits, tests, bins, per_batch)) for name, logits in outputs.items()]
   accuracy_columns = common.columns(tests)
