@@ -564,13 +564,10 @@ class CLIP(nnx.Module):
     options = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     projection = lambda width: nnx.Linear(width, config.projection_dim, use_bias=False,
                                           kernel_init=normal(width**-0.5), **options)
-    if config.resnet:
-      self.vision_model = ModifiedResNet(config.vision, config.projection_dim, **options)
-      self.visual_projection = None
-    else:
-      self.vision_model = VisionTransformer(config.vision, **options)
-      self.visual_projection = projection(config.vision.hidden_size)
+    self.vision_model = (ModifiedResNet(config.vision, config.projection_dim, **options)
+                         if config.resnet else VisionTransformer(config.vision, **options))
     self.text_model = TextTransformer(config.text, **options)
+    self.visual_projection = None if config.resnet else projection(config.vision.hidden_size)
     self.text_projection = projection(config.text.hidden_size)
     self.logit_scale = nnx.Param(jnp.asarray(config.logit_scale_init_value, param_dtype))
 
