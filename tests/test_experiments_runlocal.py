@@ -263,3 +263,19 @@ def test_wise_ft_linear_classifier_on_cached_features(tmp_path):
     assert features.shape == (len(train_labels), trained["kernel"].shape[0])  # (N, D)
   rows = _rows(result)
   assert rows["fine-tuned (α=1)"]["ID"] == pytest.approx(_accuracy(ft, labels), abs=1e-9)
+
+
+@pytest.mark.parametrize("spec", ["carot:rn50,runlocal",
+                                  "wise_ft:runlocal,model.checkpoints=('tiny-rn:0',)"])
+def test_resnet_clip_end_to_end(spec, tmp_path):
+  """A ModifiedResNet CLIP through CaRot (W_v: its attention pool's c_proj) and through
+  end-to-end fine-tuning with WiSE-FT: complete reports, models exported in open_clip's format."""
+  workdir, result = _run(spec, tmp_path)
+  assert experiments.load(spec).model.checkpoints == ("tiny-rn:0",)
+  for path in result["final_models"].values():
+    files = os.listdir(path)
+    assert "open_clip_config.json" in files and "open_clip_model.safetensors" in files, files
+  if spec.startswith("carot"):
+    assert result["results"]["trained"] == "CaRot"
+  else:
+    assert {"finetuned", "wise_ft_alpha0.5"} <= set(result["final_models"])
