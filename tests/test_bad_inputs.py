@@ -67,6 +67,11 @@ class Shared:
     return hf.save_clip(self.model, self.directory / "checkpoint")
 
   @functools.cached_property
+  def resnet(self):
+    """A random tiny ResNet CLIP."""
+    return clip_lib.init_clip(_tiny(resnet=True))
+
+  @functools.cached_property
   def nan_checkpoint(self) -> str:
     """``checkpoint`` with one NaN in the second vision block's fc1 weight."""
     import safetensors.numpy
@@ -137,6 +142,53 @@ def _save(ctx, target, **kwargs):
 
 def _load(path, **kwargs):
   return hf.load_clip(path, **kwargs)
+
+
+_OPEN_CLIP_TEXT = {"context_length": 77, "vocab_size": 49408, "width": 512, "heads": 8,
+                   "layers": 12}
+_VIT_OPEN_CLIP = {"embed_dim": 512, "vision_cfg": {"image_size": 224, "layers": 12, "width": 768,
+                                                   "patch_size": 16}, "text_cfg": _OPEN_CLIP_TEXT}
+# as open_clip's model_configs/ViT-B-16-SigLIP.json and roberta-ViT-B-32.json
+_SIGLIP_OPEN_CLIP = {
+    "embed_dim": 768, "init_logit_bias": -10, "custom_text": True,
+    "vision_cfg": {"image_size": 224, "timm_model_name": "vit_base_patch16_siglip_224",
+                   "timm_model_pretrained": False, "timm_pool": "map", "timm_proj": "none"},
+    "text_cfg": {"context_length": 64, "vocab_size": 32000,
+                 "hf_tokenizer_name": "timm/ViT-B-16-SigLIP",
+                 "tokenizer_kwargs": {"clean": "canonicalize"}, "width": 768, "heads": 12,
+                 "layers": 12, "no_causal_mask": True, "proj_bias": True, "pool_type": "last",
+                 "norm_kwargs": {"eps": 1e-6}}}
+_ROBERTA_OPEN_CLIP = {
+    "embed_dim": 512, "quick_gelu": True,
+    "vision_cfg": {"image_size": 224, "layers": 12, "width": 768, "patch_size": 32},
+    "text_cfg": {"hf_model_name": "roberta-base", "hf_tokenizer_name": "roberta-base",
+                 "hf_pooler_type": "mean_pooler"}}
+
+
+def _open_clip_config(ctx, name, model_cfg, **extra):
+  import json
+  ctx.path(name).mkdir(parents=True)
+  ctx.path(name, "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg,
+                                                                 **extra}))
+
+
+def _torch_save(ctx, name, tensors):
+  torch = pytest.importorskip("torch")
+  torch.save({k: torch.from_numpy(v) for k, v in tensors.items()}, ctx.path(name))
+
+
+def _without_torch(call):
+  """``call()`` as where torch is not installed (``import torch`` raises ImportError)."""
+  import sys
+  saved = sys.modules.get("torch")
+  sys.modules["torch"] = None
+  try:
+    return call()
+  finally:
+    if saved is None:
+      del sys.modules["torch"]
+    else:
+      sys.modules["torch"] = saved
 
 
 def _zeroshot(ctx, classnames=("cat", "dog"), templates=("a photo of a {}.",), **kwargs):
@@ -352,6 +404,52 @@ CASES = [
          setup=lambda c: (c.files("ckpt/model.safetensors", content=b"\x08\x00\x00"),
                           c.path("ckpt/config.json").write_bytes(
                               Path(c.checkpoint, "config.json").read_bytes()))),
+    # --- open_clip and OpenAI checkpoints, checkpoints of other families ----------------------
+    Case("load_clip_open_clip_timm_tower", lambda c: _load(c.path("siglip")), CheckpointError,
+         ("checkpoint", "vision_cfg.timm_model_name='vit_base_patch16_siglip_224' (a timm image "
+          "tower)", "init_logit_bias", "open_clip itself"),
+         setup=lambda c: _open_clip_config(c, "siglip", _SIGLIP_OPEN_CLIP)),
+    Case("load_clip_open_clip_hf_text_encoder", lambda c: _load(c.path("roberta")),
+         CheckpointError, ("checkpoint", "text_cfg.hf_model_name='roberta-base' (a transformers "
+                           "text encoder)"),
+         setup=lambda c: _open_clip_config(c, "roberta", _ROBERTA_OPEN_CLIP)),
+    Case("load_clip_open_clip_other_normalisation", lambda c: _load(c.path("oc")),
+         CheckpointError, ("checkpoint", "preprocess_cfg.mean", "0.485"),
+         setup=lambda c: _open_clip_config(c, "oc", _VIT_OPEN_CLIP, preprocess_cfg={
+             "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]})),
+    Case("load_clip_open_clip_weights_without_config", lambda c: _load(c.path("oc")),
+         CheckpointError, ("checkpoint", "open_clip_config.json", "open_clip_model.safetensors"),
+         setup=lambda c: c.files("oc/open_clip_model.safetensors")),
+    Case("load_clip_openai_pt_without_torch", lambda c: _without_torch(
+        lambda: _load(c.path("RN50.pt"))), CheckpointError,
+         ("checkpoint", "pip install torch", "RN50.pt", "timm/resnet50_clip.openai"),
+         setup=lambda c: c.files("RN50.pt")),
+    Case("load_clip_pt_of_another_model", lambda c: _load(c.path("resnet50.pt")),
+         CheckpointError, ("checkpoint", "OpenAI CLIP", "visual.conv1.weight", "fc.weight"),
+         setup=lambda c: _torch_save(c, "resnet50.pt", {"fc.weight": np.zeros((2, 3))})),
+    Case("load_clip_siglip_checkpoint", lambda c: _load(c.path("siglip_hf")), CheckpointError,
+         ("path_or_hub_id", "model_type 'siglip'", "glajax.load_model"),
+         setup=lambda c: (c.files("siglip_hf/model.safetensors"),
+                          c.path("siglip_hf/config.json").write_text(
+                              '{"model_type": "siglip", "vision_config": {}, '
+                              '"text_config": {}}'))),
+    Case("load_clip_resnet_with_adapters", lambda c: hf.checkpoint._with_options(
+        _tiny(resnet=True), adapter_dim=4, adapter_scale="learnable", remat=False,
+        attention="auto", activation=None), ConfigError, ("adapter_dim", "ResNet")),
+    Case("config_resnet_image_size_odd", lambda c: _tiny(resnet=True, image_size=33),
+         ConfigError, "vision.image_size"),
+    Case("config_resnet_image_size_16", lambda c: _tiny(resnet=True, image_size=16),
+         ConfigError, "vision.image_size"),
+    Case("config_resnet_three_stages", lambda c: _tiny(resnet=True, layers=(1, 1, 1)),
+         ConfigError, "vision.layers"),
+    Case("config_resnet_width_odd", lambda c: _tiny(resnet=True, width=7), ConfigError,
+         "vision.width"),
+    Case("config_resnet_heads_indivisible",
+         lambda c: _tiny(resnet=True, vision_num_attention_heads=3), ConfigError,
+         "vision.num_attention_heads"),
+    Case("save_clip_resnet_as_transformers",
+         lambda c: hf.save_clip(c.resnet, c.path("export"), format="transformers"),
+         InputError, ("format", "open_clip")),
     # --- data ---------------------------------------------------------------------------------
     Case("folder_dataset_missing_root", lambda c: _folder(c, "missing"), DatasetError,
          "manual_dir"),
@@ -407,6 +505,9 @@ CASES = [
         ("temperature_on_a_test_split", "data.validation='demo_shapes_tiny@test_photo'",
          ConfigError, "data.validation"),
     )],
+    Case("config_activation_unknown",
+         lambda c: _run(c, "backdoor:runlocal,train.model.activation=swish"), ConfigError,
+         ("train.model.activation", "quick_gelu")),
     Case("config_empty", lambda c: _run(c, ""), ConfigError, "CONFIG"),
     Case("config_unknown_file", lambda c: _run(c, "no_such_config"), ConfigError, "CONFIG"),
     Case("config_prior_on_a_test_split",

@@ -58,6 +58,7 @@ def _full_configs():
     yield "absent_class", f"office_home,{domain}"
   yield "flyp", None
   yield "carot", None
+  yield "carot", "rn50"
 
 
 @pytest.mark.parametrize("name,arg", list(_full_configs()))
@@ -65,7 +66,7 @@ def test_full_configs_build_and_name_known_datasets_and_checkpoints(name, arg):
   config = experiments.load(name + (f":{arg}" if arg else ""))
   experiments.validate(config, check_files=False)
   for checkpoint in config.model.checkpoints:
-    assert checkpoint in config_lib.BACKBONES  # real hub ids, never the tiny model
+    assert checkpoint in (*config_lib.BACKBONES, config_lib.OPENAI_RN50)  # never a tiny model
   assert config.train.total_steps == -1  # the papers' epochs, not a step count
   assert config.data.image_size == 224 and config.train.model.dtype == "bfloat16"
 
@@ -78,7 +79,13 @@ def test_full_configs_follow_the_papers():
   assert wise.wise_ft.alphas[0] == 0.0 and wise.wise_ft.alphas[-1] == 1.0
   assert len(wise.wise_ft.alphas) == 11
   assert experiments.load("wise_ft:linear").wise_ft.linear  # a head on cached features
-  assert experiments.load("backdoor:imagenet_lt").model.checkpoints == config_lib.BACKBONES
+  backdoor = experiments.load("backdoor:imagenet_lt")
+  assert backdoor.model.checkpoints == config_lib.BACKBONES
+  assert backdoor.train.model.activation == "quick_gelu"  # clip.build_model rebuilds all three
+  carot_rn50 = experiments.load("carot:rn50")
+  assert carot_rn50.model.checkpoints == ("timm/resnet50_clip.openai",)
+  assert carot_rn50.published.table is None  # no published RN50 row to print beside it
+  assert experiments.load("carot:rn50,runlocal").model.checkpoints == ("tiny-rn:0",)
   for ratio in (10, 50, 100):
     config = experiments.load(f"backdoor:cifar100_lt,backdoor.imbalance_ratio={ratio}")
     assert (config.data.train, config.backdoor.imbalance_ratio) == ("cifar100@train", ratio)

@@ -267,3 +267,19 @@ def test_wise_ft_linear_classifier_on_cached_features(tmp_path):
   # everything cached (the α sweep is not part of the experiment's fingerprint).
   again = experiments.run("wise_ft:runlocal,linear,wise_ft.alphas=(1.0,)", str(workdir))
   assert [p["alpha"] for p in again["results"]["curve"]] == [0.0, 0.5, 1.0]
+
+
+@pytest.mark.parametrize("spec", ["carot:rn50,runlocal",
+                                  "wise_ft:runlocal,model.checkpoints=('tiny-rn:0',)"])
+def test_resnet_clip_end_to_end(spec, tmp_path):
+  """A ModifiedResNet CLIP through CaRot (W_v: its attention pool's c_proj) and through
+  end-to-end fine-tuning with WiSE-FT: complete reports, models exported in open_clip's format."""
+  workdir, result = _run(spec, tmp_path)
+  assert experiments.load(spec).model.checkpoints == ("tiny-rn:0",)
+  for path in result["final_models"].values():
+    files = os.listdir(path)
+    assert "open_clip_config.json" in files and "open_clip_model.safetensors" in files, files
+  if spec.startswith("carot"):
+    assert result["results"]["trained"] == "CaRot"
+  else:
+    assert {"finetuned", "wise_ft_alpha0.5"} <= set(result["final_models"])

@@ -26,13 +26,15 @@ _COLORS = np.random.default_rng(5).normal(size=(CLASSES, 1, 1, 3)).astype(np.flo
 _CLIPS = {}
 
 
-def _clip(dtype=jnp.float32, **overrides):
-  """A tiny random CLIP (built once per settings; the engine never mutates its input model)."""
-  overrides = {"vision_num_hidden_layers": 1, "text_num_hidden_layers": 1, **overrides}
-  key = (jnp.dtype(dtype).name, tuple(sorted(overrides.items())))
+def _clip(dtype=jnp.float32, resnet=False, **overrides):
+  """A tiny random CLIP, a ViT or (``resnet``) a ModifiedResNet (built once per settings; the
+  engine never mutates its input model)."""
+  overrides = {"text_num_hidden_layers": 1,
+               **({} if resnet else {"vision_num_hidden_layers": 1}), **overrides}
+  key = (jnp.dtype(dtype).name, resnet, tuple(sorted(overrides.items())))
   if key not in _CLIPS:
-    _CLIPS[key] = CLIP(CLIPConfig.tiny(**overrides), dtype=dtype, param_dtype=jnp.float32,
-                       rngs=nnx.Rngs(0))
+    _CLIPS[key] = CLIP(CLIPConfig.tiny(resnet=resnet, **overrides), dtype=dtype,
+                       param_dtype=jnp.float32, rngs=nnx.Rngs(0))
   return nnx.clone(_CLIPS[key])
 
 
@@ -194,9 +196,11 @@ class _WordTokenizer:
     return out
 
 
-@pytest.mark.parametrize("recipe", [pytest.param("flyp", marks=pytest.mark.slow), "carot"])
-def test_contrastive_recipes(tmp_path, recipe):
-  clip = _clip()
+@pytest.mark.parametrize("recipe, resnet", [pytest.param("flyp", False, marks=pytest.mark.slow),
+                                            ("carot", False), ("carot", True)])
+def test_contrastive_recipes(tmp_path, recipe, resnet):
+  """FLYP and CaRot; on a ResNet CLIP CaRot's W_v is the attention pool's c_proj kernel."""
+  clip = _clip(resnet=resnet)
   config = _engine_config(getattr(recipes, recipe)(), 4)
   config.optimizer.learning_rate = 1e-3
   if recipe == "carot":
@@ -209,7 +213,7 @@ def test_contrastive_recipes(tmp_path, recipe):
                             mesh=_one_device(), teacher_update=task.teacher_update)
   lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
   assert all(np.isfinite(l["loss"]) for l in lines)
-  init_scale = float(_clip().logit_scale[...])
+  init_scale = float(_clip(resnet=resnet).logit_scale[...])
   assert float(model.backbone.logit_scale[...]) != init_scale       # FLYP trains the logit scale
   if recipe == "flyp":   # the evaluation path is the same for both; test it once
     logits, _ = evaluate.evaluate_logits(task.eval_model(model), task.logits_fn,
@@ -225,6 +229,9 @@ def test_contrastive_recipes(tmp_path, recipe):
              + 0.05 * lines[0]["cross_projection"] + 1.5 * lines[0]["self_distillation"])
     assert lines[0]["loss"] == pytest.approx(total, rel=1e-5)
     assert state.teacher is not None
+    w_v = clip.image_projection_kernel()
+    penalty = np.linalg.norm(np.asarray(w_v).T @ np.asarray(w_v) - np.eye(w_v.shape[1]))
+    assert lines[0]["orthogonality"] == pytest.approx(penalty, rel=1e-5)   # on the initial W_v
   else:
     assert state.teacher is None and "orthogonality" not in lines[0]
 
@@ -260,16 +267,18 @@ def test_tokenize_prompts_marks_context_and_name_tokens():
   np.testing.assert_array_equal(name[1], [0, 0, 0, 0, 0, 1, 1, 0, 0])
 
 
-def _prompt_task():
+def _prompt_task(resnet=False):
   config = _engine_config(recipes.prompt_tuning(), 15)
   # one warmup epoch of 3 steps at 1e-5 (the recipe's), then a per-epoch cosine
   config.optimizer.update(learning_rate=0.003, warmup_steps=0, steps_per_epoch=3)
   tok, names = _WordTokenizer(), ["red", "green", "blue", "grey"]
-  return recipes.prompt_tuning_task(_clip(), tok, names, config), tok, names, config
+  return (recipes.prompt_tuning_task(_clip(resnet=resnet), tok, names, config), tok, names,
+          config)
 
 
-def test_prompt_tuning_starts_at_the_zero_shot_classifier():
-  task, tok, names, config = _prompt_task()
+@pytest.mark.parametrize("resnet", [False, True])
+def test_prompt_tuning_starts_at_the_zero_shot_classifier(resnet):
+  task, tok, names, config = _prompt_task(resnet)
   clip = task.model.backbone
   batch = next(_eval_batches())
   ids = tok([config.template.format(n) for n in names])   # (C, 77): untrimmed

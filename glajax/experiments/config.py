@@ -420,6 +420,10 @@ def check_values(config) -> None:
     value = _get(config, key)
     if value is not _MISSING and value not in options:
       raise bad_argument(key, f"one of {', '.join(options)}", repr(value), ConfigError)
+  activation = _get(config, "train.model.activation")
+  if activation is not _MISSING and activation is not None and activation not in layers.ACTIVATIONS:
+    raise bad_argument("train.model.activation", f"None (each checkpoint's own) or one of "
+                       f"{', '.join(layers.ACTIVATIONS)}", repr(activation), ConfigError)
   schedule = _get(config, "train.optimizer.schedule")
   if schedule is not _MISSING:
     known = state.SCHEDULES
@@ -508,8 +512,16 @@ FEWSHOT_DATASETS = ("imagenet2012", "caltech101", "oxford_iiit_pet", "cars196",
 # Our columns of an ImageNet table -> the columns of published.json's ImageNet tables.
 IMAGENET_COLUMNS = {"ID": "IN", "imagenet_v2": "V2", "imagenet_r": "R", "imagenet_sketch": "Sketch",
                     "objectnet": "ObjectNet", "imagenet_a": "A", "avg shifts": "avg_shifts"}
+# The backdoor paper's three ViT-B/16s (JiahaoChen1/Pre-train-Imbalance trainer.py, README):
+# OpenAI's (clip._MODELS["ViT-B/16"]; here transformers' conversion of it), OpenCLIP's
+# laion2b_s34b_b88k (the README's laion/CLIP-ViT-B-16-laion2B-s34B-b88K) and MetaCLIP's
+# ('ViT-B-16-quickgelu', 'metaclip_400m'), which open_clip 3.3.0's pretrained.py fetches from
+# timm/vit_base_patch16_clip_224.metaclip_400m (open_clip format).
 BACKBONES = ("openai/clip-vit-base-patch16", "laion/CLIP-ViT-B-16-laion2B-s34B-b88K",
-             "facebook/metaclip-b16-fullcc2.5b")
+             "timm/vit_base_patch16_clip_224.metaclip_400m")
+# OpenAI's RN50 (clip.load("RN50")) in open_clip's format: open_clip's pretrained.py
+# RN50 "openai" hf_hub.
+OPENAI_RN50 = "timm/resnet50_clip.openai"
 TINY_WORLD = "demo_shapes_tiny"
 
 
@@ -545,11 +557,13 @@ def parse_arg(arg: str | None, allowed) -> set[str]:
 
 
 def runlocal(config, *, train: str = "train", test: str = "test_photo",
-             shifts=("test_sketch", "test_noise"), backbones: int = 1, steps: int = 8):
-  """Shrinks ``config`` to CPU size: random tiny CLIPs, the demo's tiny procedural world
-  (32-px coloured shapes; photo train/test, sketch and noise as shifts), a few steps at a
-  learning rate a random model can learn from; no published numbers beside random models."""
-  config.model.checkpoints = tuple(f"{TINY}:{i}" for i in range(backbones))
+             shifts=("test_sketch", "test_noise"), backbones: int = 1, steps: int = 8,
+             tiny: str = TINY):
+  """Shrinks ``config`` to CPU size: random tiny models (``tiny``: a CLIP ViT; ``"tiny-rn"``:
+  a CLIP ResNet), the demo's tiny procedural world (32-px coloured shapes; photo train/test,
+  sketch and noise as shifts), a few steps at a learning rate a random model can learn from; no
+  published numbers beside random models."""
+  config.model.checkpoints = tuple(f"{tiny}:{i}" for i in range(backbones))
   config.data.update(train=f"{TINY_WORLD}@{train}", test=f"{TINY_WORLD}@{test}",
                      shifts=tuple(f"{TINY_WORLD}@{s}" for s in shifts), image_size=32,
                      eval_batch_size=40)

@@ -388,9 +388,10 @@ def markdown(report: dict) -> str:
   if report["plots"]:
     parts += ["## Plots", ""] + [f"![{p[:-4]}]({p})" for p in report["plots"]] + [""]
   if report["final_models"]:
-    parts += ["## Final models", "", "CLIPs in transformers format (`config.json`, "
-              "`model.safetensors`), classifier heads in `head.npz`, prompt residuals in "
-              "`prompt_residuals.npz`.", ""]
+    parts += ["## Final models", "", "CLIP ViTs in transformers format (`config.json`, "
+              "`model.safetensors`), CLIP ResNets in open_clip's (`open_clip_config.json`, "
+              "`open_clip_model.safetensors`), classifier heads in `head.npz`, prompt residuals "
+              "in `prompt_residuals.npz`.", ""]
     parts += [f"- `{name}`: `{path}`" for name, path in report["final_models"].items()] + [""]
   return "\n".join(parts)
 

@@ -5,8 +5,9 @@ An :class:`Experiment` owns a work directory laid out as::
   experiment.json             the config, its fingerprint and the command (written first)
   .lock                       held while a run is going on (pid and command)
   report.json, report.md, *.png
-  final/<name>/               each final model (transformers format with tokenizer and
-                              preprocessor_config.json; classifiers: + head.npz and id2label)
+  final/<name>/               each final model (its family's export, e.g. a CLIP ViT in
+                              transformers format with tokenizer and preprocessor_config.json,
+                              a CLIP ResNet in open_clip's; classifiers: + head.npz)
 
 and a cache directory (the work directory unless several experiments share one, as the demo's
 parts do)::

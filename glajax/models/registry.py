@@ -75,7 +75,8 @@ def load_model(path_or_hub_id, **options):
 
 
 def save_model(model, directory, **options) -> str:
-  """The family's export of ``model`` (CLIP: transformers format); returns the directory."""
+  """The family's export of ``model`` (a CLIP ViT in transformers format, a CLIP ResNet in
+  open_clip's); returns the directory."""
   family = family_of(model)
   if family.save is None:
     raise bad_argument("model", "a model whose family has an export", family.name, InputError)

@@ -245,11 +245,12 @@ def _save_npz(path: str, **arrays) -> None:
 
 def export_classifier(model: ImageClassifier, directory: str, info: ExportInfo | None = None
                       ) -> None:
-  """The family's export of the backbone (``registry.save_model``; CLIP: transformers format)
-  + the head's parameters in ``head.npz``, in one atomic write.
+  """The family's export of the backbone (``registry.save_model``; a CLIP ViT in transformers
+  format, a CLIP ResNet in open_clip's) + the head's parameters in ``head.npz``, in one atomic
+  write.
 
   With ``info`` (class names, tokenizer, image size) the export is also what the ecosystem's
-  users take: for CLIP the tokenizer files and ``preprocessor_config.json``
+  users take: for a CLIP ViT the tokenizer files and ``preprocessor_config.json``
   (``CLIPProcessor.from_pretrained``) and the classifier with ``id2label`` for
   ``pipeline("image-classification", model=directory, trust_remote_code=True)``
   (``glajax.models.clip.export`` says why transformers' own ``CLIPForImageClassification``

@@ -1,5 +1,5 @@
-"""What an export needs beyond the CLIP weights for transformers users: the processor files and
-the image classifier.
+"""What an export needs beyond the CLIP weights: the processor files and, for transformers users of
+a ViT, the image classifier.
 
 * :func:`processor_files`: the tokenizer's files and ``preprocessor_config.json`` (CLIP's resize,
   center crop, mean and std at the model's image size), so that
@@ -99,14 +99,20 @@ def classifier_export(kernel, bias, classnames, features: str):
 
 def save(model, directory, *, info: ExportInfo | None = None, classifier=None,
          extra_files: dict | None = None, overwrite: bool = False) -> str:
-  """The CLIP family's export: ``save_clip`` (transformers format) with, when ``info`` is given,
-  the processor files, and with ``classifier`` = (kernel (D, C), bias (C,), features) the image
-  classifier for transformers (:func:`classifier_export`, class names from ``info``); one
-  atomic write."""
+  """The CLIP family's export, one atomic write: ``save_clip`` (a ViT in transformers format, a
+  ResNet in open_clip's). With ``info`` the tokenizer's files, and for a ViT
+  ``preprocessor_config.json`` (``CLIPProcessor``); with ``classifier`` = (kernel (D, C),
+  bias (C,), features) a ViT's image classifier for transformers (:func:`classifier_export`,
+  class names from ``info``). open_clip has no image classifier: a ResNet's head stays in the
+  files the caller adds (``head.npz``)."""
   files, config, tensors = dict(extra_files or {}), {}, {}
+  resnet = model.config.resnet
   if info is not None:
-    files.update(processor_files(info.tokenizer, info.image_size))
-  if classifier is not None:
+    processor = processor_files(info.tokenizer, info.image_size)
+    if resnet:
+      processor.pop("preprocessor_config.json")
+    files.update(processor)
+  if classifier is not None and not resnet:
     if info is None:
       raise bad_argument("info", "the class names of the classifier (an ExportInfo)", None)
     config, tensors, code = classifier_export(*classifier[:2], info.classnames, classifier[2])

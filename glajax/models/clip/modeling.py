@@ -1,7 +1,9 @@
-"""Flax NNX CLIP (Radford et al., 2021): ViT image tower, causal text tower, projections.
+"""Flax NNX CLIP (Radford et al., 2021): a ViT or ModifiedResNet image tower, the causal text
+tower, projections.
 
-The module tree mirrors transformers' ``CLIPModel`` so that the transformers conversion
-(``params_hf``) is a short table. Images are NHWC float32, normalised with CLIP's mean and std.
+The ViT tree mirrors transformers' ``CLIPModel`` (``params_hf`` is a short table); the ResNet
+tree mirrors OpenAI's ``clip/model.py`` ``ModifiedResNet`` (``params_open_clip``). Images are
+NHWC float32, normalised with CLIP's mean and std.
 
   logits_per_image = exp(logit_scale) * normalise(encode_image(x)) @ normalise(encode_text(t))^T
 """
@@ -20,7 +22,7 @@ from flax import nnx
 
 from glajax.errors import ConfigError, bad_argument
 from glajax.models.family import ModelSpec
-from glajax.models.layers import (ADAPTER_SCALE_LEARNABLE, Block, check_adapter_scale,
+from glajax.models.layers import (ADAPTER_SCALE_LEARNABLE, Block, attend, check_adapter_scale,
                                   check_images, check_sizes, check_token_ids, check_tower,
                                   l2_normalise, normal, positive_size, resize_position_embedding,
                                   run_blocks)
@@ -85,6 +87,55 @@ class CLIPTextConfig:
     check_tower(self, "text")
 
 
+@dataclasses.dataclass(frozen=True)
+class CLIPResNetConfig:
+  """OpenAI's ModifiedResNet image tower (openai/CLIP ``clip/model.py``; open_clip
+  ``modified_resnet.py``): a 3-convolution stem, four stages of ``layers`` Bottleneck blocks
+  (widths ``width``·(1, 2, 4, 8), ×4 at each block's output), attention pooling over the final
+  grid with ``num_attention_heads`` heads (OpenAI's ``build_model``: width·32/64) and a linear
+  map to the embedding.
+
+  The stem halves the image, a 2×2 average pool and the three strided stages halve it again each
+  (flooring), so an even ``image_size`` >= 32 leaves an ``image_size // 32`` grid, the attention
+  pool's position table. BatchNorm (eps ``batch_norm_eps``) uses its running statistics; ``remat``
+  rematerialises each block in the backward pass (the function is the same).
+  """
+  image_size: int = 224
+  layers: tuple[int, int, int, int] = (3, 4, 6, 3)
+  width: int = 64
+  num_attention_heads: int = 32
+  batch_norm_eps: float = 1e-5
+  remat: bool = False
+
+  def __post_init__(self):
+    if not isinstance(self.layers, (tuple, list)) or len(self.layers) != 4:
+      raise bad_argument("vision.layers", "four block counts (one per stage)", repr(self.layers),
+                         ConfigError)
+    object.__setattr__(self, "layers", tuple(self.layers))
+    for i, count in enumerate(self.layers):
+      positive_size(f"vision.layers[{i}]", count)
+    for field in ("image_size", "width", "num_attention_heads"):
+      positive_size(f"vision.{field}", getattr(self, field))
+    if self.image_size < 32 or self.image_size % 2:
+      raise bad_argument("vision.image_size", "an even size >= 32 (the ResNet's stride is 32)",
+                         self.image_size, ConfigError)
+    if self.width % 2:
+      raise bad_argument("vision.width", "an even width (the stem's first convolutions have "
+                         "width / 2 channels)", self.width, ConfigError)
+    if self.embed_dim % self.num_attention_heads:
+      raise bad_argument("vision.num_attention_heads", f"a divisor of the pooled width "
+                         f"{self.embed_dim} (= 32·width)", self.num_attention_heads, ConfigError)
+
+  @property
+  def embed_dim(self) -> int:
+    """The width of the final feature map, 32·width (attention pooling's width)."""
+    return self.width * 32
+
+  @property
+  def grid_size(self) -> int:
+    return self.image_size // 32
+
+
 
 _VISION_HF_KEYS = ("image_size", "patch_size", "hidden_size", "intermediate_size",
                    "num_hidden_layers", "num_attention_heads", "hidden_act", "layer_norm_eps")
@@ -95,8 +146,9 @@ _TEXT_HF_KEYS = ("vocab_size", "max_position_embeddings", "hidden_size", "interm
 
 @dataclasses.dataclass(frozen=True)
 class CLIPConfig:
-  """Both towers, the shared embedding width and the initial log-scale."""
-  vision: CLIPVisionConfig = CLIPVisionConfig()
+  """Both towers (a ViT or a ModifiedResNet image tower), the shared embedding width and the
+  initial log-scale."""
+  vision: CLIPVisionConfig | CLIPResNetConfig = CLIPVisionConfig()
   text: CLIPTextConfig = CLIPTextConfig()
   projection_dim: int = 512
   logit_scale_init_value: float = 2.6592
@@ -121,8 +173,8 @@ class CLIPConfig:
       except (OSError, json.JSONDecodeError) as e:
         raise bad_argument("config", "a readable CLIP config.json", f"{path} ({e})",
                            ConfigError) from None
-    if config.get("model_type") != "clip" and not ("vision_config" in config
-                                                    and "text_config" in config):
+    if config.get("model_type", "clip") != "clip" or not (
+        "model_type" in config or ("vision_config" in config and "text_config" in config)):
       raise bad_argument("config", "a CLIP config (model_type 'clip')",
                          f"model_type {config.get('model_type')!r}", ConfigError)
     vision = {**(config.get("vision_config") or {}), **(config.get("vision_config_dict") or {})}
@@ -130,8 +182,8 @@ class CLIPConfig:
     image_size = vision.get("image_size", 224)
     patch_size = vision.get("patch_size", 32)
     vision = {k: vision[k] for k in _VISION_HF_KEYS if k in vision}
-    vision["image_size"], vision["patch_size"] = _square(image_size, "image_size"), _square(
-        patch_size, "patch_size")
+    vision["image_size"] = square_size(image_size, "vision_config.image_size")
+    vision["patch_size"] = square_size(patch_size, "vision_config.patch_size")
     text = {k: text[k] for k in _TEXT_HF_KEYS if k in text and text[k] is not None}
     if isinstance(text.get("eos_token_id"), (list, tuple)):
       text["eos_token_id"] = text["eos_token_id"][0]
@@ -139,8 +191,17 @@ class CLIPConfig:
                projection_dim=config.get("projection_dim", 512),
                logit_scale_init_value=config.get("logit_scale_init_value", 2.6592))
 
+  @property
+  def resnet(self) -> bool:
+    """Whether the image tower is a ModifiedResNet."""
+    return isinstance(self.vision, CLIPResNetConfig)
+
   def to_hf(self) -> dict[str, Any]:
     """A transformers ``config.json`` dict (``model_type: "clip"``); adapters are not in it."""
+    if self.resnet:
+      raise bad_argument("config", "a ViT CLIP (transformers has no ResNet CLIP; glajax writes "
+                         "ResNet CLIPs in open_clip's format)", "a ModifiedResNet image tower",
+                         ConfigError)
     vision = {k: getattr(self.vision, k) for k in _VISION_HF_KEYS}
     text = {k: getattr(self.text, k) for k in _TEXT_HF_KEYS}
     return {
@@ -182,19 +243,56 @@ class CLIPConfig:
     return dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, image_size=336))
 
   @classmethod
-  def tiny(cls, **overrides) -> CLIPConfig:
-    """A few-k-parameter CLIP (plus the 49408 x 32 token table) for tests and demos.
+  def rn50(cls) -> CLIPConfig:
+    """OpenAI CLIP RN50 (open_clip ``model_configs/RN50.json``)."""
+    return cls(vision=CLIPResNetConfig(), projection_dim=1024)
+
+  @classmethod
+  def rn101(cls) -> CLIPConfig:
+    """OpenAI CLIP RN101."""
+    return cls(vision=CLIPResNetConfig(layers=(3, 4, 23, 3)))
+
+  @classmethod
+  def rn50x4(cls) -> CLIPConfig:
+    """OpenAI CLIP RN50x4 (288 px)."""
+    return cls._scaled_resnet(288, (4, 6, 10, 6), 80, text_width=640, text_heads=10)
+
+  @classmethod
+  def rn50x16(cls) -> CLIPConfig:
+    """OpenAI CLIP RN50x16 (384 px)."""
+    return cls._scaled_resnet(384, (6, 8, 18, 8), 96, text_width=768, text_heads=12)
+
+  @classmethod
+  def rn50x64(cls) -> CLIPConfig:
+    """OpenAI CLIP RN50x64 (448 px)."""
+    return cls._scaled_resnet(448, (3, 15, 36, 10), 128, text_width=1024, text_heads=16)
+
+  @classmethod
+  def _scaled_resnet(cls, image_size, layers, width, *, text_width, text_heads) -> CLIPConfig:
+    """OpenAI's scaled ResNets: attention-pool heads width·32/64, text width = embedding width."""
+    return cls(vision=CLIPResNetConfig(image_size=image_size, layers=layers, width=width,
+                                       num_attention_heads=width // 2),
+               text=CLIPTextConfig(hidden_size=text_width, intermediate_size=4 * text_width,
+                                   num_attention_heads=text_heads),
+               projection_dim=text_width)
+
+  @classmethod
+  def tiny(cls, resnet: bool = False, **overrides) -> CLIPConfig:
+    """A few-k-parameter CLIP (plus the 49408 x 32 token table) for tests and demos; with
+    ``resnet`` a ModifiedResNet image tower (one block per stage, width 8, 4 pooling heads).
 
     ``overrides`` name a field of ``CLIPConfig`` (``projection_dim=8``), a field of one tower with
     its prefix (``vision_image_size=30``, ``text_vocab_size=100``) or, when only one tower has it,
     without (``image_size=30``, ``adapter_dim=4``, ``vocab_size=100``).
     """
-    vision = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
-                  num_hidden_layers=2, num_attention_heads=4)
+    vision_class = CLIPResNetConfig if resnet else CLIPVisionConfig
+    vision = (dict(image_size=32, layers=(1, 1, 1, 1), width=8, num_attention_heads=4) if resnet
+              else dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                        num_hidden_layers=2, num_attention_heads=4))
     text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                 num_attention_heads=4)
     top = dict(projection_dim=16)
-    vision_fields = {f.name for f in dataclasses.fields(CLIPVisionConfig)}
+    vision_fields = {f.name for f in dataclasses.fields(vision_class)}
     text_fields = {f.name for f in dataclasses.fields(CLIPTextConfig)}
     for key, value in overrides.items():
       if key in ("projection_dim", "logit_scale_init_value"):
@@ -210,13 +308,15 @@ class CLIPConfig:
       else:
         raise bad_argument(f"tiny({key}=...)", "a CLIPConfig field, vision_<field> or text_<field>",
                            key, ConfigError)
-    return cls(vision=CLIPVisionConfig(**vision), text=CLIPTextConfig(**text), **top)
+    return cls(vision=vision_class(**vision), text=CLIPTextConfig(**text), **top)
 
 
-def _square(size, name: str) -> int:
+def square_size(size, name: str) -> int:
+  """An image or patch size given as an int or an [h, w] pair (a config's ``name``), as an int;
+  a non-square pair raises."""
   if isinstance(size, (list, tuple)):
     if len(set(size)) != 1:
-      raise bad_argument(f"vision_config.{name}", "a square size", size, ConfigError)
+      raise bad_argument(name, "a square size", size, ConfigError)
     size = size[0]
   return int(size)
 
@@ -298,23 +398,176 @@ class TextTransformer(nnx.Module):
     return h[jnp.arange(batch), eos_positions(input_ids, cfg.eos_token_id)]
 
 
+def _conv(cin: int, cout: int, size: int, *, stride: int = 1, dtype, param_dtype, rngs):
+  """A bias-free ``size``×``size`` convolution padded by size // 2 (torch's
+  ``Conv2d(padding=k // 2)``), He-normal initialised."""
+  pad = size // 2
+  return nnx.Conv(cin, cout, kernel_size=(size, size), strides=(stride, stride),
+                  padding=((pad, pad), (pad, pad)), use_bias=False,
+                  kernel_init=jax.nn.initializers.variance_scaling(2.0, "fan_in", "normal"),
+                  dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+
+def _batch_norm(features: int, eps: float, *, zero: bool = False, dtype, param_dtype, rngs):
+  """torch ``BatchNorm2d``: (x − mean) / √(var + eps) · scale + bias, in eval mode (running
+  statistics, ``nnx.BatchStat``). ``.train()`` switches to batch statistics; ``momentum`` 0.9 is
+  torch's 0.1 in Flax's convention. ``zero``: scale initialised to 0 (OpenAI's bn3)."""
+  return nnx.BatchNorm(features, use_running_average=True, momentum=0.9, epsilon=eps,
+                       scale_init=jax.nn.initializers.zeros if zero else jax.nn.initializers.ones,
+                       dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+
+def _avg_pool(x, size: int):
+  """torch ``AvgPool2d(size)`` on NHWC: non-overlapping windows, the remainder dropped."""
+  return nnx.avg_pool(x, (size, size), strides=(size, size), padding="VALID") if size > 1 else x
+
+
+class Downsample(nnx.Module):
+  """A Bottleneck's shortcut: ``AvgPool2d(stride)``, 1×1 convolution, BatchNorm."""
+
+  def __init__(self, cin: int, cout: int, stride: int, eps: float, *, dtype, param_dtype, rngs):
+    self.stride = stride
+    self.conv = _conv(cin, cout, 1, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.bn = _batch_norm(cout, eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+  def __call__(self, x):
+    return self.bn(self.conv(_avg_pool(x, self.stride)))
+
+
+class Bottleneck(nnx.Module):
+  """OpenAI's anti-aliased Bottleneck (``clip/model.py``): every convolution has stride 1 and a
+  strided block average-pools after its 3×3 convolution (and before its shortcut's 1×1):
+
+    y = relu(bn3(conv3(pool_s(relu(bn2(conv2(relu(bn1(conv1(x))))))))) + shortcut(x))
+  """
+
+  def __init__(self, cin: int, planes: int, stride: int, eps: float, *, dtype, param_dtype,
+               rngs):
+    options = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.stride = stride
+    self.conv1, self.bn1 = _conv(cin, planes, 1, **options), _batch_norm(planes, eps, **options)
+    self.conv2, self.bn2 = _conv(planes, planes, 3, **options), _batch_norm(planes, eps, **options)
+    self.conv3 = _conv(planes, 4 * planes, 1, **options)
+    self.bn3 = _batch_norm(4 * planes, eps, zero=True, **options)
+    self.downsample = (Downsample(cin, 4 * planes, stride, eps, **options)
+                       if stride > 1 or cin != 4 * planes else None)
+
+  def __call__(self, x):
+    out = jax.nn.relu(self.bn1(self.conv1(x)))
+    out = _avg_pool(jax.nn.relu(self.bn2(self.conv2(out))), self.stride)
+    out = self.bn3(self.conv3(out))
+    return jax.nn.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+class AttentionPool2d(nnx.Module):
+  """OpenAI's attention pooling (``clip/model.py`` ``AttentionPool2d``): the mean of the grid's
+  tokens is prepended, position embeddings added, and that mean token alone queries all
+  tokens (multi-head, 1/√d_head scaling); ``c_proj`` maps the result to the embedding.
+
+    h = [mean(x); x] + P,   pool(x) = MHA(q = W_q h_0 + b_q, k = W_k h + b_k, v = W_v h + b_v)
+  """
+
+  def __init__(self, grid: int, width: int, heads: int, output_dim: int, *, dtype, param_dtype,
+               rngs):
+    self.positional_embedding = nnx.Param(
+        normal(width**-0.5)(rngs.params(), (grid * grid + 1, width), param_dtype))
+    linear = lambda out: nnx.Linear(width, out, kernel_init=normal(width**-0.5),
+                                    dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.q_proj, self.k_proj, self.v_proj = linear(width), linear(width), linear(width)
+    self.c_proj = linear(output_dim)
+    self.num_heads = heads
+
+  def pool(self, x):
+    """(B, H, W, C) -> (B, C): the attention output, before ``c_proj``."""
+    batch, height, width, channels = x.shape
+    tokens = x.reshape(batch, height * width, channels)
+    tokens = jnp.concatenate([tokens.mean(axis=1, keepdims=True), tokens], axis=1)
+    tokens = tokens + self.positional_embedding[...].astype(tokens.dtype)
+    heads = lambda y: y.reshape(batch, y.shape[1], self.num_heads, channels // self.num_heads)
+    out = attend(heads(self.q_proj(tokens[:, :1])), heads(self.k_proj(tokens)),
+                 heads(self.v_proj(tokens)), causal=False, implementation="xla")
+    return out.reshape(batch, channels)
+
+  def __call__(self, x):
+    return self.c_proj(self.pool(x))
+
+
+class ModifiedResNet(nnx.Module):
+  """OpenAI's ModifiedResNet (``clip/model.py``): a 3-convolution stem (a stride-2 3×3 and two
+  3×3, each with BatchNorm and ReLU) and a 2×2 average pool, four stages of ``Bottleneck``s (the
+  first of stages 2-4 strided), ``AttentionPool2d`` to ``output_dim``."""
+
+  def __init__(self, cfg: CLIPResNetConfig, output_dim: int, *, dtype=jnp.float32,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
+    self.config = cfg
+    self.dtype = dtype
+    options = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    width, eps = cfg.width, cfg.batch_norm_eps
+    self.conv1 = _conv(3, width // 2, 3, stride=2, **options)
+    self.bn1 = _batch_norm(width // 2, eps, **options)
+    self.conv2, self.bn2 = _conv(width // 2, width // 2, 3, **options), _batch_norm(
+        width // 2, eps, **options)
+    self.conv3, self.bn3 = _conv(width // 2, width, 3, **options), _batch_norm(width, eps,
+                                                                                **options)
+    cin = width
+    stages = []
+    for stage, blocks in enumerate(cfg.layers):
+      planes = width * 2**stage
+      stride = 1 if stage == 0 else 2
+      stages.append(nnx.List([Bottleneck(cin if b == 0 else 4 * planes, planes,
+                                         stride if b == 0 else 1, eps, **options)
+                              for b in range(blocks)]))
+      cin = 4 * planes
+    self.layer1, self.layer2, self.layer3, self.layer4 = stages
+    self.attnpool = AttentionPool2d(cfg.grid_size, cfg.embed_dim, cfg.num_attention_heads,
+                                    output_dim, **options)
+
+  def stem(self, images):
+    """(B, H, W, 3) -> (B, H/4, W/4, width)."""
+    x = jax.nn.relu(self.bn1(self.conv1(images.astype(self.dtype))))
+    x = jax.nn.relu(self.bn2(self.conv2(x)))
+    x = jax.nn.relu(self.bn3(self.conv3(x)))
+    return _avg_pool(x, 2)
+
+  def trunk(self, images):
+    """(B, H, W, 3) -> (B, H // 32, W // 32, 32·width): the stem and the four stages."""
+    check_images(images, self.config.image_size)
+    x = self.stem(images)
+    for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+      x = run_blocks(stage, x, self.config.remat)
+    return x
+
+  def features(self, images):
+    """(B, H, W, 3) -> (B, 32·width): attention-pooled, before ``c_proj``."""
+    return self.attnpool.pool(self.trunk(images))
+
+  def __call__(self, images):
+    """(B, H, W, 3) -> (B, output_dim): OpenAI's ``visual(images)``."""
+    return self.attnpool(self.trunk(images))
+
+
 class CLIP(nnx.Module):
-  """CLIP with transformers' parameter layout; random init as transformers' ``_init_weights``.
-  Implements the family interface (``glajax.models.family``)."""
+  """CLIP: with a ViT, transformers' parameter layout and random init (``_init_weights``); with a
+  ModifiedResNet, OpenAI's (``vision_model`` holds its attention pool's ``c_proj``, the visual
+  projection, so there is no ``visual_projection``). Implements the family interface
+  (``glajax.models.family``).
+
+  A ResNet's BatchNorm uses its running statistics (eval mode, the default; ``model.train()``
+  switches to batch statistics, which glajax's training engine does not yet carry out of its
+  jitted step, so fine-tuning keeps the running statistics as loaded)."""
 
   logit_bias = None  # CLIP's logits have no bias (SigLIP's do)
 
   def __init__(self, config: CLIPConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
                rngs: nnx.Rngs):
     self.config = config
-    self.vision_model = VisionTransformer(config.vision, dtype=dtype, param_dtype=param_dtype,
-                                          rngs=rngs)
-    self.text_model = TextTransformer(config.text, dtype=dtype, param_dtype=param_dtype,
-                                      rngs=rngs)
+    options = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     projection = lambda width: nnx.Linear(width, config.projection_dim, use_bias=False,
-                                          kernel_init=normal(width**-0.5), dtype=dtype,
-                                          param_dtype=param_dtype, rngs=rngs)
-    self.visual_projection = projection(config.vision.hidden_size)
+                                          kernel_init=normal(width**-0.5), **options)
+    self.vision_model = (ModifiedResNet(config.vision, config.projection_dim, **options)
+                         if config.resnet else VisionTransformer(config.vision, **options))
+    self.text_model = TextTransformer(config.text, **options)
+    self.visual_projection = None if config.resnet else projection(config.vision.hidden_size)
     self.text_projection = projection(config.text.hidden_size)
     self.logit_scale = nnx.Param(jnp.asarray(config.logit_scale_init_value, param_dtype))
 
@@ -333,11 +586,18 @@ class CLIP(nnx.Module):
             "scale": r"^logit_scale$", "adapters": r"/adapter/"}
 
   def image_features(self, images):
-    """(B, H, W, 3) -> (B, vision width): pooled post-LN CLS feature, before the projection."""
+    """(B, H, W, 3) -> (B, W): the pooled feature before the projection: a ViT's post-LN CLS
+    token; a ResNet's attention-pool output before ``c_proj`` (W = 32·width)."""
+    if self.config.resnet:
+      return self.vision_model.features(images).astype(jnp.float32)
     return self.vision_model(images).astype(jnp.float32)
 
   def image_projection_kernel(self):
-    """The (vision width, D) kernel W_v of the visual projection."""
+    """The (W, D) kernel W_v of the visual projection: a ViT's ``visual_projection`` (OpenAI's
+    ``visual.proj``); a ResNet's attention-pool ``c_proj`` kernel (``c_proj.weight.T``, the W_v
+    of CaRot's ``carot_loss.py`` for ResNets; ``c_proj`` also adds a bias)."""
+    if self.config.resnet:
+      return self.vision_model.attnpool.c_proj.kernel[...]
     return self.visual_projection.kernel[...]
 
   def text_projection_kernel(self):
@@ -346,6 +606,8 @@ class CLIP(nnx.Module):
 
   def encode_image(self, images):
     """(B, H, W, 3) CLIP-normalised -> (B, D) projected image embeddings, not normalised."""
+    if self.config.resnet:
+      return self.vision_model(images).astype(jnp.float32)
     return self.visual_projection(self.vision_model(images)).astype(jnp.float32)
 
   def embed_tokens(self, input_ids):
@@ -379,17 +641,25 @@ def eos_positions(input_ids, eos_token_id: int):
 def interpolate_position_embedding(model: CLIP, image_size: int) -> CLIP:
   """Sets ``model`` (in place, and returns it) to take ``image_size`` px images.
 
-  The patch position embeddings are resized bicubically (``resize_position_embedding``).
+  The position embeddings of the grid (a ViT's patches, a ResNet's attention pool) are resized
+  bicubically (``resize_position_embedding``); the class / mean token's row is kept.
   """
-  vision = model.config.vision
-  if (isinstance(image_size, bool) or not isinstance(image_size, numbers.Integral)
-      or image_size < 1 or image_size % vision.patch_size):
+  vision, resnet = model.config.vision, model.config.resnet
+  integral = isinstance(image_size, numbers.Integral) and not isinstance(image_size, bool)
+  if resnet and not (integral and image_size >= 32 and image_size % 2 == 0):
+    raise bad_argument("image_size", "an even size >= 32 (the ResNet's stride is 32)",
+                       repr(image_size))
+  if not resnet and not (integral and image_size >= 1 and image_size % vision.patch_size == 0):
     raise bad_argument("image_size", f"a positive multiple of the patch size {vision.patch_size}",
                        repr(image_size))
   new_vision = dataclasses.replace(vision, image_size=image_size)
-  table = model.vision_model.position_embedding.embedding
-  table.set_value(resize_position_embedding(table[...], new_vision.grid_size))
-  model.vision_model.position_embedding.num_embeddings = new_vision.grid_size**2 + 1
+  if resnet:
+    table = model.vision_model.attnpool.positional_embedding
+    table.set_value(resize_position_embedding(table[...], new_vision.grid_size))
+  else:
+    table = model.vision_model.position_embedding.embedding
+    table.set_value(resize_position_embedding(table[...], new_vision.grid_size))
+    model.vision_model.position_embedding.num_embeddings = new_vision.grid_size**2 + 1
   model.vision_model.config = new_vision
   model.config = dataclasses.replace(model.config, vision=new_vision)
   return model

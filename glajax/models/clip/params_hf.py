@@ -7,7 +7,6 @@ OIHW <-> HWIO; the rest as is).
 """
 from __future__ import annotations
 
-import os
 import re
 
 from glajax.errors import CheckpointError, ConfigError
@@ -49,21 +48,32 @@ TABLE = checkpoints.Table(
     skipped=re.compile(r".*position_ids$|^classifier\.(weight|bias)$"),
 )
 DESCRIPTION = "transformers (config.json with model_type 'clip' + model.safetensors or .bin)"
-HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt"]  # config, weights, tokenizer
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+WEIGHTS = checkpoints.HF_WEIGHTS
+HUB_PATTERNS = ["*.json", "model*.safetensors", "*.txt"]  # configs, weights, tokenizer
+HUB_FALLBACK = ["pytorch_model*.bin"]                      # when the repo has no safetensors
 # What a transformers CLIP checkpoint directory holds: replaced by an export with overwrite=True.
 CHECKPOINT_FILES = (r"config\.json|model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json"
                     r"|pytorch_model(-\d+-of-\d+)?\.bin|pytorch_model\.bin\.index\.json")
 
 
+def table(config: CLIPConfig) -> checkpoints.Table:
+  """The table (one for every transformers CLIP)."""
+  del config
+  return TABLE
+
+
 def detect(directory: str) -> bool:
   """Whether ``directory`` holds a transformers CLIP: its ``config.json`` says ``model_type``
-  "clip" (or has both tower configs, as old ones do)."""
+  "clip" (or, as old ones, says none and has both tower configs; SigLIP's has both too)."""
   try:
     config = checkpoints.read_json(directory, "config.json")
   except CheckpointError:
     return False
-  return config.get("model_type") == "clip" or ("vision_config" in config
-                                                 and "text_config" in config)
+  return config.get("model_type", "clip") == "clip" and ("vision_config" in config
+                                                         and "text_config" in config
+                                                         or "model_type" in config)
 
 
 def read(directory: str) -> tuple[CLIPConfig, dict]:
@@ -77,11 +87,12 @@ def read(directory: str) -> tuple[CLIPConfig, dict]:
   return clip_config, checkpoints.read_tensors(directory)
 
 
-def hub_directory(path_or_hub_id) -> str:
-  """The local directory of a transformers checkpoint: as is, or its hub snapshot (with its
-  PyTorch weights when the repo has no safetensors)."""
-  directory = checkpoints.resolve_checkpoint(path_or_hub_id, allow_patterns=HUB_PATTERNS)
-  if not checkpoints.has_weights(directory) and not os.path.isdir(path_or_hub_id):
-    directory = checkpoints.resolve_checkpoint(
-        path_or_hub_id, allow_patterns=[*HUB_PATTERNS, "pytorch_model*.bin"])
-  return directory
+def config_json(config: CLIPConfig) -> dict:
+  """``config.json`` (``CLIPConfig.to_hf``)."""
+  return config.to_hf()
+
+
+def export(params: dict, config: CLIPConfig) -> dict:
+  """glajax parameters -> transformers' tensors."""
+  del config
+  return TABLE.export(params)

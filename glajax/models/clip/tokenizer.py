@@ -17,6 +17,7 @@ import numpy as np
 from glajax.errors import CheckpointError, bad_argument
 from glajax.methods import _checks
 from glajax.models.checkpoints import resolve_checkpoint
+from glajax.models.clip import params_openai
 from glajax.models.tokenizer import Tokenizer
 
 CONTEXT_LENGTH = 77
@@ -61,16 +62,18 @@ def _openai_tokenizer():
 
 def load_tokenizer(path_or_hub_id: str | os.PathLike | None = None, *,
                    context_length: int = CONTEXT_LENGTH) -> Tokenizer:
-  """The checkpoint's CLIP tokenizer, or OpenAI's (built offline) for ``None`` or a checkpoint
-  without tokenizer files.
+  """The checkpoint's CLIP tokenizer, or OpenAI's (built offline) for ``None``, a checkpoint
+  without tokenizer files or an OpenAI ``.pt``.
 
   ``tok = load_tokenizer(...); tok(["a photo of a cat."])`` -> (1, 77) int32 ids.
   """
   _checks.positive_int("context_length", context_length, 2)  # before building a tokenizer
   if path_or_hub_id is None:
     return Tokenizer(_openai_tokenizer(), context_length)
-  directory = resolve_checkpoint(path_or_hub_id, allow_patterns=["*.json", "*.txt"])
-  if not any(os.path.exists(os.path.join(directory, f)) for f in _TOKENIZER_FILES):
+  directory = resolve_checkpoint(path_or_hub_id, allow_patterns=["*.json", "*.txt"],
+                                 file_suffixes=params_openai.SUFFIXES)
+  if os.path.isfile(directory) or not any(os.path.exists(os.path.join(directory, f))
+                                          for f in _TOKENIZER_FILES):  # OpenAI's .pt: its BPE
     return Tokenizer(_openai_tokenizer(), context_length)
   from transformers import CLIPTokenizer  # noqa  (transformers: a checkpoint's own tokenizer only)
   try:
