@@ -196,6 +196,16 @@ def resolve_checkpoint(path_or_hub_id: str | os.PathLike, allow_patterns=None,
                        CheckpointError) from None
 
 
+def hub_directory(path_or_hub_id, patterns) -> str:
+  """The local directory of a transformers-format checkpoint: as is, or its hub snapshot of the
+  files matching ``patterns`` (with its PyTorch weights when the repo has no safetensors)."""
+  directory = resolve_checkpoint(path_or_hub_id, allow_patterns=list(patterns))
+  if not has_weights(directory) and not os.path.isdir(path_or_hub_id):
+    directory = resolve_checkpoint(path_or_hub_id,
+                                   allow_patterns=[*patterns, "pytorch_model*.bin"])
+  return directory
+
+
 HF_WEIGHTS = (("model.safetensors.index.json", "model.safetensors"),
               ("pytorch_model.bin.index.json", "pytorch_model.bin"))
 
