@@ -245,6 +245,38 @@ def check_token_ids(name: str, ids, vocab_size: int) -> None:
                        f"ids in [{values.min()}, {values.max()}]")
 
 
+def square_size(size, name: str) -> int:
+  """A config's image or patch size as one int: ``[s, s]`` -> s; a non-square one refused."""
+  if isinstance(size, (list, tuple)):
+    if len(set(size)) != 1:
+      raise bad_argument(f"vision_config.{name}", "a square size", size, ConfigError)
+    size = size[0]
+  return int(size)
+
+
+def embed_text(text_tower, input_ids, inputs_embeds=None):
+  """(B, L) ids [, (B, L, width) embeddings replacing the lookup] -> (B, L, width): token plus
+  position embeddings of a text tower with ``config``, ``token_embedding`` and
+  ``position_embedding``, after checking the ids (shape, length, vocabulary) and the
+  replacement's shape."""
+  cfg = text_tower.config
+  input_ids = jnp.asarray(input_ids)
+  if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
+    raise bad_argument("input_ids", "a (batch, length) integer array",
+                       f"shape {input_ids.shape} dtype {input_ids.dtype}")
+  batch, length = input_ids.shape
+  if not 1 <= length <= cfg.max_position_embeddings:
+    raise bad_argument("input_ids", f"length in [1, {cfg.max_position_embeddings}]", length)
+  check_token_ids("input_ids", input_ids, cfg.vocab_size)
+  if inputs_embeds is None:
+    inputs_embeds = text_tower.token_embedding(input_ids)
+  elif inputs_embeds.shape != (batch, length, cfg.hidden_size):
+    raise bad_argument("inputs_embeds", f"shape {(batch, length, cfg.hidden_size)}",
+                       inputs_embeds.shape)
+  positions = text_tower.position_embedding.embedding[:length]
+  return inputs_embeds + positions.astype(inputs_embeds.dtype)
+
+
 def check_images(images, image_size: int) -> None:
   shape = tuple(images.shape)
   if len(shape) != 4:

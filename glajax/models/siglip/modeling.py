@@ -24,7 +24,6 @@ from the embedding. The text head (text width -> D) is ``text_projection_kernel`
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from typing import Any
@@ -35,9 +34,10 @@ from flax import nnx
 
 from glajax.errors import ConfigError, bad_argument
 from glajax.models.family import ModelSpec
-from glajax.models.layers import (MLP, Block, attend, check_images, check_sizes, check_token_ids,
-                                  check_tower, init_compiled, l2_normalise,
-                                  resize_vision_positions, run_blocks)
+from glajax.models import checkpoints
+from glajax.models.layers import (MLP, Block, attend, check_images, check_sizes, check_tower,
+                                  embed_text, init_compiled, l2_normalise,
+                                  resize_vision_positions, run_blocks, square_size)
 
 MEAN = (0.5, 0.5, 0.5)   # big_vision's value_range(-1, 1); transformers' SiglipImageProcessor
 STD = (0.5, 0.5, 0.5)
@@ -148,16 +148,7 @@ class SiglipConfig:
     SigLIP 2 NaFlex's ``"siglip2"``, a vision tower alone), no attention-pooling head, a
     non-square or non-RGB input.
     """
-    if hasattr(config, "to_dict"):
-      config = config.to_dict()
-    if not isinstance(config, dict):
-      path = os.path.join(config, "config.json") if os.path.isdir(config) else os.fspath(config)
-      try:
-        with open(path) as f:
-          config = json.load(f)
-      except (OSError, json.JSONDecodeError) as e:
-        raise bad_argument("config", "a readable SigLIP config.json", f"{path} ({e})",
-                           ConfigError) from None
+    config = checkpoints.config_dict(config, "SigLIP")
     model_type = config.get("model_type")
     if model_type == "siglip2":
       raise bad_argument("config", "a fixed-resolution SigLIP / SigLIP 2 config (model_type "
@@ -181,8 +172,8 @@ class SiglipConfig:
     if isinstance(text.get("eos_token_id"), (list, tuple)):
       text["eos_token_id"] = text["eos_token_id"][0]
     vision = {k: vision[k] for k in _VISION_HF_KEYS}
-    vision["image_size"] = _square(vision["image_size"], "image_size")
-    vision["patch_size"] = _square(vision["patch_size"], "patch_size")
+    vision["image_size"] = square_size(vision["image_size"], "image_size")
+    vision["patch_size"] = square_size(vision["patch_size"], "patch_size")
     return cls(vision=SiglipVisionConfig(**vision),
                text=SiglipTextConfig(**{k: text[k] for k in _TEXT_HF_KEYS}),
                tokenizer=config.get(TOKENIZER_KEY))
@@ -234,14 +225,6 @@ class SiglipConfig:
                    pad_token_id=0, bos_token_id=None, eos_token_id=1), **tower, **(text or {})}
     return cls(vision=SiglipVisionConfig(**vision), text=SiglipTextConfig(**text),
                **{"tokenizer": "bytes", **top})
-
-
-def _square(size, name: str) -> int:
-  if isinstance(size, (list, tuple)):
-    if len(set(size)) != 1:
-      raise bad_argument(f"vision_config.{name}", "a square size", size, ConfigError)
-    size = size[0]
-  return int(size)
 
 
 def _norm(cfg, dtype, param_dtype, rngs):
@@ -355,25 +338,8 @@ class TextTransformer(nnx.Module):
   def __call__(self, input_ids, inputs_embeds=None):
     """(B, L) ids [, (B, L, width) embeddings replacing the lookup] -> (B, width): the final-LN
     state at position L - 1, before ``head``."""
-    cfg = self.config
-    input_ids = jnp.asarray(input_ids)
-    if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
-      raise bad_argument("input_ids", "a (batch, length) integer array",
-                         f"shape {input_ids.shape} dtype {input_ids.dtype}")
-    batch, length = input_ids.shape
-    if not 1 <= length <= cfg.max_position_embeddings:
-      raise bad_argument("input_ids", f"length in [1, {cfg.max_position_embeddings}] (SigLIP "
-                         f"pools at the last position: pad to {cfg.max_position_embeddings})",
-                         length)
-    check_token_ids("input_ids", input_ids, cfg.vocab_size)
-    if inputs_embeds is None:
-      inputs_embeds = self.token_embedding(input_ids)
-    elif inputs_embeds.shape != (batch, length, cfg.hidden_size):
-      raise bad_argument("inputs_embeds", f"shape {(batch, length, cfg.hidden_size)}",
-                         inputs_embeds.shape)
-    positions = self.position_embedding.embedding[:length]
-    h = inputs_embeds + positions.astype(inputs_embeds.dtype)
-    h = self.final_layer_norm(run_blocks(self.layers, h, cfg.remat))
+    h = embed_text(self, input_ids, inputs_embeds)
+    h = self.final_layer_norm(run_blocks(self.layers, h, self.config.remat))
     return h[:, -1]
 
 

@@ -29,14 +29,14 @@ BYTE_SPECIALS = ("<pad>", "</s>", "<unk>")
 def byte_tokenizer():
   """The tiny models' tokenizer as a transformers fast tokenizer: each UTF-8 byte one token
   (GPT-2's byte-to-character map, no merges) after the special tokens, </s> appended."""
-  from tokenizers import Tokenizer as Raw, decoders, models, pre_tokenizers, processors  # noqa  (transformers' own dependency, for tokenizers only)
+  import tokenizers  # noqa  (transformers' tokenizers package: tokenizers only)
   from transformers import PreTrainedTokenizerFast  # noqa  (transformers: tokenizers only)
-  alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-  vocab = {token: i for i, token in enumerate([*BYTE_SPECIALS, *alphabet])}
-  raw = Raw(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-  raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-  raw.decoder = decoders.ByteLevel()
-  raw.post_processor = processors.TemplateProcessing(
+  byte_level = tokenizers.pre_tokenizers.ByteLevel
+  vocab = {token: i for i, token in enumerate([*BYTE_SPECIALS, *sorted(byte_level.alphabet())])}
+  raw = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+  raw.pre_tokenizer = byte_level(add_prefix_space=False, use_regex=False)
+  raw.decoder = tokenizers.decoders.ByteLevel()
+  raw.post_processor = tokenizers.processors.TemplateProcessing(
       single="$A </s>", special_tokens=[("</s>", vocab["</s>"])])
   tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>", eos_token="</s>",
                                       unk_token="<unk>", model_max_length=CONTEXT_LENGTH)

@@ -180,3 +180,11 @@ def test_wise_ft_end_to_end_and_interpolation(tokenizer, tmp_path):
   half = M.wise_ft(p_zs, p_ft, 0.5)
   jax.tree.map(lambda h, a, b: np.testing.assert_allclose(h, (a + b) / 2, atol=1e-6),
                half, p_zs, p_ft)
+
+
+def test_prompt_tuning_is_refused_by_name(tokenizer):
+  """GLA's prompt tuning places residuals on the tokens before the EOS a CLIP pools at; SigLIP
+  pools at the last position, so the recipe refuses it before any work."""
+  from glajax import InputError  # noqa: E402
+  with pytest.raises(InputError, match="EOS.*siglip"):
+    recipes.prompt_tuning_task(_siglip(), tokenizer, NAMES, recipes.prompt_tuning())
