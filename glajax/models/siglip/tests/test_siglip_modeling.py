@@ -1,7 +1,7 @@
 """The Flax NNX SigLIP module on its own: configs, real-size shapes, the sigmoid logits, the MAP
 head's split into ``image_features`` and W_o, text pooling, remat, bfloat16, resizing.
 
-Parity with transformers' PyTorch SiglipModel is in test_params_hf.py.
+Parity with transformers' PyTorch SiglipModel is in test_siglip_params_hf.py.
 """
 import dataclasses
 
