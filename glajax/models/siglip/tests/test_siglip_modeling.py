@@ -35,9 +35,8 @@ def _ids(n=3, seed=0):
   return np.random.default_rng(seed).integers(0, 259, size=(n, 64)).astype(np.int32)
 
 
-def _count(config):
-  model = nnx.eval_shape(lambda: SigLIP(config, rngs=nnx.Rngs(0)))
-  return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+def _count(module):
+  return sum(x.size for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
 
 
 # The published configs (config.json of each hub repo; missing keys are transformers' defaults).
@@ -63,7 +62,8 @@ PRESETS = {"base_p16_224": SiglipConfig.base_p16_224(), "so400m_p14_384":
            SiglipConfig.so400m_p14_384(), "siglip2_base_p16_224": SiglipConfig.base_p16_224(256000)}
 
 
-@pytest.mark.parametrize("name", list(PUBLISHED))
+@pytest.mark.parametrize("name", ["base_p16_224", "siglip2_base_p16_224",
+                                  pytest.param("so400m_p14_384", marks=pytest.mark.slow)])
 def test_real_size_parameter_counts(name):
   """nnx.eval_shape of each preset has transformers' count for the published config, built on
   torch's meta device (no memory), and from_hf of that config gives the preset."""
@@ -73,13 +73,12 @@ def test_real_size_parameter_counts(name):
   with torch.device("meta"):
     theirs = transformers.SiglipModel(config)
   assert sum(p.numel() for p in theirs.parameters()) == COUNTS[name]
-  assert _count(PRESETS[name]) == COUNTS[name]
+  shapes = nnx.eval_shape(lambda: SigLIP(PRESETS[name], rngs=nnx.Rngs(0)))
+  assert _count(shapes) == COUNTS[name]
   assert SiglipConfig.from_hf(config) == PRESETS[name]
   if name == "so400m_p14_384":
     tower = sum(p.numel() for p in theirs.vision_model.parameters())
-    shapes = nnx.eval_shape(lambda: SigLIP(PRESETS[name], rngs=nnx.Rngs(0)))
-    assert tower == 428_225_600 == sum(
-        x.size for x in jax.tree.leaves(nnx.state(shapes.vision_model, nnx.Param)))
+    assert tower == 428_225_600 == _count(shapes.vision_model)
     assert shapes.vision_model.position_embedding.embedding.shape == (27 * 27, 1152)
 
 
@@ -159,6 +158,7 @@ def test_bad_inputs(model):
     model.encode_image(np.zeros((1, 3, 32, 32), np.float32))
 
 
+@pytest.mark.slow
 def test_remat_gives_the_same_values_and_gradients():
   images, ids = _images(), _ids(2)
   results = []
