@@ -2,7 +2,10 @@
 SigLIP), as used by WiSE-FT and GLA.
 
   w_c = normalise(mean_t normalise(f_text(template_t(class_c))));  W = exp(logit_scale) * stack(w_c)
-  logits = normalise(f_image(x)) @ W^T
+  logits = normalise(f_image(x)) @ W^T [+ logit_bias]
+
+The model's logit bias (SigLIP's b: σ(logits) are its pairwise match probabilities; None for
+CLIP) joins as the head's bias: ``heads.LinearHead.from_zeroshot(W, model.logit_bias)``.
 """
 from __future__ import annotations
 

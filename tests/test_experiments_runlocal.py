@@ -218,10 +218,14 @@ def test_absent_class(spec, tmp_path):
   assert not any(name.startswith("pcv") for name in result["final_models"])
 
 
-@pytest.mark.parametrize("method", ["flyp", "carot"])
-def test_contrastive(method, tmp_path):
-  workdir, result = _run(f"{method}:runlocal", tmp_path)
-  config = experiments.load(f"{method}:runlocal")
+SIGLIP = ",model.checkpoints=('tiny-siglip',)"   # the tiny SigLIP instead of the tiny CLIP
+
+
+@pytest.mark.parametrize("method, model", [("flyp", ""), ("carot", ""), ("flyp", SIGLIP),
+                                           ("carot", SIGLIP)])
+def test_contrastive(method, model, tmp_path):
+  workdir, result = _run(f"{method}:runlocal{model}", tmp_path)
+  config = experiments.load(f"{method}:runlocal{model}")
   logits, labels = _cached(workdir, method, config.data.shifts[0])
   probs = special.softmax(logits, axis=-1)
   confidence, correct = probs.max(-1), probs.argmax(-1) == labels
@@ -237,6 +241,25 @@ def test_contrastive(method, tmp_path):
     assert (carot["lambda_oc"], carot["lambda_sd"], carot["lambda_vt"]) == (0.2, 1.5, 0.05)
     markdown = (workdir / "report.md").read_text()
     assert "| `carot.lambda_vt` | `0.05` |" in markdown and "| `recipe` | `carot` |" in markdown
+  if model == SIGLIP:
+    _check_sigmoid_run(workdir, method, config)
+
+
+def _check_sigmoid_run(workdir, method, config):
+  """SigLIP's run: the sigmoid loss with t and b trained (the logged and the exported b moved
+  from the tiny model's -10), CaRot's terms logged; the zero-shot logits are SigLIP's own,
+  exp(t)·cos + b with t = log 10 and b = -10: within [-20, 0]."""
+  from safetensors.numpy import load_file
+  (run,) = [d for d in (workdir / "runs").iterdir() if d.name.startswith(method)]
+  lines = [json.loads(line) for line in open(run / "metrics.jsonl")]
+  assert {"sigmoid_loss", "logit_bias"} <= set(lines[-1]) and "clip_loss" not in lines[-1]
+  if method == "carot":
+    assert {"orthogonality", "self_distillation", "cross_projection"} <= set(lines[-1])
+  start = load_file(workdir / "models" / "tiny-siglip_0" / "model.safetensors")["logit_bias"]
+  final = load_file(workdir / "final" / method / "model.safetensors")["logit_bias"]
+  assert start == -10.0 and final != start and lines[-1]["logit_bias"] != -10.0
+  zs, _ = _cached(workdir, "zeroshot", config.data.test)
+  assert zs.max() <= 1e-4 and zs.min() >= -20 - 1e-4 and zs.mean() < -5
 
 
 def test_wise_ft_linear_classifier_on_cached_features(tmp_path):
@@ -283,3 +306,35 @@ def test_resnet_clip_end_to_end(spec, tmp_path):
     assert result["results"]["trained"] == "CaRot"
   else:
     assert {"finetuned", "wise_ft_alpha0.5"} <= set(result["final_models"])
+
+
+
+
+def test_wise_ft_end_to_end_on_siglip(tmp_path):
+  """WiSE-FT's end-to-end recipe on the tiny SigLIP: the exported α = 0.5 model is halfway
+  between the zero-shot checkpoint and the fine-tuned one, tensor by tensor, the head's bias
+  halfway from SigLIP's b = -10; the text tower, t and b are not trained; accuracies are the
+  cached logits'."""
+  from safetensors.numpy import load_file
+  spec = f"wise_ft:runlocal{SIGLIP}"
+  workdir, result = _run(spec, tmp_path)
+  config = experiments.load(spec)
+  zs = load_file(workdir / "models" / "tiny-siglip_0" / "model.safetensors")
+  ft = load_file(workdir / "final" / "finetuned" / "model.safetensors")
+  half = load_file(workdir / "final" / "wise_ft_alpha0.5" / "model.safetensors")
+  assert set(zs) == set(ft) == set(half)
+  for key in zs:
+    np.testing.assert_allclose(half[key], (zs[key] + ft[key]) / 2, atol=1e-6, err_msg=key)
+    if key.startswith("text_model.") or key.startswith("logit_"):
+      np.testing.assert_array_equal(ft[key], zs[key], err_msg=key)
+  assert not np.array_equal(ft["vision_model.head.probe"], zs["vision_model.head.probe"])
+  with np.load(workdir / "final" / "finetuned" / "head.npz") as trained, \
+       np.load(workdir / "final" / "wise_ft_alpha0.5" / "head.npz") as mid:
+    np.testing.assert_allclose(mid["bias"], (trained["bias"] - 10.0) / 2, atol=1e-6)
+  rows = _rows(result)
+  for label, tag in (("zero-shot (α=0)", "zeroshot"), ("fine-tuned (α=1)", "finetuned"),
+                     ("WiSE-FT α=0.5", "wise0.5")):
+    logits, labels = _cached(workdir, tag, config.data.test)
+    assert rows[label]["ID"] == pytest.approx(_accuracy(logits, labels), abs=1e-9)
+  zs_logits, _ = _cached(workdir, "zeroshot", config.data.test)
+  assert zs_logits.max() <= 1e-4 and zs_logits.min() >= -20 - 1e-4   # exp(t)·cos + b

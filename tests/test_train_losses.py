@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from glajax.errors import InputError
 from glajax.models import heads
@@ -78,6 +79,93 @@ def test_clip_contrastive_loss(rng):
   want = 0.5 * (_np_ce(logits, ids) + _np_ce(logits.T, ids))
   got = jax.jit(losses.clip_contrastive_loss)(img, txt, scale)
   np.testing.assert_allclose(got, want, 1e-5, 1e-5)
+
+
+def _np_log_sigmoid(x):
+  return -np.logaddexp(0.0, -x)
+
+
+def _np_sigmoid_loss(img, txt, scale, bias):
+  """−(1/B) Σ_ij log σ(z_ij (exp(t)·cos_ij + b)), z = +1 on the diagonal, −1 off it."""
+  logits = _np_contrastive_logits(img, txt, scale) + np.float64(bias)
+  signs = 2 * np.eye(len(img)) - 1
+  return float(-_np_log_sigmoid(signs * logits).sum() / len(img))
+
+
+class _OpenClipSigLipLoss:
+  """open_clip's ``SigLipLoss`` on one process (mlfoundations/open_clip ``src/open_clip/loss.py``
+  at 89fb801: ``get_ground_truth``, ``get_logits``, ``_loss``), ported to torch as is; it takes
+  normalised features and the exponentiated scale, as open_clip's models return them."""
+
+  def __init__(self, torch):
+    self.torch = torch
+
+  def get_ground_truth(self, device, dtype, num_logits, negative_only=False):
+    labels = -self.torch.ones((num_logits, num_logits), device=device, dtype=dtype)
+    if not negative_only:
+      labels = 2 * self.torch.eye(num_logits, device=device, dtype=dtype) + labels
+    return labels
+
+  def get_logits(self, image_features, text_features, logit_scale, logit_bias=None):
+    logits = logit_scale * image_features @ text_features.T
+    if logit_bias is not None:
+      logits += logit_bias
+    return logits
+
+  def __call__(self, image_features, text_features, logit_scale, logit_bias):
+    logits = self.get_logits(image_features, text_features, logit_scale, logit_bias)
+    labels = self.get_ground_truth(image_features.device, image_features.dtype,
+                                   image_features.shape[0])
+    return -self.torch.nn.functional.logsigmoid(labels * logits).sum() / image_features.shape[0]
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+def test_sigmoid_loss_against_numpy(rng, batch):
+  img, txt = rng.normal(size=(2, batch, 6)).astype(np.float32)
+  scale, bias = np.float32(np.log(10.0)), np.float32(-10.0)   # SigLIP's initialisation
+  got = jax.jit(losses.sigmoid_loss)(img, txt, scale, bias)
+  np.testing.assert_allclose(got, _np_sigmoid_loss(img.astype(np.float64), txt, scale, bias),
+                             1e-5, 1e-5)
+  np.testing.assert_allclose(jax.jit(losses.sigmoid_logits)(img, txt, scale, bias),
+                             _np_contrastive_logits(img, txt, scale) + bias, 1e-5, 1e-5)
+
+
+def test_sigmoid_loss_and_its_gradients_equal_open_clips(rng):
+  """The loss and its gradients with respect to the features, t and b (which open_clip #1076
+  found unused under the CLIP loss) against open_clip's SigLipLoss in torch."""
+  torch = pytest.importorskip("torch")
+  img, txt = rng.normal(size=(2, 12, 7))
+  scale, bias = 2.1, -3.4
+  got, grads = jax.jit(jax.value_and_grad(losses.sigmoid_loss, argnums=(0, 1, 2, 3)))(
+      *(np.asarray(a, np.float32) for a in (img, txt, scale, bias)))
+  leaves = [torch.tensor(a, dtype=torch.float64, requires_grad=True)
+            for a in (img, txt, scale, bias)]
+  t_img, t_txt, t_scale, t_bias = leaves
+  normalise = torch.nn.functional.normalize
+  want = _OpenClipSigLipLoss(torch)(normalise(t_img, dim=-1), normalise(t_txt, dim=-1),
+                                    t_scale.exp(), t_bias)
+  want.backward()
+  np.testing.assert_allclose(got, want.item(), 1e-5, 1e-5)
+  for ours, leaf, name in zip(grads, leaves, ("image", "text", "logit_scale", "logit_bias")):
+    np.testing.assert_allclose(ours, leaf.grad.numpy(), rtol=1e-4, atol=1e-5, err_msg=name)
+  assert abs(float(grads[3])) > 1e-3   # b is trained
+
+
+def test_sigmoid_self_distillation_loss(rng):
+  s_img, s_txt, t_img, t_txt = rng.normal(size=(4, 6, 5)).astype(np.float32)
+  s_scale, s_bias, t_scale, t_bias = (np.float32(v) for v in (2.0, -1.0, 3.5, -4.0))
+  s = _np_contrastive_logits(s_img, s_txt, s_scale) + s_bias
+  p = 1 / (1 + np.exp(-(_np_contrastive_logits(t_img, t_txt, t_scale) + t_bias)))
+  want = -(p * _np_log_sigmoid(s) + (1 - p) * _np_log_sigmoid(-s)).sum() / 6
+  args = (s_img, s_txt, s_scale, s_bias, t_img, t_txt, t_scale, t_bias)
+  got = jax.jit(losses.sigmoid_self_distillation_loss)(*args)
+  np.testing.assert_allclose(got, want, 1e-5, 1e-5)
+  # The teacher is a constant; a student that predicts what the teacher does gets no gradient.
+  grad = jax.grad(losses.sigmoid_self_distillation_loss, argnums=(4, 5, 6, 7))(*args)
+  assert all(float(jnp.abs(g).max()) == 0.0 for g in grad)
+  same = (t_img, t_txt, t_scale, t_bias, t_img, t_txt, t_scale, t_bias)
+  grad = jax.grad(losses.sigmoid_self_distillation_loss, argnums=(0, 1, 2, 3))(*same)
+  assert max(float(jnp.abs(g).max()) for g in grad) < 1e-5
 
 
 def test_orthogonality_penalty_is_frobenius_not_squared(rng):
@@ -156,6 +244,11 @@ def test_linear_head_from_zeroshot_gives_zeroshot_logits(rng):
   f = rng.normal(size=(7, 6)).astype(np.float32)
   head = heads.LinearHead.from_zeroshot(zs)
   np.testing.assert_allclose(head(f), _np_normalize(f) @ zs.T, 1e-5, 1e-5)
+  # SigLIP: exp(t)·cos + b, the model's logit bias on every class
+  biased = heads.LinearHead.from_zeroshot(zs, nnx.Param(jnp.asarray(-3.5)))
+  np.testing.assert_allclose(biased(f), _np_normalize(f) @ zs.T - 3.5, 1e-5, 1e-5)
+  with pytest.raises(InputError, match="logit_bias"):
+    heads.LinearHead.from_zeroshot(zs, np.zeros(2))
 
 
 def _official_carot_ema_run(params_per_step, total, every, src, tar, warm_up):

@@ -251,18 +251,23 @@ def manual_dir_of(config, name: str):
 # ------------------------------------------------------------------------------- validation
 
 
-def _check_patch_size(checkpoint: str, patch_size, image_size) -> None:
-  if patch_size and image_size % patch_size:
+def _check_patch_size(checkpoint: str, patch_size, image_size, own_size=None) -> None:
+  """``image_size`` is a multiple of the patch size, or the checkpoint's own (SigLIP So400m/14
+  at 384 px: 27 patches, the last 6 pixels unused)."""
+  if patch_size and image_size % patch_size and image_size != own_size:
     raise bad_argument("data.image_size", f"a multiple of {checkpoint}'s patch size "
-                       f"{patch_size}", repr(image_size), ConfigError)
+                       f"{patch_size}" + (f" or its own {own_size}" if own_size else ""),
+                       repr(image_size), ConfigError)
 
 
-def _local_patch_size(path: Path):
+def _local_vision_sizes(path: Path):
+  """(patch size, image size) of a local checkpoint's ``config.json``, or Nones."""
   try:
     with open(path / "config.json") as f:
-      return json.load(f).get("vision_config", {}).get("patch_size")
+      vision = json.load(f).get("vision_config", {})
+    return vision.get("patch_size"), vision.get("image_size")
   except (OSError, ValueError, AttributeError):
-    return None  # load_clip reports a broken checkpoint, naming it
+    return None, None  # the family's loader reports a broken checkpoint, naming it
 
 
 def _check_checkpoint(checkpoint: str, check_files: bool, image_size: int = 0) -> None:
@@ -288,7 +293,8 @@ def _check_checkpoint(checkpoint: str, check_files: bool, image_size: int = 0) -
     except CheckpointError as e:
       raise bad_argument("model.checkpoints", "a checkpoint of a glajax model family",
                          f"{checkpoint!r}: {e}", CheckpointError) from None
-    _check_patch_size(checkpoint, _local_patch_size(path), image_size)
+    patch_size, own_size = _local_vision_sizes(path)
+    _check_patch_size(checkpoint, patch_size, image_size, own_size)
     return
   if check_files:
     models.locate(checkpoint)

@@ -231,12 +231,14 @@ class Experiment:
             registry.get(ref.dataset).templates)
 
   def zeroshot_classifier(self, backbone, checkpoint: str, ref: roles.DataRef, templates=None):
-    """The model + ``LinearHead.from_zeroshot(zeroshot_head(...))`` for the classes of ``ref``."""
+    """The model + ``LinearHead.from_zeroshot(zeroshot_head(...), logit_bias)`` for the classes
+    of ``ref`` (the model's own zero-shot logits, SigLIP's bias included)."""
     classnames, default_templates = self.classes(ref)
     head = glajax.zeroshot_head(backbone, self.tokenizer(checkpoint), classnames,
                                 templates or default_templates, show_progress=self.config.progress,
                                 desc=f"{self.config.experiment}: zero-shot head ({ref.dataset})")
-    return heads.ImageClassifier(backbone, heads.LinearHead.from_zeroshot(np.asarray(head)))
+    return heads.ImageClassifier(backbone, heads.LinearHead.from_zeroshot(
+        np.asarray(head), backbone.logit_bias))
 
   # ------------------------------------------------------------------------------- data
 

@@ -28,7 +28,7 @@ from flax import nnx
 from huggingface_hub import snapshot_download
 from safetensors import safe_open
 
-from glajax.errors import CheckpointError, bad_argument
+from glajax.errors import CheckpointError, ConfigError, bad_argument
 
 MAX_PROBLEMS = 40  # listed in a CheckpointError; the count says how many there are in all
 
@@ -128,6 +128,29 @@ class Table:
     return out
 
 
+# transformers' two-tower layout shared by CLIP and SigLIP: each tower's pre-LN encoder layers,
+# its token / position embeddings and its final LayerNorm (slots and rows of a ``Table``).
+HF_TOWER_SLOTS = {
+    "tower": r"vision|text",
+    "i": r"\d+",
+    "linear": r"self_attn\.(?:q|k|v|out)_proj|mlp\.fc[12]",
+    "ln": r"layer_norm[12]",
+    "embedding": r"token_embedding|position_embedding",
+    "final_ln": r"post_layernorm|final_layer_norm",
+}
+HF_TOWER_ROWS = (
+    ("{tower}_model.encoder.layers.{i}.{linear}.weight", "{tower}_model.layers.{i}.{linear}.kernel",
+     "linear"),
+    ("{tower}_model.encoder.layers.{i}.{linear}.bias", "{tower}_model.layers.{i}.{linear}.bias",
+     "same"),
+    ("{tower}_model.encoder.layers.{i}.{ln}.weight", "{tower}_model.layers.{i}.{ln}.scale", "same"),
+    ("{tower}_model.encoder.layers.{i}.{ln}.bias", "{tower}_model.layers.{i}.{ln}.bias", "same"),
+    ("{tower}_model.embeddings.{embedding}.weight", "{tower}_model.{embedding}.embedding", "same"),
+    ("{tower}_model.{final_ln}.weight", "{tower}_model.{final_ln}.scale", "same"),
+    ("{tower}_model.{final_ln}.bias", "{tower}_model.{final_ln}.bias", "same"),
+)
+
+
 def _cut(problems: list[str]) -> list[str]:
   more = len(problems) - MAX_PROBLEMS
   return problems[:MAX_PROBLEMS] + ([f"... and {more} more"] if more > 0 else [])
@@ -194,6 +217,16 @@ def resolve_checkpoint(path_or_hub_id: str | os.PathLike, allow_patterns=None,
                        f"{path!r}: no such directory, and the hub said {type(e).__name__}: {e} "
                        f"(HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')})",
                        CheckpointError) from None
+
+
+def hub_directory(path_or_hub_id, patterns) -> str:
+  """The local directory of a transformers-format checkpoint: as is, or its hub snapshot of the
+  files matching ``patterns`` (with its PyTorch weights when the repo has no safetensors)."""
+  directory = resolve_checkpoint(path_or_hub_id, allow_patterns=list(patterns))
+  if not has_weights(directory) and not os.path.isdir(path_or_hub_id):
+    directory = resolve_checkpoint(path_or_hub_id,
+                                   allow_patterns=[*patterns, "pytorch_model*.bin"])
+  return directory
 
 
 HF_WEIGHTS = (("model.safetensors.index.json", "model.safetensors"),
@@ -305,6 +338,23 @@ def read_json(directory: str, name: str) -> dict:
     raise bad_argument("checkpoint", f"a JSON object in {name}",
                        f"{type(value).__name__} in {path}", CheckpointError)
   return value
+
+
+def config_dict(config, what: str) -> dict:
+  """A model's config as a dict: ``config`` itself, a transformers config (``to_dict``), a
+  ``config.json`` file or its directory; an unreadable file is a ConfigError naming ``what``
+  ("CLIP", "SigLIP")."""
+  if hasattr(config, "to_dict"):
+    return config.to_dict()
+  if isinstance(config, dict):
+    return config
+  path = os.path.join(config, "config.json") if os.path.isdir(config) else os.fspath(config)
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise bad_argument("config", f"a readable {what} config.json", f"{path} ({e})",
+                       ConfigError) from None
 
 
 def describe(path: str) -> str:

@@ -10,8 +10,10 @@ classifiers, recipes, prompt tuning, WiSE-FT, exports and the runner use only th
     normalised as ``spec`` says;
   - ``image_features(images)`` -> (B, W) float32, the pooled feature before the projection
     (LIFT's cosine head);
-  - ``image_projection_kernel()`` -> the (W, D) kernel of that projection (None: no linear
-    projection, e.g. a supervised classifier);
+  - ``image_projection_kernel()`` -> the (W, D) kernel of that projection (CaRot's W_v; None: no
+    linear projection, e.g. a supervised classifier). An attention-pooled tower without a final
+    projection (SigLIP's MAP head) gives its pool's feature before the pool's output projection,
+    and that projection's kernel;
   - with a text tower: ``encode_text(ids, inputs_embeds=None)`` -> (B, D),
     ``embed_tokens(ids)`` -> (B, L, width) (prompt tuning replaces them) and
     ``text_projection_kernel()``;

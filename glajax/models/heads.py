@@ -2,7 +2,8 @@
 to one.
 
 * :class:`LinearHead` on L2-normalised projected features, initialised from the zero-shot head
-  (WiSE-FT, Wortsman et al. 2022): at initialisation its logits are the zero-shot logits.
+  (WiSE-FT, Wortsman et al. 2022): at initialisation its logits are the zero-shot logits, with
+  the model's logit bias where it has one (SigLIP: exp(t)·cos + b).
 * :class:`CosineClassifier` with scale 25 on the pre-projection CLS feature, initialised from text
   features mapped back through the visual projection as LIFT does (backdoor adjustment, Chen et
   al. 2025, on shijxcs/LIFT).
@@ -43,9 +44,19 @@ class LinearHead(nnx.Module):
                           else jnp.asarray(bias, jnp.float32))
 
   @classmethod
-  def from_zeroshot(cls, zeroshot_head):
-    """W = headᵀ, b = 0 for a (C, D) zero-shot head already scaled by exp(logit_scale)."""
-    return cls(_as_matrix("zeroshot_head", zeroshot_head).T)
+  def from_zeroshot(cls, zeroshot_head, logit_bias=None):
+    """W = headᵀ for a (C, D) zero-shot head already scaled by exp(logit_scale); b = the model's
+    ``logit_bias`` (a scalar parameter or array: SigLIP's b) for every class, or 0 (None: CLIP).
+    """
+    kernel = _as_matrix("zeroshot_head", zeroshot_head).T
+    if logit_bias is None:
+      return cls(kernel)
+    bias = np.asarray(logit_bias[...] if isinstance(logit_bias, nnx.Variable) else logit_bias,
+                      np.float32)
+    if bias.size != 1:
+      raise bad_argument("logit_bias", "a scalar (the model's logit bias) or None",
+                         f"shape {bias.shape}")
+    return cls(kernel, np.full(kernel.shape[1], bias.reshape(()), np.float32))
 
   def __call__(self, features):
     return l2_normalise(features.astype(jnp.float32)) @ self.kernel[...] + self.bias[...]

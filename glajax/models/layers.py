@@ -6,6 +6,7 @@ small helpers every tower uses.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 import warnings
@@ -244,6 +245,38 @@ def check_token_ids(name: str, ids, vocab_size: int) -> None:
                        f"ids in [{values.min()}, {values.max()}]")
 
 
+def square_size(size, name: str) -> int:
+  """A config's image or patch size as one int: ``[s, s]`` -> s; a non-square one refused."""
+  if isinstance(size, (list, tuple)):
+    if len(set(size)) != 1:
+      raise bad_argument(f"vision_config.{name}", "a square size", size, ConfigError)
+    size = size[0]
+  return int(size)
+
+
+def embed_text(text_tower, input_ids, inputs_embeds=None):
+  """(B, L) ids [, (B, L, width) embeddings replacing the lookup] -> (B, L, width): token plus
+  position embeddings of a text tower with ``config``, ``token_embedding`` and
+  ``position_embedding``, after checking the ids (shape, length, vocabulary) and the
+  replacement's shape."""
+  cfg = text_tower.config
+  input_ids = jnp.asarray(input_ids)
+  if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
+    raise bad_argument("input_ids", "a (batch, length) integer array",
+                       f"shape {input_ids.shape} dtype {input_ids.dtype}")
+  batch, length = input_ids.shape
+  if not 1 <= length <= cfg.max_position_embeddings:
+    raise bad_argument("input_ids", f"length in [1, {cfg.max_position_embeddings}]", length)
+  check_token_ids("input_ids", input_ids, cfg.vocab_size)
+  if inputs_embeds is None:
+    inputs_embeds = text_tower.token_embedding(input_ids)
+  elif inputs_embeds.shape != (batch, length, cfg.hidden_size):
+    raise bad_argument("inputs_embeds", f"shape {(batch, length, cfg.hidden_size)}",
+                       inputs_embeds.shape)
+  positions = text_tower.position_embedding.embedding[:length]
+  return inputs_embeds + positions.astype(inputs_embeds.dtype)
+
+
 def check_images(images, image_size: int) -> None:
   shape = tuple(images.shape)
   if len(shape) != 4:
@@ -268,13 +301,43 @@ def l2_normalise(x):
   return x / xp.maximum(xp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
-def resize_position_embedding(table, new_grid: int):
-  """(1 + g^2, D) -> (1 + new_grid^2, D): bicubic resize of the patch grid; CLS row kept."""
-  num_patches = table.shape[0] - 1
-  grid = math.isqrt(num_patches)
-  if grid * grid != num_patches:
-    raise bad_argument("table", "1 + a square number of rows", table.shape)
-  patches = table[1:].reshape(grid, grid, table.shape[1])
+def resize_position_embedding(table, new_grid: int, prefix: int = 1):
+  """(prefix + g^2, D) -> (prefix + new_grid^2, D): bicubic resize of the patch grid; the
+  ``prefix`` rows before it (CLIP's CLS: 1; SigLIP has none: 0) kept."""
+  num_patches = table.shape[0] - prefix
+  grid = math.isqrt(max(num_patches, 0))
+  if grid * grid != num_patches or grid == 0:
+    raise bad_argument("table", f"{prefix} + a square number of rows", table.shape)
+  patches = table[prefix:].reshape(grid, grid, table.shape[1])
   patches = jax.image.resize(patches.astype(jnp.float32), (new_grid, new_grid, table.shape[1]),
                              method="bicubic")
-  return jnp.concatenate([table[:1], patches.reshape(-1, table.shape[1]).astype(table.dtype)])
+  return jnp.concatenate([table[:prefix], patches.reshape(-1, table.shape[1]).astype(table.dtype)])
+
+
+def resize_vision_positions(model, image_size: int, prefix: int = 1):
+  """Sets ``model`` (in place, and returns it) to take ``image_size`` px images: the position
+  table of its ``vision_model`` resized bicubically (``resize_position_embedding``, its
+  ``prefix`` rows kept) and ``config.vision.image_size`` set. For ViT towers whose config has
+  ``patch_size`` and ``grid_size``."""
+  vision = model.config.vision
+  if (isinstance(image_size, bool) or not isinstance(image_size, numbers.Integral)
+      or image_size < 1 or image_size % vision.patch_size):
+    raise bad_argument("image_size", f"a positive multiple of the patch size {vision.patch_size}",
+                       repr(image_size))
+  new_vision = dataclasses.replace(vision, image_size=image_size)
+  table = model.vision_model.position_embedding.embedding
+  table.set_value(resize_position_embedding(table[...], new_vision.grid_size, prefix))
+  model.vision_model.position_embedding.num_embeddings = prefix + new_vision.grid_size**2
+  model.vision_model.config = new_vision
+  model.config = dataclasses.replace(model.config, vision=new_vision)
+  return model
+
+
+def init_compiled(build):
+  """The module ``build()`` makes (the same weights, to float rounding), its initialisers
+  compiled as one unoptimised XLA program that runs once: a few seconds instead of the eager
+  constructor's compiling of ~100 small kernels."""
+  graphdef, _ = nnx.split(nnx.eval_shape(build))
+  init = jax.jit(lambda: nnx.state(build())).lower().compile(
+      compiler_options={"xla_backend_optimization_level": 0})
+  return nnx.merge(graphdef, init())

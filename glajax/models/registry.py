@@ -10,10 +10,13 @@ from __future__ import annotations
 import os
 
 from glajax.errors import CheckpointError, ConfigError, InputError, bad_argument
-from glajax.models import checkpoints, clip
+from glajax.models import checkpoints, clip, siglip
 from glajax.models.family import Family, ModelSpec
 
+# Formats are tried in this order: SigLIP's detection (model_type "siglip") before CLIP's, which
+# also takes any config with both tower configs (old CLIP files).
 FAMILIES: dict[str, Family] = {f.name: f for f in (
+    siglip.FAMILY,
     clip.FAMILY,
 )}
 

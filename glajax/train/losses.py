@@ -2,10 +2,12 @@
 
 * cross-entropy with label smoothing (WiSE-FT recipe, Wortsman et al. 2022);
 * logit-adjusted CE(z + τ·log π_train, y) (Menon et al. 2021; from ``glajax.methods``);
-* the symmetric CLIP contrastive loss (FLYP, Goyal et al. 2023);
+* the symmetric CLIP contrastive loss (FLYP, Goyal et al. 2023) and SigLIP's pairwise sigmoid
+  loss (Zhai et al. 2023), each model fine-tuned with the loss it was pre-trained with;
 * CaRot's terms (Oh et al., NeurIPS 2024): orthogonality ‖W_vᵀW_v − I‖_F, EMA
-  self-distillation L_SD, and the teacher's momentum schedule and update timing
-  (``carot_teacher_update``, from MLAI-Yonsei/CaRot ``src/models/carot_loss.py``).
+  self-distillation L_SD (softmax, and its sigmoid counterpart for SigLIP), and the teacher's
+  momentum schedule and update timing (``carot_teacher_update``, from MLAI-Yonsei/CaRot
+  ``src/models/carot_loss.py``).
 """
 from __future__ import annotations
 
@@ -18,8 +20,9 @@ from glajax.models.layers import l2_normalise
 from glajax.methods.adjust import logit_adjusted_loss  # CE(z + τ·log π_train, y), Menon et al.
 
 __all__ = ["cross_entropy", "logit_adjusted_loss", "contrastive_logits", "clip_contrastive_loss",
-           "orthogonality_penalty", "projection_cross_penalty", "self_distillation_loss",
-           "teacher_momentum", "ema_update", "carot_teacher_update"]
+           "sigmoid_logits", "sigmoid_loss", "orthogonality_penalty", "projection_cross_penalty",
+           "self_distillation_loss", "sigmoid_self_distillation_loss", "teacher_momentum",
+           "ema_update", "carot_teacher_update"]
 
 
 def cross_entropy(logits, labels, label_smoothing: float = 0.0, where=None):
@@ -50,6 +53,27 @@ def clip_contrastive_loss(image_features, text_features, logit_scale):
   logits = contrastive_logits(image_features, text_features, logit_scale)
   labels = jnp.arange(logits.shape[0])
   return 0.5 * (cross_entropy(logits, labels) + cross_entropy(logits.T, labels))
+
+
+def sigmoid_logits(image_features, text_features, logit_scale, logit_bias):
+  """SigLIP's pairwise logits exp(t)·norm(f_img)·norm(f_txt)ᵀ + b, (B_img, B_txt)."""
+  return (contrastive_logits(image_features, text_features, logit_scale)
+          + logit_bias.astype(jnp.float32))
+
+
+def sigmoid_loss(image_features, text_features, logit_scale, logit_bias):
+  """SigLIP's pairwise sigmoid loss over the B × B pairs of a batch:
+
+    L = −(1/B) Σ_ij log σ(z_ij · (exp(t)·cos_ij + b)),  z_ij = +1 if i = j, −1 otherwise,
+
+  t the log-scale, b the bias (both trained). big_vision ``trainers/proj/image_text/siglip.py``
+  (``m1_diag1``, ``log_sigmoid``, sum over texts, mean over images); open_clip ``SigLipLoss``.
+  Under ``jax.jit`` on a mesh the batch is the global one, the pairs open_clip's
+  neighbour exchange sums across ranks.
+  """
+  logits = sigmoid_logits(image_features, text_features, logit_scale, logit_bias)
+  signs = 2.0 * jnp.eye(logits.shape[0], logits.shape[1], dtype=logits.dtype) - 1.0
+  return -jnp.sum(jax.nn.log_sigmoid(signs * logits)) / logits.shape[0]
 
 
 def orthogonality_penalty(projection_kernel):
@@ -83,6 +107,29 @@ def self_distillation_loss(student_image, student_text, student_logit_scale,
   teacher = jax.lax.stop_gradient(
       contrastive_logits(teacher_image, teacher_text, teacher_logit_scale))
   return _soft_cross_entropy(teacher, student) + _soft_cross_entropy(teacher.T, student.T)
+
+
+def sigmoid_self_distillation_loss(student_image, student_text, student_logit_scale,
+                                   student_logit_bias, teacher_image, teacher_text,
+                                   teacher_logit_scale, teacher_logit_bias):
+  """CaRot's L_SD for a model pre-trained with the sigmoid loss (SigLIP): the teacher's pair
+  probabilities p_ij = σ(teacher logit_ij) as soft targets of the pairwise loss,
+
+    L = −(1/B) Σ_ij [p_ij log σ(s_ij) + (1 − p_ij) log σ(−s_ij)],
+
+  s the student's ``sigmoid_logits``. CaRot distils the teacher's predictions in the form its
+  training loss scores them (CLIP: row-wise softmax distributions, ``self_distillation_loss``);
+  under the sigmoid loss each pair is its own Bernoulli prediction, so its targets are the
+  teacher's pair probabilities; like CaRot's term, its gradient vanishes where the student
+  predicts what the teacher does. Each model uses its own scale and bias; the teacher is a
+  constant.
+  """
+  student = sigmoid_logits(student_image, student_text, student_logit_scale, student_logit_bias)
+  teacher = jax.lax.stop_gradient(sigmoid_logits(teacher_image, teacher_text,
+                                                 teacher_logit_scale, teacher_logit_bias))
+  p = jax.nn.sigmoid(teacher)
+  pairs = p * jax.nn.log_sigmoid(student) + (1.0 - p) * jax.nn.log_sigmoid(-student)
+  return -jnp.sum(pairs) / student.shape[0]
 
 
 def teacher_momentum(step, total_steps: int, start: float = 0.05, end: float = 0.9,

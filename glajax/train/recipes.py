@@ -22,7 +22,8 @@ use::
 
   config = recipes.finetune()
   recipes.set_total_steps(config, num_train_examples)
-  task = recipes.classifier_task(model, LinearHead.from_zeroshot(head), config)
+  task = recipes.classifier_task(model, LinearHead.from_zeroshot(head, model.logit_bias),
+                                 config)
   model, state = engine.fit(task.model, task.loss_fn, config, data, workdir,
                             evaluators={"val": (val_batches, task.logits_fn)},
                             eval_model=task.eval_model, export=task.export)
@@ -354,15 +355,49 @@ def prompt_ids(backbone, tokenizer, prompts) -> np.ndarray:
   return ids if eos is None else trim_to_longest(ids, eos)
 
 
-def contrastive_task(backbone, tokenizer, classnames, templates, config) -> Task:
-  """FLYP, and CaRot when ``config.carot`` has non-zero weights:
+def _contrastive_loss(loss: str, model, image, text):
+  """The pre-training loss of ``model.backbone`` (its ``spec.loss``) on a batch, with its
+  metrics: CLIP's symmetric softmax loss, or SigLIP's sigmoid loss with ``logit_bias``."""
+  backbone = model.backbone
+  scale = backbone.logit_scale[...]
+  metrics = {"logit_scale": scale.astype(jnp.float32)}
+  if loss == "sigmoid":
+    bias = backbone.logit_bias[...]
+    metrics.update(sigmoid_loss=losses.sigmoid_loss(image, text, scale, bias),
+                   logit_bias=bias.astype(jnp.float32))
+    return metrics["sigmoid_loss"], metrics
+  metrics["clip_loss"] = losses.clip_contrastive_loss(image, text, scale)
+  return metrics["clip_loss"], metrics
 
-  L = L_CLIP + λ_OC·‖W_vᵀW_v − I‖_F + λ_SD·L_SD(teacher) [+ λ_VT·‖W_v W_tᵀ‖_F],
-  each image paired with a random template of its class name. Evaluation rebuilds the zero-shot
-  head from the fine-tuned text tower with every template (``glajax.zeroshot_head``).
+
+def _self_distillation(loss: str, model, teacher, image, text, batch, text_ids):
+  """CaRot's L_SD against the EMA teacher in the form of the model's loss (``losses``:
+  ``self_distillation_loss`` for softmax, ``sigmoid_self_distillation_loss`` for sigmoid)."""
+  student, teacher = model.backbone, teacher.backbone
+  teacher_terms = (teacher.encode_image(batch["image"]), teacher.encode_text(text_ids))
+  if loss == "sigmoid":
+    return losses.sigmoid_self_distillation_loss(
+        image, text, student.logit_scale[...], student.logit_bias[...], *teacher_terms,
+        teacher.logit_scale[...], teacher.logit_bias[...])
+  return losses.self_distillation_loss(image, text, student.logit_scale[...], *teacher_terms,
+                                       teacher.logit_scale[...])
+
+
+def contrastive_task(backbone, tokenizer, classnames, templates, config) -> Task:
+  """FLYP, and CaRot when ``config.carot`` has non-zero weights, with the model's own
+  pre-training loss (``spec.loss``: CLIP's softmax, SigLIP's sigmoid with ``logit_bias``
+  trained):
+
+  L = L_contrastive + λ_OC·‖W_vᵀW_v − I‖_F + λ_SD·L_SD(teacher) [+ λ_VT·‖W_v W_tᵀ‖_F],
+  each image paired with a random template of its class name. W_v is the family's
+  ``image_projection_kernel`` (SigLIP: its MAP head's output projection, as CaRot's code takes
+  the attention pool's ``c_proj`` of ResNet towers). Evaluation rebuilds the zero-shot head from
+  the fine-tuned text tower with every template (``glajax.zeroshot_head``), with the model's
+  logit bias.
   """
   _needs_text(backbone, "contrastive")
   weights = config.carot
+  loss_name = registry.spec_of(backbone).loss
   classnames, templates = list(classnames), list(templates)
   if not templates or not all(isinstance(t, str) and "{}" in t for t in templates):
     raise bad_argument("templates", "a non-empty list of format strings with '{}'",
@@ -372,10 +407,7 @@ def contrastive_task(backbone, tokenizer, classnames, templates, config) -> Task
 
   def loss_fn(model, batch, rng, teacher=None):
     image, text, text_ids = _contrastive_terms(model, batch, rng)
-    scale = model.backbone.logit_scale[...]
-    clip_loss = losses.clip_contrastive_loss(image, text, scale)
-    metrics = {"clip_loss": clip_loss, "logit_scale": scale.astype(jnp.float32)}
-    loss = clip_loss
+    loss, metrics = _contrastive_loss(loss_name, model, image, text)
     w_v = model.backbone.image_projection_kernel()
     if weights.lambda_oc:
       metrics["orthogonality"] = losses.orthogonality_penalty(w_v)
@@ -385,15 +417,15 @@ def contrastive_task(backbone, tokenizer, classnames, templates, config) -> Task
           w_v, model.backbone.text_projection_kernel())
       loss = loss + weights.lambda_vt * metrics["cross_projection"]
     if weights.lambda_sd:
-      metrics["self_distillation"] = losses.self_distillation_loss(
-          image, text, scale, teacher.backbone.encode_image(batch["image"]),
-          teacher.backbone.encode_text(text_ids), teacher.backbone.logit_scale[...])
+      metrics["self_distillation"] = _self_distillation(loss_name, model, teacher, image, text,
+                                                        batch, text_ids)
       loss = loss + weights.lambda_sd * metrics["self_distillation"]
     return loss, metrics
 
   def eval_model(model):
     head = zeroshot_head(model.backbone, tokenizer, classnames, templates, show_progress=False)
-    return ImageClassifier(model.backbone, LinearHead.from_zeroshot(head))
+    return ImageClassifier(model.backbone,
+                           LinearHead.from_zeroshot(head, model.backbone.logit_bias))
 
   def teacher_update(teacher, params, step):  # read at trace time: total_steps is set by then
     return losses.carot_teacher_update(teacher, params, step, total_steps=config.total_steps,
