@@ -6,12 +6,12 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from glajax import DatasetError, InputError
-from glajax.data import pipeline, preprocess, registry
+from glajax.data import pipeline, registry, transforms
 from glajax import parallel as mesh_lib
 from conftest import needs_devices
 
-_LOW = (0 - np.asarray(preprocess.CLIP_MEAN)) / np.asarray(preprocess.CLIP_STD)
-_HIGH = (1 - np.asarray(preprocess.CLIP_MEAN)) / np.asarray(preprocess.CLIP_STD)
+_LOW = (0 - np.asarray(transforms.CLIP_MEAN)) / np.asarray(transforms.CLIP_STD)
+_HIGH = (1 - np.asarray(transforms.CLIP_MEAN)) / np.asarray(transforms.CLIP_STD)
 
 
 def _numbered(n, size=(20, 30)):
@@ -23,7 +23,7 @@ def _numbered(n, size=(20, 30)):
 
 def _identity(image_batch):
   """Recovers i from a normalised constant image of level 10·i."""
-  level = image_batch[..., 0] * preprocess.CLIP_STD[0] + preprocess.CLIP_MEAN[0]
+  level = image_batch[..., 0] * transforms.CLIP_STD[0] + transforms.CLIP_MEAN[0]
   return np.rint(level.reshape(len(image_batch), -1).mean(axis=1) * 255 / 10).astype(int)
 
 

@@ -1,4 +1,5 @@
-"""tf.data input pipelines: CLIP preprocessing, per-process slices, global batches on the mesh.
+"""tf.data input pipelines: the recipes' preprocessing, per-process slices, global batches on the
+mesh.
 
 Every example has an index: its position in the split, in TFDS's stored order (the order
 ``read_labels`` returns and ``subsample`` selects from). Each process reads its own contiguous
@@ -21,7 +22,7 @@ from typing import Iterator, NamedTuple
 import jax
 import numpy as np
 
-from glajax.data import builders, preprocess, registry, world  # world: its TFDS builder
+from glajax.data import builders, preprocess, registry, transforms, world  # world: its TFDS builder
 from glajax.data.preprocess import tf  # TensorFlow, imported and kept off the GPUs there
 from glajax.errors import DatasetError, bad_argument
 from glajax import parallel as mesh_lib
@@ -164,6 +165,14 @@ def _check_batch_size(batch_size: int, mesh) -> int:
   return local
 
 
+def _checked(transform, kind):
+  """``transform`` if it is a ``kind`` (``transforms.TrainTransform`` or ``EvalTransform``)."""
+  if not isinstance(transform, kind):
+    raise bad_argument("transform", f"a glajax.data.transforms.{kind.__name__}",
+                       type(transform).__name__)
+  return transform
+
+
 def _batches(ds: tf.data.Dataset, what: str) -> Iterator[dict]:
   """NumPy batches; TF errors while reading (corrupt images, bad labels) -> DatasetError."""
   iterator = ds.as_numpy_iterator()
@@ -211,10 +220,12 @@ def _keep_rows(ds, indices, offset: int, size: int, counts):
 
 
 def eval_batches(name_or_dataset, *, split: str | None = None, batch_size: int,
-                 image_size: int = 224, indices=None, mesh=None, data_dir=None,
-                 manual_dir=None) -> Iterator[dict]:
+                 image_size: int = 224, transform: transforms.EvalTransform = transforms.CLIP_EVAL,
+                 normalization: transforms.Normalization = transforms.CLIP_NORMALIZATION,
+                 indices=None, mesh=None, data_dir=None, manual_dir=None) -> Iterator[dict]:
   """Every example of ``split`` (default: the eval split; ``indices``: only those positions of
-  it, in order) exactly once, CLIP-preprocessed.
+  it, in order) exactly once, preprocessed by ``transform`` (e.g. the recipe's; default CLIP's
+  Resize(S, bicubic) + CenterCrop(S)) at image size S = ``image_size`` and ``normalization``.
 
   Yields {"image": (B, S, S, 3) float32, "label": (B,) int32, "mask": (B,) bool,
   "index": (B,) int32}; the last batches are padded (mask False, index -1), and every process
@@ -222,17 +233,21 @@ def eval_batches(name_or_dataset, *, split: str | None = None, batch_size: int,
   tf.data.Dataset of {"image": encoded bytes or uint8 (H, W, 3), "label"}.
   """
   local = _check_batch_size(batch_size, mesh)
+  transform = _checked(transform, transforms.EvalTransform)
+  normalization = transforms.as_normalization(normalization)
   ds, info, offset, size, counts = _local_examples(name_or_dataset, split, data_dir, manual_dir)
   if indices is not None:
     ds, _, counts = _keep_rows(ds, indices, offset, size, counts)
   border = info.border_crop if info else 0
 
-  def transform(ex):
-    return {"image": preprocess.eval_transform(_uint8_image(ex["image"]), image_size, border),
+  def prepare(ex):
+    image = preprocess.eval_transform(_uint8_image(ex["image"]), image_size, transform,
+                                      normalization, border)
+    return {"image": image,
             "label": tf.cast(ex["label"], tf.int32), "mask": tf.constant(True),
             "index": tf.cast(ex["index"], tf.int32)}
 
-  ds = ds.map(transform, num_parallel_calls=AUTOTUNE).batch(local).prefetch(AUTOTUNE)
+  ds = ds.map(prepare, num_parallel_calls=AUTOTUNE).batch(local).prefetch(AUTOTUNE)
   what = info.name if info else "dataset"
   yielded = 0
   for batch in _batches(ds, what):
@@ -247,13 +262,16 @@ def eval_batches(name_or_dataset, *, split: str | None = None, batch_size: int,
 
 
 def train_batches(name_or_dataset, *, batch_size: int, seed: int, split: str | None = None,
-                  image_size: int = 224, flip: bool = True, scale=(0.9, 1.0), indices=None,
-                  start_step: int = 0, shuffle_buffer: int = 10_000, mesh=None, data_dir=None,
-                  manual_dir=None) -> Iterator[dict]:
+                  image_size: int = 224,
+                  transform: transforms.TrainTransform = transforms.CLIP_TRAIN,
+                  normalization: transforms.Normalization = transforms.CLIP_NORMALIZATION,
+                  indices=None, start_step: int = 0, shuffle_buffer: int = 10_000, mesh=None,
+                  data_dir=None, manual_dir=None) -> Iterator[dict]:
   """Endless shuffled, augmented batches {"image", "label"} of ``split`` (default: train split).
 
-  RandomResizedCrop(image_size, scale, bicubic) + optional flip + CLIP normalisation; shuffling
-  and augmentation are a function of (seed, step) only. ``indices``: positions in the split to
+  ``transform`` (the recipe's RandomResizedCrop(image_size, scale, ratio, interpolation) [+
+  flip]; default CLIP's: scale 0.9–1, bicubic, no flip) + ``normalization``; shuffling and
+  augmentation are a function of (seed, step) only. ``indices``: positions in the split to
   train on (from ``subsample``); ``start_step``: resume at that step (see the module docstring);
   ``shuffle_buffer``: encoded examples held for shuffling (TFDS already shuffled the records
   when it wrote them).
@@ -261,6 +279,8 @@ def train_batches(name_or_dataset, *, batch_size: int, seed: int, split: str | N
   local = _check_batch_size(batch_size, mesh)
   if start_step < 0:
     raise bad_argument("start_step", "a step >= 0", start_step)
+  transform = _checked(transform, transforms.TrainTransform)
+  normalization = transforms.as_normalization(normalization)
   info = _info_of(name_or_dataset)
   if info is not None and split is None:
     if info.train_split is None:
@@ -284,7 +304,8 @@ def train_batches(name_or_dataset, *, batch_size: int, seed: int, split: str | N
     return shuffled.enumerate().map(lambda i, ex: (tf.stack([epoch_seed, i]), ex))
 
   def augment(example_seed, ex):  # bytes go in as they are: of a JPEG only the crop is decoded
-    image = preprocess.train_transform(ex["image"], image_size, example_seed, flip, scale)
+    image = preprocess.train_transform(ex["image"], image_size, example_seed, transform,
+                                       normalization)
     return {"image": image, "label": tf.cast(ex["label"], tf.int32)}
 
   stream = (tf.data.Dataset.range(start_epoch, np.iinfo(np.int64).max).flat_map(epoch)
