@@ -174,3 +174,22 @@ def test_array_batches_shuffle_each_epoch_resume_and_split_over_processes(monkey
   np.testing.assert_array_equal(np.concatenate(halves), labels[0])
   with pytest.raises(InputError, match="arrays"):
     next(pipeline.array_batches({"x": np.zeros(3), "label": np.zeros(4)}, batch_size=2, seed=0))
+
+
+def test_read_order_gives_each_example_its_position_in_the_files():
+  """CIFAR's TFDS ``id`` ("train_01234") read in stored order: the permutation the CIFAR-LT draw
+  maps through (``subsample.long_tail_indices(order=...)``)."""
+  positions = np.random.default_rng(0).permutation(12)
+
+  def as_dataset(self, split, decoders=None, **kwargs):
+    del self, decoders, kwargs
+    assert split == "train"
+    return tf.data.Dataset.from_tensor_slices({
+        "id": [f"train_{p:05d}" for p in positions], "label": positions % 5,
+        "image": np.zeros((12, 4, 4, 3), np.uint8)})
+
+  with tfds.testing.mock_data(as_dataset_fn=as_dataset):
+    order = pipeline.read_order("cifar100", "train")
+  np.testing.assert_array_equal(order, positions)
+  assert order.dtype == np.int64
+  assert pipeline.read_order("dtd", "train") is None  # no order key: TFDS's order is used

@@ -361,6 +361,23 @@ def read_labels(name_or_dataset, split: str | None = None, data_dir=None,
   return np.concatenate(labels).astype(np.int32) if labels else np.zeros(0, np.int32)
 
 
+def read_order(name_or_dataset, split: str | None = None, data_dir=None,
+               manual_dir=None) -> np.ndarray | None:
+  """(N,) int64: each example's position in the dataset's own files, in index order, from the
+  registry's ``order_key`` feature ("train_01234" -> 1234; TFDS's CIFAR keeps the order of the
+  original binary files, the order torchvision's pickles have); None without one."""
+  info = _info_of(name_or_dataset)
+  if info is None or info.order_key is None:
+    return None
+  builder = tfds_builder(info, data_dir, manual_dir)
+  ds = _read(builder, info, split or info.train_split or info.eval_split)
+  ds = ds.map(lambda ex: tf.strings.to_number(
+      tf.strings.regex_replace(ex[info.order_key], r"^.*\D", ""), tf.int64),
+      num_parallel_calls=AUTOTUNE)
+  order = [b for b in _batches(ds.batch(4096), info.name)]
+  return np.concatenate(order) if order else np.zeros(0, np.int64)
+
+
 def class_names(name_or_info, data_dir=None, manual_dir=None) -> tuple[str, ...]:
   """The registry's class names, or (when it has none) those stored with the prepared dataset,
   with "_" and "/" turned into spaces."""

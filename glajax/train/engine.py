@@ -300,7 +300,7 @@ class BestSelection:
             "params": {p: x for p, x in _flat(params).items() if labels[p] != FROZEN}}
 
   def update(self, kept: dict, step: int, model, params, mesh) -> dict:
-    score = float(self.score(model))
+    score = float(np.float32(self.score(model)))  # as the checkpoints hold it
     self.history.append((step, score))
     if not score > float(np.asarray(kept["score"].addressable_data(0))):
       return kept

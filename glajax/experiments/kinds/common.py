@@ -72,6 +72,7 @@ class Lazy:
 def zeroshot_tag(exp, checkpoint: str, classes_ref: roles.DataRef, templates=None) -> str:
   """The cache tag of a zero-shot classifier: its checkpoint and its classes' prompts."""
   names, default = exp.classes(classes_ref)
+  exp.note_prompts(f"zero-shot head ({classes_ref.dataset})", templates or default)
   return f"zeroshot-{exp.key(checkpoint, names, list(templates or default))}"
 
 
