@@ -11,13 +11,10 @@ an argument (:class:`Normalization`; CLIP's values are the default, ``CLIP_NORMA
   /255 -> Normalize(mean, std).
 
 Decoding is PIL's: JPEGs with libjpeg's accurate integer IDCT (``dct_method=
-"INTEGER_ACCURATE"``, PIL's default ``JDCT_ISLOW``), equal to PIL bit for bit. Resizing is PIL's
-separable resample: an antialiased horizontal pass (bilinear: triangle filter; bicubic: Keys
-a = -0.5), rounded and clipped to uint8, then the vertical pass, rounded and clipped (Pillow
-``Resample.c``: ``ImagingResample`` runs the two passes through a uint8 image); PIL's fixed-point
-coefficients leave at most 1 grey level of difference (2 where bicubic enlarges), on under 1 %
-of the pixels (tests/test_data_preprocess.py). Images are HWC; outputs float32. Random ops take
-a stateless seed (shape (2,) int), so a crop depends on the seed only. ``train_transform`` also
+"INTEGER_ACCURATE"``, PIL's default ``JDCT_ISLOW``), equal to PIL bit for bit. Resizing uses PIL's
+antialiased filters (bilinear: triangle; bicubic: Keys a = -0.5) in one float pass, rounded and
+clipped like PIL's uint8 result (:func:`resize` says how far from PIL). Images are HWC; outputs
+float32. Random ops take a stateless seed (shape (2,) int), so a crop depends on the seed only. ``train_transform`` also
 takes encoded bytes: a JPEG's crop window is then the only part decoded (same pixels as decoding
 it all); benchmarks/results/pipeline_cpu.md has the throughput.
 """
@@ -76,17 +73,19 @@ def crop_border(image: tf.Tensor, pixels: int) -> tf.Tensor:
 
 def resize(image: tf.Tensor, height, width, interpolation: str = "bicubic") -> tf.Tensor:
   """PIL's ``Image.resize((width, height), BILINEAR | BICUBIC)`` of a uint8 (or integer-valued)
-  image: the antialiased horizontal pass, rounded and clipped to [0, 255], then the vertical pass,
-  rounded and clipped (Pillow ``Resample.c``). Returns float32 integer values."""
+  image: TF's antialiased resize with PIL's filters (triangle; Keys a = −0.5), rounded and clipped
+  to [0, 255] as PIL's uint8 result. Returns float32 integer values.
+
+  PIL (Pillow ``Resample.c``) runs two passes through a uint8 image with fixed-point
+  coefficients; one float pass differs from it by at most 1 grey level with bilinear, and with
+  bicubic by at most 4 when shrinking and ~12 on a few edge pixels when enlarging (where PIL clips
+  the first pass's overshoot): see tests/test_data_preprocess.py. Two rounded passes would come
+  within 1 level but cost 2–3× the time (benchmarks/results/pipeline_cpu.md).
+  """
   check_interpolation("interpolation", interpolation)
-
-  def rounded(x):
-    return tf.clip_by_value(tf.round(x), 0.0, 255.0)
-
-  across = tf.image.resize(image, tf.stack([tf.shape(image)[0], width]), method=interpolation,
-                           antialias=True)
-  return rounded(tf.image.resize(rounded(across), tf.stack([height, width]),
-                                 method=interpolation, antialias=True))
+  resized = tf.image.resize(image, tf.stack([height, width]), method=interpolation,
+                            antialias=True)
+  return tf.clip_by_value(tf.round(resized), 0.0, 255.0)
 
 
 def resize_short_side(image: tf.Tensor, size: int, interpolation: str = "bicubic") -> tf.Tensor:

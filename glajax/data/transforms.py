@@ -99,27 +99,29 @@ def _eval_fields(values, key: str) -> dict:
               interpolation=check_interpolation(f"{prefix}interpolation", values["interpolation"]))
 
 
-def _set_fields(instance, fields: dict) -> None:
-  for name, value in fields.items():
-    object.__setattr__(instance, name, value)
+class _Checked:
+  """A frozen dataclass whose fields ``_checked(values, key)`` validates and normalises, on
+  construction and in :meth:`from_dict` (whose errors name ``key.<field>``)."""
+
+  def __post_init__(self):
+    for name, value in self._checked(dataclasses.asdict(self), "").items():
+      object.__setattr__(self, name, value)
+
+  @classmethod
+  def from_dict(cls, values: Mapping, key: str = "transform"):
+    """From a config's dict (e.g. ``train.transform.train``); errors name ``key.<field>``."""
+    return cls(**cls._checked(values, key))
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainTransform:
+class TrainTransform(_Checked):
   """torchvision's ``RandomResizedCrop(S, scale, ratio, interpolation)``, then
   ``RandomHorizontalFlip()`` when ``flip``; S is the run's image size."""
   scale: tuple[float, float]
   interpolation: str
   flip: bool
   ratio: tuple[float, float] = RATIO
-
-  def __post_init__(self):
-    _set_fields(self, _train_fields(dataclasses.asdict(self), ""))
-
-  @classmethod
-  def from_dict(cls, values: Mapping, key: str = "transform.train") -> "TrainTransform":
-    """From a config's dict (``train.transform.train``); errors name ``key.<field>``."""
-    return cls(**_train_fields(values, key))
+  _checked = staticmethod(_train_fields)
 
   def describe(self, size: int) -> str:
     """torchvision's spelling, e.g. ``RandomResizedCrop(224, scale=(0.9, 1), ratio=(0.75,
@@ -130,21 +132,14 @@ class TrainTransform:
 
 
 @dataclasses.dataclass(frozen=True)
-class EvalTransform:
+class EvalTransform(_Checked):
   """torchvision's ``Resize(resize, interpolation)`` (short side) + ``CenterCrop(crop)`` as the
   official code states them at crop = 224; at another image size S: Resize(⌊S·resize/crop⌋) +
   CenterCrop(S), the same crop fraction (LIFT's ``Resize(resolution * 8 // 7)``: 256/224 = 8/7)."""
   resize: int
   crop: int
   interpolation: str
-
-  def __post_init__(self):
-    _set_fields(self, _eval_fields(dataclasses.asdict(self), ""))
-
-  @classmethod
-  def from_dict(cls, values: Mapping, key: str = "transform.eval") -> "EvalTransform":
-    """From a config's dict (``train.transform.eval``); errors name ``key.<field>``."""
-    return cls(**_eval_fields(values, key))
+  _checked = staticmethod(_eval_fields)
 
   def resize_for(self, size: int) -> int:
     """The short side before the center crop at image size ``size``: ⌊size·resize/crop⌋."""

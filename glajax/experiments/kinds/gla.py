@@ -95,16 +95,8 @@ def _models(exp, checkpoint: str, train, selection=None):
   use = exp.use("fine-tuning")
   ref = common.train_ref(exp.config)
   templates = _templates(exp)
-  zs_tag = common.zeroshot_tag(exp, checkpoint, ref, templates)
-
-  def zeroshot():
-    return exp.zeroshot_classifier(exp.load_clip(checkpoint, train), checkpoint, ref, templates)
-
   if exp.config.train.recipe != "prompt_tuning":
-    run = exp.run_key("finetuned", train, checkpoint, use)
-    models = common.Lazy(zs=zeroshot, ft=lambda: common.finetuned(exp, models.zs, run, use, train,
-                                                                  export="finetuned"))
-    return models, {"zs": zs_tag, "ft": run}
+    return common.classifier_models(exp, checkpoint, use, train, "finetuned", templates)
   final = exp.config.gla.get("final_model", "last_step")
   run = exp.run_key("prompt_tuned", train, checkpoint, use, final)
   exp.note_prompts("prompt-tuning initialisation", [train.template])
@@ -115,8 +107,9 @@ def _models(exp, checkpoint: str, train, selection=None):
     select = selection() if final == "best_val" and selection is not None else None
     return exp.fit(run, task, train, use, export="prompt_tuned", select=select)
 
-  models = common.Lazy(zs=zeroshot, ft=prompt_tuned)
-  return models, {"zs": zs_tag, "ft": run}
+  models = common.Lazy(zs=lambda: common.zeroshot(exp, checkpoint, ref, train, templates),
+                       ft=prompt_tuned)
+  return models, {"zs": common.zeroshot_tag(exp, checkpoint, ref, templates), "ft": run}
 
 
 @nnx.jit
