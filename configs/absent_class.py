@@ -6,6 +6,8 @@ oracle γ (best on test) is for reference. Datasets (the arg): imagenet_r (100 s
 imagenet_sketch (500 / 500), office_home (a folder: pass ``data.manual_dir``; domain ``art``
 unless ``clipart``, ``product`` or ``real_world`` is given). A dataset's one labelled split is
 divided per class (seeded) into fine-tuning pool and test set (``absent_class.test_fraction``).
+The authors (OSU-MLB) released no data code: images go through the transforms of the recipe this
+runs, WiSE-FT's ``finetune`` (RandomResizedCrop 0.9–1 bicubic, no flip; Resize 224 + CenterCrop).
 
   glajax run configs/absent_class.py:imagenet_r --workdir ~/runs/absent_r
   glajax run configs/absent_class.py:office_home,clipart,data.manual_dir=~/data --workdir ...

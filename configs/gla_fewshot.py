@@ -1,14 +1,24 @@
 r"""GLA few-shot (Zhu et al., NeurIPS 2023): prompt tuning on k = 1, 2, 4, 8, 16 shots per class
 of one of CoOp's eleven transfer datasets, then the GLA ensemble. As the official GLA.FS code:
 the prior is estimated on the zero-shot logits of the k training shots and the validation shots,
-and the fine-tuned model's temperature is matched on the validation shots (min(k, 4) per class
-from the dataset's validation split, or, for ImageNet and datasets without one, k more shots of
-the training split, disjoint from the training shots). The dataset is the arg, the shots an
+and the fine-tuned model's temperature is matched on the validation shots: k more shots of the
+ImageNet training split, disjoint from the training shots (``generate_fewshot_train_val``);
+min(k, 4) per class from the validation split of CoOp's other datasets (their
+``datasets/*.py``; datasets without one of their own here: the training split, disjoint).
+Zero-shot heads use GLA.FS's ``ENSEMBLE_TEMPLATES[dataset]`` and prompt tuning starts from
+``CUSTOM_TEMPLATES[dataset]`` (``trainers/util.py``). The dataset is the arg, the shots an
 override:
 
   glajax run configs/gla_fewshot.py:dtd,gla.shots=4 --workdir ~/runs/gla_dtd_4shot
   glajax run configs/gla_fewshot.py:runlocal --workdir /tmp/gla_fewshot
+
+The recipe: ``gla.fewshot_recipe="vit_b16_ep50"`` (``vit_b16_ep50.yaml``: batch 32, lr 2e-3, the
+last epoch's model) or ``"rn50_ep50"``, the one ``scripts/gla.sh`` ran for the published table
+(``rn50_ep50_shot{k}.yaml``: batch 32·k, lr 2e-5 / 4e-5 / 1e-4 / 2e-4 / 4e-4 for k = 1 / 2 / 4 /
+8 / 16, 50 epochs) with ``gla.final_model="best_val"`` (the epoch of best GLA accuracy on the
+validation shots) and an RN50 checkpoint.
 """
+from glajax.data import registry
 from glajax.experiments import config as C
 
 SHOTS = (1, 2, 4, 8, 16)
@@ -30,9 +40,11 @@ def get_config(arg=None):
       validation=f"{dataset}@{VALIDATION[dataset]}" if dataset in VALIDATION else train,
       shifts=C.IMAGENET_SHIFTS if dataset == "imagenet2012" else ())
   config.train = C.recipe("prompt_tuning")
-  # ImageNet: k validation shots from the training split; elsewhere min(k, 4) (val_shots = 0).
-  config.gla = dict(shots=16, val_shots=16 if dataset == "imagenet2012" else 0, long_tail=False,
-                    match_confidence=True, prior_data="training")
+  config.train.template = registry.gla_init_template(dataset)
+  # Validation shots: gla.val_shots, or min(k, val_shots_max) (0: k, ImageNet's).
+  config.gla = dict(shots=16, val_shots=0, val_shots_max=0 if dataset == "imagenet2012" else 4,
+                    long_tail=False, match_confidence=True, prior_data="training",
+                    templates="gla", fewshot_recipe="vit_b16_ep50", final_model="last_step")
   if dataset == "imagenet2012":  # the official readme's RN50 logs: GLA accuracy per k
     config.published.update(table="gla/fewshot_rn50_imagenet", rows=(("GLA", "{shots}"),))
   else:
@@ -40,5 +52,5 @@ def get_config(arg=None):
   if "runlocal" in args:
     C.runlocal(config, shifts=())
     config.data.validation = config.data.train
-    config.gla.update(shots=1, val_shots=1)
+    config.gla.update(shots=1, templates="clip")
   return config

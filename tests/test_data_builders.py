@@ -6,7 +6,7 @@ from PIL import Image
 
 from glajax import DatasetError
 from glajax.data import builders, pipeline, registry
-from glajax.data.preprocess import CLIP_MEAN, CLIP_STD
+from glajax.data.transforms import CLIP_MEAN, CLIP_STD
 
 
 def _write(path, level, size=(24, 32), border=None):

@@ -6,12 +6,12 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from glajax import DatasetError, InputError
-from glajax.data import pipeline, preprocess, registry
+from glajax.data import pipeline, registry, transforms
 from glajax import parallel as mesh_lib
 from conftest import needs_devices
 
-_LOW = (0 - np.asarray(preprocess.CLIP_MEAN)) / np.asarray(preprocess.CLIP_STD)
-_HIGH = (1 - np.asarray(preprocess.CLIP_MEAN)) / np.asarray(preprocess.CLIP_STD)
+_LOW = (0 - np.asarray(transforms.CLIP_MEAN)) / np.asarray(transforms.CLIP_STD)
+_HIGH = (1 - np.asarray(transforms.CLIP_MEAN)) / np.asarray(transforms.CLIP_STD)
 
 
 def _numbered(n, size=(20, 30)):
@@ -23,7 +23,7 @@ def _numbered(n, size=(20, 30)):
 
 def _identity(image_batch):
   """Recovers i from a normalised constant image of level 10·i."""
-  level = image_batch[..., 0] * preprocess.CLIP_STD[0] + preprocess.CLIP_MEAN[0]
+  level = image_batch[..., 0] * transforms.CLIP_STD[0] + transforms.CLIP_MEAN[0]
   return np.rint(level.reshape(len(image_batch), -1).mean(axis=1) * 255 / 10).astype(int)
 
 
@@ -206,3 +206,22 @@ def test_shards_give_the_same_global_batches_on_any_process_count(monkeypatch):
   for bad in (3, 0, 16):   # not a multiple of the processes; none; not dividing the batch
     with pytest.raises(InputError, match="shards"):
       next(pipeline.train_batches(_numbered(22), batch_size=8, seed=0, shards=bad))
+
+
+def test_read_order_gives_each_example_its_position_in_the_files():
+  """CIFAR's TFDS ``id`` ("train_01234") read in stored order: the permutation the CIFAR-LT draw
+  maps through (``subsample.long_tail_indices(order=...)``)."""
+  positions = np.random.default_rng(0).permutation(12)
+
+  def as_dataset(self, split, decoders=None, **kwargs):
+    del self, decoders, kwargs
+    assert split == "train"
+    return tf.data.Dataset.from_tensor_slices({
+        "id": [f"train_{p:05d}" for p in positions], "label": positions % 5,
+        "image": np.zeros((12, 4, 4, 3), np.uint8)})
+
+  with tfds.testing.mock_data(as_dataset_fn=as_dataset):
+    order = pipeline.read_order("cifar100", "train")
+  np.testing.assert_array_equal(order, positions)
+  assert order.dtype == np.int64
+  assert pipeline.read_order("dtd", "train") is None  # no order key: TFDS's order is used

@@ -102,7 +102,7 @@ def test_device_crops_match_the_pipeline():
   like TF's crop-then-resize, then CLIP normalisation."""
   import jax
   import tensorflow as tf
-  from glajax.data import preprocess
+  from glajax.data import preprocess, transforms
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (3, 32, 32, 3)).astype(np.float32)
   windows = np.array([[0, 0, 32, 32], [1, 1, 29, 31], [3, 6, 28, 26]], np.float32)
@@ -118,8 +118,8 @@ def test_device_crops_match_the_pipeline():
   np.testing.assert_array_equal(crops, jax.jit(pretrain.augment_images)(uint8, jax.random.key(1)))
   assert crops.shape == (3, 32, 32, 3) and crops.dtype == np.float32
   assert not np.allclose(crops, whole, atol=0.1)  # the crops do crop
-  low = (0 - np.asarray(preprocess.CLIP_MEAN)) / preprocess.CLIP_STD
-  high = (1 - np.asarray(preprocess.CLIP_MEAN)) / preprocess.CLIP_STD
+  low = (0 - np.asarray(transforms.CLIP_MEAN)) / transforms.CLIP_STD
+  high = (1 - np.asarray(transforms.CLIP_MEAN)) / transforms.CLIP_STD
   assert np.all(crops >= low - 1e-5) and np.all(crops <= high + 1e-5)
 
 

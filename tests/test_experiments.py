@@ -100,7 +100,8 @@ def test_full_configs_follow_the_papers():
   assert (dtd.data.validation, dtd.gla.val_shots, dtd.gla.prior_data) == (
       "dtd@validation", 0, "training")
   imagenet = experiments.load("gla_fewshot:imagenet2012")  # k more shots of the training split
-  assert (imagenet.data.validation, imagenet.gla.val_shots) == ("imagenet2012@train", 16)
+  assert (imagenet.data.validation, imagenet.gla.val_shots, imagenet.gla.val_shots_max) == (
+      "imagenet2012@train", 0, 0)
   for spec in ("wise_ft", "carot", "gla_fewshot:dtd", "absent_class", "backdoor"):
     assert experiments.load(spec).train.recipe  # the recipe a config names is the one that runs
   assert experiments.load("carot").train.carot.lambda_oc == 0.2
@@ -165,6 +166,43 @@ def test_report_table_shows_published_numbers_alongside():
   assert "+1.67" in claims  # a paper with headline claims only: cited as such
   with pytest.raises(KeyError):
     report.table("T", ["ID"], [], {"table": "wise_ft/no_such_table"})
+
+
+def _gla_table(config):
+  rows = [("GLA", {"ID": 0.6, "head": 0.7, "medium": 0.6, "tail": 0.5})]
+  return report.place_published(report.table("GLA", ["ID", "head", "medium", "tail"], rows,
+                                             config.published, context={"shots": 4}), config)
+
+
+def test_published_rows_are_a_comparison_only_in_the_tables_setting():
+  """GLA's few-shot table is RN50 with rn50_ep50_shot{k} and the best validation epoch: the
+  ViT-B/16 config prints it apart, naming each difference; the matching setting prints it as
+  the comparison (GLA.FS's 4-shot RN50 number, 63.31)."""
+  differing = experiments.load("gla_fewshot:imagenet2012,gla.shots=4")
+  entry = _gla_table(differing)
+  assert entry["published"] == [] and entry["published_apart"][0]["values"]["ID"] == 0.6331
+  assert entry["published_differs"] == [
+      "backbone: ours CLIP ViT-B/16, published CLIP RN50",
+      "gla.fewshot_recipe: ours vit_b16_ep50, published rn50_ep50",
+      "gla.final_model: ours last_step, published best_val"]
+  text = report.markdown_table(entry)
+  assert "| *GLA — published* |" not in text
+  assert "Published in another setting, not a comparison (backbone: ours CLIP ViT-B/16" in text
+  assert "| *GLA* | *63.3* |" in text
+  matching = experiments.load("gla_fewshot:imagenet2012,gla.shots=4,"
+                              "model.checkpoints=('timm/resnet50_clip.openai',),"
+                              "gla.fewshot_recipe=rn50_ep50,gla.final_model=best_val")
+  entry = _gla_table(matching)
+  assert entry["published_apart"] == [] and entry["published_differs"] == []
+  assert "| *GLA — published* | *63.3* |" in report.markdown_table(entry)
+  other_data = experiments.load("gla_fewshot:imagenet2012,gla.shots=4,data.test=imagenet_v2@test,"
+                                "model.checkpoints=('timm/resnet50_clip.openai',),"
+                                "gla.fewshot_recipe=rn50_ep50,gla.final_model=best_val")
+  assert _gla_table(other_data)["published_differs"] == [
+      "data.test: ours imagenet_v2, published imagenet2012"]
+  wise_ft = experiments.load("wise_ft")
+  assert report.setting_differences(report.published_entry(
+      wise_ft.published.table)[1]["setting"], wise_ft) == []  # the paper configs' own setting
 
 
 def test_every_published_row_a_config_names_exists():

@@ -9,8 +9,9 @@ import pytest
 from scipy import special
 
 from glajax import experiments, methods
-from glajax.data import pipeline, subsample
+from glajax.data import pipeline, subsample, transforms
 from glajax.errors import ConfigError
+from test_official_data import official_transforms
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +31,21 @@ def _run(spec, tmp_path):
   for path in result["final_models"].values():
     assert os.listdir(path)
   assert "## Data" in markdown and all(e["data"] in markdown for e in result["ledger"])
+  _assert_official_transform(workdir, experiments.load(spec))
   return workdir, result
+
+
+def _assert_official_transform(workdir, config):
+  """The report records the transforms the run used, and they are its recipe's official ones
+  (tests/test_official_data.py ports them); the absent-class paper released no data code, so
+  its runs use the recipe they run, WiSE-FT's."""
+  record = json.loads((workdir / "report.json").read_text())["preprocessing"]
+  train, evaluation = official_transforms(config.train.recipe)
+  assert transforms.TrainTransform.from_dict(record["train"]) == train
+  assert transforms.EvalTransform.from_dict(record["eval"]) == evaluation
+  size = config.data.image_size
+  text = (workdir / "report.md").read_text()
+  assert train.describe(size) in text and evaluation.describe(size) in text
 
 
 def _cached(workdir, tag, data):
@@ -76,7 +91,9 @@ def test_gla(spec, tmp_path):
   prior_z, prior_y = (np.concatenate(a) for a in zip(
       *[_cached(workdir, "zeroshot", e["data"]) for e in prior]))
   if config.gla.shots:  # few-shot: the k training shots and the validation shots per class
-    assert np.all(np.bincount(prior_y) == config.gla.shots + config.gla.val_shots)
+    k, cap = config.gla.shots, config.gla.val_shots_max  # ImageNet (cap 0): k; else min(k, 4)
+    assert np.all(np.bincount(prior_y) == k + (config.gla.val_shots or (min(k, cap) if cap
+                                                                         else k)))
   freq = np.bincount(prior_y, minlength=len(log_prior)) / len(prior_y)
   theta = log_prior - np.log(freq)
   zs_temperature = result["results"]["zs_temperature"]
@@ -338,3 +355,31 @@ def test_wise_ft_end_to_end_on_siglip(tmp_path):
     assert rows[label]["ID"] == pytest.approx(_accuracy(logits, labels), abs=1e-9)
   zs_logits, _ = _cached(workdir, "zeroshot", config.data.test)
   assert zs_logits.max() <= 1e-4 and zs_logits.min() >= -20 - 1e-4   # exp(t)·cos + b
+
+
+def test_gla_fewshot_keeps_the_best_validation_epoch(tmp_path):
+  """GLA.FS's rn50_ep50 recipe with TEST.FINAL_MODEL best_val on the tiny world: one GLA
+  accuracy on the validation shots per epoch, the first best kept (Dassl's ``curr_result >
+  best_result``), and the kept model's validation GLA accuracy, recomputed with NumPy from its
+  cached logits (z_ft/T + z_zs/T_zs − log π_p, T searched to 1 pp), is the kept score."""
+  spec = ("gla_fewshot:runlocal,gla.final_model=best_val,gla.fewshot_recipe=rn50_ep50,"
+          "train.total_steps=12")
+  workdir, result = _run(spec, tmp_path)
+  config = experiments.load(spec)
+  chosen = result["results"]["best_val"]
+  history = [tuple(h) for h in chosen["history"]]
+  steps_per_epoch = history[0][0]
+  assert [s for s, _ in history] == list(range(steps_per_epoch, 13, steps_per_epoch))
+  scores = [score for _, score in history]
+  first_best = history[int(np.argmax(scores))]
+  assert (chosen["epoch_step"], chosen["val_gla_accuracy"]) == first_best
+  val = _ledger(result, "validation")["data"]
+  ft, labels = _cached(workdir, "prompt_tuned", val)
+  zs, _ = _cached(workdir, "zeroshot", val)
+  temperature = float(methods.match_confidence_temperature(ft, labels, tol=1.0))
+  fused = ft / temperature + zs / result["results"]["zs_temperature"] - np.asarray(
+      result["results"]["log_prior"])
+  assert 100 * _accuracy(fused, labels) == pytest.approx(chosen["val_gla_accuracy"], abs=1e-4)
+  as_run = json.loads((workdir / "report.json").read_text())["train_as_run"]
+  assert as_run["batch_size"] == 32 and as_run["optimizer"]["learning_rate"] == 2e-5
+  assert config.gla.shots == 1

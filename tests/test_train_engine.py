@@ -336,3 +336,72 @@ def test_corrupted_latest_checkpoint_resumes_from_the_one_before(tmp_path):
   assert any(name.startswith("corrupt-6-") for name in os.listdir(checkpoints))
   steps = [json.loads(l)["step"] for l in open(tmp_path / "resumed" / "metrics.jsonl")]
   assert steps == [2, 4, 6, 6, 8, 10]  # steps 5-6 ran again, from the step-4 checkpoint
+
+
+def _wobbly_score(record=None):
+  """A score of the model that rises and falls along training, with ties (one decimal)."""
+  def score(model):
+    kernel = np.asarray(model.head.kernel[...])
+    if record is not None:
+      record.append(_params(model))
+    return round(float(np.cos(1e3 * kernel.sum())), 1)
+  return score
+
+
+def _dassl_best_val(scores, params):
+  """Dassl ``engine/trainer.py``: ``after_epoch`` keeps ``model-best`` when ``curr_result >
+  self.best_result`` (from −inf); ``after_train`` deploys it."""
+  best_result, best = -np.inf, None
+  for curr_result, current in zip(scores, params):
+    if curr_result > best_result:
+      best_result, best = curr_result, current
+  return best_result, best
+
+
+def test_best_selection_returns_dassls_best_val_epoch(tmp_path):
+  record = []
+  select = engine.BestSelection(_wobbly_score(record), every=3)
+  model, _ = engine.fit(_MLP(), _loss, _config(total=15), _data(), str(tmp_path), select=select)
+  assert [s for s, _ in select.history] == [3, 6, 9, 12, 15]
+  scores = [score for _, score in select.history]
+  best_score, best_params = _dassl_best_val(scores, record)
+  assert select.chosen == (3 * (scores.index(best_score) + 1), best_score)
+  assert len(set(scores)) < len(scores) or select.chosen[0] != 15  # a tie or an earlier best
+  _assert_params_close(_params(model), best_params, 0, 0)
+  last, _ = engine.fit(_MLP(), _loss, _config(total=15), _data(), str(tmp_path / "last"))
+  if select.chosen[0] != 15:
+    assert not np.array_equal(_params(model)["head"]["kernel"], _params(last)["head"]["kernel"])
+
+
+def test_best_selection_survives_a_resume(tmp_path):
+  config = _config(total=15, checkpoint_every=4, keep_checkpoints=2)
+  whole_select = engine.BestSelection(_wobbly_score(), every=3)
+  whole, _ = engine.fit(_MLP(), _loss, config, _data(), str(tmp_path / "whole"),
+                        select=whole_select)
+  with pytest.raises(_Interrupted):
+    engine.fit(_MLP(), _loss, config, _data(stop_after=11), str(tmp_path / "resumed"),
+               select=engine.BestSelection(_wobbly_score(), every=3))
+  select = engine.BestSelection(_wobbly_score(), every=3)
+  resumed, _ = engine.fit(_MLP(), _loss, config, _data(), str(tmp_path / "resumed"),
+                          select=select)
+  assert [s for s, _ in select.history] == [9, 12, 15]  # resumed from step 8
+  assert select.chosen == whole_select.chosen
+  _assert_params_close(_params(whole), _params(resumed), 0, 0)
+  again = engine.BestSelection(_wobbly_score(), every=3)  # a finished run: reused, same choice
+  reused, _ = engine.fit(_MLP(), _loss, config, _data(), str(tmp_path / "resumed"), select=again)
+  assert again.history == [] and again.chosen == whole_select.chosen
+  _assert_params_close(_params(whole), _params(reused), 0, 0)
+
+
+def test_best_selection_needs_an_epoch_length(tmp_path):
+  with pytest.raises(ConfigError, match="steps_per_epoch"):
+    engine.fit(_MLP(), _loss, _config(total=4), _data(), str(tmp_path),
+               select=engine.BestSelection(_wobbly_score()))
+
+
+def test_best_selection_keeps_the_first_of_equal_scores(tmp_path):
+  record = []
+  select = engine.BestSelection(lambda model: record.append(_params(model)) or 0.5, every=2)
+  model, _ = engine.fit(_MLP(), _loss, _config(total=6), _data(), str(tmp_path), select=select)
+  assert select.chosen == (2, 0.5)
+  _assert_params_close(_params(model), record[0], 0, 0)

@@ -1,4 +1,5 @@
-"""tf.data input pipelines: CLIP preprocessing, per-process slices, global batches on the mesh.
+"""tf.data input pipelines: the recipes' preprocessing, per-process slices, global batches on the
+mesh.
 
 Every example has an index: its position in the split, in TFDS's stored order (the order
 ``read_labels`` returns and ``subsample`` selects from). Each process reads its own contiguous
@@ -21,7 +22,7 @@ from typing import Iterator, NamedTuple
 import jax
 import numpy as np
 
-from glajax.data import builders, preprocess, registry, world  # world: its TFDS builder
+from glajax.data import builders, preprocess, registry, transforms, world  # world: its TFDS builder
 from glajax.data.preprocess import tf  # TensorFlow, imported and kept off the GPUs there
 from glajax.errors import DatasetError, bad_argument
 from glajax import parallel as mesh_lib
@@ -167,6 +168,14 @@ def _check_batch_size(batch_size: int, mesh) -> int:
   return local
 
 
+def _checked(transform, kind):
+  """``transform`` if it is a ``kind`` (``transforms.TrainTransform`` or ``EvalTransform``)."""
+  if not isinstance(transform, kind):
+    raise bad_argument("transform", f"a glajax.data.transforms.{kind.__name__}",
+                       type(transform).__name__)
+  return transform
+
+
 def _batches(ds: tf.data.Dataset, what: str) -> Iterator[dict]:
   """NumPy batches; TF errors while reading (corrupt images, bad labels) -> DatasetError."""
   iterator = ds.as_numpy_iterator()
@@ -214,10 +223,12 @@ def _keep_rows(ds, indices, offset: int, size: int, counts):
 
 
 def eval_batches(name_or_dataset, *, split: str | None = None, batch_size: int,
-                 image_size: int = 224, indices=None, mesh=None, data_dir=None,
-                 manual_dir=None) -> Iterator[dict]:
+                 image_size: int = 224, transform: transforms.EvalTransform = transforms.CLIP_EVAL,
+                 normalization: transforms.Normalization = transforms.CLIP_NORMALIZATION,
+                 indices=None, mesh=None, data_dir=None, manual_dir=None) -> Iterator[dict]:
   """Every example of ``split`` (default: the eval split; ``indices``: only those positions of
-  it, in order) exactly once, CLIP-preprocessed.
+  it, in order) exactly once, preprocessed by ``transform`` (e.g. the recipe's; default CLIP's
+  Resize(S, bicubic) + CenterCrop(S)) at image size S = ``image_size`` and ``normalization``.
 
   Yields {"image": (B, S, S, 3) float32, "label": (B,) int32, "mask": (B,) bool,
   "index": (B,) int32}; the last batches are padded (mask False, index -1), and every process
@@ -225,17 +236,21 @@ def eval_batches(name_or_dataset, *, split: str | None = None, batch_size: int,
   tf.data.Dataset of {"image": encoded bytes or uint8 (H, W, 3), "label"}.
   """
   local = _check_batch_size(batch_size, mesh)
+  transform = _checked(transform, transforms.EvalTransform)
+  normalization = transforms.as_normalization(normalization)
   ds, info, offset, size, counts = _local_examples(name_or_dataset, split, data_dir, manual_dir)
   if indices is not None:
     ds, _, counts = _keep_rows(ds, indices, offset, size, counts)
   border = info.border_crop if info else 0
 
-  def transform(ex):
-    return {"image": preprocess.eval_transform(_uint8_image(ex["image"]), image_size, border),
+  def prepare(ex):
+    image = preprocess.eval_transform(_uint8_image(ex["image"]), image_size, transform,
+                                      normalization, border)
+    return {"image": image,
             "label": tf.cast(ex["label"], tf.int32), "mask": tf.constant(True),
             "index": tf.cast(ex["index"], tf.int32)}
 
-  ds = ds.map(transform, num_parallel_calls=AUTOTUNE).batch(local).prefetch(AUTOTUNE)
+  ds = ds.map(prepare, num_parallel_calls=AUTOTUNE).batch(local).prefetch(AUTOTUNE)
   what = info.name if info else "dataset"
   yielded = 0
   for batch in _batches(ds, what):
@@ -262,13 +277,17 @@ def _check_shards(shards, batch_size: int) -> int:
 
 
 def train_batches(name_or_dataset, *, batch_size: int, seed: int, split: str | None = None,
-                  image_size: int = 224, flip: bool = True, scale=(0.9, 1.0), indices=None,
-                  start_step: int = 0, shuffle_buffer: int = 10_000, shards: int | None = None,
-                  mesh=None, data_dir=None, manual_dir=None) -> Iterator[dict]:
+                  image_size: int = 224,
+                  transform: transforms.TrainTransform = transforms.CLIP_TRAIN,
+                  normalization: transforms.Normalization = transforms.CLIP_NORMALIZATION,
+                  indices=None, start_step: int = 0, shuffle_buffer: int = 10_000,
+                  shards: int | None = None, mesh=None, data_dir=None,
+                  manual_dir=None) -> Iterator[dict]:
   """Endless shuffled, augmented batches {"image", "label"} of ``split`` (default: train split).
 
-  RandomResizedCrop(image_size, scale, bicubic) + optional flip + CLIP normalisation; shuffling
-  and augmentation are a function of (seed, step) only. ``indices``: positions in the split to
+  ``transform`` (the recipe's RandomResizedCrop(image_size, scale, ratio, interpolation) [+
+  flip]; default CLIP's: scale 0.9–1, bicubic, no flip) + ``normalization``; shuffling and
+  augmentation are a function of (seed, step) only. ``indices``: positions in the split to
   train on (from ``subsample``); ``start_step``: resume at that step (see the module docstring);
   ``shuffle_buffer``: encoded examples held for shuffling (TFDS already shuffled the records
   when it wrote them).
@@ -283,6 +302,8 @@ def train_batches(name_or_dataset, *, batch_size: int, seed: int, split: str | N
   shards = _check_shards(shards, batch_size)
   if start_step < 0:
     raise bad_argument("start_step", "a step >= 0", start_step)
+  transform = _checked(transform, transforms.TrainTransform)
+  normalization = transforms.as_normalization(normalization)
   info = _info_of(name_or_dataset)
   if info is not None and split is None:
     if info.train_split is None:
@@ -291,7 +312,8 @@ def train_batches(name_or_dataset, *, batch_size: int, seed: int, split: str | N
   per_shard = batch_size // shards
 
   def augment(example_seed, ex):  # bytes go in as they are: of a JPEG only the crop is decoded
-    image = preprocess.train_transform(ex["image"], image_size, example_seed, flip, scale)
+    image = preprocess.train_transform(ex["image"], image_size, example_seed, transform,
+                                       normalization)
     return {"image": image, "label": tf.cast(ex["label"], tf.int32)}
 
   def shard_stream(shard: int):
@@ -369,6 +391,23 @@ def read_labels(name_or_dataset, split: str | None = None, data_dir=None,
     ds = ds.map(lambda ex: relabel(ex[info.label_key]), num_parallel_calls=AUTOTUNE)
   labels = [b for b in _batches(ds.batch(4096), info.name if info else "dataset")]
   return np.concatenate(labels).astype(np.int32) if labels else np.zeros(0, np.int32)
+
+
+def read_order(name_or_dataset, split: str | None = None, data_dir=None,
+               manual_dir=None) -> np.ndarray | None:
+  """(N,) int64: each example's position in the dataset's own files, in index order, from the
+  registry's ``order_key`` feature ("train_01234" -> 1234; TFDS's CIFAR keeps the order of the
+  original binary files, the order torchvision's pickles have); None without one."""
+  info = _info_of(name_or_dataset)
+  if info is None or info.order_key is None:
+    return None
+  builder = tfds_builder(info, data_dir, manual_dir)
+  ds = _read(builder, info, split or info.train_split or info.eval_split)
+  ds = ds.map(lambda ex: tf.strings.to_number(
+      tf.strings.regex_replace(ex[info.order_key], r"^.*\D", ""), tf.int64),
+      num_parallel_calls=AUTOTUNE)
+  order = [b for b in _batches(ds.batch(4096), info.name)]
+  return np.concatenate(order) if order else np.zeros(0, np.int64)
 
 
 def class_names(name_or_info, data_dir=None, manual_dir=None) -> tuple[str, ...]:

@@ -1,14 +1,22 @@
-"""CLIP image preprocessing as small TensorFlow ops (eager or inside tf.data).
+"""Image preprocessing as small TensorFlow ops (eager or inside tf.data), with PIL's semantics.
 
-Evaluation follows CLIP's torchvision transform: Resize(short side -> S, bicubic) -> CenterCrop(S)
--> ToTensor (/255) -> Normalize(mean, std). Training uses RandomResizedCrop(S, scale (0.9, 1.0),
-ratio (3/4, 4/3), bicubic) and an optional horizontal flip, as in WiSE-FT / FLYP.
-Resizing is TF's antialiased Keys bicubic (a = -0.5, like PIL's), rounded and clipped to
-[0, 255] as PIL's uint8 output is; TF and PIL still differ by a few grey levels at edges (see
-tests/test_data_preprocess.py for the measured tolerance). Images are HWC; outputs float32.
-Random ops take a stateless seed (shape (2,) int), so a crop depends on the seed only.
-``train_transform`` also takes encoded bytes: a JPEG's crop window is then the only part decoded
-(same pixels as decoding it all); benchmarks/results/pipeline_cpu.md has the throughput.
+Every official pipeline of the papers runs torchvision's transforms on PIL images; these ops do
+the same on TensorFlow tensors, with the transform itself data (:class:`TrainTransform`,
+:class:`EvalTransform`, declared per recipe in ``glajax.train.recipes``) and the normalisation
+an argument (:class:`Normalization`; CLIP's values are the default, ``CLIP_NORMALIZATION``):
+
+- evaluation: Resize(short side -> ⌊S·resize/crop⌋, interpolation) -> CenterCrop(S) -> /255 ->
+  Normalize(mean, std);
+- training: RandomResizedCrop(S, scale, ratio, interpolation) -> optional horizontal flip ->
+  /255 -> Normalize(mean, std).
+
+Decoding is PIL's: JPEGs with libjpeg's accurate integer IDCT (``dct_method=
+"INTEGER_ACCURATE"``, PIL's default ``JDCT_ISLOW``), equal to PIL bit for bit. Resizing uses PIL's
+antialiased filters (bilinear: triangle; bicubic: Keys a = -0.5) in one float pass, rounded and
+clipped like PIL's uint8 result (:func:`resize` says how far from PIL). Images are HWC; outputs
+float32. Random ops take a stateless seed (shape (2,) int), so a crop depends on the seed only.
+``train_transform`` also takes encoded bytes: a JPEG's crop window is then the only part decoded (same pixels as decoding
+it all); benchmarks/results/pipeline_cpu.md has the throughput.
 """
 from __future__ import annotations
 
@@ -17,6 +25,10 @@ import math
 import os
 import sys
 import warnings
+
+from glajax.data.transforms import (CLIP_EVAL, CLIP_NORMALIZATION, CLIP_TRAIN, RATIO,
+                                    EvalTransform, Normalization, TrainTransform,
+                                    check_interpolation)
 
 
 @contextlib.contextmanager
@@ -64,13 +76,15 @@ def _hide_gpus_from_tensorflow() -> None:
 
 _hide_gpus_from_tensorflow()
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+_DCT = "INTEGER_ACCURATE"  # libjpeg's JDCT_ISLOW, PIL's default (TF's own default is faster)
 
 
 def decode_image(encoded: tf.Tensor) -> tf.Tensor:
-  """Encoded JPEG/PNG/GIF/BMP bytes -> (H, W, 3) uint8 (grey and RGBA converted to RGB)."""
-  image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+  """Encoded JPEG/PNG/GIF/BMP bytes -> (H, W, 3) uint8 (grey and RGBA converted to RGB); JPEGs
+  with the accurate integer IDCT, as PIL decodes them."""
+  image = tf.cond(tf.io.is_jpeg(encoded),
+                  lambda: tf.io.decode_jpeg(encoded, channels=3, dct_method=_DCT),
+                  lambda: tf.io.decode_image(encoded, channels=3, expand_animations=False))
   image.set_shape([None, None, 3])
   return image
 
@@ -82,15 +96,25 @@ def crop_border(image: tf.Tensor, pixels: int) -> tf.Tensor:
   return image[pixels:-pixels, pixels:-pixels]
 
 
-def _resize_bicubic(image: tf.Tensor, height, width) -> tf.Tensor:
-  """Antialiased bicubic resize to (height, width), rounded and clipped like PIL's uint8 result.
-  (uint8 goes in as it is: the resize kernel converts each pixel to float32 exactly.)"""
-  resized = tf.image.resize(image, tf.stack([height, width]), method="bicubic", antialias=True)
+def resize(image: tf.Tensor, height, width, interpolation: str = "bicubic") -> tf.Tensor:
+  """PIL's ``Image.resize((width, height), BILINEAR | BICUBIC)`` of a uint8 (or integer-valued)
+  image: TF's antialiased resize with PIL's filters (triangle; Keys a = −0.5), rounded and clipped
+  to [0, 255] as PIL's uint8 result. Returns float32 integer values.
+
+  PIL (Pillow ``Resample.c``) runs two passes through a uint8 image with fixed-point
+  coefficients; one float pass differs from it by at most 1 grey level with bilinear, and with
+  bicubic by at most 4 when shrinking and ~12 on a few edge pixels when enlarging (where PIL clips
+  the first pass's overshoot): see tests/test_data_preprocess.py. Two rounded passes would come
+  within 1 level but cost 2–3× the time (benchmarks/results/pipeline_cpu.md).
+  """
+  check_interpolation("interpolation", interpolation)
+  resized = tf.image.resize(image, tf.stack([height, width]), method=interpolation,
+                            antialias=True)
   return tf.clip_by_value(tf.round(resized), 0.0, 255.0)
 
 
-def resize_short_side(image: tf.Tensor, size: int) -> tf.Tensor:
-  """Bicubic resize so the short side is ``size``; long side ``int(size * long / short)``
+def resize_short_side(image: tf.Tensor, size: int, interpolation: str = "bicubic") -> tf.Tensor:
+  """Resize so the short side is ``size``; long side ``int(size * long / short)``
   (torchvision's Resize(size)). Returns float32 in [0, 255]."""
   shape = tf.shape(image)
   height, width = shape[0], shape[1]
@@ -99,7 +123,7 @@ def resize_short_side(image: tf.Tensor, size: int) -> tf.Tensor:
                      / tf.cast(short, tf.float64), tf.int32)
   new_height = tf.where(height <= width, size, new_long)
   new_width = tf.where(height <= width, new_long, size)
-  return _resize_bicubic(image, new_height, new_width)
+  return resize(image, new_height, new_width, interpolation)
 
 
 def center_crop(image: tf.Tensor, size: int) -> tf.Tensor:
@@ -111,28 +135,31 @@ def center_crop(image: tf.Tensor, size: int) -> tf.Tensor:
   return image[top:top + size, left:left + size]
 
 
-def normalize(image: tf.Tensor) -> tf.Tensor:
-  """x / 255, then (x - mean) / std per channel with CLIP's mean and std.
+def normalize(image: tf.Tensor, normalization: Normalization = CLIP_NORMALIZATION) -> tf.Tensor:
+  """x / 255, then (x - mean) / std per channel.
 
   mean and std are first broadcast to the image's shape: TF's CPU kernels for a (..., 3) by (3,)
   broadcast are ~5x slower than same-shape ones, and the result is the same.
   """
   image = tf.cast(image, tf.float32) / 255.0
   shape = tf.shape(image)
-  mean = tf.broadcast_to(tf.constant(CLIP_MEAN), shape)
-  std = tf.broadcast_to(tf.constant(CLIP_STD), shape)
+  mean = tf.broadcast_to(tf.constant(normalization.mean, tf.float32), shape)
+  std = tf.broadcast_to(tf.constant(normalization.std, tf.float32), shape)
   return (image - mean) / std
 
 
-def eval_transform(image: tf.Tensor, size: int, border: int = 0) -> tf.Tensor:
-  """CLIP's evaluation transform of a uint8 (H, W, 3) image -> (size, size, 3) float32."""
+def eval_transform(image: tf.Tensor, size: int, transform: EvalTransform = CLIP_EVAL,
+                   normalization: Normalization = CLIP_NORMALIZATION,
+                   border: int = 0) -> tf.Tensor:
+  """``transform`` of a uint8 (H, W, 3) image -> (size, size, 3) float32, normalised."""
   image = crop_border(image, border)
-  image = center_crop(resize_short_side(image, size), size)
-  image = tf.ensure_shape(image, [size, size, 3])
-  return normalize(image)
+  image = resize_short_side(image, transform.resize_for(size), transform.interpolation)
+  image = tf.ensure_shape(center_crop(image, size), [size, size, 3])
+  return normalize(image, normalization)
 
 
-def sample_crop(height, width, seed, scale=(0.9, 1.0), ratio=(3 / 4, 4 / 3), attempts: int = 10):
+def sample_crop(height, width, seed, scale=(0.08, 1.0), ratio=RATIO,
+                attempts: int = 10):
   """torchvision's RandomResizedCrop.get_params with stateless randomness.
 
   Up to ``attempts`` draws of area fraction ~ U(scale) and log aspect ratio ~ U(log ratio);
@@ -193,7 +220,7 @@ def _decode_window(encoded: tf.Tensor, seed, scale, ratio) -> tf.Tensor:
     start = tf.maximum(left - _JPEG_MARGIN, 0)
     stop = tf.minimum(left + crop_w + _JPEG_MARGIN, shape[1])
     window = tf.io.decode_and_crop_jpeg(encoded, tf.stack([top, start, crop_h, stop - start]),
-                                        channels=3)
+                                        channels=3, dct_method=_DCT)
     return tf.slice(window, tf.stack([0, left - start, 0]), tf.stack([-1, crop_w, -1]))
 
   def other():
@@ -204,15 +231,15 @@ def _decode_window(encoded: tf.Tensor, seed, scale, ratio) -> tf.Tensor:
   return window
 
 
-def random_resized_crop(image: tf.Tensor, size: int, seed, scale=(0.9, 1.0),
-                        ratio=(3 / 4, 4 / 3)) -> tf.Tensor:
-  """RandomResizedCrop: a :func:`sample_crop` window resized (bicubic) to (size, size).
+def random_resized_crop(image: tf.Tensor, size: int, seed, scale=(0.08, 1.0), ratio=RATIO,
+                        interpolation: str = "bilinear") -> tf.Tensor:
+  """RandomResizedCrop: a :func:`sample_crop` window resized (:func:`resize`) to (size, size).
   ``image``: uint8 (H, W, 3), or encoded bytes (a JPEG's window is the only part decoded)."""
   if image.dtype == tf.string:
     window = _decode_window(image, seed, scale, ratio)
   else:
     window = _crop_window(image, seed, scale, ratio)
-  return tf.ensure_shape(_resize_bicubic(window, size, size), [size, size, 3])
+  return tf.ensure_shape(resize(window, size, size, interpolation), [size, size, 3])
 
 
 def random_flip(image: tf.Tensor, seed) -> tf.Tensor:
@@ -222,15 +249,17 @@ def random_flip(image: tf.Tensor, seed) -> tf.Tensor:
   return tf.cond(flip, lambda: tf.reverse(image, [1]), lambda: image)
 
 
-def train_transform(image: tf.Tensor, size: int, seed, flip: bool = True,
-                    scale=(0.9, 1.0)) -> tf.Tensor:
-  """RandomResizedCrop(size, scale) -> optional flip -> CLIP normalisation.
+def train_transform(image: tf.Tensor, size: int, seed, transform: TrainTransform = CLIP_TRAIN,
+                    normalization: Normalization = CLIP_NORMALIZATION) -> tf.Tensor:
+  """``transform`` (RandomResizedCrop -> optional flip), then the normalisation.
 
   ``image``: uint8 (H, W, 3) or encoded bytes (JPEG/PNG/GIF/BMP); for a JPEG only the crop
-  window is decoded, with the same result as decoding first.
+  window is decoded, with the same result as decoding first. The crop and the flip draw from
+  two stateless seeds split from ``seed``.
   """
   crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-  image = random_resized_crop(image, size, crop_seed, scale)
-  if flip:
+  image = random_resized_crop(image, size, crop_seed, transform.scale, transform.ratio,
+                              transform.interpolation)
+  if transform.flip:
     image = random_flip(image, flip_seed)
-  return normalize(image)
+  return normalize(image, normalization)

@@ -39,13 +39,17 @@ class DatasetInfo:
     templates: prompt templates with one ``{}``.
     num_classes: number of classes the labels range over.
     source_labels: the stored label of each class when the source uses a larger label space
-      (ImageNet-R/A are stored with ImageNet-1k labels); the pipeline maps them to 0..C-1.
+      (ImageNet-R/A are stored with ImageNet-1k labels) or another order (iNaturalist-2018:
+      category ids, classes ordered by species name); the pipeline maps them to 0..C-1.
     imagenet_classes: for each class, the ImageNet-1k classes whose max logit is its logit
       (ImageNet-R/A: one each; ObjectNet: one or more). None when logits are the dataset's own.
     border_crop: pixels cropped from every side before evaluation preprocessing (ObjectNet: 2).
     manual_download: whether preparing the dataset needs a manual-download directory.
     source: for glajax's own builders, the ``builders.LocalSource`` that reads the raw files.
     image_key, label_key: feature names in the TFDS examples.
+    order_key: a text feature ending in each example's position in the dataset's own files
+      (TFDS's CIFAR ``id``, "train_01234"), which TFDS stores shuffled: selections that the
+      official code draws by position (the CIFAR-LT subset) read it (``pipeline.read_order``).
   """
   name: str
   tfds_name: str
@@ -61,6 +65,7 @@ class DatasetInfo:
   source: object | None = None
   image_key: str = "image"
   label_key: str = "label"
+  order_key: str | None = None
 
 
 _REGISTERED: dict[str, DatasetInfo] = {}
@@ -162,10 +167,12 @@ def _tfds_classnames(tfds_name: str) -> tuple[str, ...]:
   return tuple(map(clean_classname, tfds.builder(tfds_name).info.features["label"].names))
 
 
-def _clip_dataset(name, tfds_name, key, train="train", test="test", order=list) -> DatasetInfo:
+def _clip_dataset(name, tfds_name, key, train="train", test="test", order=list,
+                  order_key=None) -> DatasetInfo:
   classnames, templates = _clip(key, order)
   return DatasetInfo(name=name, tfds_name=tfds_name, train_split=train, eval_split=test,
-                     classnames=classnames, templates=templates, num_classes=len(classnames))
+                     classnames=classnames, templates=templates, num_classes=len(classnames),
+                     order_key=order_key)
 
 
 @functools.cache
@@ -193,8 +200,8 @@ def _builtin() -> dict[str, Callable[[], DatasetInfo]]:
       "imagenet_lt": lambda: DatasetInfo("imagenet_lt", builders.IMAGENET_LT.tfds_name, "train",
                                          "test", manual_download=True,
                                          source=builders.IMAGENET_LT, **imagenet),
-      "cifar10": lambda: _clip_dataset("cifar10", "cifar10", "CIFAR10"),
-      "cifar100": lambda: _clip_dataset("cifar100", "cifar100", "CIFAR100"),
+      "cifar10": lambda: _clip_dataset("cifar10", "cifar10", "CIFAR10", order_key="id"),
+      "cifar100": lambda: _clip_dataset("cifar100", "cifar100", "CIFAR100", order_key="id"),
       "caltech101": lambda: _clip_dataset("caltech101", "caltech101", "Caltech101",
                                           order=_caltech101_order),
       "oxford_iiit_pet": lambda: _clip_dataset(
@@ -215,13 +222,8 @@ def _builtin() -> dict[str, Callable[[], DatasetInfo]]:
                                            "FGVCAircraft"),
       "ucf101": lambda: _local_clip("ucf101", builders.UCF101, "UCF101"),
       "places365": lambda: _places("places365", "places365_small", "train", "validation"),
-      "places_lt": lambda: dataclasses.replace(
-          _places("places_lt", builders.PLACES_LT.tfds_name, "train", "test"),
-          manual_download=True, source=builders.PLACES_LT),
-      "inaturalist2018": lambda: DatasetInfo(
-          "inaturalist2018", builders.INATURALIST_2018.tfds_name, "train", "validation",
-          classnames=(), templates=PHOTO_TEMPLATES, num_classes=8142, manual_download=True,
-          source=builders.INATURALIST_2018),
+      "places_lt": _places_lt,
+      "inaturalist2018": _inaturalist2018,
   }
   for world_config in ("default", "quick", "tiny"):
     entries["demo_shapes" + ("" if world_config == "default" else f"_{world_config}")] = (
@@ -253,6 +255,71 @@ def _places(name, tfds_name, train, test) -> DatasetInfo:
   classnames = _tfds_classnames("places365_small")
   return DatasetInfo(name, tfds_name, train, test, classnames=classnames,
                      templates=PHOTO_TEMPLATES, num_classes=len(classnames))
+
+
+def _places_lt() -> DatasetInfo:
+  """Places-LT with the backdoor paper's class names (``places_lt_classnames.json``): "_" read
+  as a space, "-" kept, as its ``trainer.py`` ``get_tokenized_prompts`` does."""
+  names = tuple(name.replace("_", " ") for name in _asset("places_lt_classnames.json")["names"])
+  return DatasetInfo("places_lt", builders.PLACES_LT.tfds_name, "train", "test",
+                     classnames=names, templates=PHOTO_TEMPLATES, num_classes=len(names),
+                     manual_download=True, source=builders.PLACES_LT)
+
+
+def sorted_names(names) -> tuple[tuple[str, ...], tuple[int, ...]]:
+  """(class names, stored label of each class) for classes ordered by name, as the backdoor
+  paper's ``datasets/inat2018.py`` ``read_category_info`` orders iNaturalist-2018: class c is
+  the c-th of the sorted names (``cname2lab``), so stored label i (the index of ``names[i]``)
+  becomes the rank of its name."""
+  names = list(names)
+  if len(set(names)) != len(names):
+    raise bad_argument("names", "distinct class names", f"{len(names) - len(set(names))} repeated",
+                       DatasetError)
+  order = sorted(range(len(names)), key=names.__getitem__)
+  return tuple(names[i] for i in order), tuple(order)
+
+
+def _inaturalist2018() -> DatasetInfo:
+  """iNaturalist-2018 with the species names of ``categories.json``
+  (``inaturalist2018_species.json``, category-id order), classes ordered by name."""
+  classnames, stored = sorted_names(_asset("inaturalist2018_species.json")["names"])
+  return DatasetInfo("inaturalist2018", builders.INATURALIST_2018.tfds_name, "train",
+                     "validation", classnames=classnames, templates=PHOTO_TEMPLATES,
+                     num_classes=len(classnames), source_labels=stored, manual_download=True,
+                     source=builders.INATURALIST_2018)
+
+
+TEMPLATE_SOURCES = ("clip", "gla")
+
+
+def _gla_fewshot(name: str) -> dict:
+  entries = _asset("gla_fewshot_prompts.json")["datasets"]
+  if name not in entries:
+    raise bad_argument("dataset", f"one of GLA's few-shot datasets ({', '.join(entries)})",
+                       repr(name), DatasetError)
+  return entries[name]
+
+
+def templates(name: str, source: str = "clip") -> tuple[str, ...]:
+  """Zero-shot prompt templates of dataset ``name``: ``"clip"``, its registry entry's (CLIP's
+  per-dataset prompts); ``"gla"``, GLA.FS's ``ENSEMBLE_TEMPLATES[dataset]`` (``trainers/util.py``,
+  ``gla_fewshot_prompts.json``; Caltech101, ImageNet and SUN397 the 80 ImageNet templates)."""
+  if source not in TEMPLATE_SOURCES:
+    raise bad_argument("templates", f"one of {', '.join(TEMPLATE_SOURCES)}", repr(source))
+  if source == "clip":
+    return get(name).templates
+  ensemble = _gla_fewshot(name)["ensemble"]
+  return imagenet_templates() if ensemble == "IMAGENET_TEMPLATES" else tuple(ensemble)
+
+
+def gla_init_template(name: str) -> str:
+  """GLA.FS's initial prompt of dataset ``name`` as a template: ``CUSTOM_TEMPLATES[dataset]``
+  read as its ``PromptLearner`` does (``ctx_init`` = the template without " {}.", prompt =
+  ctx_init + " " + class name + "."). FGVC-Aircraft's "a type of aircraft, a photo of a {}"
+  has no " {}." to remove, so the official prompt keeps a literal "{}" before the name; glajax
+  follows the evident intent, "a type of aircraft, a photo of a {}."."""
+  context = _gla_fewshot(name)["custom"].replace(" {}.", "").replace(" {}", "").replace("_", " ")
+  return context + " {}."
 
 
 def folder_dataset(name: str, root: str | os.PathLike, splits: tuple[str, ...] | None = None, *,

@@ -2,7 +2,8 @@
 
 Indices are positions in a split (``pipeline.read_labels`` order); pass them to
 ``pipeline.train_batches(indices=...)``. Every function draws from
-``np.random.default_rng(seed)`` only, so a seed fixes the selection on every machine.
+``np.random.default_rng(seed)`` only (the long-tailed subset: the official code's
+``np.random.seed(seed)`` generator), so a seed fixes the selection on every machine.
 """
 from __future__ import annotations
 
@@ -21,33 +22,53 @@ def _labels(labels) -> np.ndarray:
   return labels
 
 
-def long_tail_counts(num_classes: int, n_max: int, imbalance_ratio: float) -> np.ndarray:
-  """n_c = floor(n_max · ratio^(−c/(C−1))), c = 0..C−1: the CIFAR-LT profile (Cao et al.,
-  NeurIPS 2019); class 0 keeps n_max, the last class n_max / ratio."""
+def long_tail_counts(num_classes: int, n_max: float, imbalance_ratio: float) -> np.ndarray:
+  """n_c = int(n_max · (1/ratio)^(c/(C−1))), c = 0..C−1: the CIFAR-LT profile (Cao et al.,
+  NeurIPS 2019) as Pre-train-Imbalance / LIFT ``datasets/cifar100.py``
+  ``IMBALANCECIFAR100.get_img_num_per_cls`` computes it (``imb_factor`` = 1/ratio: 0.1, 0.02,
+  0.01 for IR10, IR50, IR100); class 0 keeps n_max, the last class n_max / ratio."""
   if imbalance_ratio < 1:
     raise bad_argument("imbalance_ratio", "a ratio >= 1 (n_max / n_min)", imbalance_ratio)
-  exponent = np.arange(num_classes) / max(num_classes - 1, 1)
-  return np.floor(n_max * imbalance_ratio ** -exponent).astype(np.int64)
+  factor = 1.0 / imbalance_ratio
+  return np.asarray([int(n_max * factor ** (c / max(num_classes - 1.0, 1.0)))
+                     for c in range(num_classes)], np.int64)
 
 
-def long_tail_indices(labels, imbalance_ratio: float, seed: int) -> np.ndarray:
-  """Sorted indices of a long-tailed subset of ``labels``: class c keeps a random draw of
-  n_c = n_max · ratio^(−c/(C−1)) of its examples (n_max: the smallest class's size, so every
-  class can provide its count). Classes are ranked by label, as in CIFAR-10/100-LT."""
+def long_tail_indices(labels, imbalance_ratio: float, seed: int, order=None) -> np.ndarray:
+  """Sorted indices of a long-tailed subset of ``labels``, drawn as the official code draws
+  CIFAR-100-LT (``IMBALANCECIFAR100.gen_imbalanced_data``): ``np.random.seed(seed)``, then for
+  each class c in label order its examples' positions (in the dataset's own order) shuffled by
+  ``np.random.shuffle`` and the first n_c kept (:func:`long_tail_counts`, n_max the smallest
+  class's size, so every class can provide its count).
+
+  ``order`` (N,): each row's position in the dataset's own order (TFDS stores CIFAR shuffled;
+  ``pipeline.read_order`` reads it), so the same images are drawn as from the original files;
+  None: the rows' order is the dataset's.
+  """
   labels = _labels(labels)
   num_classes = int(labels.max()) + 1
   sizes = np.bincount(labels, minlength=num_classes)
   if sizes.min() == 0:
     raise bad_argument("labels", "every class 0..C-1 present",
                        f"classes {np.flatnonzero(sizes == 0)[:5].tolist()} missing", DatasetError)
-  counts = long_tail_counts(num_classes, int(sizes.min()), imbalance_ratio)
+  counts = long_tail_counts(num_classes, float(sizes.min()), imbalance_ratio)
   if counts[-1] == 0:
     raise bad_argument("imbalance_ratio", f"at most {sizes.min()} (the smallest class's size, "
                        "so the rarest class keeps an example)", imbalance_ratio, DatasetError)
-  rng = np.random.default_rng(seed)
-  chosen = [rng.choice(np.flatnonzero(labels == c), counts[c], replace=False)
-            for c in range(num_classes)]
-  return np.sort(np.concatenate(chosen))
+  rows = np.arange(len(labels))
+  if order is not None:
+    order = np.asarray(order)
+    if order.shape != labels.shape or not np.array_equal(np.sort(order), rows):
+      raise bad_argument("order", f"a permutation of 0..{len(labels) - 1}", order, DatasetError)
+    rows = np.argsort(order)  # rows[j]: the row at position j of the dataset's own order
+  source = labels[rows]
+  rng = np.random.RandomState(seed)  # the legacy global generator np.random.seed(seed) sets
+  chosen = []
+  for c in range(num_classes):
+    positions = np.where(source == c)[0]
+    rng.shuffle(positions)
+    chosen.append(positions[:counts[c]])
+  return np.sort(rows[np.concatenate(chosen)])
 
 
 def k_shot_indices(labels, k: int, seed: int, val_k: int = 0):

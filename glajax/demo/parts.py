@@ -23,7 +23,7 @@ import dataclasses
 
 import ml_collections
 
-from glajax.data import world
+from glajax.data import transforms, world
 from glajax.demo import pretrain as pretrain_lib
 from glajax.experiments import config as C
 from glajax.train import recipes
@@ -60,6 +60,15 @@ SCALES = {
 }
 
 
+# The demo world's 32-px shapes are not the papers' photographs: every part keeps one transform,
+# the one its effects were measured with (benchmarks/results/demo_effects.md), whatever its recipe
+# declares: RandomResizedCrop(32, scale 0.9–1, bicubic) + flip; Resize(32, bicubic) + CenterCrop.
+DEMO_TRANSFORMS = dict(
+    train=dataclasses.asdict(transforms.TrainTransform(scale=(0.9, 1.0), interpolation="bicubic",
+                                                       flip=True)),
+    eval=dataclasses.asdict(transforms.CLIP_EVAL))
+
+
 def _base(kind: str, scale: Scale, foundations, seed: int, progress: bool, recipe: str,
           steps: int, lr: float, **recipe_arguments) -> ml_collections.ConfigDict:
   name = world.dataset_name(scale.world_config)
@@ -70,6 +79,7 @@ def _base(kind: str, scale: Scale, foundations, seed: int, progress: bool, recip
                      shifts=tuple(f"{name}@{s}" for s in OOD_SPLITS), image_size=32,
                      eval_batch_size=scale.eval_batch)
   config.train = C.recipe(recipe, **recipe_arguments)
+  config.train.transform = ml_collections.ConfigDict(DEMO_TRANSFORMS)
   config.train.update(batch_size=scale.batch_size, total_steps=steps, checkpoint_every=0,
                       log_every=max(1, steps // 5), tensorboard=False)
   config.train.model.dtype = "float32"

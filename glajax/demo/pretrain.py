@@ -27,7 +27,7 @@ import tensorflow_datasets as tfds
 from flax import nnx
 
 import glajax
-from glajax.data import pipeline, preprocess, world
+from glajax.data import pipeline, preprocess, transforms, world
 from glajax.models.clip import CLIPConfig
 from glajax.train import engine, losses
 from glajax.train.prompt_tuning import trim_to_longest
@@ -131,7 +131,7 @@ def augment_images(images, rng, scale=(0.9, 1.0), ratio=(3 / 4, 4 / 3), attempts
   top = jnp.where(any_fits, jnp.floor(u[:, 0] * (h - crop_h + 1)), jnp.floor((h - crop_h) / 2))
   left = jnp.where(any_fits, jnp.floor(u[:, 1] * (w - crop_w + 1)), jnp.floor((w - crop_w) / 2))
   images = _resize_windows(images.astype(jnp.float32), top, left, crop_h, crop_w)
-  mean, std = jnp.asarray(preprocess.CLIP_MEAN), jnp.asarray(preprocess.CLIP_STD)
+  mean, std = jnp.asarray(transforms.CLIP_MEAN), jnp.asarray(transforms.CLIP_STD)
   return (jnp.clip(images, 0.0, 255.0) / 255.0 - mean) / std
 
 

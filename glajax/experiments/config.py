@@ -28,8 +28,8 @@ import ml_collections
 import numpy as np
 
 from glajax import parallel
-from glajax.data import builders, registry, world
-from glajax.errors import CheckpointError, ConfigError, DatasetError, bad_argument
+from glajax.data import builders, registry, transforms, world
+from glajax.errors import CheckpointError, ConfigError, DatasetError, GlajaxError, bad_argument
 from glajax.models import layers, registry as models
 from glajax.train import recipes, state
 
@@ -378,7 +378,9 @@ _RANGES = (
     ("wise_ft.export_alpha", "float", 0, 1), ("wise_ft.ece_bins", "int", 1, None),
     ("contrastive.ece_bins", "int", 1, None),
     ("gla.shots", "int", 0, None), ("gla.val_shots", "int", 0, None),
+    ("gla.val_shots_max", "int", 0, None),
     ("backdoor.imbalance_ratio", "float", 0, None),
+    ("backdoor.group_imbalance_ratio", "float", 0, None),
     ("absent_class.num_seen", "int", 1, None), ("absent_class.split_seed", "int", 0, None),
     ("absent_class.test_fraction", "float", 0, 0.99),
     ("absent_class.pcv_holdout", "positive", 0, 0.99),
@@ -388,6 +390,9 @@ _CHOICES = (
     ("train.model.attention", layers.ATTENTION_IMPLEMENTATIONS),
     ("train.optimizer.name", ("adamw", "sgd")),
     ("train.sharding", parallel.SHARDINGS),
+    ("gla.templates", registry.TEMPLATE_SOURCES),
+    ("gla.fewshot_recipe", recipes.FEWSHOT_RECIPES),
+    ("gla.final_model", recipes.FINAL_MODELS),
 )
 
 
@@ -447,6 +452,11 @@ def check_values(config) -> None:
                          repr(alphas), ConfigError)
     for alpha in alphas:
       _check_number("wise_ft.alphas", alpha, "float", 0, 1)
+  if _get(config, "train.transform") is not _MISSING:  # the recipe's train and eval transforms
+    try:
+      transforms.of_config(config.train)
+    except GlajaxError as e:
+      raise ConfigError(str(e)) from None
   seeds = _get(config, "absent_class.pcv_seeds")
   if seeds is not _MISSING and (not seeds or not all(
       isinstance(s, int) and not isinstance(s, bool) for s in seeds)):

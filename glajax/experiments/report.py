@@ -5,7 +5,9 @@ A table is a dict ``{"title", "columns", "rows": [{"label", "values"}], "publish
 values are fractions, shown in percent. Published rows come from the package asset
 ``published.json`` (the papers' numbers, each with its source and setting): ``config.published``
 names the entry (``table``, e.g. ``"wise_ft/vit_b16_table5"``), pairs our row labels with its
-own (``rows``: (ours, theirs) pairs) and maps our columns to its own (``columns``). A plot is
+own (``rows``: (ours, theirs) pairs) and maps our columns to its own (``columns``). They are
+printed as a comparison only when the run's setting (backbones, recipe, options, data) is the
+table's (:func:`setting_differences`); otherwise apart, labelled with what differs. A plot is
 a small dataclass whose ``draw(figure)`` draws it; :func:`write` renders each into its PNG.
 """
 from __future__ import annotations
@@ -45,7 +47,8 @@ def _published_rows(published, columns, context) -> tuple[list[dict], str]:
   if entry is None:
     notes += [paper[k] for k in ("headline_claims", "note") if k in paper]
     return [], " ".join(notes)
-  notes.append(entry.get("setting", ""))
+  setting = entry.get("setting", {})
+  notes.append(setting.get("text", "") if isinstance(setting, Mapping) else str(setting))
   their_columns = entry.get("columns", [])
   rows = []
   for ours, theirs in published.get("rows", ()):
@@ -67,13 +70,64 @@ def table(title: str, columns, rows, published=None, labels: Mapping[str, str] |
   docstring) are attached with their source; ``context`` fills fields of their row names."""
   columns = list(columns)
   published_rows, source = _published_rows(published, columns, context)
+  entry = published_entry(published.get("table") if published else None)[1] or {}
+  setting = entry.get("setting")
   return {
       "title": title, "columns": columns,
       "headers": [dict(labels or {}).get(c, c) for c in columns],
       "rows": [{"label": label, "values": {c: _number(row.get(c)) for c in columns}}
                for label, row in rows],
       "published": published_rows, "published_source": source,
+      "published_setting": setting if isinstance(setting, Mapping) else None,
+      "published_apart": [], "published_differs": [],
   }
+
+
+def _config_value(config, key: str):
+  node = config
+  for part in key.split("."):
+    node = node.get(part) if hasattr(node, "get") else None
+  return node
+
+
+def backbone_name(checkpoint: str) -> str:
+  """A checkpoint's backbone as ``published.json``'s ``_checkpoints`` names it (else as given)."""
+  return assets.load_json("published.json")["_checkpoints"].get(checkpoint, checkpoint)
+
+
+def setting_differences(setting: Mapping | None, config) -> list[str]:
+  """What in the run ``config`` differs from a published table's ``setting`` (its backbones,
+  recipe, recipe options and datasets): one "<what>: ours …, published …" each; [] when the
+  table is the run's setting (or states none)."""
+  if not setting:
+    return []
+  differs = []
+  ours = sorted(backbone_name(c) for c in config.model.checkpoints)
+  if "backbones" in setting and ours != sorted(setting["backbones"]):
+    differs.append(f"backbone: ours {', '.join(ours)}, published "
+                   f"{', '.join(setting['backbones'])}")
+  recipe = setting.get("recipe")
+  allowed = [recipe] if isinstance(recipe, str) else list(recipe or [])
+  if allowed and config.train.get("recipe") not in allowed:
+    differs.append(f"recipe: ours {config.train.get('recipe')}, published {' or '.join(allowed)}")
+  for key, value in setting.get("options", {}).items():
+    if _config_value(config, key) != value:
+      differs.append(f"{key}: ours {_config_value(config, key)}, published {value}")
+  for key, dataset in setting.get("data", {}).items():
+    found = config_lib.dataset_spec(config.data.get(key) or "")[0]
+    if found != dataset:
+      differs.append(f"data.{key}: ours {found}, published {dataset}")
+  return differs
+
+
+def place_published(entry: dict, config) -> dict:
+  """Moves ``entry``'s published rows apart (``published_apart``, with ``published_differs``)
+  when the run's setting is not the table's; in place, returns ``entry``."""
+  differs = setting_differences(entry.get("published_setting"), config)
+  if differs and entry.get("published"):
+    entry["published_apart"], entry["published"] = entry["published"], []
+    entry["published_differs"] = differs
+  return entry
 
 
 def _number(value):
@@ -99,6 +153,12 @@ def markdown_table(entry: dict) -> str:
   for row in entry["published"]:
     lines.append(f"| *{row['label']} — published* | "
                  + " | ".join(f"*{_cell(row['values'][c])}*" for c in columns) + " |")
+  if entry.get("published_apart"):
+    lines += ["", "Published in another setting, not a comparison ("
+              + "; ".join(entry["published_differs"]) + "):", "",
+              "| | " + " | ".join(headers) + " |", "|---" * (len(columns) + 1) + "|"]
+    lines += [f"| *{row['label']}* | " + " | ".join(
+        f"*{_cell(row['values'][c])}*" for c in columns) + " |" for row in entry["published_apart"]]
   if entry["published_source"]:
     lines += ["", f"Published: {entry['published_source']}."]
   return "\n".join(lines)
@@ -120,6 +180,22 @@ def recipe_table(train: Mapping) -> str:
              "wandb")
   lines = ["| key | value |", "|---|---|"]
   lines += [f"| `{key}` | `{value}` |" for key, value in _flat(train) if key not in skipped]
+  return "\n".join(lines)
+
+
+def preprocessing_text(record: Mapping) -> str:
+  """The transforms, normalisation and prompt templates a run used (``Experiment.preprocessing``),
+  as Markdown lines."""
+  lines = []
+  if record.get("train_text"):
+    lines.append(f"- training images: {record['train_text']}")
+  lines.append(f"- evaluation images: {record['eval_text']}")
+  norm = record["normalization"]
+  lines.append(f"- normalisation: mean {tuple(norm['mean'])}, std {tuple(norm['std'])}")
+  for what, templates in record.get("prompts", {}).items():
+    shown = ", ".join(f"\"{t}\"" for t in templates[:3]) + (
+        f" … ({len(templates)} templates)" if len(templates) > 3 else "")
+    lines.append(f"- prompts of the {what}: {shown}")
   return "\n".join(lines)
 
 
@@ -377,10 +453,13 @@ def markdown(report: dict) -> str:
     total = timings.pop("total", None)
     parts += ["## Timings", "", "This invocation only: stages reused from the cache take no "
               "time.", "", timings_table(timings, total), ""]
-  train = report["config"].get("train")
+  if report.get("preprocessing"):
+    parts += ["## Data pipeline", "", preprocessing_text(report["preprocessing"]), ""]
+  train = report.get("train_as_run") or report["config"].get("train")
   if train:
-    parts += ["## Recipe", "", f"`{train.get('recipe', '?')}` as it ran (the config's `train`; "
-              "steps from the data when `total_steps` ≤ 0):", "", recipe_table(train), ""]
+    parts += ["## Recipe", "", f"`{train.get('recipe', '?')}` as it ran (the config's `train`"
+              + (", resolved for this run" if report.get("train_as_run") else "")
+              + "; steps from the data when `total_steps` ≤ 0):", "", recipe_table(train), ""]
   if report.get("ledger"):
     parts += ["## Data", "", "Where every array came from: fitted ones (fine-tuning, priors, "
               "temperatures, γ) never share a row with a test set.", "",
@@ -400,6 +479,8 @@ def write(exp, outcome: dict) -> dict:
   """Writes report.json, report.md and the plots into the work directory; returns the report."""
   config = exp.config
   plots = dict(outcome.get("plots", {}))
+  for entry in outcome["tables"]:
+    place_published(entry, config)
   report = {
       "experiment": config.experiment,
       "command": f"glajax run {config.get('config_spec', '<config>')} --workdir {exp.workdir}",
@@ -409,7 +490,10 @@ def write(exp, outcome: dict) -> dict:
       "ledger": list(exp.ledger), "logits_files": list(exp.logits_files),
       "final_models": _final_models(exp.workdir),
       "timings_s": {k: round(v, 2) for k, v in getattr(exp, "timings", {}).items()},
+      "preprocessing": exp.preprocessing() if hasattr(exp, "preprocessing") else {},
   }
+  if outcome.get("train_as_run"):  # a recipe the kind resolved at run time (GLA per shot)
+    report["train_as_run"] = outcome["train_as_run"]
   if hasattr(exp, "started"):  # this invocation's wall-clock time, up to the report
     report["timings_s"]["total"] = round(time.perf_counter() - exp.started, 2)
   if parallel.is_primary():  # one writer; the other processes return the same report

@@ -176,8 +176,10 @@ def check_plan(uses: Sequence[Use]) -> None:
             f"({test.key})", ConfigError)
 
 
-def select(step: Step, labels: np.ndarray, num_classes: int) -> np.ndarray:
-  """Positions into ``labels`` (the rows selected so far) that ``step`` keeps, sorted."""
+def select(step: Step, labels: np.ndarray, num_classes: int, order=None) -> np.ndarray:
+  """Positions into ``labels`` (the rows selected so far) that ``step`` keeps, sorted.
+  ``order``: the rows' ranks in the dataset's own order, for draws made by position (long
+  tail)."""
   if step.kind == "shots":
     sizes, seed = step.params
     return subsample.k_shot_indices(labels, sizes[0], seed, sum(sizes[1:]))[step.part]
@@ -188,7 +190,7 @@ def select(step: Step, labels: np.ndarray, num_classes: int) -> np.ndarray:
     return subsample.indices_in_classes(labels, class_mask(step, num_classes))
   if step.kind == "long_tail":
     ratio, seed = step.params
-    return subsample.long_tail_indices(labels, ratio, seed)
+    return subsample.long_tail_indices(labels, ratio, seed, order)
   raise bad_argument("step.kind", "shots, holdout, classes or long_tail", repr(step.kind))
 
 
@@ -204,11 +206,13 @@ def class_mask(step: Step, num_classes: int) -> np.ndarray:
   return mask
 
 
-def rows(ref: DataRef, labels: np.ndarray, num_classes: int) -> np.ndarray:
-  """The row indices of the split that ``ref`` selects (all rows without steps), sorted."""
+def rows(ref: DataRef, labels: np.ndarray, num_classes: int, order=None) -> np.ndarray:
+  """The row indices of the split that ``ref`` selects (all rows without steps), sorted.
+  ``order`` (N,): each row's position in the dataset's own files (``pipeline.read_order``)."""
   indices = np.arange(len(labels))
   for step in ref.steps:
-    indices = indices[select(step, labels[indices], num_classes)]
+    ranks = None if order is None else np.argsort(np.argsort(order[indices]))
+    indices = indices[select(step, labels[indices], num_classes, ranks)]
   return indices
 
 

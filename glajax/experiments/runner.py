@@ -36,7 +36,7 @@ import numpy as np
 
 import glajax
 from glajax import evaluate, io, parallel
-from glajax.data import pipeline, registry
+from glajax.data import pipeline, registry, transforms
 from glajax.errors import ConfigError, TrainingError, bad_argument
 from glajax.experiments import config as config_lib
 from glajax.experiments import roles
@@ -171,9 +171,12 @@ class Experiment:
     self.data_dir = config.data.data_dir or (
         os.path.join(self.cache_dir, "tfds") if generated else None)
     self._tokenizers: dict = {}
+    self._normalization = None
     self._labels: dict = {}
+    self._orders: dict = {}
     self._fresh: set[str] = set()  # logits files already said to be reused
     self.timings: dict[str, float] = {}  # stage -> seconds spent on it by this invocation
+    self.prompts: dict[str, list[str]] = {}  # what -> its templates (:meth:`note_prompts`)
     self.started = time.perf_counter()
 
   def path(self, *parts) -> str:
@@ -188,10 +191,44 @@ class Experiment:
 
   def key(self, *parts) -> str:
     """12 hex digits identifying ``parts`` (JSON-able: configs as dicts, refs as descriptions),
-    plus the settings every cached result depends on (seed, image size)."""
-    content = json.dumps([self.config.seed, self.config.data.image_size, *parts],
-                         sort_keys=True, default=str)
+    plus the settings every cached result depends on (seed, image size, the evaluation
+    transform and the normalisation)."""
+    content = json.dumps([self.config.seed, self.config.data.image_size,
+                          self.eval_transform().describe(self.config.data.image_size),
+                          self.normalization(), *parts], sort_keys=True, default=str)
     return hashlib.sha256(content.encode()).hexdigest()[:12]
+
+  # ------------------------------------------------------------------------- preprocessing
+
+  def normalization(self, model=None) -> transforms.Normalization:
+    """The image normalisation of a model's pipelines, its family's (``spec.mean`` / ``std``);
+    without ``model``, that of the family of ``model.checkpoints[0]``, known before any model is
+    loaded (what the cache keys record)."""
+    if model is not None:
+      spec = models.spec_of(model)
+      return transforms.Normalization(tuple(spec.mean), tuple(spec.std))
+    if self._normalization is None:
+      family = models.family_of_checkpoint(self.config.model.checkpoints[0])
+      self._normalization = transforms.Normalization(*map(tuple, family.normalization))
+    return self._normalization
+
+  def train_transform(self, train=None) -> transforms.TrainTransform:
+    """The training transform of ``train`` (default ``config.train``): the recipe's."""
+    return transforms.of_config(train or self.config.train)[0]
+
+  def eval_transform(self) -> transforms.EvalTransform:
+    """The evaluation transform of every logits this experiment computes: its recipe's."""
+    return transforms.of_config(self.config.train)[1]
+
+  def preprocessing(self) -> dict:
+    """What the report records of the transforms (``transforms.record``) and prompts used."""
+    return {**transforms.record(self.train_transform(), self.eval_transform(),
+                                int(self.config.data.image_size), self.normalization()),
+            "prompts": dict(self.prompts)}
+
+  def note_prompts(self, what: str, templates) -> None:
+    """Records the prompt templates ``what`` (e.g. a zero-shot head) is built from."""
+    self.prompts[what] = list(templates)
 
   def use(self, purpose: str) -> roles.Use:
     """The declared use for ``purpose`` (a KeyError-free lookup with a clear error)."""
@@ -250,6 +287,17 @@ class Experiment:
                                                  self.manual_dir(ref.dataset))
     return self._labels[split]
 
+  def split_order(self, ref: roles.DataRef):
+    """The rows' positions in the dataset's own files (``pipeline.read_order``) when a step
+    draws by position (the long tail) and the dataset records them, else None."""
+    if not any(step.kind == "long_tail" for step in ref.steps):
+      return None
+    split = (ref.dataset, ref.split)
+    if split not in self._orders:
+      self._orders[split] = pipeline.read_order(ref.dataset, ref.split, self.data_dir,
+                                                self.manual_dir(ref.dataset))
+    return self._orders[split]
+
   def num_classes(self, ref: roles.DataRef) -> int:
     return registry.get(ref.dataset).num_classes
 
@@ -260,7 +308,7 @@ class Experiment:
                          ConfigError)
     roles.check_plan([use, *self.tests()])
     labels = self.split_labels(use.ref)
-    indices = roles.rows(use.ref, labels, self.num_classes(use.ref))
+    indices = roles.rows(use.ref, labels, self.num_classes(use.ref), self.split_order(use.ref))
     entry = roles.ledger_entry(use, indices, labels)
     if entry not in self.ledger:
       self.ledger.append(entry)
@@ -329,7 +377,8 @@ class Experiment:
   def _evaluate(self, model, uses, indices, logits_fn=None, model_tag: str = "logits") -> dict:
     batches = (b for use in uses for b in pipeline.eval_batches(
         use.ref.dataset, split=use.ref.split, batch_size=self.config.data.eval_batch_size,
-        image_size=self.config.data.image_size, mesh=self.mesh, data_dir=self.data_dir,
+        image_size=self.config.data.image_size, transform=self.eval_transform(),
+        normalization=self.normalization(model), mesh=self.mesh, data_dir=self.data_dir,
         manual_dir=self.manual_dir(use.ref.dataset),
         indices=indices[use.purpose] if use.ref.steps else None))
     logits, labels = evaluate.evaluate_logits(
@@ -363,22 +412,28 @@ class Experiment:
       settings.pop(key, None)
     return f"{name}-{self.key(settings, checkpoint, use.ref.describe(), *extra)}"
 
-  def fit(self, run: str, task, train, use: roles.Use, export: str | None = None):
-    """Fine-tunes ``task`` on the rows of ``use`` (augmented batches of its split) in
-    ``runs/<run>`` (resuming from its checkpoints); exports the trained model to
-    ``final/<export>`` when named; returns the evaluated model (``task.eval_model`` applied)."""
+  def fit(self, run: str, task, train, use: roles.Use, export: str | None = None,
+          select=None):
+    """Fine-tunes ``task`` on the rows of ``use`` (batches of its split augmented by the
+    recipe's training transform) in ``runs/<run>`` (resuming from its checkpoints); exports the
+    trained model to ``final/<export>`` when named; returns the evaluated model
+    (``task.eval_model`` applied). ``select``: an ``engine.BestSelection`` (the best epoch's
+    model instead of the last)."""
     indices = self.rows(use)
+
+    transform, normalization = self.train_transform(train), self.normalization(task.model)
 
     def data(start_step):
       return pipeline.train_batches(use.ref.dataset, split=use.ref.split,
                                     batch_size=train.batch_size, seed=self.config.seed,
-                                    image_size=self.config.data.image_size,
+                                    image_size=self.config.data.image_size, transform=transform,
+                                    normalization=normalization,
                                     indices=indices if use.ref.steps else None,
                                     start_step=start_step, mesh=self.mesh,
                                     data_dir=self.data_dir,
                                     manual_dir=self.manual_dir(use.ref.dataset))
 
-    return self._fit(run, task, train, data, len(indices), export, use.ref)
+    return self._fit(run, task, train, data, len(indices), export, use.ref, select)
 
   def fit_arrays(self, run: str, task, train, arrays: dict, export: str | None = None):
     """``fit`` on in-memory arrays (e.g. cached features {"features", "label"} of a use)."""
@@ -390,14 +445,14 @@ class Experiment:
     return self._fit(run, task, train, data, len(arrays["label"]), export)
 
   def _fit(self, run: str, task, train, data, count: int, export: str | None,
-           classes_ref: roles.DataRef | None = None):
+           classes_ref: roles.DataRef | None = None, select=None):
     steps = train.total_steps
     recipes.set_total_steps(train, count)  # steps per epoch (per-epoch schedules) and epochs
     if steps > 0:  # an explicit step count wins over the recipe's epochs
       train.total_steps = steps
     clock = time.perf_counter()
     model, _ = engine.fit(task.model, task.loss_fn, train, data, self.cache(RUNS_DIR, run),
-                          mesh=self.mesh, teacher_update=task.teacher_update,
+                          mesh=self.mesh, teacher_update=task.teacher_update, select=select,
                           name=f"{self.config.experiment}: {_label(run)}")
     self._spent(f"fine-tuning: {_label(run)}", clock)
     if export is not None and task.export is not None:

@@ -98,6 +98,8 @@ class Family:
     tokenizer: ``tokenizer(directory or None) -> glajax Tokenizer`` (None without text).
     load_options: the keyword options its loaders take (adapters, attention, ...): any other
       option is refused, naming it.
+    normalization: (mean, std) of its models' inputs, known before any model is loaded (the
+      same as every one of its models' ``spec.mean`` / ``spec.std``).
   """
   name: str
   types: tuple[type, ...]
@@ -106,3 +108,4 @@ class Family:
   tiny: dict
   tokenizer: Callable | None
   load_options: tuple[str, ...] = ("dtype", "param_dtype", "image_size", "seed")
+  normalization: tuple = ()

@@ -31,9 +31,22 @@ def family_of(model) -> Family:
 
 
 def spec_of(model) -> ModelSpec:
-  """``model.spec`` of a family's model (see ``glajax.models.family``)."""
+  """``model.spec`` of a family's model (see ``glajax.models.family``), or of the ``backbone``
+  a wrapper (a classifier, a contrastive or prompt-tuned model) holds."""
+  while not any(isinstance(model, f.types) for f in FAMILIES.values()) and hasattr(
+      model, "backbone"):
+    model = model.backbone
   family_of(model)
   return model.spec
+
+
+def family_of_checkpoint(checkpoint: str) -> Family:
+  """The family of a config's checkpoint: a tiny variant's, or the one ``locate`` finds."""
+  name = checkpoint.partition(":")[0]
+  if name in tiny_names():
+    variant = name[len(TINY) + 1:] if name.startswith(TINY + "-") else ""
+    return next(f for f in FAMILIES.values() if variant in f.tiny)
+  return locate(checkpoint)[0]
 
 
 def _detect(directory: str):

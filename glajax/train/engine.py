@@ -6,9 +6,10 @@ pytrees in, ``nnx.merge`` inside), places params, optimiser state and the rest o
 state on the mesh as ``config.sharding`` says (``"replicated"``, or ``"fsdp"``: sharded over the
 ``data`` axis by ``glajax.parallel.fsdp_spec``), shards batches on their leading axis and
 accumulates gradients over micro-batches with a scan. Everything else is a hook: logging and the
-non-finite guard (:class:`MetricsLog`), checkpoints (:class:`CheckpointHook`), and a recipe's
-second copy of the parameters updated inside the step (``teacher_update``, CaRot's EMA teacher:
-the loss then receives the teacher model as its fourth argument).
+non-finite guard (:class:`MetricsLog`), checkpoints (:class:`CheckpointHook`), a recipe's second
+copy of the parameters updated inside the step (``teacher_update``, CaRot's EMA teacher: the loss
+then receives the teacher model as its fourth argument) and the best-validation model
+(:class:`BestSelection`).
 """
 from __future__ import annotations
 
@@ -33,7 +34,9 @@ from glajax.evaluate import global_batch, split_model
 from glajax import parallel
 from glajax.parallel import DATA_AXIS, data_sharding, is_primary, make_mesh, replicated
 from glajax.train.checkpoint import Checkpointer
-from glajax.train.state import TrainState, create_train_state, make_optimizer
+from glajax.train.state import (FROZEN, TrainState, create_train_state, make_optimizer,
+                                param_labels,
+                                param_path)
 
 LossFn = Callable[..., tuple[jax.Array, Mapping[str, jax.Array]]]
 # (teacher params, params after the update, 0-based step k) -> new teacher params
@@ -288,6 +291,66 @@ class MetricsLog:
       writer.close()
 
 
+def _flat(params) -> dict:
+  """{'a/b/kernel': leaf} of a nested params dict."""
+  return {param_path(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+
+class BestSelection:
+  """The best-validation hook (Dassl's ``TEST.FINAL_MODEL "best_val"``: ``engine/trainer.py``
+  ``after_epoch`` tests on the validation split after every epoch and saves ``model-best`` when
+  ``curr_result > self.best_result``; ``after_train`` loads it).
+
+  After every ``every`` optimiser steps (None: one epoch, ``optimizer.steps_per_epoch``),
+  ``score(model)`` (a float, higher is better) of the model so far; the trainable parameters of
+  the first best score are kept and ``fit`` returns them in place of the last ones. They ride in
+  the checkpoints, so a resumed run selects what an uninterrupted one does. ``history`` holds
+  (step, score) of the epochs this invocation evaluated; ``chosen`` the kept (step, score).
+  """
+
+  def __init__(self, score: Callable[[nnx.Module], float], every: int | None = None):
+    self.score, self.every = score, every
+    self.history: list[tuple[int, float]] = []
+    self.chosen: tuple[int, float] | None = None
+
+  def period(self, config) -> int:
+    every = self.every or config.optimizer.get("steps_per_epoch", 0)
+    if isinstance(every, bool) or not isinstance(every, (int, np.integer)) or every < 1:
+      raise bad_argument("select.every (or train.optimizer.steps_per_epoch)",
+                         "a positive number of steps between evaluations", repr(every),
+                         ConfigError)
+    return int(every)
+
+  @staticmethod
+  def initial(params, config, aliases: dict | None = None) -> dict:
+    """Nothing kept yet: score −∞ and the trainable leaves as they are (``aliases``: the
+    model's parameter groups, for ``<group>`` patterns)."""
+    labels = _flat(param_labels(params, config.optimizer.trainable,
+                                config.optimizer.get("groups", ()), aliases))
+    return {"score": np.float32(-np.inf), "step": np.int32(0),
+            "params": {p: x for p, x in _flat(params).items() if labels[p] != FROZEN}}
+
+  def update(self, kept: dict, step: int, model, params, mesh) -> dict:
+    score = float(np.float32(self.score(model)))  # as the checkpoints hold it
+    self.history.append((step, score))
+    if not score > float(np.asarray(kept["score"].addressable_data(0))):
+      return kept
+    flat = _flat(params)
+    fresh = {"score": np.float32(score), "step": np.int32(step)}
+    fresh = parallel.put(fresh, parallel.shardings(fresh, mesh))
+    return {**fresh, "params": {p: jnp.copy(flat[p]) for p in kept["params"]}}
+
+  def best(self, params, kept: dict):
+    """``params`` with the kept leaves in place (the last ones if no epoch was scored)."""
+    step = int(np.asarray(kept["step"].addressable_data(0)))
+    if step == 0:
+      return params
+    self.chosen = (step, float(np.asarray(kept["score"].addressable_data(0))))
+    leaves = kept["params"]
+    return jax.tree_util.tree_map_with_path(
+        lambda path, leaf: leaves.get(param_path(path), leaf), params)
+
+
 def _checked_config(config) -> int:
   """The run's step count, after the engine settings that would fail late are checked."""
   for key, lo in (("total_steps", 1), ("accum_steps", 1), ("log_every", 1),
@@ -303,7 +366,7 @@ def _checked_config(config) -> int:
 
 def fit(model: nnx.Module, loss_fn: LossFn, config, data: Callable[[int], Iterator],
         workdir: str, *, mesh=None, teacher_update: TeacherUpdate | None = None,
-        name: str = "train"):
+        select: BestSelection | None = None, name: str = "train"):
   """Trains ``model`` for ``config.total_steps`` optimiser steps; returns (trained model, state).
 
   ``data(start_step)`` yields the batches from ``start_step`` on (this process's NumPy slice, or
@@ -314,7 +377,8 @@ def fit(model: nnx.Module, loss_fn: LossFn, config, data: Callable[[int], Iterat
   the loss or the parameters stop being finite (the final update included), so a diverged model
   is never returned; checkpoints before that step stay as they were. The last step is always
   checkpointed (``checkpoint_every`` = 0 turns off the periodic ones only), so a finished run
-  is reused, not retrained. ``name`` labels the progress bar.
+  is reused, not retrained. ``select`` (:class:`BestSelection`) makes it return the
+  best-scoring epoch's parameters instead of the last ones. ``name`` labels the progress bar.
   """
   mesh = make_mesh() if mesh is None else mesh
   total = _checked_config(config)
@@ -325,8 +389,16 @@ def fit(model: nnx.Module, loss_fn: LossFn, config, data: Callable[[int], Iterat
                                           teacher_update is not None)
   checkpoints = Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint_every,
                              config.keep_checkpoints)
-  start, restored = checkpoints.restore_latest(state)
-  state = state if restored is None else restored
+  period = 0 if select is None else select.period(config)
+  if select is not None:   # the kept leaves placed as the parameters of their shapes are
+    kept = select.initial(params, config, param_groups(model))
+    kept = parallel.put(kept, parallel.shardings(kept, mesh, config.get("sharding",
+                                                                         "replicated")))
+  else:
+    kept = None
+  start, restored = checkpoints.restore_latest(state if kept is None else (state, kept))
+  if restored is not None:
+    state, kept = restored if kept is not None else (restored, None)
   step_fn = make_train_step(graphdef, loss_fn, tx, mesh, accum_steps=config.accum_steps,
                             teacher_update=teacher_update, shardings=shardings)
   log = MetricsLog(workdir, config, schedule, start, checkpoints, name)
@@ -340,12 +412,18 @@ def fit(model: nnx.Module, loss_fn: LossFn, config, data: Callable[[int], Iterat
                            ConfigError) from None
       state, metrics = step_fn(state, rest, batch)
       every = config.checkpoint_every
+      scored = select is not None and step % period == 0
       save_due = (every > 0 and step % every == 0) or step == total  # the last step: always
-      log.after_step(step, metrics, jax.tree.leaves(batch)[0].shape[0], flush=save_due)
+      log.after_step(step, metrics, jax.tree.leaves(batch)[0].shape[0],
+                     flush=save_due or scored)
+      if scored:  # after the flush: a non-finite model is never scored
+        kept = select.update(kept, step, nnx.merge(graphdef, state.params, rest), state.params,
+                             mesh)
       if save_due:  # after the flush: a non-finite step is never saved
-        checkpoints.save(step, state, force=True)
+        checkpoints.save(step, state if kept is None else (state, kept), force=True)
     log.flush(total)
   finally:
     log.close()
     checkpoints.close()
-  return nnx.merge(graphdef, parallel.to_host(state.params), parallel.to_host(rest)), state
+  params = state.params if select is None else select.best(state.params, kept)
+  return nnx.merge(graphdef, parallel.to_host(params), parallel.to_host(rest)), state

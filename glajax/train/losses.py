@@ -1,7 +1,8 @@
 """Training losses of the fine-tuning recipes (all pure, jittable, float32 reductions).
 
 * cross-entropy with label smoothing (WiSE-FT recipe, Wortsman et al. 2022);
-* logit-adjusted CE(z + τ·log π_train, y) (Menon et al. 2021; from ``glajax.methods``);
+* logit-adjusted CE(z + τ·log π_train, y) (Menon et al. 2021; from ``glajax.methods``), with
+  the backdoor paper's log π_train (:func:`la_log_prior`);
 * the symmetric CLIP contrastive loss (FLYP, Goyal et al. 2023) and SigLIP's pairwise sigmoid
   loss (Zhai et al. 2023), each model fine-tuned with the loss it was pre-trained with;
 * CaRot's terms (Oh et al., NeurIPS 2024): orthogonality ‖W_vᵀW_v − I‖_F, EMA
@@ -13,16 +14,17 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from glajax.errors import bad_argument
 from glajax.models.layers import l2_normalise
 from glajax.methods.adjust import logit_adjusted_loss  # CE(z + τ·log π_train, y), Menon et al.
 
-__all__ = ["cross_entropy", "logit_adjusted_loss", "contrastive_logits", "clip_contrastive_loss",
-           "sigmoid_logits", "sigmoid_loss", "orthogonality_penalty", "projection_cross_penalty",
-           "self_distillation_loss", "sigmoid_self_distillation_loss", "teacher_momentum",
-           "ema_update", "carot_teacher_update"]
+__all__ = ["cross_entropy", "logit_adjusted_loss", "la_log_prior", "contrastive_logits",
+           "clip_contrastive_loss", "sigmoid_logits", "sigmoid_loss", "orthogonality_penalty",
+           "projection_cross_penalty", "self_distillation_loss", "sigmoid_self_distillation_loss",
+           "teacher_momentum", "ema_update", "carot_teacher_update"]
 
 
 def cross_entropy(logits, labels, label_smoothing: float = 0.0, where=None):
@@ -39,6 +41,17 @@ def cross_entropy(logits, labels, label_smoothing: float = 0.0, where=None):
     return per_example.mean()
   where = where.astype(jnp.float32)
   return (per_example * where).sum() / jnp.maximum(where.sum(), 1.0)
+
+
+def la_log_prior(counts, eps: float = 1e-9) -> np.ndarray:
+  """log(n_c / Σ n + ε), ε = 1e-9, in float32: the logit-adjusted loss's log π_train as
+  JiahaoChen1/Pre-train-Imbalance ``models/utils/losses.py`` ``LogitAdjustedLoss`` computes it
+  (``torch.log(cls_num_ratio + 1e-9)`` on a float32 tensor; LIFT's has no ε). (C,)."""
+  counts = np.asarray(counts, np.float32)
+  if counts.ndim != 1 or not np.all(counts >= 0) or not counts.sum() > 0:
+    raise bad_argument("counts", "a (C,) array of class counts >= 0 with a positive sum",
+                       f"shape {counts.shape}")
+  return np.log(counts / counts.sum() + np.float32(eps)).astype(np.float32)
 
 
 def contrastive_logits(image_features, text_features, logit_scale):

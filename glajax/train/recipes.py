@@ -30,6 +30,7 @@ use::
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 import os
@@ -42,6 +43,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from glajax.data import transforms
 from glajax.errors import bad_argument
 from glajax.models import registry
 from glajax.models.family import ExportInfo
@@ -62,13 +64,41 @@ class Task(NamedTuple):
   teacher_update: Callable | None = None  # engine.TeacherUpdate (CaRot's EMA teacher), or None
 
 
-def _config(batch_size: int, epochs: int, **optimizer) -> ml_collections.ConfigDict:
+def _config(batch_size: int, epochs: int, transform: tuple, **optimizer
+            ) -> ml_collections.ConfigDict:
+  """The engine's config with the recipe's batch, epochs, optimiser and ``transform``: its
+  official (``transforms.TrainTransform``, ``transforms.EvalTransform``) as
+  ``config.transform.train`` / ``.eval`` dicts (``transforms.of_config`` reads them back)."""
   config = engine.default_config()
   config.optimizer.update(optimizer)
   config.batch_size = batch_size
   config.epochs = epochs
   config.model = ml_collections.ConfigDict(dict(dtype="bfloat16", remat=False, attention="auto"))
+  train, evaluation = transform
+  config.transform = ml_collections.ConfigDict(dict(train=dataclasses.asdict(train),
+                                                    eval=dataclasses.asdict(evaluation)))
   return config
+
+
+# The official transforms, in torchvision's terms (each recipe's docstring names the file).
+# LIFT / Pre-train-Imbalance ``trainer.py``: ``RandomResizedCrop(resolution)`` (torchvision's
+# defaults: scale (0.08, 1), ratio (3/4, 4/3), bilinear) + ``RandomHorizontalFlip()``; test
+# ``Resize(resolution * 8 // 7)`` + ``CenterCrop(resolution)`` (bilinear; ``tte: False``).
+LIFT_TRANSFORMS = (transforms.TrainTransform(scale=(0.08, 1.0), interpolation="bilinear",
+                                             flip=True),
+                   transforms.EvalTransform(resize=256, crop=224, interpolation="bilinear"))
+# Dassl ``dassl/data/transforms/transforms.py`` (``_build_transform_train`` /
+# ``_build_transform_test``) with GLA.FS's ``configs/trainers/GLA/*.yaml`` ``INPUT``
+# (``SIZE (224, 224)``, ``INTERPOLATION "bicubic"``, ``TRANSFORMS ["random_resized_crop",
+# "random_flip", "normalize"]``): ``RandomResizedCrop(SIZE, interpolation=bicubic)`` (scale 0.08–1)
+# + ``RandomHorizontalFlip()``; test ``Resize(max(SIZE), bicubic)`` + ``CenterCrop(SIZE)``.
+DASSL_TRANSFORMS = (transforms.TrainTransform(scale=(0.08, 1.0), interpolation="bicubic",
+                                              flip=True),
+                    transforms.EvalTransform(resize=224, crop=224, interpolation="bicubic"))
+# wise-ft ``clip/clip.py`` ``_transform(n_px, is_train)`` (CaRot's ``clip/clip.py`` is the same):
+# ``RandomResizedCrop(n_px, scale=(0.9, 1.0), interpolation=BICUBIC)``, no flip; test
+# ``Resize(n_px, BICUBIC)`` + ``CenterCrop(n_px)``.
+CLIP_TRANSFORMS = (transforms.CLIP_TRAIN, transforms.CLIP_EVAL)
 
 
 def set_total_steps(config, num_train_examples: int) -> ml_collections.ConfigDict:
@@ -108,9 +138,9 @@ def finetune() -> ml_collections.ConfigDict:
   at 0-based step k < 500, then a per-step cosine to 0 (``warmup="linear"``,
   ``schedule="cosine"``). The text tower is unused and frozen (so weight decay leaves it, and
   ``logit_scale``, as they were)."""
-  config = _config(512, 10, name="adamw", learning_rate=3e-5, weight_decay=0.1, b1=0.9, b2=0.999,
-                   eps=1e-8, warmup_steps=500, warmup="linear", schedule="cosine",
-                   grad_clip_norm=1.0,
+  config = _config(512, 10, CLIP_TRANSFORMS, name="adamw", learning_rate=3e-5, weight_decay=0.1,
+                   b1=0.9, b2=0.999, eps=1e-8, warmup_steps=500, warmup="linear",
+                   schedule="cosine", grad_clip_norm=1.0,
                    trainable=("<image>", "<head>"))
   config.label_smoothing = 0.0
   return config
@@ -136,8 +166,9 @@ def flyp() -> ml_collections.ConfigDict:
   ``--min_lr 0``) and ``src/models/utils.py`` ``cosine_lr`` (lr·(k + 1)/500 warmup, then a
   per-step cosine); ``torch.optim.AdamW`` with its defaults over every parameter; no gradient
   clipping."""
-  config = _config(512, 10, name="adamw", learning_rate=1e-5, weight_decay=0.1, warmup_steps=500,
-                   warmup="linear", schedule="cosine", grad_clip_norm=0.0, trainable=(".*",))
+  config = _config(512, 10, CLIP_TRANSFORMS, name="adamw", learning_rate=1e-5, weight_decay=0.1,
+                   warmup_steps=500, warmup="linear", schedule="cosine", grad_clip_norm=0.0,
+                   trainable=(".*",))
   config.carot = ml_collections.ConfigDict(dict(
       lambda_oc=0.0, lambda_sd=0.0, lambda_vt=0.0,
       teacher=dict(every=500, start=0.05, end=0.9, warmup_fraction=0.2)))
@@ -187,9 +218,9 @@ def backdoor_peft(num_classes: int, num_layers: int = 12) -> ml_collections.Conf
     ``CosineAnnealingLR(optim, num_epochs)`` stepped once per epoch (``schedule="epoch_cosine"``,
     no warmup), a shuffled ``DataLoader`` without ``drop_last`` (⌈N/128⌉ steps an epoch).
   """
-  config = _config(128, 10, name="sgd", learning_rate=0.01, momentum=0.9, weight_decay=5e-4,
-                   warmup_steps=0, warmup="linear", schedule="epoch_cosine", steps_per_epoch=0,
-                   grad_clip_norm=0.0, trainable=("<adapters>", "<head>"))
+  config = _config(128, 10, LIFT_TRANSFORMS, name="sgd", learning_rate=0.01, momentum=0.9,
+                   weight_decay=5e-4, warmup_steps=0, warmup="linear", schedule="epoch_cosine",
+                   steps_per_epoch=0, grad_clip_norm=0.0, trainable=("<adapters>", "<head>"))
   config.model.adapter_dim = adapter_dim(num_classes, num_layers)
   config.model.adapter_scale = "learnable"
   config.tau = 1.0
@@ -199,7 +230,7 @@ def backdoor_peft(num_classes: int, num_layers: int = 12) -> ml_collections.Conf
 
 def prompt_tuning() -> ml_collections.ConfigDict:
   """GLA's few-shot prompt tuning: residuals on the context and class-name token embeddings of
-  "a photo of a {}.", both encoders frozen.
+  ``config.template`` prompts, both encoders frozen.
 
   Optimiser from BeierZhu/GLA ``GLA.FS.public.zip``: ``configs/trainers/GLA/vit_b16_ep50.yaml``
   (``OPTIM.NAME "sgd"``, ``LR 0.002``, ``MAX_EPOCH 50``, ``LR_SCHEDULER "cosine"``,
@@ -210,14 +241,49 @@ def prompt_tuning() -> ml_collections.ConfigDict:
   1e-5, then ``CosineAnnealingLR(T_max=50)`` from 0: ``warmup="constant"``,
   ``warmup_epochs=1``, ``schedule="epoch_cosine"``), ``dassl/data/data_manager.py``
   (``drop_last`` when N ≥ batch: ``drop_last=True``) and ``trainers/gla.py`` (the scheduler
-  stepped after the last batch of each epoch). Not ported: ``trainers/gla.py``'s learning-rate
-  scaling by batch/N when the k-shot set is smaller than one batch (EuroSAT 1-shot)."""
-  config = _config(32, 50, name="sgd", learning_rate=2e-3, momentum=0.9, weight_decay=5e-4,
-                   warmup_steps=0, warmup_epochs=1, warmup="constant", warmup_lr=1e-5,
-                   schedule="epoch_cosine", steps_per_epoch=0, grad_clip_norm=0.0,
-                   trainable=("_residual$",))
+  stepped after the last batch of each epoch). The recipe the published few-shot table ran
+  (``scripts/gla.sh``) is :func:`prompt_tuning_for_shots` of this; with fewer shots than one
+  batch, :func:`scale_for_small_set`. Transforms: ``DASSL_TRANSFORMS``."""
+  config = _config(32, 50, DASSL_TRANSFORMS, name="sgd", learning_rate=2e-3, momentum=0.9,
+                   weight_decay=5e-4, warmup_steps=0, warmup_epochs=1, warmup="constant",
+                   warmup_lr=1e-5, schedule="epoch_cosine", steps_per_epoch=0,
+                   grad_clip_norm=0.0, trainable=("_residual$",))
   config.drop_last = True
   config.template = "a photo of a {}."
+  return config
+
+
+FEWSHOT_RECIPES = ("vit_b16_ep50", "rn50_ep50")  # GLA.FS configs: prompt_tuning, ..._for_shots
+FINAL_MODELS = ("last_step", "best_val")  # Dassl's TEST.FINAL_MODEL (engine.BestSelection)
+# GLA.FS ``configs/trainers/GLA/rn50_ep50_shot{k}.yaml`` (run by ``scripts/gla.sh`` for the
+# published RN50 table): k -> (``DATALOADER.TRAIN_X.BATCH_SIZE``, ``OPTIM.LR``); each also has
+# ``MAX_EPOCH 50``, ``TEST.FINAL_MODEL "best_val"`` and ``vit_b16_ep50.yaml``'s other values.
+PROMPT_TUNING_PER_SHOT = {1: (32, 2e-5), 2: (64, 4e-5), 4: (128, 1e-4), 8: (256, 2e-4),
+                          16: (512, 4e-4)}
+
+
+def prompt_tuning_for_shots(config, shots: int) -> ml_collections.ConfigDict:
+  """``config`` (:func:`prompt_tuning`) with ``rn50_ep50_shot{shots}.yaml``'s batch size 32·k,
+  learning rate (``PROMPT_TUNING_PER_SHOT``) and 50 epochs, in place; returns ``config``."""
+  if shots not in PROMPT_TUNING_PER_SHOT:
+    raise bad_argument("gla.shots", "1, 2, 4, 8 or 16 (GLA.FS's rn50_ep50_shot{k} configs)",
+                       repr(shots))
+  config.batch_size, config.optimizer.learning_rate = PROMPT_TUNING_PER_SHOT[shots]
+  config.epochs = 50
+  return config
+
+
+def scale_for_small_set(config, num_train: int) -> ml_collections.ConfigDict:
+  """GLA.FS ``trainers/gla.py`` ``build_model``: when the N = C·k training shots are fewer than
+  one batch B (EuroSAT at 1 and 2 shots), ``OPTIM.LR × B/N``; Dassl's loader then has no
+  ``drop_last`` and yields one batch of all N examples per epoch (batch size N). In place;
+  returns ``config``; unchanged when N ≥ B."""
+  if isinstance(num_train, bool) or not isinstance(num_train, numbers.Integral) or num_train < 1:
+    raise bad_argument("num_train", "a positive int count", repr(num_train))
+  if num_train < config.batch_size:
+    config.optimizer.learning_rate = config.optimizer.learning_rate * (
+        config.batch_size / num_train)
+    config.batch_size = int(num_train)
   return config
 
 
@@ -339,9 +405,13 @@ class ContrastiveModel(nnx.Module):
 
 
 def _contrastive_terms(model, batch, rng):
-  """Image and text features of a batch, each image paired with a random template of its class."""
+  """Image and text features of a batch, each image paired with template ``batch["template"]``
+  of its class when the batch has them (a stream of (image, template) pairs, as FLYP/CaRot's
+  CSV), else with one drawn at random."""
   ids = model.prompt_ids[...]
-  template = jax.random.randint(rng, batch["label"].shape, 0, ids.shape[1])
+  template = batch.get("template")
+  if template is None:
+    template = jax.random.randint(rng, batch["label"].shape, 0, ids.shape[1])
   text_ids = ids[batch["label"], template]
   return (model.backbone.encode_image(batch["image"]), model.backbone.encode_text(text_ids),
           text_ids)
@@ -389,11 +459,18 @@ def contrastive_task(backbone, tokenizer, classnames, templates, config) -> Task
   trained):
 
   L = L_contrastive + λ_OC·‖W_vᵀW_v − I‖_F + λ_SD·L_SD(teacher) [+ λ_VT·‖W_v W_tᵀ‖_F],
-  each image paired with a random template of its class name. W_v is the family's
-  ``image_projection_kernel`` (SigLIP: its MAP head's output projection, as CaRot's code takes
-  the attention pool's ``c_proj`` of ResNet towers). Evaluation rebuilds the zero-shot head from
+  each image paired with a random template of its class name (or ``batch["template"]``). W_v
+  is the family's ``image_projection_kernel`` (SigLIP: its MAP head's output projection, as
+  CaRot's code takes the attention pool's ``c_proj`` of ResNet towers). Evaluation rebuilds the zero-shot head from
   the fine-tuned text tower with every template (``glajax.zeroshot_head``), with the model's
   logit bias.
+
+  The official data (CaRot ``datacreation_scripts/imagenet_csv_creator.py``) is a CSV of every
+  (image, template) pair, read by a shuffled loader for epochs · ⌈N/B⌉ steps
+  (``src/models/carot_loss.py``): B pairs drawn without replacement from the N·T. glajax's epochs
+  visit each image once with a random template: every pair has the same chance; an image recurs
+  exactly once per epoch instead of a hypergeometric number of times.
+  (benchmarks/results/contrastive_sampling.md measures the difference at demo scale.)
   """
   _needs_text(backbone, "contrastive")
   weights = config.carot
@@ -439,11 +516,11 @@ def backdoor_task(backbone, text_features, train_counts, config) -> Task:
   """Chen et al.'s PEFT: ``backbone`` built with ``adapter_dim`` adapters, a cosine classifier on
   the pooled image feature initialised from (C, P) "a photo of a {}." ``text_features`` as LIFT's
   ``init_head_text_feat`` (w_c = normalise(normalise(t_c) @ W_vᵀ)), and CE(z + τ·log π_train, y)
-  with π_train from ``train_counts``."""
+  with log π_train = log(n_c/Σn + 1e-9) from ``train_counts`` (``losses.la_log_prior``)."""
   counts = np.asarray(train_counts, np.float64)
   if counts.ndim != 1 or (counts <= 0).any():
     raise bad_argument("train_counts", "a (C,) array of positive class counts", counts)
-  log_prior = jnp.asarray(np.log(counts / counts.sum()), jnp.float32)
+  log_prior = losses.la_log_prior(counts)
   head = CosineClassifier.from_text_features(
       text_features, np.asarray(backbone.image_projection_kernel()), config.cosine_scale)
   model = ImageClassifier(backbone, head, features="pre_projection")

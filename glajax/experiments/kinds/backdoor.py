@@ -1,13 +1,17 @@
 """Backdoor adjustment (Chen et al., ICML 2025): per foundation model m, AdaptFormer adapters and
 a cosine classifier trained with the logit-adjusted loss (``recipes.backdoor_peft``, after
 LIFT); the prediction Σ_m z_m (P(c) = 1/M). With ``backdoor.compare_ce`` the first model is also
-trained with plain cross-entropy (τ = 0), the baseline the logit-adjusted loss improves on."""
+trained with plain cross-entropy (τ = 0), the baseline the logit-adjusted loss improves on.
+Classes are grouped many / medium / few by their training counts, or with
+``backdoor.group_imbalance_ratio`` r by the CIFAR-LT profile of ratio r (the official
+``trainer.py`` groups CIFAR100, CIFAR100_IR10 and CIFAR100_IR50 by CIFAR100_IR100's counts)."""
 from __future__ import annotations
 
 import numpy as np
 
 import glajax
 from glajax import methods as M
+from glajax.data import subsample
 from glajax.experiments import report, roles
 from glajax.experiments.kinds import common
 from glajax.train import recipes
@@ -45,12 +49,23 @@ def _runs(exp):
   return runs
 
 
+def group_counts(exp, counts: np.ndarray) -> np.ndarray:
+  """The per-class counts that set the many (> 100) / medium / few (< 20) groups."""
+  ratio = exp.config.backdoor.get("group_imbalance_ratio", 0)
+  if not ratio:
+    return counts
+  sizes = np.bincount(exp.split_labels(common.train_ref(exp.config)), minlength=len(counts))
+  return subsample.long_tail_counts(len(counts), float(sizes.min()), ratio)
+
+
 def run(exp) -> dict:
   config = exp.config
   tests = exp.tests()
   use = exp.use("fine-tuning")
   num_classes = exp.num_classes(use.ref)
   counts = np.bincount(exp.labels(use), minlength=num_classes)
+  exp.note_prompts("cosine classifier initialisation", [config.backdoor.template])
+  groups = group_counts(exp, counts)
   rows, results, la_logits, tags = [], {}, [], {}
   for label, checkpoint, train in _runs(exp):
     run_name = exp.run_key("backdoor", train, checkpoint, use)
@@ -60,17 +75,18 @@ def run(exp) -> dict:
     logits, labels = outputs[tests[0].purpose]
     if train.tau:
       la_logits.append(logits)
-    row = {k: float(v) for k, v in M.group_accuracy(logits, labels, counts).items()}
+    row = {k: float(v) for k, v in M.group_accuracy(logits, labels, groups).items()}
     rows.append((label, row))
     results[label] = row
   ensemble = np.asarray(M.backdoor_ensemble(la_logits))
-  row = {k: float(v) for k, v in M.group_accuracy(ensemble, labels, counts).items()}
+  row = {k: float(v) for k, v in M.group_accuracy(ensemble, labels, groups).items()}
   rows.append(("backdoor ensemble", row))
   results["backdoor ensemble"] = row
   title = (f"Backdoor adjustment on {use.ref.dataset} ({config.train.recipe}, τ = "
            f"{config.train.tau:g}, adapter dim {config.train.model.adapter_dim}): per-class "
            "accuracy by training-count group")
-  return {"results": {"accuracy": results, "train_counts": counts.tolist(), "logits_tags": tags,
+  return {"results": {"accuracy": results, "train_counts": counts.tolist(),
+                      "group_counts": groups.tolist(), "logits_tags": tags,
                       "recipe": config.train.recipe},
           "tables": [report.table(title, ["all", "many", "medium", "few"], rows,
                                   config.published, {"all": "ID (all classes)"})],

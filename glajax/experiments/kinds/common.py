@@ -75,12 +75,15 @@ class Lazy:
 def zeroshot_tag(exp, checkpoint: str, classes_ref: roles.DataRef, templates=None) -> str:
   """The cache tag of a zero-shot classifier: its checkpoint and its classes' prompts."""
   names, default = exp.classes(classes_ref)
+  exp.note_prompts(f"zero-shot head ({classes_ref.dataset})", templates or default)
   return f"zeroshot-{exp.key(checkpoint, names, list(templates or default))}"
 
 
-def zeroshot(exp, checkpoint: str, classes_ref: roles.DataRef, train=None):
-  """The zero-shot classifier of ``checkpoint`` for the classes of ``classes_ref``."""
-  return exp.zeroshot_classifier(exp.load_model(checkpoint, train), checkpoint, classes_ref)
+def zeroshot(exp, checkpoint: str, classes_ref: roles.DataRef, train=None, templates=None):
+  """The zero-shot classifier of ``checkpoint`` for the classes of ``classes_ref`` (``templates``:
+  default, the dataset's)."""
+  return exp.zeroshot_classifier(exp.load_model(checkpoint, train), checkpoint, classes_ref,
+                                 templates)
 
 
 def finetuned(exp, zs, run: str, use: roles.Use, train, export: str | None = None):
@@ -90,14 +93,15 @@ def finetuned(exp, zs, run: str, use: roles.Use, train, export: str | None = Non
   return exp.fit(run, task, train, use, export=export)
 
 
-def classifier_models(exp, checkpoint: str, use: roles.Use, train, export: str | None = None):
-  """(models, tags): the lazily built zero-shot classifier ``zs`` and its fine-tuned version
-  ``ft`` on ``use``, with their cache tags."""
+def classifier_models(exp, checkpoint: str, use: roles.Use, train, export: str | None = None,
+                      templates=None):
+  """(models, tags): the lazily built zero-shot classifier ``zs`` (``templates``: default, the
+  dataset's) and its fine-tuned version ``ft`` on ``use``, with their cache tags."""
   ref = train_ref(exp.config)
   run = exp.run_key("finetuned", train, checkpoint, use)
-  models = Lazy(zs=lambda: zeroshot(exp, checkpoint, ref, train),
+  models = Lazy(zs=lambda: zeroshot(exp, checkpoint, ref, train, templates),
                 ft=lambda: finetuned(exp, models.zs, run, use, train, export))
-  return models, {"zs": zeroshot_tag(exp, checkpoint, ref), "ft": run}
+  return models, {"zs": zeroshot_tag(exp, checkpoint, ref, templates), "ft": run}
 
 
 # ------------------------------------------------------------------------------ uncertainty

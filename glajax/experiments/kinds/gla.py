@@ -5,11 +5,19 @@ As the official code does it (BeierZhu/GLA: ``src/gla.py``; few-shot ``GLA.FS``'
 ``pp_estimate`` and ``inference`` on CoOp/Dassl, whose ``datasets/*.py`` build the validation
 shots):
 
-- few-shot (``gla.shots`` = k): fine-tuning on k shots per class of ``data.train``; validation
-  shots from ``data.validation`` (``gla.val_shots``, default min(k, 4); drawn disjoint from the
-  training shots when it is the training split, k more for ImageNet); the prior from the zero-shot
-  logits of the training and validation shots; the fine-tuned model's temperature T_ft matched
-  to its accuracy on the validation shots;
+- few-shot (``gla.shots`` = k): prompt tuning on k shots per class of ``data.train``, with the
+  recipe ``gla.fewshot_recipe`` (``vit_b16_ep50`` as configured, or GLA.FS's scripted
+  ``rn50_ep50``: ``rn50_ep50_shot{k}.yaml``, :func:`recipes.prompt_tuning_for_shots`), the
+  learning rate scaled by batch/N when the N = C·k shots are fewer than a batch
+  (:func:`recipes.scale_for_small_set`) and, with ``gla.final_model = "best_val"``, the epoch
+  whose GLA accuracy on the validation shots is best (``engine.BestSelection``); validation
+  shots from ``data.validation`` (``gla.val_shots``, or by default min(k,
+  ``gla.val_shots_max``): k for ImageNet, ``generate_fewshot_train_val``, drawn from the training
+  split disjoint from the training shots; min(k, 4) from the validation split for CoOp's other
+  datasets, their ``datasets/*.py``); the prior from the zero-shot logits of the training and
+  validation shots; the fine-tuned model's temperature T_ft matched to its accuracy on the
+  validation shots; zero-shot heads from ``gla.templates`` (``"gla"``: GLA.FS's
+  ``ENSEMBLE_TEMPLATES``);
 - long-tail and many-shot: the prior from the (long-tailed) training split; π_ft its label
   frequency; T_ft = 1;
 - T_zs (``gla.match_confidence``) matches the zero-shot model's confidence to its accuracy on
@@ -18,12 +26,14 @@ shots):
 from __future__ import annotations
 
 import numpy as np
+from flax import nnx
 
 from glajax import methods as M
+from glajax.data import registry
 from glajax.errors import ConfigError, bad_argument
 from glajax.experiments import report, roles
 from glajax.experiments.kinds import common
-from glajax.train import recipes
+from glajax.train import engine, recipes
 
 NAME = "gla"
 TRAINING = "training"  # gla.prior_data: the fine-tuning data (and the validation shots)
@@ -33,7 +43,8 @@ def _shot_refs(config, train: roles.DataRef):
   """(fine-tuning ref, validation ref) of a few-shot config."""
   options, seed = config.gla, config.seed
   k = int(options.shots)
-  val_k = int(options.get("val_shots") or min(k, 4))
+  cap = int(options.get("val_shots_max", 4))
+  val_k = int(options.get("val_shots") or (min(k, cap) if cap else k))
   if not config.data.get("validation"):
     raise bad_argument("data.validation", "the split the few-shot validation shots come from "
                        "(the training split for ImageNet)", None, ConfigError)
@@ -61,20 +72,71 @@ def plan(config) -> list[roles.Use]:
   return uses + common.test_uses(config)
 
 
-def _models(exp, checkpoint: str, train):
+def train_config(exp):
+  """The recipe as this run trains it: ``config.train``, for few-shot prompt tuning resolved
+  for k shots (``gla.fewshot_recipe``) and for a training set smaller than one batch."""
+  config, options = exp.config, exp.config.gla
+  train = exp.train_config()
+  if not options.shots or train.recipe != "prompt_tuning":
+    return train
+  if options.get("fewshot_recipe", "vit_b16_ep50") == "rn50_ep50":
+    recipes.prompt_tuning_for_shots(train, int(options.shots))
+  return recipes.scale_for_small_set(train, exp.num_classes(common.train_ref(config))
+                                     * int(options.shots))
+
+
+def _templates(exp):
+  """The zero-shot heads' templates: ``gla.templates`` of the training dataset."""
+  return registry.templates(common.train_ref(exp.config).dataset,
+                            exp.config.gla.get("templates", "clip"))
+
+
+def _models(exp, checkpoint: str, train, selection=None):
   use = exp.use("fine-tuning")
-  if exp.config.train.recipe != "prompt_tuning":
-    return common.classifier_models(exp, checkpoint, use, train, export="finetuned")
   ref = common.train_ref(exp.config)
-  run = exp.run_key("prompt_tuned", train, checkpoint, use)
+  templates = _templates(exp)
+  if exp.config.train.recipe != "prompt_tuning":
+    return common.classifier_models(exp, checkpoint, use, train, "finetuned", templates)
+  final = exp.config.gla.get("final_model", "last_step")
+  run = exp.run_key("prompt_tuned", train, checkpoint, use, final)
+  exp.note_prompts("prompt-tuning initialisation", [train.template])
 
   def prompt_tuned():
     task = recipes.prompt_tuning_task(exp.load_model(checkpoint, train), exp.tokenizer(checkpoint),
                                       exp.classes(ref)[0], train)
-    return exp.fit(run, task, train, use, export="prompt_tuned")
+    select = selection() if final == "best_val" and selection is not None else None
+    return exp.fit(run, task, train, use, export="prompt_tuned", select=select)
 
-  models = common.Lazy(zs=lambda: common.zeroshot(exp, checkpoint, ref, train), ft=prompt_tuned)
-  return models, {"zs": common.zeroshot_tag(exp, checkpoint, ref), "ft": run}
+  models = common.Lazy(zs=lambda: common.zeroshot(exp, checkpoint, ref, train, templates),
+                       ft=prompt_tuned)
+  return models, {"zs": common.zeroshot_tag(exp, checkpoint, ref, templates), "ft": run}
+
+
+@nnx.jit
+def _prompt_logits(model, features):
+  return model(image_features=features)
+
+
+def best_val_selection(exp, checkpoint: str, train, zeroshot, zs_tag: str, log_prior,
+                       zs_temperature, ft_log_prior):
+  """``engine.BestSelection`` scoring GLA's accuracy on the validation shots, as GLA.FS's
+  ``trainers/gla.py`` ``test(split="val")`` does after every epoch: the prompt-tuned logits of
+  the cached validation features, their temperature T searched to 1 pp, then
+  z_ft/T + z_zs/T_zs − log π_p; accuracy in percent."""
+  val = exp.use("validation")
+  features, labels = exp.arrays(val, f"features-{exp.key(checkpoint, train.model.to_dict())}",
+                                lambda: exp.load_model(checkpoint, train),
+                                logits_fn=recipes.image_features)
+  zs_logits = exp.arrays(val, zs_tag, zeroshot)[0] / zs_temperature
+
+  def score(model):
+    logits = np.asarray(_prompt_logits(model, features))
+    temperature = float(M.match_confidence_temperature(logits, labels, tol=1.0))
+    fused = M.gla_ensemble(logits, zs_logits, log_prior, ft_log_prior,
+                           ft_temperature=temperature)
+    return 100 * common.accuracy(fused, labels)
+
+  return engine.BestSelection(score)
 
 
 def _prior(exp, models, tags):
@@ -98,32 +160,51 @@ def _variants(zs, ft, log_prior, zs_temperature, ft_temperature, ft_log_prior):
   }
 
 
-def run(exp) -> dict:
-  config, options = exp.config, exp.config.gla
-  tests = exp.tests()
-  models, tags = _models(exp, config.model.checkpoints[0], exp.train_config())
-  log_prior, info = _prior(exp, models, tags)
-  zs_temperature = float(info["temperature"])
-  ft_temperature = 1.0
-  if options.shots:  # few-shot: T_ft matched on the validation shots, to 1 pp (trainers/gla.py)
-    ft_temperature = float(M.match_confidence_temperature(
-        *exp.arrays(exp.use("validation"), tags["ft"], lambda: models.ft), tol=1.0))
-  num_classes = log_prior.shape[0]
-  counts = np.bincount(exp.labels(exp.use("fine-tuning")), minlength=num_classes)
-  ft_log_prior = np.log(counts / counts.sum()) if (counts > 0).all() else None
-  zs = exp.logits(tags["zs"], lambda: models.zs, tests)
-  ft = exp.logits(tags["ft"], lambda: models.ft, tests)
+def _rows(exp, zs, ft, fitted: dict, counts):
+  """(rows, results) of the four variants on the test sets, with the group accuracies."""
+  tests, long_tail = exp.tests(), exp.config.gla.long_tail
+  log_prior = fitted["prior"][0]
   rows, results = [], {}
-  for name, logits_of in _variants(zs, ft, log_prior, zs_temperature, ft_temperature,
-                                   ft_log_prior).items():
+  for name, logits_of in _variants(zs, ft, log_prior, fitted["prior"][1], fitted["ft_temperature"],
+                                   fitted["prior"][2]).items():
     test_logits, labels = logits_of(tests[0].purpose), zs[tests[0].purpose][1]
-    groups = (M.group_accuracy(test_logits, labels, counts) if options.long_tail
+    groups = (M.group_accuracy(test_logits, labels, counts) if long_tail
               else M.group_accuracy_by_prior(test_logits, labels, log_prior))
     row = {k: float(v) for k, v in groups.items() if k != "all"}
     row.update(common.accuracy_row({u.purpose: (logits_of(u.purpose), zs[u.purpose][1])
                                     for u in tests}, tests))
     rows.append((name, row))
     results[name] = row
+  return rows, results
+
+
+def _selection_record(fitted: dict):
+  """The best-validation choice of this invocation (None when not used or reused from cache)."""
+  select = fitted.get("selection")
+  if select is None or select.chosen is None:
+    return None
+  return {"epoch_step": select.chosen[0], "val_gla_accuracy": select.chosen[1],
+          "history": [list(h) for h in select.history]}
+
+
+def run(exp) -> dict:
+  config, options = exp.config, exp.config.gla
+  tests = exp.tests()
+  checkpoint, train = config.model.checkpoints[0], train_config(exp)
+  fitted = {}  # what fine-tuning's best-val selection reads, known before it starts
+  models, tags = _models(exp, checkpoint, train, lambda: fitted.setdefault(
+      "selection", best_val_selection(exp, checkpoint, train, lambda: models.zs, tags["zs"],
+                                      *fitted["prior"])))
+  log_prior, info = _prior(exp, models, tags)
+  counts = np.bincount(exp.labels(exp.use("fine-tuning")), minlength=log_prior.shape[0])
+  ft_log_prior = np.log(counts / counts.sum()) if (counts > 0).all() else None
+  fitted["prior"] = (log_prior, float(info["temperature"]), ft_log_prior)
+  fitted["ft_temperature"] = 1.0
+  if options.shots:  # few-shot: T_ft matched on the validation shots, to 1 pp (trainers/gla.py)
+    fitted["ft_temperature"] = float(M.match_confidence_temperature(
+        *exp.arrays(exp.use("validation"), tags["ft"], lambda: models.ft), tol=1.0))
+  zs = exp.logits(tags["zs"], lambda: models.zs, tests)
+  rows, results = _rows(exp, zs, exp.logits(tags["ft"], lambda: models.ft, tests), fitted, counts)
   group_names = ["many", "medium", "few"] if options.long_tail else ["head", "medium", "tail"]
   columns = common.columns(tests)
   columns = columns[:1] + group_names + columns[1:]
@@ -131,8 +212,11 @@ def run(exp) -> dict:
            + (f", {options.shots}-shot" if options.shots else "") + ")")
   return {"results": {"accuracy": results, "log_prior": np.asarray(log_prior).tolist(),
                       "prior_residual": float(info["residual"]),
-                      "zs_temperature": zs_temperature, "ft_temperature": ft_temperature,
-                      "train_counts": counts.tolist(), "recipe": config.train.recipe},
+                      "zs_temperature": fitted["prior"][1],
+                      "ft_temperature": fitted["ft_temperature"],
+                      "train_counts": counts.tolist(), "recipe": config.train.recipe,
+                      "best_val": _selection_record(fitted)},
+          "train_as_run": train.to_dict(),
           "tables": [report.table(title, columns, rows, config.published,
                                   context={"shots": options.shots})],
           "plots": {"prior.png": report.PriorPlot(np.asarray(log_prior), counts)}}

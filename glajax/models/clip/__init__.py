@@ -34,6 +34,7 @@ FAMILY = family.Family(
     tokenizer=tokenizer.load_tokenizer,
     load_options=("dtype", "param_dtype", "image_size", "seed", "adapter_dim", "adapter_scale",
                   "remat", "attention", "activation"),
+    normalization=(modeling.MEAN, modeling.STD),
 )
 
 __all__ = ["CLIP", "CLIPConfig", "FAMILY", "init_clip", "load_clip", "save_clip"]

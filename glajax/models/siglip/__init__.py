@@ -26,6 +26,7 @@ FAMILY = family.Family(
     tiny={"siglip": _tiny},
     tokenizer=tokenizer.load_tokenizer,
     load_options=("dtype", "param_dtype", "image_size", "seed", "remat", "attention"),
+    normalization=(modeling.MEAN, modeling.STD),
 )
 
 __all__ = ["FAMILY", "SigLIP", "SiglipConfig", "init_siglip", "load_siglip", "save_siglip"]
