@@ -33,8 +33,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from glajax.errors import ConfigError, bad_argument
-from glajax.models.family import ModelSpec
 from glajax.models import checkpoints
+from glajax.models.family import ModelSpec
 from glajax.models.layers import (MLP, Block, attend, check_images, check_sizes, check_tower,
                                   embed_text, init_compiled, l2_normalise,
                                   resize_vision_positions, run_blocks, square_size)
