@@ -364,6 +364,13 @@ def _checked_config(config) -> int:
   return int(config.total_steps)
 
 
+def _initial_kept(select: BestSelection, params, config, model, mesh) -> dict:
+  """The best-validation state before any epoch, its leaves placed as the parameters of their
+  shapes are (``config.sharding``)."""
+  kept = select.initial(params, config, param_groups(model))
+  return parallel.put(kept, parallel.shardings(kept, mesh, config.get("sharding", "replicated")))
+
+
 def fit(model: nnx.Module, loss_fn: LossFn, config, data: Callable[[int], Iterator],
         workdir: str, *, mesh=None, teacher_update: TeacherUpdate | None = None,
         select: BestSelection | None = None, name: str = "train"):
@@ -390,12 +397,7 @@ def fit(model: nnx.Module, loss_fn: LossFn, config, data: Callable[[int], Iterat
   checkpoints = Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint_every,
                              config.keep_checkpoints)
   period = 0 if select is None else select.period(config)
-  if select is not None:   # the kept leaves placed as the parameters of their shapes are
-    kept = select.initial(params, config, param_groups(model))
-    kept = parallel.put(kept, parallel.shardings(kept, mesh, config.get("sharding",
-                                                                         "replicated")))
-  else:
-    kept = None
+  kept = None if select is None else _initial_kept(select, params, config, model, mesh)
   start, restored = checkpoints.restore_latest(state if kept is None else (state, kept))
   if restored is not None:
     state, kept = restored if kept is not None else (restored, None)

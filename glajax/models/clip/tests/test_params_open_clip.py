@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import open_clip_reference
+from glajax.models.clip.tests import open_clip_reference
 from glajax import CheckpointError
 from glajax.models import checkpoints, registry
 from glajax.models.clip import CLIP, CLIPConfig, load_clip, save_clip
