@@ -139,19 +139,22 @@ def test_missing_dataset_dir_or_checkpoint_fails_before_any_work(tmp_path):
 
 
 def test_workdir_of_another_experiment_is_refused(tmp_path):
-  first = experiments.load("wise_ft:runlocal")
-  runner.claim_workdir(first, str(tmp_path / "a"))
-  runner.claim_workdir(experiments.load("wise_ft:runlocal,data.eval_batch_size=8"),
-                       str(tmp_path / "a"))  # same experiment: not a fingerprinted key
-  runner.claim_workdir(experiments.load("wise_ft:runlocal,wise_ft.alphas=(0.0, 0.25, 1.0)"),
-                       str(tmp_path / "a"))  # post-hoc only: re-run on the cached logits
-  with pytest.raises(ConfigError, match=config_lib.fingerprint(first)):
-    runner.claim_workdir(experiments.load("wise_ft:runlocal,seed=1"), str(tmp_path / "a"))
+  claim = lambda spec, d: runner.claim_workdir(  # noqa
+      experiments.load(spec), str(tmp_path / d), experiments.fingerprint(experiments.load(spec)))
+  first = experiments.fingerprint(experiments.load("wise_ft:runlocal"))
+  claim("wise_ft:runlocal", "a")
+  claim("wise_ft:runlocal,data.eval_batch_size=8", "a")  # same experiment: not fingerprinted
+  claim("wise_ft:runlocal,wise_ft.alphas=(0.0, 0.25, 1.0)", "a")  # post-hoc: re-run on logits
+  claim("wise_ft:runlocal,train.sharding=fsdp,train.log_every=3", "a")  # placement, logging
+  with pytest.raises(ConfigError, match=first):
+    claim("wise_ft:runlocal,seed=1", "a")
+  with pytest.raises(ConfigError, match=first):
+    claim("wise_ft:runlocal,train.optimizer.learning_rate=0.5", "a")
   with pytest.raises(ConfigError, match="another --workdir"):
     experiments.run("absent_class:runlocal", str(tmp_path / "a"))
   (tmp_path / "b" / "checkpoints").mkdir(parents=True)
   with pytest.raises(ConfigError, match="unknown experiment"):
-    runner.claim_workdir(first, str(tmp_path / "b"))
+    claim("wise_ft:runlocal", "b")
 
 
 def test_report_table_shows_published_numbers_alongside():

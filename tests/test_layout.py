@@ -11,7 +11,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "glajax"
 
 # Lowest first; a module may import its own layer and those before it.
 LAYERS = (
-    ("glajax.errors", "glajax.io", "glajax.parallel"),
+    ("glajax.errors", "glajax.io", "glajax.parallel", "glajax.schema"),
     ("glajax.methods",),
     ("glajax.models",),
     ("glajax.zeroshot",),

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import os
 
-from glajax.experiments import report, roles, runner
-from glajax.experiments.config import flat_keys, fingerprint, load
-from glajax.experiments.config import validate as validate_config
+from glajax.experiments import config as config_lib
+from glajax.experiments import kinds, report, roles, runner
+from glajax.experiments.config import flat_keys, load
 from glajax.experiments.kinds import KINDS
 from glajax.experiments.runner import tiny_checkpoint
 
@@ -22,17 +22,24 @@ __all__ = ["load", "validate", "plan", "fingerprint", "flat_keys", "tiny_checkpo
 def plan(config) -> list[roles.Use]:
   """The data uses of ``config``'s kind, checked: a fitted use that may share rows with a test
   set raises a ConfigError naming its config key."""
-  uses = KINDS[config.experiment].plan(config)
+  uses = kinds.get(config.get("experiment")).plan(config)
   roles.check_plan(uses)
   return uses
 
 
+def fingerprint(config) -> str:
+  """The experiment's identity in its work directory (``config.fingerprint`` with its kind's
+  declarations of which keys do not change results)."""
+  return config_lib.fingerprint(config, kinds.get(config.get("experiment")))
+
+
 def validate(config, check_files: bool = True) -> list[roles.Use]:
   """Every check ``run`` makes before any work; returns the checked data plan."""
-  validate_config(config, check_files=False, kinds=tuple(KINDS))
+  kind = kinds.get(config.get("experiment"))
+  config_lib.validate(config, kind, check_files=False)
   uses = plan(config)
   if check_files:  # directories, prepared datasets, checkpoints: last, a hub id may need the net
-    validate_config(config, check_files=True, kinds=tuple(KINDS))
+    config_lib.validate(config, kind, check_files=True)
   return uses
 
 
@@ -43,10 +50,12 @@ def run(config, workdir: str, cache_dir: str | None = None) -> dict:
   if isinstance(config, str):
     config = load(config)
   uses = validate(config, check_files=True)
-  workdir = runner.claim_workdir(config, workdir)
+  workdir = runner.claim_workdir(config, workdir, fingerprint(config))
   with runner.WorkdirLock(workdir):
-    experiment = runner.Experiment(config, workdir, uses, cache_dir)
-    return report.write(experiment, KINDS[config.experiment].run(experiment))
+    kind = kinds.get(config.experiment)
+    experiment = runner.Experiment(config, workdir, uses, cache_dir, kind)
+    outcome = kind.run(experiment)
+    return report.write(experiment, outcome, fingerprint(config))
 
 
 def main(args) -> int:

@@ -25,25 +25,15 @@ import re
 from pathlib import Path
 
 import ml_collections
-import numpy as np
 
-from glajax import parallel
-from glajax.data import builders, registry, transforms, world
-from glajax.errors import CheckpointError, ConfigError, DatasetError, GlajaxError, bad_argument
-from glajax.models import layers, registry as models
-from glajax.train import recipes, state
+from glajax import schema
+from glajax.data import builders, registry, world
+from glajax.errors import CheckpointError, ConfigError, DatasetError, bad_argument
+from glajax.models import registry as models
+from glajax.schema import Field
+from glajax.train import recipes
 
 TINY = models.TINY
-# Keys that change where or how fast a run goes, or only the post-hoc methods applied to cached
-# logits: a work directory accepts a config that differs from its own in these alone, so
-# post-hoc methods and reports can be re-run on what it holds.
-_NOT_FINGERPRINTED = ("data.data_dir", "data.manual_dir", "data.manual_dirs",
-                      "data.eval_batch_size", "progress",
-                      "train.progress", "train.log_every", "train.checkpoint_every",
-                      "train.keep_checkpoints", "train.tensorboard", "train.wandb",
-                      "train.sharding", "published",
-                      "wise_ft.alphas", "wise_ft.export_alpha", "wise_ft.ece_bins",
-                      "gla.match_confidence", "contrastive.ece_bins", "demo")
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
 
@@ -355,130 +345,71 @@ def _check_dataset(key: str, spec, check_files: bool, config) -> None:
     _check_prepared(name, config.data.data_dir, manual_dir_of(config, name))
 
 
-# (key, kind, low, high) — kind: "int", "float", "fraction" (in [low, high]); a value outside
-# raises a ConfigError naming the key. Keys absent from a config are skipped.
-_RANGES = (
-    ("seed", "int", 0, None), ("data.image_size", "int", 1, None),
-    ("data.eval_batch_size", "int", 1, None),
-    ("train.batch_size", "int", 1, None), ("train.epochs", "int", 1, None),
-    ("train.accum_steps", "int", 1, None), ("train.log_every", "int", 1, None),
-    ("train.checkpoint_every", "int", 0, None), ("train.keep_checkpoints", "int", 1, None),
-    ("train.optimizer.learning_rate", "positive", 0, None),
-    ("train.optimizer.weight_decay", "float", 0, None),
-    ("train.optimizer.warmup_steps", "int", 0, None),
-    ("train.optimizer.grad_clip_norm", "float", 0, None),
-    ("train.optimizer.momentum", "float", 0, 1), ("train.optimizer.b1", "float", 0, 1),
-    ("train.optimizer.b2", "float", 0, 1), ("train.optimizer.eps", "positive", 0, None),
-    ("train.label_smoothing", "float", 0, 0.999), ("train.tau", "float", 0, None),
-    ("train.cosine_scale", "positive", 0, None),
-    ("train.carot.lambda_oc", "float", 0, None), ("train.carot.lambda_sd", "float", 0, None),
-    ("train.carot.lambda_vt", "float", 0, None), ("train.carot.teacher.every", "int", 1, None),
-    ("train.carot.teacher.start", "float", 0, 1), ("train.carot.teacher.end", "float", 0, 1),
-    ("train.carot.teacher.warmup_fraction", "float", 0, 1),
-    ("wise_ft.export_alpha", "float", 0, 1), ("wise_ft.ece_bins", "int", 1, None),
-    ("contrastive.ece_bins", "int", 1, None),
-    ("gla.shots", "int", 0, None), ("gla.val_shots", "int", 0, None),
-    ("gla.val_shots_max", "int", 0, None),
-    ("backdoor.imbalance_ratio", "float", 0, None),
-    ("backdoor.group_imbalance_ratio", "float", 0, None),
-    ("absent_class.num_seen", "int", 1, None), ("absent_class.split_seed", "int", 0, None),
-    ("absent_class.test_fraction", "float", 0, 0.99),
-    ("absent_class.pcv_holdout", "positive", 0, 0.99),
-)
-_CHOICES = (
-    ("train.model.dtype", ("float32", "bfloat16", "float16")),
-    ("train.model.attention", layers.ATTENTION_IMPLEMENTATIONS),
-    ("train.optimizer.name", ("adamw", "sgd")),
-    ("train.sharding", parallel.SHARDINGS),
-    ("gla.templates", registry.TEMPLATE_SOURCES),
-    ("gla.fewshot_recipe", recipes.FEWSHOT_RECIPES),
-    ("gla.final_model", recipes.FINAL_MODELS),
-)
+# The keys every experiment config has (``base``), as ``glajax.schema`` declares them; each
+# experiment kind declares its own keys (``FIELDS``, dotted from the config's root, and
+# ``check(config)`` for what spans keys), each recipe its train section
+# (``glajax.train.recipes.check_config``).
+BASE_FIELDS = {
+    "seed": Field("int", 0, 2**31 - 1), "progress": Field("bool", result=False),
+    "data.image_size": Field("int", 1), "data.eval_batch_size": Field("int", 1, result=False),
+    "data.data_dir": Field("str", optional=True, result=False),
+    "data.manual_dir": Field("str", optional=True, result=False),
+    "data.manual_dirs": Field("any", result=False), "published": Field("any", result=False),
+    "demo": Field("any", result=False),
+}
 
 
-def _get(config, key: str):
+def train_sections(config, kind) -> list[str]:
+  """The dotted names of the recipe sections ``config`` trains with: the kind's
+  ``train_sections(config)``, else ``train`` when the config has one."""
+  sections = getattr(kind, "train_sections", None)
+  if sections is not None:
+    return list(sections(config))
+  return ["train"] if "train" in config else []
+
+
+def section(config, dotted: str):
+  """The sub-section of ``config`` at ``dotted`` (e.g. ``recipes.flyp``)."""
   node = config
-  for part in key.split("."):
-    if not isinstance(node, (ml_collections.ConfigDict, dict)) or part not in node:
-      return _MISSING
+  for part in dotted.split("."):
     node = node[part]
   return node
 
 
-_MISSING = object()
+def check_values(config, kind) -> None:
+  """Every value's type and range, each error naming the config key: the base keys, each recipe
+  section against the recipe it names (``recipes.check_config``), and the kind's own keys (its
+  ``FIELDS`` and its ``check(config)`` for what spans keys)."""
+  schema.check_section(config, BASE_FIELDS, "")
+  schema.check_section(config, getattr(kind, "FIELDS", {}), "")
+  if hasattr(kind, "check"):   # what spans keys, incl. which recipe sections there are
+    kind.check(config)
+  for prefix in train_sections(config, kind):
+    recipes.check_config(section(config, prefix), prefix)
 
 
-def _check_number(key: str, value, kind: str, low, high) -> None:
-  integral = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-  number = integral or isinstance(value, (float, np.floating))
-  expected = {"int": "an integer", "float": "a number", "positive": "a number"}[kind]
-  bounds = (f" > {low}" if kind == "positive" else f" >= {low}") + (
-      f" and <= {high}" if high is not None else "")
-  ok = (integral if kind == "int" else number) and np.isfinite(value) and (
-      value > low if kind == "positive" else value >= low) and (high is None or value <= high)
-  if not ok:
-    raise bad_argument(key, expected + bounds, repr(value), ConfigError)
+def unfingerprinted(config, kind) -> list[str]:
+  """The keys that change where or how fast a run goes, or only the post-hoc methods applied to
+  cached logits: a work directory accepts a config that differs from its own in these alone,
+  so post-hoc methods and reports can be re-run on what it holds."""
+  keys = schema.unfingerprinted(BASE_FIELDS, "")
+  for prefix in train_sections(config, kind):
+    keys += recipes.unfingerprinted(prefix)
+  return keys + schema.unfingerprinted(getattr(kind, "FIELDS", {}), "")
 
 
-def check_values(config) -> None:
-  """Every value's type and range (sizes >= 1, learning rates > 0, α in [0, 1], dtypes and
-  optimiser names from their lists), each error naming the config key."""
-  for key, kind, low, high in _RANGES:
-    value = _get(config, key)
-    if value is not _MISSING and value is not None:
-      _check_number(key, value, kind, low, high)
-  for key, options in _CHOICES:
-    value = _get(config, key)
-    if value is not _MISSING and value not in options:
-      raise bad_argument(key, f"one of {', '.join(options)}", repr(value), ConfigError)
-  activation = _get(config, "train.model.activation")
-  if activation is not _MISSING and activation is not None and activation not in layers.ACTIVATIONS:
-    raise bad_argument("train.model.activation", f"None (each checkpoint's own) or one of "
-                       f"{', '.join(layers.ACTIVATIONS)}", repr(activation), ConfigError)
-  schedule = _get(config, "train.optimizer.schedule")
-  if schedule is not _MISSING:
-    known = state.SCHEDULES
-    if schedule not in known:
-      raise bad_argument("train.optimizer.schedule", f"one of {', '.join(known)}",
-                         repr(schedule), ConfigError)
-  total = _get(config, "train.total_steps")
-  if total is not _MISSING and not (isinstance(total, int) and not isinstance(total, bool)):
-    raise bad_argument("train.total_steps", "an integer (<= 0: the recipe's epochs)",
-                       repr(total), ConfigError)
-  alphas = _get(config, "wise_ft.alphas")
-  if alphas is not _MISSING:
-    if not isinstance(alphas, (tuple, list)) or not alphas:
-      raise bad_argument("wise_ft.alphas", "a non-empty tuple of numbers in [0, 1]",
-                         repr(alphas), ConfigError)
-    for alpha in alphas:
-      _check_number("wise_ft.alphas", alpha, "float", 0, 1)
-  if _get(config, "train.transform") is not _MISSING:  # the recipe's train and eval transforms
-    try:
-      transforms.of_config(config.train)
-    except GlajaxError as e:
-      raise ConfigError(str(e)) from None
-  seeds = _get(config, "absent_class.pcv_seeds")
-  if seeds is not _MISSING and (not seeds or not all(
-      isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
-    raise bad_argument("absent_class.pcv_seeds", "a non-empty tuple of integer seeds",
-                       repr(seeds), ConfigError)
-
-
-def validate(config, check_files: bool = True, kinds=None) -> None:
-  """Checks ``config`` before any work and changes nothing: its kind (one of ``kinds``), every
-  value (:func:`check_values`), dataset names and explicit splits, checkpoints and, with
+def validate(config, kind, check_files: bool = True) -> None:
+  """Checks ``config`` before any work and changes nothing: every value (:func:`check_values`
+  with its ``kind``'s declarations), dataset names and explicit splits, checkpoints and, with
   ``check_files``, that directories, prepared datasets and checkpoints exist. Raises ConfigError,
   DatasetError or CheckpointError naming the config key."""
-  if kinds is not None and config.get("experiment") not in kinds:
-    raise bad_argument("experiment", f"one of {', '.join(kinds)}",
-                       repr(config.get("experiment")), ConfigError)
   if not checkpoints_of(config):
     raise bad_argument("model.checkpoints", "at least one checkpoint", "none", ConfigError)
   if "folder" in config.data and not config.data.train:
     raise bad_argument("data.folder", "a folder of class subfolders or a CSV file of path,label "
                        "rows (configs/custom.py:data.folder=/path/to/images)", "none given",
                        ConfigError)
-  check_values(config)
+  check_values(config, kind)
   if check_files:
     _check_dir("data.data_dir", config.data.data_dir)
     _check_dir("data.manual_dir", config.data.manual_dir)
@@ -490,11 +421,12 @@ def validate(config, check_files: bool = True, kinds=None) -> None:
     _check_checkpoint(checkpoint, check_files, config.data.image_size)
 
 
-def fingerprint(config) -> str:
-  """SHA-256 (16 hex digits) of the config's result-relevant content."""
+def fingerprint(config, kind) -> str:
+  """SHA-256 (16 hex digits) of the config's result-relevant content (all but
+  :func:`unfingerprinted`)."""
   content = json.loads(config.to_json_best_effort())
   content.pop("config_spec", None)
-  for key in _NOT_FINGERPRINTED:
+  for key in unfingerprinted(config, kind):
     *parents, leaf = key.split(".")
     node = content
     for parent in parents:
@@ -574,21 +506,23 @@ def parse_arg(arg: str | None, allowed) -> set[str]:
 
 def runlocal(config, *, train: str = "train", test: str = "test_photo",
              shifts=("test_sketch", "test_noise"), backbones: int = 1, steps: int = 8,
-             tiny: str = TINY):
+             tiny: str = TINY, sections=("train",)):
   """Shrinks ``config`` to CPU size: random tiny models (``tiny``: a CLIP ViT; ``"tiny-rn"``:
   a CLIP ResNet), the demo's tiny procedural world (32-px coloured shapes; photo train/test,
-  sketch and noise as shifts), a few steps at a learning rate a random model can learn from; no
-  published numbers beside random models."""
+  sketch and noise as shifts), a few steps at a learning rate a random model can learn from in
+  each recipe section of ``sections``; no published numbers beside random models."""
   config.model.checkpoints = tuple(f"{tiny}:{i}" for i in range(backbones))
   config.data.update(train=f"{TINY_WORLD}@{train}", test=f"{TINY_WORLD}@{test}",
                      shifts=tuple(f"{TINY_WORLD}@{s}" for s in shifts), image_size=32,
                      eval_batch_size=40)
-  config.train.update(batch_size=16, total_steps=steps, checkpoint_every=0, log_every=steps,
-                      tensorboard=False)
-  config.train.model.dtype = "float32"
-  config.train.optimizer.learning_rate = 1e-3 if config.train.optimizer.name == "adamw" else 0.05
-  if not config.train.optimizer.get("warmup_epochs"):
-    config.train.optimizer.warmup_steps = 1
+  for name in sections:
+    recipe = section(config, name)
+    recipe.update(batch_size=16, total_steps=steps, checkpoint_every=0, log_every=steps,
+                  tensorboard=False)
+    recipe.model.dtype = "float32"
+    recipe.optimizer.learning_rate = 1e-3 if recipe.optimizer.name == "adamw" else 0.05
+    if not recipe.optimizer.get("warmup_epochs"):
+      recipe.optimizer.warmup_steps = 1
   config.progress = False
   config.published = ml_collections.ConfigDict(dict(table=None, rows=(), columns={}))
   return config

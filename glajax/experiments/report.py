@@ -64,10 +64,13 @@ def _published_rows(published, columns, context) -> tuple[list[dict], str]:
 
 
 def table(title: str, columns, rows, published=None, labels: Mapping[str, str] | None = None,
-          context: Mapping | None = None) -> dict:
-  """A report table; ``rows`` are (label, {column: value}); ``labels`` maps column keys to the
-  headers shown (the papers' notation); published rows from ``published`` (see the module
-  docstring) are attached with their source; ``context`` fills fields of their row names."""
+          context: Mapping | None = None, effects: bool = False) -> dict:
+  """A report table; ``rows`` are (label, {column: value}), a value a number or an
+  ``M.Interval`` (its estimate shown with its 95 % interval); ``labels`` maps column keys to
+  the headers shown (the papers' notation); published rows from ``published`` (see the module
+  docstring) are attached with their source; ``context`` fills fields of their row names.
+  ``effects``: the values are differences (signed, and an interval that excludes 0 marked as
+  an effect that appears)."""
   columns = list(columns)
   published_rows, source = _published_rows(published, columns, context)
   entry = published_entry(published.get("table") if published else None)[1] or {}
@@ -75,8 +78,7 @@ def table(title: str, columns, rows, published=None, labels: Mapping[str, str] |
   return {
       "title": title, "columns": columns,
       "headers": [dict(labels or {}).get(c, c) for c in columns],
-      "rows": [{"label": label, "values": {c: _number(row.get(c)) for c in columns}}
-               for label, row in rows],
+      "rows": [_row(label, row, columns) for label, row in rows], "effects": effects,
       "published": published_rows, "published_source": source,
       "published_setting": setting if isinstance(setting, Mapping) else None,
       "published_apart": [], "published_differs": [],
@@ -108,8 +110,9 @@ def setting_differences(setting: Mapping | None, config) -> list[str]:
                    f"{', '.join(setting['backbones'])}")
   recipe = setting.get("recipe")
   allowed = [recipe] if isinstance(recipe, str) else list(recipe or [])
-  if allowed and config.train.get("recipe") not in allowed:
-    differs.append(f"recipe: ours {config.train.get('recipe')}, published {' or '.join(allowed)}")
+  ours_recipe = config.get("train", {}).get("recipe")
+  if allowed and ours_recipe not in allowed:
+    differs.append(f"recipe: ours {ours_recipe}, published {' or '.join(allowed)}")
   for key, value in setting.get("options", {}).items():
     if _config_value(config, key) != value:
       differs.append(f"{key}: ours {_config_value(config, key)}, published {value}")
@@ -137,8 +140,34 @@ def _number(value):
   return value if np.isfinite(value) else None
 
 
-def _cell(value) -> str:
-  return "–" if value is None else f"{100 * value:.1f}"
+def _row(label: str, row: Mapping, columns) -> dict:
+  """{"label", "values", "intervals"}: each value's estimate, and [low, high] of the values
+  that are intervals (``M.Interval``)."""
+  values, intervals = {}, {}
+  for c in columns:
+    value = row.get(c)
+    if isinstance(value, M.Interval):
+      intervals[c] = [_number(value.low), _number(value.high)]
+      value = value.estimate
+    values[c] = _number(value)
+  out = {"label": label, "values": values}
+  if intervals:
+    out["intervals"] = intervals
+  return out
+
+
+def _cell(value, interval=None, signed: bool = False) -> str:
+  """A value in percent with its interval, e.g. 81.3 [80.9, 81.7]; a signed effect whose
+  interval excludes 0 is bold."""
+  if value is None:
+    return "–"
+  form = "{:+.1f}" if signed else "{:.1f}"
+  show = lambda v: form.format(round(100 * v, 1) + 0.0)   # no "-0.0"  # noqa
+  text = show(value)
+  if interval is None or None in interval:
+    return text
+  text += " [" + ", ".join(show(v) for v in interval) + "]"
+  return f"**{text}**" if signed and (interval[0] > 0 or interval[1] < 0) else text
 
 
 def markdown_table(entry: dict) -> str:
@@ -147,9 +176,15 @@ def markdown_table(entry: dict) -> str:
   headers = entry.get("headers") or columns
   lines = [f"### {entry['title']}", "", "| | " + " | ".join(headers) + " |",
            "|---" * (len(columns) + 1) + "|"]
+  signed = entry.get("effects", False)
   for row in entry["rows"]:
-    lines.append(f"| {row['label']} | "
-                 + " | ".join(_cell(row["values"][c]) for c in columns) + " |")
+    intervals = row.get("intervals", {})
+    lines.append(f"| {row['label']} | " + " | ".join(
+        _cell(row["values"][c], intervals.get(c), signed) for c in columns) + " |")
+  if any(row.get("intervals") for row in entry["rows"]):
+    lines += ["", "In brackets: 95 % bootstrap intervals over the test rows"
+              + ("; paired (both rows' models on the same resampled rows), bold where the "
+                 "interval excludes 0 (the change appears)." if signed else ".")]
   for row in entry["published"]:
     lines.append(f"| *{row['label']} — published* | "
                  + " | ".join(f"*{_cell(row['values'][c])}*" for c in columns) + " |")
@@ -400,6 +435,48 @@ class AusucPlot:
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
 
 
+@dataclasses.dataclass
+class ComposePath:
+  """Each recipe's path through its stages: ID against mean-shift accuracy (left) and ID
+  accuracy against ID ECE (right), one line per recipe, each point a stage (zero-shot first)."""
+  paths: dict[str, list]   # recipe -> [(stage label, {"ID", "avg shifts", "ECE ID": Interval})]
+
+  def draw(self, figure):
+    figure.set_size_inches(10, 4.2)
+    left, right = figure.subplots(1, 2)
+    for i, (recipe, path) in enumerate(self.paths.items()):
+      value = lambda row, key: 100 * float(row[key].estimate if hasattr(row[key], "estimate")
+                                           else row[key])
+      ident = [value(row, "ID") for _, row in path]
+      color = f"C{i % 10}"
+      if all("avg shifts" in row for _, row in path):
+        left.plot(ident, [value(row, "avg shifts") for _, row in path], "-o", color=color,
+                  ms=4, lw=1, label=recipe)
+        left.plot(ident[:1], [value(path[0][1], "avg shifts")], "s", color="k", ms=6)
+      right.plot(ident, [value(row, "ECE ID") for _, row in path], "-o", color=color, ms=4,
+                 lw=1, label=recipe)
+    left.set_xlabel("ID accuracy (%)")
+    left.set_ylabel("accuracy, mean over shifts (%)")
+    left.set_title("accuracy: in and out of distribution")
+    right.set_xlabel("ID accuracy (%)")
+    right.set_ylabel("ID ECE (%)")
+    right.set_title("accuracy against calibration")
+    for ax in (left, right):
+      ax.margins(0.15)
+      ax.legend(fontsize=7)
+
+  def annotate(self, figure):
+    for ax, key in zip(figure.axes, ("avg shifts", "ECE ID")):
+      points, texts = [], []
+      for path in self.paths.values():
+        for label, row in path:
+          if key in row:
+            get = lambda k: 100 * float(getattr(row[k], "estimate", row[k]))
+            points.append((get("ID"), get(key)))
+            texts.append(label.split(" (")[0].replace("+ ", ""))
+      _label_points(ax, points, texts, fontsize=6)
+
+
 def figure_of(plot):
   """A new figure with ``plot`` drawn and laid out (then its point labels placed, which needs
   the final layout); close it with ``matplotlib.pyplot.close``."""
@@ -475,25 +552,26 @@ def markdown(report: dict) -> str:
   return "\n".join(parts)
 
 
-def write(exp, outcome: dict) -> dict:
-  """Writes report.json, report.md and the plots into the work directory; returns the report."""
+def write(exp, outcome, fingerprint: str) -> dict:
+  """Writes report.json, report.md and the plots of a kind's ``outcome`` (``kinds.common.
+  Outcome``) into the work directory; returns the report."""
   config = exp.config
-  plots = dict(outcome.get("plots", {}))
-  for entry in outcome["tables"]:
+  plots = dict(outcome.plots)
+  for entry in outcome.tables:
     place_published(entry, config)
   report = {
       "experiment": config.experiment,
       "command": f"glajax run {config.get('config_spec', '<config>')} --workdir {exp.workdir}",
-      "fingerprint": config_lib.fingerprint(config),
+      "fingerprint": fingerprint,
       "config": json.loads(config.to_json_best_effort()),
-      "results": outcome["results"], "tables": outcome["tables"], "plots": list(plots),
+      "results": outcome.results, "tables": outcome.tables, "plots": list(plots),
       "ledger": list(exp.ledger), "logits_files": list(exp.logits_files),
       "final_models": _final_models(exp.workdir),
       "timings_s": {k: round(v, 2) for k, v in getattr(exp, "timings", {}).items()},
       "preprocessing": exp.preprocessing() if hasattr(exp, "preprocessing") else {},
   }
-  if outcome.get("train_as_run"):  # a recipe the kind resolved at run time (GLA per shot)
-    report["train_as_run"] = outcome["train_as_run"]
+  if outcome.train_as_run:  # a recipe the kind resolved at run time (GLA per shot)
+    report["train_as_run"] = outcome.train_as_run
   if hasattr(exp, "started"):  # this invocation's wall-clock time, up to the report
     report["timings_s"]["total"] = round(time.perf_counter() - exp.started, 2)
   if parallel.is_primary():  # one writer; the other processes return the same report

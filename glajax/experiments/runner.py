@@ -49,8 +49,9 @@ _STARTED = time.time()  # cached files older than this process come from an earl
 EXPERIMENT_FILE, LOCK_FILE = "experiment.json", ".lock"
 
 
-def claim_workdir(config, workdir: str) -> str:
-  """Creates ``workdir`` (or checks it is this experiment's) and writes ``experiment.json``.
+def claim_workdir(config, workdir: str, fingerprint: str) -> str:
+  """Creates ``workdir`` (or checks it is this experiment's ``fingerprint``) and writes
+  ``experiment.json``.
 
   A work directory that holds another experiment (another fingerprint), or checkpoints of an
   unknown one, raises a ConfigError before anything is written.
@@ -58,7 +59,7 @@ def claim_workdir(config, workdir: str) -> str:
   workdir = os.path.abspath(os.path.expanduser(workdir))
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise bad_argument("--workdir", "a directory", f"the file {workdir}", ConfigError)
-  print_ = config_lib.fingerprint(config)
+  print_ = fingerprint
   record = os.path.join(workdir, EXPERIMENT_FILE)
   if os.path.isfile(record):
     with open(record) as f:
@@ -157,8 +158,12 @@ class Experiment:
   """One config in one work directory, with the data uses its kind declared (see the module
   docstring)."""
 
-  def __init__(self, config, workdir: str, uses: Sequence[roles.Use], cache_dir: str | None = None):
+  def __init__(self, config, workdir: str, uses: Sequence[roles.Use], cache_dir: str | None = None,
+               kind=None):
     self.config, self.workdir = config, workdir
+    sections = config_lib.train_sections(config, kind)
+    # the recipe section that evaluation and defaults follow: the kind's first (``train``)
+    self.train = config_lib.section(config, sections[0]) if sections else None
     self.cache_dir = cache_dir or workdir
     self.uses = tuple(uses)
     roles.check_plan(self.uses)
@@ -214,11 +219,11 @@ class Experiment:
 
   def train_transform(self, train=None) -> transforms.TrainTransform:
     """The training transform of ``train`` (default ``config.train``): the recipe's."""
-    return transforms.of_config(train or self.config.train)[0]
+    return transforms.of_config(train or self.train)[0]
 
   def eval_transform(self) -> transforms.EvalTransform:
     """The evaluation transform of every logits this experiment computes: its recipe's."""
-    return transforms.of_config(self.config.train)[1]
+    return transforms.of_config(self.train)[1]
 
   def preprocessing(self) -> dict:
     """What the report records of the transforms (``transforms.record``) and prompts used."""
@@ -255,7 +260,7 @@ class Experiment:
   def load_model(self, checkpoint: str, train=None):
     """The model of ``checkpoint`` (any family) with the recipe's ``train.model`` settings
     (dtype, remat, adapters), by ``recipes.load_model``."""
-    return recipes.load_model(train or self.config.train, self.checkpoint_dir(checkpoint))
+    return recipes.load_model(train or self.train, self.checkpoint_dir(checkpoint))
 
   def tokenizer(self, checkpoint: str):
     if checkpoint not in self._tokenizers:
@@ -399,7 +404,7 @@ class Experiment:
 
   def train_config(self, train=None):
     """A copy of ``train`` (default ``config.train``) with the run's seed and progress."""
-    train = (train or self.config.train).copy_and_resolve_references()
+    train = (train or self.train).copy_and_resolve_references()
     train.seed = self.config.seed
     train.progress = self.config.progress
     return train

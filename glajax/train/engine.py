@@ -30,13 +30,13 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from glajax.errors import ConfigError, TrainingError, bad_argument
+from glajax.schema import Field
 from glajax.evaluate import global_batch, split_model
 from glajax import parallel
 from glajax.parallel import DATA_AXIS, data_sharding, is_primary, make_mesh, replicated
 from glajax.train.checkpoint import Checkpointer
-from glajax.train.state import (FROZEN, TrainState, create_train_state, make_optimizer,
-                                param_labels,
-                                param_path)
+from glajax.train.state import (FROZEN, SCHEDULES, WARMUPS, TrainState, create_train_state,
+                                make_optimizer, param_labels, param_path)
 
 LossFn = Callable[..., tuple[jax.Array, Mapping[str, jax.Array]]]
 # (teacher params, params after the update, 0-based step k) -> new teacher params
@@ -60,6 +60,28 @@ def default_config() -> ml_collections.ConfigDict:
                      eps=1e-8, momentum=0.9, nesterov=False, warmup_steps=500,
                      schedule="cosine", grad_clip_norm=1.0, trainable=(".*",), groups=()),
   ))
+
+
+_STEP = Field("int", 0)
+# The keys of ``default_config`` this engine reads, as ``glajax.schema`` declares them.
+FIELDS = {
+    "seed": Field("int", 0), "total_steps": Field("int"), "accum_steps": Field("int", 1),
+    "sharding": Field("choice", choices=parallel.SHARDINGS, result=False),
+    "log_every": Field("int", 1, result=False), "checkpoint_every": Field("int", 0, result=False),
+    "keep_checkpoints": Field("int", 1, result=False), "progress": Field("bool", result=False),
+    "tensorboard": Field("bool", result=False), "wandb": Field("bool", result=False),
+    "optimizer.name": Field("choice", choices=("adamw", "sgd")),
+    "optimizer.learning_rate": Field("positive", 0), "optimizer.weight_decay": Field("float", 0),
+    "optimizer.b1": Field("float", 0, 1), "optimizer.b2": Field("float", 0, 1),
+    "optimizer.eps": Field("positive", 0), "optimizer.momentum": Field("float", 0, 1),
+    "optimizer.nesterov": Field("bool"), "optimizer.warmup_steps": _STEP,
+    "optimizer.warmup_epochs": Field("int", 0, optional=True),
+    "optimizer.warmup": Field("choice", choices=WARMUPS),
+    "optimizer.warmup_lr": Field("float", 0, optional=True),
+    "optimizer.schedule": Field("choice", choices=SCHEDULES),
+    "optimizer.steps_per_epoch": _STEP, "optimizer.grad_clip_norm": Field("float", 0),
+    "optimizer.trainable": Field("any"), "optimizer.groups": Field("any"),
+}
 
 
 def _microbatches(batch, accum_steps: int, mesh):

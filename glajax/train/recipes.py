@@ -43,14 +43,16 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from glajax import schema
 from glajax.data import transforms
-from glajax.errors import bad_argument
-from glajax.models import registry
+from glajax.errors import ConfigError, GlajaxError, bad_argument
+from glajax.models import layers, registry
 from glajax.models.family import ExportInfo
 from glajax.models.heads import CosineClassifier, ImageClassifier, LinearHead, prefixed_groups
 from glajax import evaluate, io
 from glajax.train import engine, losses
 from glajax.train.prompt_tuning import PromptTunedModel, tokenize_prompts, trim_to_longest
+from glajax.schema import Field, check_section, require_keys
 from glajax.zeroshot import zeroshot_head
 
 
@@ -567,3 +569,55 @@ def prompt_tuning_task(backbone, tokenizer, classnames, config) -> Task:
 
 RECIPES = {"finetune": finetune, "linear_probe": linear_probe, "lp_ft": lp_ft, "flyp": flyp,
            "carot": carot, "backdoor_peft": backdoor_peft, "prompt_tuning": prompt_tuning}
+
+
+# ------------------------------------------------------------------------------- config keys
+
+# The keys every recipe's config has beyond the engine's (``_config``), as ``glajax.schema``
+# declares them; then each recipe's own keys (what makes a section that recipe's).
+COMMON_FIELDS = {
+    "recipe": Field("choice", choices=tuple(RECIPES)), "batch_size": Field("int", 1),
+    "epochs": Field("int", 1), "drop_last": Field("bool"),
+    "model.dtype": Field("choice", choices=("float32", "bfloat16", "float16")),
+    "model.remat": Field("bool"),
+    "model.attention": Field("choice", choices=layers.ATTENTION_IMPLEMENTATIONS),
+    "model.adapter_dim": Field("int", 0, optional=True), "model.adapter_scale": Field("any"),
+    "model.activation": Field("choice", choices=tuple(layers.ACTIVATIONS), optional=True),
+    "transform": Field("any"),
+}
+_CAROT = {"carot.lambda_oc": Field("float", 0), "carot.lambda_sd": Field("float", 0),
+          "carot.lambda_vt": Field("float", 0), "carot.teacher.every": Field("int", 1),
+          "carot.teacher.start": Field("float", 0, 1), "carot.teacher.end": Field("float", 0, 1),
+          "carot.teacher.warmup_fraction": Field("float", 0, 1)}
+_SMOOTHING = {"label_smoothing": Field("float", 0, 0.999)}
+RECIPE_FIELDS = {
+    "finetune": _SMOOTHING, "linear_probe": _SMOOTHING, "lp_ft": {}, "flyp": _CAROT,
+    "carot": _CAROT, "backdoor_peft": {"tau": Field("float", 0),
+                                       "cosine_scale": Field("positive", 0)},
+    "prompt_tuning": {"template": Field("str")},
+}
+
+
+def check_config(section, prefix: str = "train") -> None:
+  """Checks a recipe's config section: ``recipe`` names a recipe whose own keys the section has
+  (a section of another recipe is refused, naming ``<prefix>.recipe``), and every engine,
+  common and recipe key's type and range, each error naming its key; the transforms too."""
+  name = section.get("recipe")
+  if name not in RECIPES:
+    raise bad_argument(f"{prefix}.recipe", f"one of {', '.join(RECIPES)}", repr(name),
+                       ConfigError)
+  own = RECIPE_FIELDS.get(name, {})
+  require_keys(section, own, f"{prefix}.recipe", f"the {name} recipe (recipe={name!r})")
+  for fields in (engine.FIELDS, COMMON_FIELDS, own):
+    check_section(section, fields, prefix)
+  if "transform" in section:
+    try:
+      transforms.of_config(section)
+    except GlajaxError as e:
+      raise ConfigError(str(e)) from None
+
+
+def unfingerprinted(prefix: str = "train") -> list[str]:
+  """The keys of a recipe section that do not change results (progress, logging, placement)."""
+  return [*schema.unfingerprinted(engine.FIELDS, prefix),
+          *schema.unfingerprinted(COMMON_FIELDS, prefix)]

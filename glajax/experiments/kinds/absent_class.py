@@ -11,9 +11,14 @@ import numpy as np
 from glajax import methods as M
 from glajax.errors import ConfigError, bad_argument
 from glajax.experiments import report, roles
+from glajax.schema import Field
 from glajax.experiments.kinds import common
 
 NAME = "absent_class"
+FIELDS = {"absent_class.num_seen": Field("int", 1), "absent_class.split_seed": Field("int", 0),
+          "absent_class.test_fraction": Field("float", 0, 0.99),
+          "absent_class.pcv_seeds": Field("ints", 0),
+          "absent_class.pcv_holdout": Field("positive", 0, 0.99)}
 ACCURACY_LABELS = {"acc_y_y": "Acc_{Y/Y}", "acc_s_y": "Acc_{S/Y}", "acc_u_y": "Acc_{U/Y}",
                    "acc_s_s": "Acc_{S/S}", "acc_u_u": "Acc_{U/U}", "ausuc": "AUSUC"}
 
@@ -108,11 +113,12 @@ def run(exp) -> dict:
   rows, results, curves, points = _rows(variants, labels, absent, marks)
   title = (f"Absent-class calibration on {use.ref.dataset} ({int(seen.sum())} seen / "
            f"{int(absent.sum())} absent classes, {config.train.recipe})")
-  return {"results": {"accuracy": results, "gamma_alg": gamma_alg, "gamma_pcv": gamma_pcv,
-                      "gamma_oracle": gamma_oracle, "seen_classes": np.flatnonzero(seen).tolist(),
-                      "pcv_seeds": list(options.pcv_seeds),
-                      "pcv_pseudo_absent_classes": pseudo_absent_classes,
-                      "recipe": config.train.recipe},
-          "tables": [report.table(title, list(ACCURACY_LABELS), rows, config.published,
-                                  ACCURACY_LABELS)],
-          "plots": {"ausuc.png": report.AusucPlot(curves, points)}}
+  return common.Outcome(
+      results={"accuracy": results, "gamma_alg": gamma_alg, "gamma_pcv": gamma_pcv,
+               "gamma_oracle": gamma_oracle, "seen_classes": np.flatnonzero(seen).tolist(),
+               "pcv_seeds": list(options.pcv_seeds),
+               "pcv_pseudo_absent_classes": pseudo_absent_classes,
+               "recipe": config.train.recipe},
+      tables=[report.table(title, list(ACCURACY_LABELS), rows, config.published,
+                           ACCURACY_LABELS)],
+      plots={"ausuc.png": report.AusucPlot(curves, points)})

@@ -13,10 +13,14 @@ import glajax
 from glajax import methods as M
 from glajax.data import subsample
 from glajax.experiments import report, roles
+from glajax.schema import Field
 from glajax.experiments.kinds import common
 from glajax.train import recipes
 
 NAME = "backdoor"
+FIELDS = {"backdoor.imbalance_ratio": Field("float", 0),
+          "backdoor.group_imbalance_ratio": Field("float", 0),
+          "backdoor.template": Field("str"), "backdoor.compare_ce": Field("bool")}
 
 
 def plan(config) -> list[roles.Use]:
@@ -85,10 +89,11 @@ def run(exp) -> dict:
   title = (f"Backdoor adjustment on {use.ref.dataset} ({config.train.recipe}, τ = "
            f"{config.train.tau:g}, adapter dim {config.train.model.adapter_dim}): per-class "
            "accuracy by training-count group")
-  return {"results": {"accuracy": results, "train_counts": counts.tolist(),
-                      "group_counts": groups.tolist(), "logits_tags": tags,
-                      "recipe": config.train.recipe},
-          "tables": [report.table(title, ["all", "many", "medium", "few"], rows,
-                                  config.published, {"all": "ID (all classes)"})],
-          "plots": {"train_counts.png": report.PriorPlot(
-              np.log(counts / counts.sum()), None, label="log training label frequency")}}
+  return common.Outcome(
+      results={"accuracy": results, "train_counts": counts.tolist(),
+               "group_counts": groups.tolist(), "logits_tags": tags,
+               "recipe": config.train.recipe},
+      tables=[report.table(title, ["all", "many", "medium", "few"], rows, config.published,
+                           {"all": "ID (all classes)"})],
+      plots={"train_counts.png": report.PriorPlot(
+          np.log(counts / counts.sum()), None, label="log training label frequency")})

@@ -14,6 +14,17 @@ from glajax.train import recipes
 ID = "ID"
 
 
+@dataclasses.dataclass
+class Outcome:
+  """What a kind's ``run`` returns: ``results`` (JSON-able numbers for report.json), ``tables``
+  (``report.table`` dicts), ``plots`` (file name -> a ``report`` plot dataclass) and, when a
+  kind resolved its recipe at run time (GLA per shot count), ``train_as_run``."""
+  results: dict
+  tables: list
+  plots: dict = dataclasses.field(default_factory=dict)
+  train_as_run: dict | None = None
+
+
 def train_ref(config) -> roles.DataRef:
   return roles.DataRef.parse(config.data.train, "data.train")
 
@@ -127,6 +138,12 @@ class MeanOver:
     else:
       values = [self._value(g) for g in groups]
     return sum(values) / len(values)
+
+
+def intervals_json(rows) -> dict:
+  """{label: {column: {"estimate", "low", "high"}}} of (label, {column: Interval}) rows."""
+  return {label: {c: v._asdict() if isinstance(v, M.Interval) else v for c, v in row.items()}
+          for label, row in rows}
 
 
 class Evidence:

@@ -27,11 +27,16 @@ import glajax
 from glajax import evaluate, methods as M
 from glajax.errors import ConfigError, bad_argument
 from glajax.experiments import report, roles
+from glajax.schema import Field
 from glajax.experiments.kinds import common, contrastive
 from glajax.models.heads import ImageClassifier, LinearHead
 from glajax.train import recipes
 
 NAME = "compose"
+FIELDS = {"compose.recipes": Field("any"), "compose.stages": Field("any"),
+          "compose.alphas": Field("floats", 0, 1), "compose.num_seen": Field("int", 0),
+          "compose.ece_bins": Field("int", 1, result=False),
+          "compose.oracle": Field("bool", result=False)}
 STAGES = ("wise_ft", "temperature", "gla", "gamma")
 RECIPES = ("finetune", "flyp", "carot")
 VALIDATION, PRIOR, FINE_TUNING = "validation", "prior", "fine-tuning"
@@ -59,6 +64,11 @@ def check(config) -> None:
     raise bad_argument("compose.stages", "'gamma' exactly when compose.num_seen holds classes "
                        "out", f"stages {options.stages!r}, num_seen {options.num_seen}",
                        ConfigError)
+
+
+def train_sections(config) -> list[str]:
+  """Each recipe named in ``compose.recipes`` trains with its own section ``recipes.<name>``."""
+  return [f"recipes.{name}" for name in config.compose.recipes]
 
 
 def plan(config) -> list[roles.Use]:
@@ -115,14 +125,17 @@ class _Recipe:
                                 show_progress=False)
     return ImageClassifier(backbone, LinearHead.from_zeroshot(np.asarray(head)))
 
-  def logits(self, alpha: float, uses):
-    """purpose -> (logits, labels) of θ_α on ``uses`` (cached; the endpoints under the
-    zero-shot and fine-tuned models' own tags)."""
-    tag = {0.0: self.tags["zs"], 1.0: self.tags["ft"]}.get(
+  def tag(self, alpha: float) -> str:
+    """The cache tag of θ_α: the endpoints under the zero-shot and fine-tuned models' own tags,
+    the rest as the wise_ft kind names them (its logits are shared)."""
+    return {0.0: self.tags["zs"], 1.0: self.tags["ft"]}.get(
         alpha, f"wise{alpha:g}-{self.exp.key(self.tags['zs'], self.tags['ft'], alpha)}")
+
+  def logits(self, alpha: float, uses):
+    """purpose -> (logits, labels) of θ_α on ``uses`` (cached)."""
     make = {0.0: lambda: self.models.zs, 1.0: lambda: self.models.ft}.get(
         alpha, lambda: self.merged(alpha))
-    return self.exp.logits(tag, make, uses)
+    return self.exp.logits(self.tag(alpha), make, uses)
 
 
 # ------------------------------------------------------------------------------------ stages
@@ -209,14 +222,20 @@ def run(exp) -> dict:
     tables += [report.table(f"{name} then {' → '.join(config.compose.stages)} on "
                             f"{use.ref.dataset}", evidence.columns(tests, seen), rows),
                report.table(f"{name}: each stage against the one before (paired 95 % "
-                            "intervals on the same test rows)", common.EFFECT_COLUMNS, effects)]
-    results[name] = {"rows": dict(rows), "effects": dict(effects),
+                            "intervals on the same test rows)", common.EFFECT_COLUMNS, effects,
+                            effects=True)]
+    alphas = sorted({float(a) for a in config.compose.alphas})
+    results[name] = {"rows": common.intervals_json(rows),
+                     "logits_tags": {f"{a:g}": recipe.tag(a) for a in alphas},
+                     "effects": common.intervals_json(effects),
                      **{k: v for k, v in state.items() if k in ("alpha", "temperature", "gamma",
-                                                                "zs_temperature")}}
+                                                                "zs_temperature")},
+                     **({"log_prior": state["log_prior"].tolist()} if "log_prior" in state
+                        else {})}
     paths[name] = [(label, {k: row[k] for k in ("ID", "avg shifts", "ECE ID") if k in row})
                    for label, row in rows]
-  return {"results": results, "tables": tables,
-          "plots": {"compose_path.png": report.ComposePath(paths)}}
+  return common.Outcome(results=results, tables=tables,
+                        plots={"compose_path.png": report.ComposePath(paths)})
 
 
 def _oracle(exp, recipe: _Recipe) -> tuple[str, dict]:

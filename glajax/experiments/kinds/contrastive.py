@@ -8,10 +8,13 @@ import numpy as np
 
 from glajax import methods as M
 from glajax.experiments import report, roles
+from glajax.schema import Field
 from glajax.experiments.kinds import common
 from glajax.train import recipes
 
 NAME = "contrastive"
+FIELDS = {"contrastive.ece_bins": Field("int", 1, result=False),
+          "contrastive.ece_per_batch": Field("int", 0, optional=True, result=False)}
 DISPLAY = {"flyp": "FLYP", "carot": "CaRot"}  # the papers' names of the recipes
 
 
@@ -65,8 +68,8 @@ def run(exp) -> dict:
                                           for name, logits in outputs.items()} for u in tests}
   title = (f"{DISPLAY.get(recipe, recipe)} on {ref.dataset}: accuracy and ECE ({bins} bins"
            + (f"; batch ECE over batches of {per_batch}" if per_batch else "") + ") under shift")
-  return {"results": {"metrics": dict(rows), "recipe": recipe,
-                      "trained": DISPLAY.get(recipe, recipe),
-                      "recipe_values": {"carot": config.train.carot.to_dict()}},
-          "tables": [report.table(title, columns, rows, config.published)],
-          "plots": {"reliability.png": report.Reliability(panels, bins)}}
+  return common.Outcome(
+      results={"metrics": dict(rows), "recipe": recipe, "trained": DISPLAY.get(recipe, recipe),
+               "recipe_values": {"carot": config.train.carot.to_dict()}},
+      tables=[report.table(title, columns, rows, config.published)],
+      plots={"reliability.png": report.Reliability(panels, bins)})

@@ -32,10 +32,19 @@ from glajax import methods as M
 from glajax.data import registry
 from glajax.errors import ConfigError, bad_argument
 from glajax.experiments import report, roles
+from glajax.schema import Field
 from glajax.experiments.kinds import common
 from glajax.train import engine, recipes
 
 NAME = "gla"
+FIELDS = {
+    "gla.shots": Field("int", 0), "gla.val_shots": Field("int", 0),
+    "gla.val_shots_max": Field("int", 0), "gla.long_tail": Field("bool"),
+    "gla.match_confidence": Field("bool", result=False), "gla.prior_data": Field("str"),
+    "gla.templates": Field("choice", choices=registry.TEMPLATE_SOURCES),
+    "gla.fewshot_recipe": Field("choice", choices=recipes.FEWSHOT_RECIPES),
+    "gla.final_model": Field("choice", choices=recipes.FINAL_MODELS),
+}
 TRAINING = "training"  # gla.prior_data: the fine-tuning data (and the validation shots)
 
 
@@ -210,13 +219,13 @@ def run(exp) -> dict:
   columns = columns[:1] + group_names + columns[1:]
   title = (f"GLA on {common.train_ref(config).dataset} ({config.train.recipe}"
            + (f", {options.shots}-shot" if options.shots else "") + ")")
-  return {"results": {"accuracy": results, "log_prior": np.asarray(log_prior).tolist(),
-                      "prior_residual": float(info["residual"]),
-                      "zs_temperature": fitted["prior"][1],
-                      "ft_temperature": fitted["ft_temperature"],
-                      "train_counts": counts.tolist(), "recipe": config.train.recipe,
-                      "best_val": _selection_record(fitted)},
-          "train_as_run": train.to_dict(),
-          "tables": [report.table(title, columns, rows, config.published,
-                                  context={"shots": options.shots})],
-          "plots": {"prior.png": report.PriorPlot(np.asarray(log_prior), counts)}}
+  return common.Outcome(
+      results={"accuracy": results, "log_prior": np.asarray(log_prior).tolist(),
+               "prior_residual": float(info["residual"]),
+               "zs_temperature": fitted["prior"][1], "ft_temperature": fitted["ft_temperature"],
+               "train_counts": counts.tolist(), "recipe": config.train.recipe,
+               "best_val": _selection_record(fitted)},
+      tables=[report.table(title, columns, rows, config.published,
+                           context={"shots": options.shots})],
+      plots={"prior.png": report.PriorPlot(np.asarray(log_prior), counts)},
+      train_as_run=train.to_dict())

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 from glajax.errors import ConfigError, bad_argument
 from glajax.experiments import roles
+from glajax.schema import Field
 from glajax.experiments.kinds import common, gla, wise_ft
 
 NAME = "own_data"
+FIELDS = {**wise_ft.FIELDS, **gla.FIELDS, "own_data.test_fraction": Field("positive", 0, 0.99),
+          "own_data.split_seed": Field("int", 0)}
 
 
 def _pool_and_tests(config):
@@ -33,9 +36,6 @@ def plan(config) -> list[roles.Use]:
     raise bad_argument("gla.shots, gla.prior_data", f"0 and {gla.TRAINING!r}: own_data "
                        "estimates the prior on its fine-tuning data",
                        (config.gla.shots, config.gla.prior_data), ConfigError)
-  if not 0 < config.own_data.test_fraction < 1:
-    raise bad_argument("own_data.test_fraction", "a fraction in (0, 1)",
-                       repr(config.own_data.test_fraction), ConfigError)
   pool, tests = _pool_and_tests(config)
   uses = [roles.Use(roles.FIT, "fine-tuning", "data.train", pool),
           roles.Use(roles.FIT, "prior (fine-tuning)", "gla.prior_data", pool)]
@@ -49,6 +49,7 @@ def run(exp) -> dict:
   """WiSE-FT, then GLA, on the same fine-tuned model: their results side by side, their tables
   in order, all their plots."""
   parts = {"wise_ft": wise_ft.run(exp), "gla": gla.run(exp)}
-  return {"results": {name: part["results"] for name, part in parts.items()},
-          "tables": [table for part in parts.values() for table in part["tables"]],
-          "plots": {name: plot for part in parts.values() for name, plot in part["plots"].items()}}
+  return common.Outcome(
+      results={name: part.results for name, part in parts.items()},
+      tables=[table for part in parts.values() for table in part.tables],
+      plots={name: plot for part in parts.values() for name, plot in part.plots.items()})

@@ -9,11 +9,18 @@ from flax import nnx
 
 from glajax import evaluate, methods as M
 from glajax.experiments import report, roles
+from glajax.schema import Field
 from glajax.experiments.kinds import common
 from glajax.models import heads
 from glajax.train import recipes
 
 NAME = "wise_ft"
+# The α sweep, the export and the ECE bins read cached logits: they do not change the results.
+FIELDS = {
+    "wise_ft.alphas": Field("floats", 0, 1, result=False),
+    "wise_ft.export_alpha": Field("float", 0, 1, result=False),
+    "wise_ft.ece_bins": Field("int", 1, result=False), "wise_ft.linear": Field("bool"),
+}
 
 
 def plan(config) -> list[roles.Use]:
@@ -114,6 +121,6 @@ def run(exp) -> dict:
   shown = sorted({0.0, 1.0, float(config.wise_ft.export_alpha)})
   panels = {common.column(u, tests[0]): {_label(a): outputs[a][u.purpose] for a in shown}
             for u in tests}
-  return {"results": results, "tables": tables,
-          "plots": {"wise_ft_curve.png": report.WiseFTCurve(curve),
-                    "reliability.png": report.Reliability(panels, bins)}}
+  return common.Outcome(results=results, tables=tables,
+                        plots={"wise_ft_curve.png": report.WiseFTCurve(curve),
+                               "reliability.png": report.Reliability(panels, bins)})
