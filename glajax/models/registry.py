@@ -10,11 +10,12 @@ from __future__ import annotations
 import os
 
 from glajax.errors import CheckpointError, ConfigError, InputError, bad_argument
-from glajax.models import checkpoints, clip
+from glajax.models import checkpoints, clip, resnet
 from glajax.models.family import Family, ModelSpec
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     clip.FAMILY,
+    resnet.FAMILY,
 )}
 
 

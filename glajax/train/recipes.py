@@ -253,10 +253,11 @@ def export_classifier(model: ImageClassifier, directory: str, info: ExportInfo |
   (``CLIPProcessor.from_pretrained``) and the classifier with ``id2label`` for
   ``pipeline("image-classification", model=directory, trust_remote_code=True)``
   (``glajax.models.clip.export`` says why transformers' own ``CLIPForImageClassification``
-  cannot hold it)."""
+  cannot hold it); for a supervised ResNet, ``ResNetForImageClassification`` with the head as
+  its classifier."""
   head = nnx.to_pure_dict(nnx.split(model.head, nnx.Param)[1])
   files = {"head.npz": lambda path: _save_npz(path, **head)}
-  classifier = None if info is None else (*model.head.as_linear(), model.features)
+  classifier = None if info is None else model.as_classifier()
   registry.save_model(model.backbone, directory, info=info, classifier=classifier,
                       extra_files=files)
 
@@ -267,8 +268,9 @@ def _export_backbone(model, directory: str, info: ExportInfo | None = None) -> N
 
 
 def classifier_task(backbone, head, config) -> Task:
-  """End-to-end fine-tuning (``finetune``, LP-FT's second stage): ``head`` on the normalised
-  projected image features, CE with ``config.label_smoothing``."""
+  """End-to-end fine-tuning (``finetune``, LP-FT's second stage): ``head`` on the projected
+  image features (normalised or not, as the head says: ``LinearHead.normalize``), CE with
+  ``config.label_smoothing``."""
   model = ImageClassifier(backbone, head, features="projected")
 
   def loss_fn(model, batch, rng):

@@ -100,15 +100,18 @@ def classifier_export(kernel, bias, classnames, features: str):
 def save(model, directory, *, info: ExportInfo | None = None, classifier=None,
          extra_files: dict | None = None, overwrite: bool = False) -> str:
   """The CLIP family's export: ``save_clip`` (transformers format) with, when ``info`` is given,
-  the processor files, and with ``classifier`` = (kernel (D, C), bias (C,), features) the image
-  classifier for transformers (:func:`classifier_export`, class names from ``info``); one
-  atomic write."""
+  the processor files, and with ``classifier`` (``family.LinearClassifier`` on normalised
+  features) the image classifier for transformers (:func:`classifier_export`, class names from
+  ``info``); one atomic write."""
   files, config, tensors = dict(extra_files or {}), {}, {}
   if info is not None:
     files.update(processor_files(info.tokenizer, info.image_size))
   if classifier is not None:
     if info is None:
       raise bad_argument("info", "the class names of the classifier (an ExportInfo)", None)
+    if not classifier.normalize:
+      raise bad_argument("classifier", "a head on normalised features (the exported "
+                         "classifier normalises them)", "a head on raw features")
     config, tensors, code = classifier_export(*classifier[:2], info.classnames, classifier[2])
     files.update(code)
   return save_clip(model, directory, overwrite=overwrite, extra_files=files,
