@@ -8,6 +8,7 @@ optimiser and the recipe's own hyperparameters) and a wiring function that retur
 recipe             what is trained                                         paper
 =================  ======================================================  ====================
 finetune           image tower + linear head from the zero-shot head, CE   WiSE-FT (Wortsman 2022)
+finetune_sgd       trunk (0.1× lr) + a classifier's own head, CE, SGD      Mai et al. 2024
 linear_probe       linear head on cached features (zero-shot init)         WiSE-FT / LP-FT
 lp_ft              linear probe, then finetune from the probed head        Kumar et al. 2022
 flyp               whole CLIP, symmetric contrastive loss on prompts       FLYP (Goyal 2023)
@@ -111,6 +112,29 @@ def finetune() -> ml_collections.ConfigDict:
                    eps=1e-8, warmup_steps=500, warmup="linear", schedule="cosine",
                    grad_clip_norm=1.0,
                    trainable=("<image>", "<head>"))
+  config.label_smoothing = 0.0
+  return config
+
+
+def finetune_sgd(weight_decay: float = 1e-4) -> ml_collections.ConfigDict:
+  """Mai et al.'s fine-tuning of a supervised source classifier (OSU-MLB/Fine-Tuning-Is-Fine-If-
+  Calibrated), its own head included.
+
+  From ``py/util/cmd.py`` (ImageNet): ``--batch_size 64``, ``--optimizer SGD`` with
+  ``{"lr": 1e-3, "weight_decay": 1e-4, "momentum": 0.9, "nesterov": true}`` (Office-Home:
+  ``weight_decay`` 5e-4), ``training_config {"epochs": 50, "iterations": 500}`` (Office-Home:
+  20 epochs), ``freeze_bn`` and ``freeze_classifier`` false; ``py/util/model.py``
+  ``get_parameters``: the backbone at 0.1·lr, the head at lr; ``py/workflow/train.py``:
+  ``CosineAnnealingLR(optimizer, epochs · iterations)`` stepped after every iteration (a per-step
+  cosine to 0 without warmup: ``schedule="cosine"``, ``warmup_steps=0``), cross-entropy over all
+  classes, float32. An official "epoch" is 500 iterations of a shuffled ``DataLoader`` cycled
+  forever, not a pass over the data: a config sets ``total_steps`` = epochs · 500. The official
+  ``model.train()`` updates BatchNorm's statistics; glajax's engine keeps them (eval mode)."""
+  config = _config(64, 50, name="sgd", learning_rate=1e-3, momentum=0.9, nesterov=True,
+                   weight_decay=weight_decay, warmup_steps=0, warmup="linear", schedule="cosine",
+                   grad_clip_norm=0.0, trainable=("<image>", "<head>"),
+                   groups=(dict(name="backbone", pattern="<image>", lr_scale=0.1),))
+  config.model.dtype = "float32"
   config.label_smoothing = 0.0
   return config
 
@@ -457,5 +481,6 @@ def prompt_tuning_task(backbone, tokenizer, classnames, config) -> Task:
   return Task(model, loss_fn, logits_fn, None, export)
 
 
-RECIPES = {"finetune": finetune, "linear_probe": linear_probe, "lp_ft": lp_ft, "flyp": flyp,
-           "carot": carot, "backdoor_peft": backdoor_peft, "prompt_tuning": prompt_tuning}
+RECIPES = {"finetune": finetune, "finetune_sgd": finetune_sgd, "linear_probe": linear_probe,
+           "lp_ft": lp_ft, "flyp": flyp, "carot": carot, "backdoor_peft": backdoor_peft,
+           "prompt_tuning": prompt_tuning}
