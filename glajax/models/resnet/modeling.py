@@ -104,7 +104,8 @@ class BatchNorm(nnx.Module):
   and biased variance normalise, and the running statistics move towards the batch's, the
   variance unbiased as PyTorch does (``torch/nn/modules/batchnorm.py``; Flax's own BatchNorm
   keeps the biased one): μ_run ← (1 − m)·μ_run + m·μ_B, σ²_run ← (1 − m)·σ²_run +
-  m·σ²_B·n/(n − 1), n = B·H·W. Statistics are ``nnx.BatchStat``s, computed in float32.
+  m·σ²_B·n/(n − 1), n = B·H·W. Statistics are float32 ``nnx.BatchStat``s; the normalisation
+  is computed in float32 (float64 when the compute dtype is).
   """
 
   def __init__(self, channels: int, *, epsilon: float = 1e-5, momentum: float = 0.1,
@@ -117,20 +118,21 @@ class BatchNorm(nnx.Module):
     self.use_running_average = True
 
   def __call__(self, x):
-    x = x.astype(jnp.float32)
+    x = x.astype(jnp.promote_types(self.dtype, jnp.float32))
     if self.use_running_average:
-      mean, var = self.mean[...], self.var[...]
+      mean, var = self.mean[...].astype(x.dtype), self.var[...].astype(x.dtype)
     else:
       axes = tuple(range(x.ndim - 1))
       mean = x.mean(axes)
       var = jnp.square(x - mean).mean(axes)
       n = np.prod([x.shape[a] for a in axes])
       m = self.momentum
-      self.mean[...] = jax.lax.stop_gradient((1 - m) * self.mean[...] + m * mean)
+      self.mean[...] = jax.lax.stop_gradient(
+          (1 - m) * self.mean[...] + m * mean).astype(jnp.float32)
       self.var[...] = jax.lax.stop_gradient(
-          (1 - m) * self.var[...] + m * var * (n / max(n - 1, 1)))
-    inv = jax.lax.rsqrt(var + self.epsilon) * self.scale[...].astype(jnp.float32)
-    return ((x - mean) * inv + self.bias[...].astype(jnp.float32)).astype(self.dtype)
+          (1 - m) * self.var[...] + m * var * (n / max(n - 1, 1))).astype(jnp.float32)
+    inv = jax.lax.rsqrt(var + self.epsilon) * self.scale[...].astype(x.dtype)
+    return ((x - mean) * inv + self.bias[...].astype(x.dtype)).astype(self.dtype)
 
 
 def _conv(cin: int, cout: int, kernel: int, stride: int, *, dtype, param_dtype, rngs):

@@ -141,6 +141,21 @@ def randomise_batchnorm(model, seed=0):
   return model
 
 
+def calibrate_batchnorm(model, images):
+  """Running statistics set to those of ``images`` (torch's momentum 1 for one train-mode pass),
+  as a trained network's are: activations stay O(1) through all the blocks of a deep random
+  network, where random statistics let them grow to thousands (float32's ulp then exceeds the
+  tolerance)."""
+  norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+  for m in norms:
+    m.momentum = 1.0
+  with torch.no_grad():
+    model.train()(nchw(images))
+  for m in norms:
+    m.momentum = 0.1
+  return model.eval()
+
+
 def nchw(images):
   """NHWC NumPy images -> an NCHW float32 torch tensor."""
   return torch.from_numpy(np.ascontiguousarray(np.asarray(images, np.float32).transpose(0, 3, 1, 2)))
@@ -149,3 +164,11 @@ def nchw(images):
 def nhwc(tensor):
   """An NCHW torch tensor -> NHWC NumPy."""
   return tensor.detach().numpy().transpose(0, 2, 3, 1)
+
+
+def run_blocks(blocks, h):
+  """glajax's blocks of a stage (or any sequence of them) applied in turn, for step-by-step
+  comparisons."""
+  for block in blocks:
+    h = block(h)
+  return h

@@ -59,19 +59,13 @@ def test_transformers_parity_step_by_step(name, tmp_path):
   np.testing.assert_allclose(stem, ref.nhwc(out.hidden_states[0]), atol=ATOL, rtol=0)
   h = stem
   for s, stage in enumerate(model.stages):   # every stage from the previous one's reference
-    h = nnx.jit(lambda blocks, h: _run(blocks, h))(stage, ref.nhwc(out.hidden_states[s]))
+    h = nnx.jit(ref.run_blocks)(stage, ref.nhwc(out.hidden_states[s]))
     np.testing.assert_allclose(h, ref.nhwc(out.hidden_states[s + 1]), atol=ATOL, rtol=0,
                                err_msg=f"stage {s}")
   features = nnx.jit(lambda m, x: m.encode_image(x))(model, images)
   np.testing.assert_allclose(features, inner.pooler_output.flatten(1).numpy(), atol=ATOL, rtol=0)
   logits = nnx.jit(lambda m, x: m(x))(model, images)
   np.testing.assert_allclose(logits, out.logits.numpy(), atol=ATOL, rtol=0)
-
-
-def _run(blocks, h):
-  for block in blocks:
-    h = block(h)
-  return h
 
 
 def test_transformers_labels_and_processor(tmp_path):
