@@ -433,6 +433,7 @@ def backdoor_task(backbone, text_features, train_counts, config) -> Task:
   the pooled image feature initialised from (C, P) "a photo of a {}." ``text_features`` as LIFT's
   ``init_head_text_feat`` (w_c = normalise(normalise(t_c) @ W_vᵀ)), and CE(z + τ·log π_train, y)
   with π_train from ``train_counts``."""
+  _needs_text(backbone, "backdoor_peft")   # text features and the visual projection
   counts = np.asarray(train_counts, np.float64)
   if counts.ndim != 1 or (counts <= 0).any():
     raise bad_argument("train_counts", "a (C,) array of positive class counts", counts)

@@ -94,10 +94,12 @@ def own_head(backbone, info: data_registry.DatasetInfo) -> heads.LinearHead:
   classes of the dataset ``info``, in its label order.
 
   An ImageNet-1k head (1000 outputs) on a dataset of ImageNet classes (``imagenet_classes``:
-  ImageNet-R, ImageNet-A) keeps their rows, as Mai et al. restrict nothing but evaluate those
-  classes' logits; a head with exactly the dataset's number of classes is taken as its
-  classifier (ImageNet-1k itself and ImageNet-Sketch, V2, LT; a tiny model on the demo world).
-  Any other dataset needs a new head: a ConfigError says so.
+  ImageNet-R, ImageNet-A) keeps their rows, as the runner restricts ImageNet-1k logits there
+  (Mai et al. keep all 1000 outputs, in training and in evaluation: ``py/HT_HARDCODED.py``
+  ``IMAGENET_N_CLASSES``, ``py/util/evaluate.py``); a head with exactly the dataset's number of
+  classes is taken as its classifier, in the dataset's label order (ImageNet-1k itself and
+  ImageNet-Sketch, V2, LT; a tiny model on the demo world). Any other dataset needs a new head:
+  a ConfigError says so.
   """
   kernel, bias = backbone.classifier()
   outputs, groups = kernel.shape[1], info.imagenet_classes

@@ -13,8 +13,10 @@ from flax import nnx
 import glajax
 from glajax import ConfigError, InputError
 from glajax.models import registry
+from glajax.models.heads import LinearHead
 from glajax.models.resnet import ResNet, ResNetConfig, init_resnet
 from glajax.models.resnet.modeling import BatchNorm
+from glajax.train import recipes
 
 torch = pytest.importorskip("torch")
 import resnet_reference as ref  # noqa: E402  (this folder's torchvision port)
@@ -151,6 +153,21 @@ def test_interface_and_bad_input():
     ResNetConfig(depths=(1, 1), widths=(4, 4, 4))
   with pytest.raises(ConfigError, match="labels"):
     ResNetConfig(num_classes=3, labels=("a", "b"))
+
+
+def test_what_needs_a_text_tower_refuses_a_supervised_classifier():
+  model = init_resnet(ResNetConfig.tiny())
+  config = recipes.finetune()
+  with pytest.raises(InputError, match="model.*text tower.*resnet"):
+    glajax.zeroshot_head(model, None, ["cat"], ["a {}."], show_progress=False)
+  with pytest.raises(InputError, match="model.checkpoints.*text tower.*contrastive.*resnet"):
+    recipes.contrastive_task(model, None, ["cat"], ["a {}."], recipes.flyp())
+  with pytest.raises(InputError, match="model.checkpoints.*text tower.*prompt_tuning.*resnet"):
+    recipes.prompt_tuning_task(model, None, ["cat"], recipes.prompt_tuning())
+  with pytest.raises(InputError, match="model.checkpoints.*text tower.*backdoor_peft.*resnet"):
+    recipes.backdoor_task(model, np.ones((1, 4), np.float32), [1], recipes.backdoor_peft(1))
+  assert recipes.classifier_task(model, LinearHead(*model.classifier(), normalize=False),
+                                 config).model.head.normalize is False
 
 
 def test_bfloat16_compute_keeps_float32_statistics_and_logits():
