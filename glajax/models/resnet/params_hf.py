@@ -136,8 +136,4 @@ def read(directory: str) -> tuple[ResNetConfig, dict]:
 def hub_directory(path_or_hub_id) -> str:
   """The local directory of a transformers ResNet: as is, or its hub snapshot (with its
   PyTorch weights when the repo has no safetensors)."""
-  directory = checkpoints.resolve_checkpoint(path_or_hub_id, allow_patterns=list(HUB_PATTERNS))
-  if not checkpoints.has_weights(directory) and not os.path.isdir(path_or_hub_id):
-    directory = checkpoints.resolve_checkpoint(
-        path_or_hub_id, allow_patterns=[*HUB_PATTERNS, "pytorch_model*.bin"])
-  return directory
+  return checkpoints.snapshot(path_or_hub_id, HUB_PATTERNS, ("pytorch_model*.bin",))

@@ -164,8 +164,5 @@ def read_timm(directory: str) -> tuple[ResNetConfig, dict]:
 def timm_directory(path_or_hub_id) -> str:
   """The local folder of a timm checkpoint: as is, or its hub snapshot (``model.safetensors``,
   else ``pytorch_model.bin``)."""
-  directory = checkpoints.resolve_checkpoint(path_or_hub_id, allow_patterns=list(TIMM_PATTERNS))
-  if not checkpoints.has_weights(directory, TIMM_WEIGHTS) and not os.path.isdir(path_or_hub_id):
-    directory = checkpoints.resolve_checkpoint(
-        path_or_hub_id, allow_patterns=[*TIMM_PATTERNS, "pytorch_model.bin"])
-  return directory
+  return checkpoints.snapshot(path_or_hub_id, TIMM_PATTERNS, ("pytorch_model.bin",),
+                              TIMM_WEIGHTS)

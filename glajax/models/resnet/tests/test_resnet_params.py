@@ -163,3 +163,37 @@ def test_each_family_refuses_the_others_checkpoints(tmp_path):
     load_resnet(tmp_path / "weights.npz")
   with pytest.raises(CheckpointError, match="text tower.*resnet"):
     glajax.load_tokenizer(tmp_path / "resnet")
+
+
+def _cache(tmp_path, monkeypatch, repo_id, source):
+  """``source``'s files as the hub snapshot of ``repo_id`` in a fresh huggingface_hub cache
+  (HF_HUB_OFFLINE=1 in conftest)."""
+  import huggingface_hub.constants
+  repo = tmp_path / "cache" / ("models--" + repo_id.replace("/", "--"))
+  snapshot = repo / "snapshots" / ("0" * 40)
+  snapshot.mkdir(parents=True)
+  (repo / "refs").mkdir()
+  (repo / "refs" / "main").write_text("0" * 40)
+  for path in source.iterdir():
+    (snapshot / path.name).write_bytes(path.read_bytes())
+  monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+
+
+def test_hub_ids_from_the_offline_cache(tmp_path, monkeypatch):
+  """Hub ids resolve through huggingface_hub's cache: a timm repo with PyTorch weights, a
+  transformers one with safetensors; an id in no cache and no format is named."""
+  torch_model = _timm_folder(tmp_path / "timm", weights="pytorch_model.bin")
+  _cache(tmp_path, monkeypatch, "glajax-test/resnet18.tv_in1k", tmp_path / "timm")
+  hf = hf_model("basic")
+  hf.save_pretrained(tmp_path / "hf")
+  _cache(tmp_path, monkeypatch, "glajax-test/resnet-tiny", tmp_path / "hf")
+  images = _images(2, 64)
+  with torch.no_grad():
+    expected = {"glajax-test/resnet18.tv_in1k": torch_model(ref.nchw(images)).numpy(),
+                "glajax-test/resnet-tiny": hf(ref.nchw(images)).logits.numpy()}
+  for repo_id, logits in expected.items():
+    model = glajax.load_model(repo_id)
+    np.testing.assert_allclose(nnx.jit(lambda m, x: m(x))(model, images), logits, atol=ATOL,
+                               rtol=0, err_msg=repo_id)
+  with pytest.raises(CheckpointError, match="glajax-test/not-a-resnet"):
+    load_resnet("glajax-test/not-a-resnet")
