@@ -82,16 +82,19 @@ def test_transformers_labels_and_processor(tmp_path):
 
 
 def _timm_folder(directory, architecture="resnet18", weights="model.safetensors", **config):
-  """A timm hub folder (as timm's push_to_hf_hub writes it) of torchvision's ``architecture``
-  with random weights; returns the reference model."""
+  """A timm hub folder of torchvision's ``architecture`` with random weights, its config.json
+  laid out as timm/resnet50.tv_in1k's; returns the reference model."""
   torch_model = ref.build(*ref.ARCHITECTURES.get(architecture, ref.ARCHITECTURES["resnet18"]))
   directory.mkdir(exist_ok=True)
   (directory / "config.json").write_text(json.dumps({
       "architecture": architecture, "num_classes": 1000, "num_features": 512,
-      "global_pool": "avg", "pretrained_cfg": {
-          "tag": "tv_in1k", "input_size": [3, 224, 224], "interpolation": "bilinear",
-          "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "num_classes": 1000,
-          "first_conv": "conv1", "classifier": "fc"}, **config}))
+      "pretrained_cfg": {
+          "tag": "tv_in1k", "custom_load": False, "input_size": [3, 224, 224],
+          "fixed_input_size": False, "interpolation": "bilinear", "crop_pct": 0.875,
+          "crop_mode": "center", "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+          "num_classes": 1000, "pool_size": [7, 7], "first_conv": "conv1", "classifier": "fc",
+          "license": "bsd-3-clause", "origin_url": "https://github.com/pytorch/vision"},
+      **config}))
   state = {k: v.contiguous() for k, v in torch_model.state_dict().items()}
   if weights.endswith(".safetensors"):
     safetensors.torch.save_file(state, directory / weights)
