@@ -67,10 +67,19 @@ def _full_configs():
   yield "carot", "rn50"
 
 
+# Configs on a supervised ResNet-50 with Mai et al.'s recipe: float32, and "epochs" of 500
+# iterations as a step count (OSU-MLB/Fine-Tuning-Is-Fine-If-Calibrated py/util/cmd.py).
+RESNET_CONFIGS = {("absent_class", "imagenet_r"), ("absent_class", "imagenet_sketch")}
+
+
 @pytest.mark.parametrize("name,arg", list(_full_configs()))
 def test_full_configs_build_and_name_known_datasets_and_checkpoints(name, arg):
   config = experiments.load(name + (f":{arg}" if arg else ""))
   experiments.validate(config, check_files=False)
+  if (name, arg) in RESNET_CONFIGS:
+    assert config.model.checkpoints == ("timm/resnet50.tv_in1k",)
+    assert config.train.total_steps == 50 * 500 and config.train.model.dtype == "float32"
+    return
   for checkpoint in config.model.checkpoints:
     assert checkpoint in (*config_lib.BACKBONES, config_lib.OPENAI_RN50)  # never a tiny model
   assert config.train.total_steps == -1  # the papers' epochs, not a step count
@@ -100,6 +109,17 @@ def test_full_configs_follow_the_papers():
   assert experiments.load("absent_class:imagenet_sketch").absent_class.num_seen == 500
   office_home = experiments.load("absent_class:office_home").absent_class
   assert (office_home.num_seen, office_home.test_fraction) == (30, 0.3)  # of 65 classes, 7:3
+  # The paper's ImageNet-supervised ResNet-50 (torchvision's weights) and optimiser where glajax
+  # has its source model; CLIP's zero-shot head for Office-Home and with the clip arg.
+  absent = experiments.load("absent_class:imagenet_r").train
+  assert (absent.recipe, absent.batch_size) == ("finetune_sgd", 64)
+  assert (absent.optimizer.learning_rate, absent.optimizer.weight_decay) == (1e-3, 1e-4)
+  assert absent.optimizer.nesterov and absent.optimizer.momentum == 0.9
+  assert absent.optimizer.groups[0]["lr_scale"] == 0.1  # the backbone at 0.1·lr
+  for spec in ("absent_class:imagenet_r,clip", "absent_class:office_home"):
+    clip = experiments.load(spec)
+    assert (clip.model.checkpoints, clip.train.recipe) == (("openai/clip-vit-base-patch16",),
+                                                          "finetune")
   for shots in (1, 2, 4, 8, 16):
     assert experiments.load(f"gla_fewshot:dtd,gla.shots={shots}").gla.shots == shots
   dtd = experiments.load("gla_fewshot:dtd")  # validation shots from DTD's own validation split

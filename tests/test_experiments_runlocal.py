@@ -166,16 +166,23 @@ def test_backdoor(tmp_path):
   assert "τ = 1" in result["tables"][0]["title"] and "adapter dim" in result["tables"][0]["title"]
 
 
-# The tiny world's own test split, and one labelled split divided per class (Office-Home style).
+# The paper's family (a tiny supervised ResNet, its own head as the source classifier) on the
+# tiny world's own test split; CLIP (zero-shot source) on one labelled split divided per class
+# (Office-Home style).
 ABSENT_SPECS = ["absent_class:runlocal",
-                "absent_class:runlocal,absent_class.test_fraction=0.3,absent_class.pcv_holdout=0.2,"
-                "data.train='demo_shapes_quick@train',data.test='demo_shapes_quick@train'"]
+                "absent_class:runlocal,clip,absent_class.test_fraction=0.3,"
+                "absent_class.pcv_holdout=0.2,data.train='demo_shapes_quick@train',"
+                "data.test='demo_shapes_quick@train'"]
 
 
 @pytest.mark.parametrize("spec", ABSENT_SPECS)
 def test_absent_class(spec, tmp_path):
   workdir, result = _run(spec, tmp_path)
   config = experiments.load(spec)
+  clip = "clip" in spec
+  assert config.model.checkpoints == (("tiny:0",) if clip else ("tiny-resnet:0",))
+  source_tag, source_row = ("zeroshot", "zero-shot") if clip else ("own_head", "source")
+  assert source_row in _rows(result)
   test = _ledger(result, "test")
   ft, labels = _cached(workdir, "finetuned", test["data"])
   if config.absent_class.test_fraction:  # test examples: 30 % of each class, never fine-tuned on
@@ -199,7 +206,7 @@ def test_absent_class(spec, tmp_path):
   # accuracy: the largest such γ).
   seen = ~absent
   held_out = _ledger(result, "PCV γ")
-  zs, held_labels = _cached(workdir, "zeroshot", held_out["data"])
+  zs, held_labels = _cached(workdir, source_tag, held_out["data"])
   assert set(held_labels) <= set(np.flatnonzero(seen))
   s_labels = np.searchsorted(np.flatnonzero(seen), held_labels)
   gammas = []
@@ -233,6 +240,9 @@ def test_absent_class(spec, tmp_path):
       _accuracy(ft + result["results"]["gamma_pcv"] * absent, labels), abs=1e-6)
   assert "Acc_{U/Y}" in (workdir / "report.md").read_text()
   assert not any(name.startswith("pcv") for name in result["final_models"])
+  if not clip:   # the fine-tuned classifier: a ResNetForImageClassification of the world
+    exported = json.loads((workdir / "final" / "finetuned" / "config.json").read_text())
+    assert exported["model_type"] == "resnet" and len(exported["id2label"]) == ft.shape[1]
 
 
 SIGLIP = ",model.checkpoints=('tiny-siglip',)"   # the tiny SigLIP instead of the tiny CLIP

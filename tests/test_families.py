@@ -2,8 +2,10 @@
 architecture claim that a new family needs only its folder and one registry line.
 
 Each registered family's tiny variants are built, run under ``jax.jit``, exported and reloaded
-(bit-identical), given a zero-shot head (families with text) and fine-tuned for two steps with
-the ``finetune`` recipe, which must change the image tower and the head and nothing else.
+(bit-identical), given a zero-shot head (families with text) or their own classifier's head
+(supervised classifiers) and fine-tuned for two steps with the ``finetune`` recipe, which must
+change the image tower and the head and nothing else; the fine-tuned classifier is exported
+with its class names and reloads with the trained weights.
 """
 import importlib
 import re
@@ -20,10 +22,12 @@ import glajax
 from glajax import CheckpointError, ConfigError
 from glajax.models import family as family_lib
 from glajax.models import heads, registry
+from glajax.models.family import ExportInfo
 from glajax.train import engine, recipes
 from glajax.train.state import make_optimizer, param_path
 
 IMAGE_SIZE = 32
+CLASSES = ("cat", "dog", "bird")
 
 
 def _variants():
@@ -60,6 +64,10 @@ def test_spec_encoders_and_groups(family, variant):
   kernel = model.image_projection_kernel()
   if kernel is not None:
     assert kernel.shape == (features.shape[1], embedded.shape[1])
+  if not spec.has_text:   # a supervised classifier: its own head, no contrastive scale
+    assert model.logit_scale is None and model.logit_bias is None
+    kernel, bias = model.classifier()
+    assert kernel.shape == (embedded.shape[1], bias.shape[0]) and np.isfinite(kernel).all()
   groups = model.param_groups()
   assert set(groups) <= set(family_lib.GROUPS)
   paths = [param_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(
@@ -84,23 +92,26 @@ def test_export_reloads_bit_identical(family, variant, tmp_path):
 
 @pytest.mark.parametrize("family,variant", _variants())
 def test_zero_shot_head_and_two_finetuning_steps(family, variant, tmp_path):
-  """The zero-shot head (text families) or a random head, then ``finetune`` for 2 steps: the
-  image group and the head change, every other parameter stays bit-identical."""
+  """The zero-shot head (text families) or the model's own head on three of its classes
+  (supervised classifiers), then ``finetune`` for 2 steps: the image group and the head change,
+  every other parameter stays bit-identical; the classifier's export reloads as trained."""
   model = registry.tiny_model(_name(variant), IMAGE_SIZE, seed=3)
   dim = _encode(model, _images(model, 1)).shape[1]
+  tok = None
   if model.spec.has_text:
     directory = registry.save_model(model, tmp_path / "ckpt")
     tok = glajax.load_tokenizer(directory)
-    zs = np.asarray(glajax.zeroshot_head(model, tok, ["cat", "dog", "bird"], ["a {}."],
-                                         show_progress=False))
+    zs = np.asarray(glajax.zeroshot_head(model, tok, CLASSES, ["a {}."], show_progress=False))
     assert zs.shape == (3, dim) and np.isfinite(zs).all()
+    head = heads.LinearHead.from_zeroshot(zs)
   else:
-    zs = np.random.default_rng(0).normal(size=(3, dim)).astype(np.float32)
+    kernel, bias = model.classifier()
+    head = heads.LinearHead(kernel[:, :3], bias[:3], normalize=False)
   config = recipes.finetune()
   config.update(batch_size=4, total_steps=2, checkpoint_every=0, log_every=1, progress=False,
                 tensorboard=False)
   config.optimizer.update(learning_rate=1e-2, warmup_steps=1)
-  task = recipes.classifier_task(model, heads.LinearHead.from_zeroshot(zs), config)
+  task = recipes.classifier_task(model, head, config)
   before = nnx.to_pure_dict(nnx.state(task.model, nnx.Param))
   images = _images(model, 4, seed=4)
   data = lambda start: iter([{"image": images, "label": np.array([0, 1, 2, 0], np.int32)}] * 2)
@@ -121,6 +132,14 @@ def test_zero_shot_head_and_two_finetuning_steps(family, variant, tmp_path):
           after)[0]) if not np.array_equal(np.asarray(o), np.asarray(n))]
   assert any(re.search(groups["image"], c) for c in changed)
   assert any(c.startswith("head/") for c in changed)
+  exported = str(tmp_path / "classifier")
+  task.export(trained, exported, ExportInfo(CLASSES, tok, IMAGE_SIZE))
+  again = glajax.load_model(exported)
+  images = _images(model, seed=5)
+  np.testing.assert_array_equal(_encode(again, images), _encode(trained.backbone, images))
+  if not model.spec.has_text:   # the fine-tuned head is the exported model's own classifier
+    for ours, theirs in zip(again.classifier(), trained.head.as_linear()):
+      np.testing.assert_array_equal(ours, theirs)
 
 
 def test_unknown_group_and_option_are_refused():

@@ -467,11 +467,13 @@ class Experiment:
 
   def export_info(self, ref: roles.DataRef) -> ExportInfo:
     """What an export of a model for the classes of ``ref`` writes beside its weights (class
-    names, the tokenizer of ``model.checkpoints[0]``, the image size): transformers' processor
-    and, for classifiers, ``id2label``."""
+    names, the tokenizer of ``model.checkpoints[0]`` if its family has text, the image size):
+    transformers' processor and, for classifiers, ``id2label``."""
+    checkpoint = self.config.model.checkpoints[0]
+    family, _ = models.locate(self.checkpoint_dir(checkpoint))
     return ExportInfo(self.classes(ref)[0],
-                                self.tokenizer(self.config.model.checkpoints[0]),
-                                int(self.config.data.image_size))
+                      None if family.tokenizer is None else self.tokenizer(checkpoint),
+                      int(self.config.data.image_size))
 
   def export(self, name: str, write: Callable[[str], None]) -> str:
     """``write(final/<name>)`` by process 0 unless that export exists; returns the directory."""

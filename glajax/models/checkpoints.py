@@ -233,6 +233,16 @@ HF_WEIGHTS = (("model.safetensors.index.json", "model.safetensors"),
               ("pytorch_model.bin.index.json", "pytorch_model.bin"))
 
 
+def snapshot(path_or_hub_id, patterns, fallback, names=HF_WEIGHTS) -> str:
+  """The local directory of a checkpoint: as is, or its hub snapshot of the files ``patterns``
+  match, with ``fallback``'s too when those hold no weights (:func:`weight_files` of ``names``;
+  e.g. PyTorch's ``.bin`` when a repo has no safetensors)."""
+  directory = resolve_checkpoint(path_or_hub_id, allow_patterns=list(patterns))
+  if not has_weights(directory, names) and not os.path.isdir(path_or_hub_id):
+    directory = resolve_checkpoint(path_or_hub_id, allow_patterns=[*patterns, *fallback])
+  return directory
+
+
 def weight_files(directory: str, names=HF_WEIGHTS) -> list[str]:
   """The weight files of a checkpoint directory: the first of ``names`` ((index, single file)
   pairs, in the order transformers prefers them) that is there, its shards listed by the index."""

@@ -17,7 +17,10 @@ classifiers, recipes, prompt tuning, WiSE-FT, exports and the runner use only th
   - with a text tower: ``encode_text(ids, inputs_embeds=None)`` -> (B, D),
     ``embed_tokens(ids)`` -> (B, L, width) (prompt tuning replaces them) and
     ``text_projection_kernel()``;
-  - ``logit_scale`` (the log-scale parameter) and ``logit_bias`` (a parameter, or None);
+  - ``logit_scale`` (the log-scale parameter) and ``logit_bias`` (a parameter, or None); both
+    None without a text tower;
+  - without a text tower, a supervised classifier's own head: ``classifier()`` -> (kernel
+    (D, K), bias (K,)) with logits = encode_image(x) · kernel + bias (raw features);
   - ``param_groups()`` -> {group: regex on parameter paths ("vision_model/layers/0/...")}, the
     groups recipes name in ``optimizer.trainable`` as ``<group>`` (:data:`GROUPS`);
 * a :class:`Family` record: its name, the module types it builds, the checkpoint formats it
@@ -30,8 +33,9 @@ import dataclasses
 from collections.abc import Callable
 from typing import NamedTuple
 
-# Parameter groups a family may name in ``param_groups``: recipes refer to them as ``<group>``.
-GROUPS = ("image", "text", "scale", "adapters")
+# Parameter groups a family may name in ``param_groups``: recipes refer to them as ``<group>``
+# ("classifier": a supervised classifier's own head).
+GROUPS = ("image", "text", "scale", "adapters", "classifier")
 LOSSES = ("softmax", "sigmoid")
 
 
@@ -70,6 +74,17 @@ class ExportInfo(NamedTuple):
   image_size: int
 
 
+class LinearClassifier(NamedTuple):
+  """A classifier as an export writes it: logits = g(f(x)) · kernel + bias, with f the model's
+  ``features`` ("projected": ``encode_image``; "pre_projection": ``image_features``) and g the
+  L2 normalisation when ``normalize`` (glajax's heads on CLIP features), else the identity (a
+  supervised classifier's head)."""
+  kernel: object
+  bias: object
+  features: str
+  normalize: bool = True
+
+
 @dataclasses.dataclass(frozen=True)
 class Format:
   """One checkpoint format of a family: ``detect(path) -> bool`` on a local directory (or file)
@@ -91,11 +106,13 @@ class Family:
     formats: the checkpoint formats it reads, tried in order on a directory.
     save: ``save(model, directory, *, info=None, classifier=None, extra_files=None,
       overwrite=False)``: its export in the ecosystem's format; with ``info``
-      (:class:`ExportInfo`) the files a processor needs, with ``classifier`` = (kernel (D, C),
-      bias (C,), features) an image classifier with ``id2label`` where the ecosystem has one.
+      (:class:`ExportInfo`) the files a processor needs, with ``classifier``
+      (:class:`LinearClassifier`) an image classifier with ``id2label`` where the ecosystem has
+      one (an export refuses a classifier its format cannot hold).
     tiny: variant name -> ``build(image_size, seed) -> model``: random tiny models for CPU runs
       and tests (config checkpoints ``tiny[-variant][:seed]``).
-    tokenizer: ``tokenizer(directory or None) -> glajax Tokenizer`` (None without text).
+    tokenizer: ``tokenizer(directory or None) -> glajax Tokenizer`` (None without text: such a
+      family's models have no text tower).
     load_options: the keyword options its loaders take (adapters, attention, ...): any other
       option is refused, naming it.
     normalization: (mean, std) of its models' inputs, known before any model is loaded (the

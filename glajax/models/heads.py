@@ -3,7 +3,9 @@ to one.
 
 * :class:`LinearHead` on L2-normalised projected features, initialised from the zero-shot head
   (WiSE-FT, Wortsman et al. 2022): at initialisation its logits are the zero-shot logits, with
-  the model's logit bias where it has one (SigLIP: exp(t)·cos + b).
+  the model's logit bias where it has one (SigLIP: exp(t)·cos + b); with ``normalize=False`` on
+  raw features, as a supervised classifier's own head (torchvision's ``fc``; Mai et al. 2024
+  fine-tune an ImageNet ResNet-50 with it).
 * :class:`CosineClassifier` with scale 25 on the pre-projection CLS feature, initialised from text
   features mapped back through the visual projection as LIFT does (backdoor adjustment, Chen et
   al. 2025, on shijxcs/LIFT).
@@ -15,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from glajax.errors import bad_argument
+from glajax.models.family import LinearClassifier
 from glajax.models.layers import l2_normalise
 
 COSINE_SCALE = 25.0
@@ -35,13 +38,17 @@ def _as_matrix(name, array):
 
 
 class LinearHead(nnx.Module):
-  """logits = norm(f)·W + b, W (D, C) float32; ``from_zeroshot`` gives the zero-shot logits."""
+  """logits = norm(f)·W + b (``normalize``, the default) or f·W + b, W (D, C) float32;
+  ``from_zeroshot`` gives the zero-shot logits."""
 
-  def __init__(self, kernel, bias=None):
+  def __init__(self, kernel, bias=None, *, normalize: bool = True):
     kernel = _as_matrix("kernel", kernel)
+    if bias is not None and np.shape(bias) != kernel.shape[1:]:
+      raise bad_argument("bias", f"shape {kernel.shape[1:]} (one per class)", np.shape(bias))
     self.kernel = nnx.Param(jnp.asarray(kernel))
     self.bias = nnx.Param(jnp.zeros(kernel.shape[1], jnp.float32) if bias is None
                           else jnp.asarray(bias, jnp.float32))
+    self.normalize = bool(normalize)
 
   @classmethod
   def from_zeroshot(cls, zeroshot_head, logit_bias=None):
@@ -59,15 +66,21 @@ class LinearHead(nnx.Module):
     return cls(kernel, np.full(kernel.shape[1], bias.reshape(()), np.float32))
 
   def __call__(self, features):
-    return l2_normalise(features.astype(jnp.float32)) @ self.kernel[...] + self.bias[...]
+    features = features.astype(jnp.float32)
+    if self.normalize:
+      features = l2_normalise(features)
+    return features @ self.kernel[...] + self.bias[...]
 
   def as_linear(self) -> tuple[np.ndarray, np.ndarray]:
-    """(K (D, C), b (C,)) with logits = norm(f)·K + b: the kernel and bias themselves."""
+    """(K (D, C), b (C,)) with logits = g(f)·K + b, g = norm when ``normalize``: the kernel and
+    bias themselves."""
     return np.asarray(self.kernel[...], np.float32), np.asarray(self.bias[...], np.float32)
 
 
 class CosineClassifier(nnx.Module):
   """logits = s · cos(f, w_c) with learned (C, D) weights w and fixed scale s (25)."""
+
+  normalize = True   # as a linear map (``as_linear``), it acts on normalised features
 
   def __init__(self, weights, scale: float = COSINE_SCALE):
     self.weight = nnx.Param(jnp.asarray(_as_matrix("weights", weights)))
@@ -108,8 +121,8 @@ class CosineClassifier(nnx.Module):
 
 class ImageClassifier(nnx.Module):
   """A family's model (``backbone``) with a head: ``features="projected"`` feeds
-  ``encode_image`` (WiSE-FT), ``"pre_projection"`` the pooled ``image_features`` (backdoor
-  adjustment's cosine head)."""
+  ``encode_image`` (WiSE-FT; a supervised classifier's pooled feature), ``"pre_projection"`` the
+  pooled ``image_features`` (backdoor adjustment's cosine head)."""
 
   def __init__(self, backbone, head, features: str = "projected"):
     if features not in ("projected", "pre_projection"):
@@ -126,6 +139,10 @@ class ImageClassifier(nnx.Module):
     if self.features == "projected":
       return self.head(self.backbone.encode_image(images))
     return self.head(self.backbone.image_features(images))
+
+  def as_classifier(self) -> LinearClassifier:
+    """The classifier as an export writes it (``family.LinearClassifier``)."""
+    return LinearClassifier(*self.head.as_linear(), self.features, self.head.normalize)
 
 
 def prefixed_groups(backbone, prefix: str = "backbone") -> dict[str, str]:

@@ -277,7 +277,9 @@ def embed_text(text_tower, input_ids, inputs_embeds=None):
   return inputs_embeds + positions.astype(inputs_embeds.dtype)
 
 
-def check_images(images, image_size: int) -> None:
+def check_images(images, image_size: int | None = None) -> None:
+  """A batch of normalised NHWC RGB images, ``image_size`` square when given (a ViT's position
+  embeddings fix it; a ResNet pools any size)."""
   shape = tuple(images.shape)
   if len(shape) != 4:
     raise bad_argument("images", "a rank-4 (batch, height, width, 3) NHWC array",
@@ -289,7 +291,7 @@ def check_images(images, image_size: int) -> None:
     raise bad_argument("images", "NHWC with 3 channels last", f"shape {shape}{hint}")
   if not jnp.issubdtype(images.dtype, jnp.floating):
     raise bad_argument("images", "floating-point normalised pixels", f"dtype {images.dtype}")
-  if shape[1:3] != (image_size, image_size):
+  if image_size is not None and shape[1:3] != (image_size, image_size):
     raise bad_argument("images", f"{image_size}x{image_size} pixels (the model's image_size; "
                        "load with image_size= to resize its position embeddings)", f"shape {shape}")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 
 from glajax.errors import CheckpointError, ConfigError, InputError, bad_argument
-from glajax.models import checkpoints, clip, siglip
+from glajax.models import checkpoints, clip, resnet, siglip
 from glajax.models.family import Family, ModelSpec
 
 # Formats are tried in this order: SigLIP's detection (model_type "siglip") before CLIP's, which
@@ -18,6 +18,7 @@ from glajax.models.family import Family, ModelSpec
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     siglip.FAMILY,
     clip.FAMILY,
+    resnet.FAMILY,
 )}
 
 

@@ -8,6 +8,7 @@ optimiser and the recipe's own hyperparameters) and a wiring function that retur
 recipe             what is trained                                         paper
 =================  ======================================================  ====================
 finetune           image tower + linear head from the zero-shot head, CE   WiSE-FT (Wortsman 2022)
+finetune_sgd       trunk (0.1× lr) + a classifier's own head, CE, SGD      Mai et al. 2024
 linear_probe       linear head on cached features (zero-shot init)         WiSE-FT / LP-FT
 lp_ft              linear probe, then finetune from the probed head        Kumar et al. 2022
 flyp               whole CLIP, symmetric contrastive loss on prompts       FLYP (Goyal 2023)
@@ -144,6 +145,33 @@ def finetune() -> ml_collections.ConfigDict:
                    b1=0.9, b2=0.999, eps=1e-8, warmup_steps=500, warmup="linear",
                    schedule="cosine", grad_clip_norm=1.0,
                    trainable=("<image>", "<head>"))
+  config.label_smoothing = 0.0
+  return config
+
+
+def finetune_sgd(weight_decay: float = 1e-4) -> ml_collections.ConfigDict:
+  """Mai et al.'s fine-tuning of a supervised source classifier (OSU-MLB/Fine-Tuning-Is-Fine-If-
+  Calibrated), its own head included.
+
+  From ``py/util/cmd.py`` (ImageNet): ``--batch_size 64``, ``--optimizer SGD`` with
+  ``{"lr": 1e-3, "weight_decay": 1e-4, "momentum": 0.9, "nesterov": true}`` (Office-Home:
+  ``weight_decay`` 5e-4), ``training_config {"epochs": 50, "iterations": 500}`` (Office-Home:
+  20 epochs), ``freeze_bn`` and ``freeze_classifier`` false; ``py/util/model.py``
+  ``get_parameters``: the backbone at 0.1·lr, the head at lr; ``py/workflow/train.py``:
+  ``CosineAnnealingLR(optimizer, epochs · iterations)`` stepped after every iteration (a per-step
+  cosine to 0 without warmup: ``schedule="cosine"``, ``warmup_steps=0``), cross-entropy over all
+  classes, float32. An official "epoch" is 500 iterations of a shuffled ``DataLoader`` cycled
+  forever, not a pass over the data: a config sets ``total_steps`` = epochs · 500. The official
+  ``model.train()`` updates BatchNorm's statistics; glajax's engine keeps them (eval mode).
+  The data code is not released (``py/data`` is not in the repository): the transforms are
+  torchvision's ImageNet reference ones, with which the source weights were trained (its
+  ``references/classification``: RandomResizedCrop(224) + flip; Resize(256) + CenterCrop(224),
+  bilinear), as LIFT's."""
+  config = _config(64, 50, LIFT_TRANSFORMS, name="sgd", learning_rate=1e-3, momentum=0.9,
+                   nesterov=True, weight_decay=weight_decay, warmup_steps=0, warmup="linear",
+                   schedule="cosine", grad_clip_norm=0.0, trainable=("<image>", "<head>"),
+                   groups=(dict(name="backbone", pattern="<image>", lr_scale=0.1),))
+  config.model.dtype = "float32"
   config.label_smoothing = 0.0
   return config
 
@@ -323,10 +351,11 @@ def export_classifier(model: ImageClassifier, directory: str, info: ExportInfo |
   (``CLIPProcessor.from_pretrained``) and the classifier with ``id2label`` for
   ``pipeline("image-classification", model=directory, trust_remote_code=True)``
   (``glajax.models.clip.export`` says why transformers' own ``CLIPForImageClassification``
-  cannot hold it)."""
+  cannot hold it); for a supervised ResNet, ``ResNetForImageClassification`` with the head as
+  its classifier."""
   head = nnx.to_pure_dict(nnx.split(model.head, nnx.Param)[1])
   files = {"head.npz": lambda path: _save_npz(path, **head)}
-  classifier = None if info is None else (*model.head.as_linear(), model.features)
+  classifier = None if info is None else model.as_classifier()
   registry.save_model(model.backbone, directory, info=info, classifier=classifier,
                       extra_files=files)
 
@@ -337,8 +366,9 @@ def _export_backbone(model, directory: str, info: ExportInfo | None = None) -> N
 
 
 def classifier_task(backbone, head, config) -> Task:
-  """End-to-end fine-tuning (``finetune``, LP-FT's second stage): ``head`` on the normalised
-  projected image features, CE with ``config.label_smoothing``."""
+  """End-to-end fine-tuning (``finetune``, LP-FT's second stage): ``head`` on the projected
+  image features (normalised or not, as the head says: ``LinearHead.normalize``), CE with
+  ``config.label_smoothing``."""
   model = ImageClassifier(backbone, head, features="projected")
 
   def loss_fn(model, batch, rng):
@@ -519,6 +549,7 @@ def backdoor_task(backbone, text_features, train_counts, config) -> Task:
   the pooled image feature initialised from (C, P) "a photo of a {}." ``text_features`` as LIFT's
   ``init_head_text_feat`` (w_c = normalise(normalise(t_c) @ W_vᵀ)), and CE(z + τ·log π_train, y)
   with log π_train = log(n_c/Σn + 1e-9) from ``train_counts`` (``losses.la_log_prior``)."""
+  _needs_text(backbone, "backdoor_peft")   # text features and the visual projection
   counts = np.asarray(train_counts, np.float64)
   if counts.ndim != 1 or (counts <= 0).any():
     raise bad_argument("train_counts", "a (C,) array of positive class counts", counts)
@@ -567,8 +598,9 @@ def prompt_tuning_task(backbone, tokenizer, classnames, config) -> Task:
   return Task(model, loss_fn, logits_fn, None, export)
 
 
-RECIPES = {"finetune": finetune, "linear_probe": linear_probe, "lp_ft": lp_ft, "flyp": flyp,
-           "carot": carot, "backdoor_peft": backdoor_peft, "prompt_tuning": prompt_tuning}
+RECIPES = {"finetune": finetune, "finetune_sgd": finetune_sgd, "linear_probe": linear_probe,
+           "lp_ft": lp_ft, "flyp": flyp, "carot": carot, "backdoor_peft": backdoor_peft,
+           "prompt_tuning": prompt_tuning}
 
 
 # ------------------------------------------------------------------------------- config keys
@@ -591,7 +623,8 @@ _CAROT = {"carot.lambda_oc": Field("float", 0), "carot.lambda_sd": Field("float"
           "carot.teacher.warmup_fraction": Field("float", 0, 1)}
 _SMOOTHING = {"label_smoothing": Field("float", 0, 0.999)}
 RECIPE_FIELDS = {
-    "finetune": _SMOOTHING, "linear_probe": _SMOOTHING, "lp_ft": {}, "flyp": _CAROT,
+    "finetune": _SMOOTHING, "finetune_sgd": _SMOOTHING, "linear_probe": _SMOOTHING,
+    "lp_ft": {}, "flyp": _CAROT,
     "carot": _CAROT, "backdoor_peft": {"tau": Field("float", 0),
                                        "cosine_scale": Field("positive", 0)},
     "prompt_tuning": {"template": Field("str")},

@@ -2,6 +2,10 @@
 the absent classes' logits (ALG from the fine-tuning data; PCV from pseudo splits of S, chosen on
 held-out training data of S; the oracle γ, best on test, for reference only), AUSUC.
 
+The source classifier is the checkpoint's zero-shot head (CLIP) or, for a supervised classifier
+(the paper's ImageNet ResNet-50), its own head on the dataset's classes (``common.source``); γ
+acts on the logits of the fine-tuned version of that head.
+
 With ``absent_class.test_fraction`` the dataset's one labelled split is divided per class into a
 fine-tuning pool and the test set (then ``data.test`` must name that split)."""
 from __future__ import annotations
@@ -54,8 +58,8 @@ def plan(config) -> list[roles.Use]:
 
 def _pcv_gamma(exp, models, tags, seen: np.ndarray):
   """PCV: per seed, fine-tune on the pseudo-seen half of S (minus the held-out rows) and choose
-  γ for the pseudo-absent half on the held-out rows of S, against the source (zero-shot)
-  model's pseudo-absent accuracy on the same rows; γ averaged over the seeds."""
+  γ for the pseudo-absent half on the held-out rows of S, against the source model's
+  pseudo-absent accuracy on the same rows; γ averaged over the seeds."""
   options, seen_ids = exp.config.absent_class, np.flatnonzero(seen)
   val = exp.use("PCV γ")
   zs_logits, labels = exp.arrays(val, tags["zs"], lambda: models.zs)
@@ -74,12 +78,13 @@ def _pcv_gamma(exp, models, tags, seen: np.ndarray):
 
 
 def _rows(variants: dict, labels, absent, marks: dict):
-  """Table rows and results of each variant; the AUSUC curves of the zero-shot and fine-tuned
-  models; the points of the fine-tuned curve marked in the plot (``marks``: variant -> label)."""
+  """Table rows and results of each variant; the AUSUC curves of the source and fine-tuned
+  models (the first two variants); the points of the fine-tuned curve marked in the plot
+  (``marks``: variant -> label)."""
   rows, results, curves, points = [], {}, {}, {}
-  for name, logits in variants.items():
+  for i, (name, logits) in enumerate(variants.items()):
     row = {k: float(v) for k, v in M.seen_absent_accuracies(logits, labels, absent).items()}
-    if name in ("zero-shot", "fine-tuned"):
+    if i < 2:
       area, curve = M.ausuc(logits, labels, absent, return_curve=True)
       row["ausuc"] = float(area)
       curves[name] = (float(area), {k: np.asarray(v) for k, v in curve.items()})
@@ -103,7 +108,8 @@ def run(exp) -> dict:
                                 absent))
   gamma_pcv, pseudo_absent_classes = _pcv_gamma(exp, models, tags, seen)
   gamma_oracle = float(M.oracle_gamma(ft_logits, labels, absent))
-  variants = {"zero-shot": zs_logits, "fine-tuned": ft_logits}
+  source = "zero-shot" if common.has_text(exp, config.model.checkpoints[0]) else "source"
+  variants = {source: zs_logits, "fine-tuned": ft_logits}
   marks = {"fine-tuned": "γ = 0 (fine-tuned)"}
   for method, gamma, note in (("ALG", gamma_alg, ""), ("PCV", gamma_pcv, ""),
                               ("oracle", gamma_oracle, ", chosen on test: reference only")):

@@ -1,5 +1,9 @@
 """What several experiment kinds share: test uses and their columns, accuracy rows, and the
-zero-shot and fine-tuned classifiers built lazily (cached logits may make them unnecessary)."""
+source and fine-tuned classifiers built lazily (cached logits may make them unnecessary).
+
+The source classifier of a checkpoint, for a dataset's classes: the zero-shot head of a model
+with a text tower (CLIP), or a supervised classifier's own head restricted to those classes
+(:func:`own_head`: an ImageNet-1k head on ImageNet and its subsets)."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,8 +12,13 @@ import jax
 import numpy as np
 
 from glajax import methods as M
+from glajax.data import registry as data_registry
+from glajax.errors import ConfigError, bad_argument
 from glajax.experiments import roles
+from glajax.models import heads, registry
 from glajax.train import recipes
+
+IMAGENET_OUTPUTS = 1000
 
 ID = "ID"
 
@@ -97,8 +106,63 @@ def zeroshot(exp, checkpoint: str, classes_ref: roles.DataRef, train=None, templ
                                  templates)
 
 
+def own_head(backbone, info: data_registry.DatasetInfo) -> heads.LinearHead:
+  """A supervised classifier's own head (``backbone.classifier()``, on raw features) for the
+  classes of the dataset ``info``, in its label order.
+
+  An ImageNet-1k head (1000 outputs) on a dataset of ImageNet classes (``imagenet_classes``:
+  ImageNet-R, ImageNet-A) keeps their rows, as the runner restricts ImageNet-1k logits there
+  (Mai et al. keep all 1000 outputs, in training and in evaluation: ``py/HT_HARDCODED.py``
+  ``IMAGENET_N_CLASSES``, ``py/util/evaluate.py``); a head with exactly the dataset's number of
+  classes is taken as its classifier, in the dataset's label order (ImageNet-1k itself and
+  ImageNet-Sketch, V2, LT; a tiny model on the demo world). Any other dataset needs a new head:
+  a ConfigError says so.
+  """
+  kernel, bias = backbone.classifier()
+  outputs, groups = kernel.shape[1], info.imagenet_classes
+  if groups is not None and outputs == IMAGENET_OUTPUTS:
+    if any(len(group) != 1 for group in groups):
+      raise bad_argument("model.checkpoints", f"a model with a text tower for {info.name}, whose "
+                         "classes each join several ImageNet classes (not a linear head)",
+                         "a supervised ImageNet classifier", ConfigError)
+    rows = np.asarray([group[0] for group in groups])
+  elif outputs == info.num_classes:
+    rows = np.arange(outputs)
+  else:
+    raise bad_argument(
+        "model.checkpoints", f"a classifier whose own head covers the {info.num_classes} "
+        f"classes of {info.name} (an ImageNet-1k head for ImageNet and its subsets), or a model "
+        "with a text tower (a zero-shot head)", f"a head of {outputs} classes: {info.name} "
+        "needs a new head (Mai et al.'s Office-Home source model is a ResNet-50 fine-tuned on "
+        "the source domain)", ConfigError)
+  return heads.LinearHead(kernel[:, rows], bias[rows], normalize=False)
+
+
+def has_text(exp, checkpoint: str) -> bool:
+  """Whether ``checkpoint``'s family has a text tower (read off its checkpoint, not loaded)."""
+  return registry.locate(exp.checkpoint_dir(checkpoint))[0].tokenizer is not None
+
+
+def source_tag(exp, checkpoint: str, classes_ref: roles.DataRef, templates=None) -> str:
+  """The cache tag of the source classifier (:func:`source`) of ``checkpoint``."""
+  if has_text(exp, checkpoint):
+    return zeroshot_tag(exp, checkpoint, classes_ref, templates)
+  return f"own_head-{exp.key(checkpoint, classes_ref.dataset)}"
+
+
+def source(exp, checkpoint: str, classes_ref: roles.DataRef, train=None, templates=None):
+  """The source classifier of ``checkpoint`` for the classes of ``classes_ref``: its zero-shot
+  head (a model with a text tower; ``templates``: default, the dataset's), else its own head on
+  those classes (:func:`own_head`)."""
+  backbone = exp.load_model(checkpoint, train)
+  if registry.spec_of(backbone).has_text:
+    return exp.zeroshot_classifier(backbone, checkpoint, classes_ref, templates)
+  return heads.ImageClassifier(backbone, own_head(backbone, data_registry.get(
+      classes_ref.dataset)))
+
+
 def finetuned(exp, zs, run: str, use: roles.Use, train, export: str | None = None):
-  """The zero-shot classifier ``zs`` fine-tuned end to end (the recipe ``train``, WiSE-FT's
+  """The source classifier ``zs`` fine-tuned end to end (the recipe ``train``, WiSE-FT's
   ``finetune`` by default) on ``use``."""
   task = recipes.classifier_task(zs.backbone, zs.head, train)
   return exp.fit(run, task, train, use, export=export)
@@ -106,13 +170,14 @@ def finetuned(exp, zs, run: str, use: roles.Use, train, export: str | None = Non
 
 def classifier_models(exp, checkpoint: str, use: roles.Use, train, export: str | None = None,
                       templates=None):
-  """(models, tags): the lazily built zero-shot classifier ``zs`` (``templates``: default, the
-  dataset's) and its fine-tuned version ``ft`` on ``use``, with their cache tags."""
+  """(models, tags): the lazily built source classifier ``zs`` (:func:`source`: zero-shot with
+  ``templates``, default the dataset's, or a supervised classifier's own head) and its
+  fine-tuned version ``ft`` on ``use``, with their cache tags."""
   ref = train_ref(exp.config)
   run = exp.run_key("finetuned", train, checkpoint, use)
-  models = Lazy(zs=lambda: zeroshot(exp, checkpoint, ref, train, templates),
+  models = Lazy(zs=lambda: source(exp, checkpoint, ref, train, templates),
                 ft=lambda: finetuned(exp, models.zs, run, use, train, export))
-  return models, {"zs": zeroshot_tag(exp, checkpoint, ref, templates), "ft": run}
+  return models, {"zs": source_tag(exp, checkpoint, ref, templates), "ft": run}
 
 
 # ------------------------------------------------------------------------------ uncertainty

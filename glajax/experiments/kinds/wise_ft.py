@@ -36,7 +36,8 @@ def _linear_probe(exp, zs, run: str, use: roles.Use, train):
   of ``use`` (computed once, cached like logits, no augmentation)."""
   features, labels = exp.arrays(use, f"features-{exp.key(run)}", lambda: zs.backbone,
                                 logits_fn=recipes.image_features)
-  head = heads.LinearHead(np.asarray(zs.head.kernel[...]), np.asarray(zs.head.bias[...]))
+  head = heads.LinearHead(np.asarray(zs.head.kernel[...]), np.asarray(zs.head.bias[...]),
+                          normalize=zs.head.normalize)
   task = recipes.linear_probe_task(head, train)
   head = exp.fit_arrays(run, task, train, {"features": features, "label": labels},
                         export="finetuned")

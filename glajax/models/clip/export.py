@@ -101,10 +101,10 @@ def save(model, directory, *, info: ExportInfo | None = None, classifier=None,
          extra_files: dict | None = None, overwrite: bool = False) -> str:
   """The CLIP family's export, one atomic write: ``save_clip`` (a ViT in transformers format, a
   ResNet in open_clip's). With ``info`` the tokenizer's files, and for a ViT
-  ``preprocessor_config.json`` (``CLIPProcessor``); with ``classifier`` = (kernel (D, C),
-  bias (C,), features) a ViT's image classifier for transformers (:func:`classifier_export`,
-  class names from ``info``). open_clip has no image classifier: a ResNet's head stays in the
-  files the caller adds (``head.npz``)."""
+  ``preprocessor_config.json`` (``CLIPProcessor``); with ``classifier`` (a
+  ``family.LinearClassifier`` on normalised features) a ViT's image classifier for transformers
+  (:func:`classifier_export`, class names from ``info``). open_clip has no image classifier: a
+  ResNet's head stays in the files the caller adds (``head.npz``)."""
   files, config, tensors = dict(extra_files or {}), {}, {}
   resnet = model.config.resnet
   if info is not None:
@@ -115,6 +115,9 @@ def save(model, directory, *, info: ExportInfo | None = None, classifier=None,
   if classifier is not None and not resnet:
     if info is None:
       raise bad_argument("info", "the class names of the classifier (an ExportInfo)", None)
+    if not classifier.normalize:
+      raise bad_argument("classifier", "a head on normalised features (the exported "
+                         "classifier normalises them)", "a head on raw features")
     config, tensors, code = classifier_export(*classifier[:2], info.classnames, classifier[2])
     files.update(code)
   return save_clip(model, directory, overwrite=overwrite, extra_files=files,
