@@ -537,7 +537,8 @@ def _claimed(ctx, workdir, lock=False):
   import json
   from glajax import experiments
   from glajax.experiments import runner
-  directory = runner.claim_workdir(experiments.load("wise_ft:runlocal"), str(ctx.path(workdir)))
+  config = experiments.load("wise_ft:runlocal")
+  directory = runner.claim_workdir(config, str(ctx.path(workdir)), experiments.fingerprint(config))
   if lock:
     with open(os.path.join(directory, runner.LOCK_FILE), "w") as f:
       json.dump({"pid": os.getpid(), "command": "glajax run wise_ft:runlocal"}, f)

@@ -38,7 +38,8 @@ def _run(spec, tmp_path):
 def _assert_official_transform(workdir, config):
   """The report records the transforms the run used, and they are its recipe's official ones
   (tests/test_official_data.py ports them); the absent-class paper released no data code, so
-  its runs use the recipe they run, WiSE-FT's."""
+  its runs use torchvision's ImageNet reference transforms, with which its source weights were
+  trained."""
   record = json.loads((workdir / "report.json").read_text())["preprocessing"]
   train, evaluation = official_transforms(config.train.recipe)
   assert transforms.TrainTransform.from_dict(record["train"]) == train

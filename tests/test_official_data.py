@@ -38,6 +38,10 @@ _OFFICIAL = {
     # RandomResizedCrop(resolution), RandomHorizontalFlip(); Resize(resolution * 8 // 7),
     # CenterCrop(resolution).
     "backdoor_peft": (dict(_DEFAULT_RRC), True, (224 * 8 // 7, 224, "bilinear")),
+    # OSU-MLB/Fine-Tuning-Is-Fine-If-Calibrated releases no data code (py/data is absent); its
+    # source weights are torchvision's, trained with references/classification presets.py:
+    # RandomResizedCrop(224) + RandomHorizontalFlip(); Resize(256) + CenterCrop(224), bilinear.
+    "finetune_sgd": (dict(_DEFAULT_RRC), True, (256, 224, "bilinear")),
     # Dassl transforms.py with GLA.FS configs/trainers/GLA/*.yaml INPUT (SIZE (224, 224),
     # INTERPOLATION bicubic, TRANSFORMS random_resized_crop, random_flip, normalize):
     # RandomResizedCrop(SIZE, interpolation=bicubic), RandomHorizontalFlip(); Resize(max(SIZE),

@@ -56,11 +56,27 @@ def group_accuracy(logits, labels, train_counts) -> dict[str, jax.Array]:
   logits, labels = _inputs(logits, labels)
   train_counts = jnp.asarray(train_counts)
   _checks.same_shape("train_counts", train_counts, (logits.shape[1],))
-  groups = {"many": train_counts > MANY_SHOT_MIN,
-            "medium": (train_counts >= FEW_SHOT_MAX) & (train_counts <= MANY_SHOT_MIN),
-            "few": train_counts < FEW_SHOT_MAX,
-            "all": jnp.ones(logits.shape[1], bool)}
-  return _group_means(per_class_accuracy(logits, labels), groups)
+  return _group_means(per_class_accuracy(logits, labels), count_groups(train_counts))
+
+
+def count_groups(train_counts) -> dict[str, jax.Array]:
+  """The (C,) class masks of the long-tail groups: ``many`` (> 100 training images), ``medium``
+  (20–100), ``few`` (< 20), ``all``."""
+  train_counts = jnp.asarray(train_counts)
+  return {"many": train_counts > MANY_SHOT_MIN,
+          "medium": (train_counts >= FEW_SHOT_MAX) & (train_counts <= MANY_SHOT_MIN),
+          "few": train_counts < FEW_SHOT_MAX, "all": jnp.ones(train_counts.shape[0], bool)}
+
+
+def prior_groups(log_prior) -> dict[str, jax.Array]:
+  """The (C,) class masks of GLA's head / medium / tail thirds of the classes sorted by a (log)
+  prior, descending (⌊C/3⌋, ⌊C/3⌋, the rest), and ``all``."""
+  log_prior = jnp.asarray(log_prior, jnp.float32)
+  num_classes = log_prior.shape[0]
+  rank = jnp.argsort(jnp.argsort(-log_prior))
+  third = num_classes // 3
+  return {"head": rank < third, "medium": (rank >= third) & (rank < 2 * third),
+          "tail": rank >= 2 * third, "all": jnp.ones(num_classes, bool)}
 
 
 def group_accuracy_by_prior(logits, labels, log_prior,
@@ -80,10 +96,7 @@ def group_accuracy_by_prior(logits, labels, log_prior,
   num_classes = logits.shape[1]
   _checks.same_shape("log_prior", log_prior, (num_classes,))
   _checks.choice("average", average, ("samples", "classes"))
-  rank = jnp.argsort(jnp.argsort(-log_prior.astype(jnp.float32)))
-  third = num_classes // 3
-  groups = {"head": rank < third, "medium": (rank >= third) & (rank < 2 * third),
-            "tail": rank >= 2 * third, "all": jnp.ones(num_classes, bool)}
+  groups = prior_groups(log_prior)
   if average == "classes":
     return _group_means(per_class_accuracy(logits, labels), groups)
   hits = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)

@@ -49,18 +49,37 @@ class Interval(NamedTuple):
 
 
 def row_summaries(logits, labels) -> dict[str, jax.Array]:
-  """Per-row {"correct": 1[argmax z_i = y_i], "confidence": max softmax(z_i)}, float32 (N,):
-  all that accuracy and top-label ECE need of each row."""
+  """Per-row {"correct": 1[argmax z_i = y_i], "confidence": max softmax(z_i)} (float32) and
+  "label" (int32), each (N,): all that accuracy, top-label ECE and per-class or per-group
+  accuracies need of each row."""
   logits = _checks.logits_array("logits", logits)
   _checks.nonempty("logits", logits)
   labels = _checks.labels_array("labels", labels, *logits.shape)
   confidence, correct = _top_label(logits.astype(jnp.float32), labels)
-  return {"correct": correct, "confidence": confidence}
+  return {"correct": correct, "confidence": confidence, "label": jnp.asarray(labels, jnp.int32)}
 
 
 def accuracy_of(rows) -> jax.Array:
   """mean_i correct_i of :func:`row_summaries` rows."""
   return jnp.mean(rows["correct"])
+
+
+def class_mean_accuracy_of(rows, classes) -> jax.Array:
+  """The mean over the classes of the boolean mask ``classes`` (C,) that have rows of their
+  per-class accuracy Σ_{i: y_i = c} correct_i / n_c (long-tail group accuracies); NaN if none."""
+  classes = jnp.asarray(classes, bool)
+  num_classes = classes.shape[0]
+  hits = jax.ops.segment_sum(rows["correct"], rows["label"], num_classes)
+  counts = jax.ops.segment_sum(jnp.ones_like(rows["correct"]), rows["label"], num_classes)
+  present = classes & (counts > 0)
+  return jnp.sum(jnp.where(present, hits / jnp.maximum(counts, 1), 0.0)) / jnp.sum(present)
+
+
+def subset_accuracy_of(rows, classes) -> jax.Array:
+  """The accuracy over the rows whose label is in the boolean mask ``classes`` (C,) (GLA's
+  head/medium/tail over samples, Acc_{S/Y} and Acc_{U/Y}); NaN if none."""
+  inside = jnp.asarray(classes, bool)[rows["label"]]
+  return jnp.sum(jnp.where(inside, rows["correct"], 0.0)) / jnp.sum(inside)
 
 
 def ece_of(rows, num_bins: int = 15) -> jax.Array:

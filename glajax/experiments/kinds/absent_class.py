@@ -77,21 +77,37 @@ def _pcv_gamma(exp, models, tags, seen: np.ndarray):
   return float(M.pcv_gamma(splits)), pseudo_absent_classes
 
 
-def _rows(variants: dict, labels, absent, marks: dict):
+def _accuracies(evidence, logits, labels, absent) -> dict:
+  """Mai et al.'s Acc_{A/B} (``M.seen_absent_accuracies``), each with its interval: rows
+  labelled in A, predicting among B (S/S and U/U: the logits of those classes alone)."""
+  absent = np.asarray(absent, bool)
+  seen = ~absent
+  out = {"acc_y_y": evidence.of(logits, labels), "acc_s_y": evidence.of(logits, labels,
+                                                                         "subset", seen),
+         "acc_u_y": evidence.of(logits, labels, "subset", absent)}
+  for key, classes in (("acc_s_s", seen), ("acc_u_u", absent)):
+    ids = np.flatnonzero(classes)
+    kept = np.isin(labels, ids)
+    out[key] = (evidence.of(np.asarray(logits)[kept][:, ids], np.searchsorted(ids, labels[kept]))
+                if kept.any() else float("nan"))
+  return out
+
+
+def _rows(evidence, variants: dict, labels, absent, marks: dict):
   """Table rows and results of each variant; the AUSUC curves of the source and fine-tuned
   models (the first two variants); the points of the fine-tuned curve marked in the plot
   (``marks``: variant -> label)."""
   rows, results, curves, points = [], {}, {}, {}
   for i, (name, logits) in enumerate(variants.items()):
-    row = {k: float(v) for k, v in M.seen_absent_accuracies(logits, labels, absent).items()}
+    row = _accuracies(evidence, logits, labels, absent)
     if i < 2:
       area, curve = M.ausuc(logits, labels, absent, return_curve=True)
       row["ausuc"] = float(area)
       curves[name] = (float(area), {k: np.asarray(v) for k, v in curve.items()})
     if name in marks:
-      points[marks[name]] = (row["acc_s_y"], row["acc_u_y"])
+      points[marks[name]] = (float(row["acc_s_y"].estimate), float(row["acc_u_y"].estimate))
     rows.append((name, row))
-    results[name] = row
+    results[name] = common.estimates(row)
   return rows, results, curves, points
 
 
@@ -116,7 +132,7 @@ def run(exp) -> dict:
     name = f"fine-tuned + {method} γ ({gamma:.2f}{note})"
     variants[name] = M.apply_gamma(ft_logits, absent, gamma)
     marks[name] = f"{method} γ = {gamma:.2f}" + (" (on test)" if note else "")
-  rows, results, curves, points = _rows(variants, labels, absent, marks)
+  rows, results, curves, points = _rows(common.Evidence(exp), variants, labels, absent, marks)
   title = (f"Absent-class calibration on {use.ref.dataset} ({int(seen.sum())} seen / "
            f"{int(absent.sum())} absent classes, {config.train.recipe})")
   return common.Outcome(

@@ -71,6 +71,9 @@ def run(exp) -> dict:
   exp.note_prompts("cosine classifier initialisation", [config.backdoor.template])
   groups = group_counts(exp, counts)
   rows, results, la_logits, tags = [], {}, [], {}
+  evidence = common.Evidence(exp)
+  masks = M.count_groups(groups)
+  grouped = lambda z, y: {k: evidence.of(z, y, "class_mean", m) for k, m in masks.items()}  # noqa
   for label, checkpoint, train in _runs(exp):
     run_name = exp.run_key("backdoor", train, checkpoint, use)
     tags[label] = run_name
@@ -79,13 +82,13 @@ def run(exp) -> dict:
     logits, labels = outputs[tests[0].purpose]
     if train.tau:
       la_logits.append(logits)
-    row = {k: float(v) for k, v in M.group_accuracy(logits, labels, groups).items()}
+    row = grouped(logits, labels)
     rows.append((label, row))
-    results[label] = row
+    results[label] = common.estimates(row)
   ensemble = np.asarray(M.backdoor_ensemble(la_logits))
-  row = {k: float(v) for k, v in M.group_accuracy(ensemble, labels, groups).items()}
+  row = grouped(ensemble, labels)
   rows.append(("backdoor ensemble", row))
-  results["backdoor ensemble"] = row
+  results["backdoor ensemble"] = common.estimates(row)
   title = (f"Backdoor adjustment on {use.ref.dataset} ({config.train.recipe}, τ = "
            f"{config.train.tau:g}, adapter dim {config.train.model.adapter_dim}): per-class "
            "accuracy by training-count group")

@@ -188,14 +188,22 @@ EFFECT_COLUMNS = ("Δ ID", "Δ avg shifts", "Δ ECE ID", "Δ ECE avg shifts")
 @dataclasses.dataclass(frozen=True)
 class MeanOver:
   """A bootstrap statistic (hashable, so ``M.bootstrap`` compiles it once per shape): the mean
-  over groups (test sets) of each one's accuracy or ECE; ``paired``: of after − before, both
-  measured on the group's same resampled rows."""
+  over groups (test sets) of each one's ``metric`` — "accuracy", "ece", "class_mean" (the mean
+  per-class accuracy over ``classes``) or "subset" (the accuracy over rows labelled in
+  ``classes``); ``paired``: of after − before, both measured on the group's same resampled
+  rows."""
   metric: str
   bins: int = 15
   paired: bool = False
+  classes: tuple = ()
 
   def _value(self, rows):
-    return M.accuracy_of(rows) if self.metric == "accuracy" else M.ece_of(rows, self.bins)
+    if self.metric == "accuracy":
+      return M.accuracy_of(rows)
+    if self.metric == "ece":
+      return M.ece_of(rows, self.bins)
+    fn = M.class_mean_accuracy_of if self.metric == "class_mean" else M.subset_accuracy_of
+    return fn(rows, np.asarray(self.classes, bool))
 
   def __call__(self, *groups):
     if self.paired:
@@ -203,6 +211,11 @@ class MeanOver:
     else:
       values = [self._value(g) for g in groups]
     return sum(values) / len(values)
+
+
+def estimates(row: dict) -> dict:
+  """{column: float} of a row whose values may be intervals (their estimates)."""
+  return {c: float(v.estimate) if isinstance(v, M.Interval) else v for c, v in row.items()}
 
 
 def intervals_json(rows) -> dict:
@@ -223,6 +236,23 @@ class Evidence:
   def interval(self, statistic, *groups) -> M.Interval:
     return M.bootstrap(self.key, statistic, *groups, num_samples=self.num_samples)
 
+  def of(self, logits, labels, metric: str = "accuracy", classes=None) -> M.Interval:
+    """The ``metric`` (see :class:`MeanOver`) of one test set's logits with its interval."""
+    mask = () if classes is None else tuple(bool(c) for c in np.asarray(classes))
+    return self.interval(MeanOver(metric, self.bins, classes=mask),
+                         M.row_summaries(logits, labels))
+
+  def cells(self, outputs: dict, tests: list[roles.Use], metric: str = "accuracy",
+            prefix: str = "") -> dict:
+    """{prefix + column: Interval} of ``metric`` on every test set and its mean over the shifts
+    (each shift resampled on its own)."""
+    rows = {u.purpose: M.row_summaries(*outputs[u.purpose]) for u in tests}
+    statistic = MeanOver(metric, self.bins)
+    out = {prefix + column(u, tests[0]): self.interval(statistic, rows[u.purpose]) for u in tests}
+    if len(tests) > 1:
+      out[prefix + "avg shifts"] = self.interval(statistic, *[rows[u.purpose] for u in tests[1:]])
+    return out
+
   @staticmethod
   def columns(tests: list[roles.Use], seen=None) -> list[str]:
     accuracy = columns(tests)
@@ -232,21 +262,11 @@ class Evidence:
   def row(self, outputs: dict, tests: list[roles.Use], seen=None) -> dict:
     """{column: Interval} of accuracy and ECE on every test set and their mean over the shifts
     (a stratified bootstrap), and Acc_{S/Y} / Acc_{U/Y} when some classes are absent."""
-    rows = {u.purpose: M.row_summaries(*outputs[u.purpose]) for u in tests}
-    shifts = [rows[u.purpose] for u in tests[1:]]
-    out = {}
-    for metric, prefix in (("accuracy", ""), ("ece", "ECE ")):
-      statistic = MeanOver(metric, self.bins)
-      for use in tests:
-        out[prefix + column(use, tests[0])] = self.interval(statistic, rows[use.purpose])
-      if shifts:
-        out[prefix + "avg shifts"] = self.interval(statistic, *shifts)
+    out = {**self.cells(outputs, tests), **self.cells(outputs, tests, "ece", "ECE ")}
     if seen is not None and not np.all(seen):
       logits, labels = outputs[tests[0].purpose]
-      for name, classes in (("Acc_{S/Y}", seen), ("Acc_{U/Y}", ~seen)):
-        kept = np.isin(labels, np.flatnonzero(classes))
-        out[name] = self.interval(MeanOver("accuracy"), M.row_summaries(logits[kept],
-                                                                         labels[kept]))
+      out["Acc_{S/Y}"] = self.of(logits, labels, "subset", seen)
+      out["Acc_{U/Y}"] = self.of(logits, labels, "subset", ~np.asarray(seen))
     return out
 
   def effects(self, before: dict, after: dict, tests: list[roles.Use]) -> dict:

@@ -32,16 +32,16 @@ def trained(exp, checkpoint: str, run: str, train, use: roles.Use, export: str |
   return exp.fit(run, task, train, use, export=export)
 
 
-def _row(outputs, tests, bins: int, per_batch):
-  row = common.accuracy_row(outputs, tests)
-  shift_columns = [common.column(u, tests[0]) for u in tests[1:]]
-  for prefix, kwargs in (("ECE", {}), ("batch ECE", {"per_batch": per_batch})):
-    if prefix == "batch ECE" and not per_batch:
-      continue
-    ece = {f"{prefix} {common.column(u, tests[0])}": float(
-        M.ece(*outputs[u.purpose], num_bins=bins, **kwargs)) for u in tests}
+def _row(outputs, tests, evidence, per_batch):
+  """Accuracy and whole-set ECE with their intervals; CaRot's batch-weighted ECE (a figure of
+  its evaluation's batches, which a resample of rows does not keep) as a number."""
+  row = {**evidence.cells(outputs, tests), **evidence.cells(outputs, tests, "ece", "ECE ")}
+  if per_batch:
+    ece = {f"batch ECE {common.column(u, tests[0])}": float(
+        M.ece(*outputs[u.purpose], num_bins=evidence.bins, per_batch=per_batch)) for u in tests}
+    shift_columns = [f"batch ECE {common.column(u, tests[0])}" for u in tests[1:]]
     if shift_columns:
-      ece[f"{prefix} avg shifts"] = float(np.mean([ece[f"{prefix} {c}"] for c in shift_columns]))
+      ece["batch ECE avg shifts"] = float(np.mean([ece[c] for c in shift_columns]))
     row.update(ece)
   return row
 
@@ -59,7 +59,8 @@ def run(exp) -> dict:
           run_name, lambda: trained(exp, checkpoint, run_name, exp.train_config(), use,
                                     export=recipe), tests)}
   bins, per_batch = int(options.ece_bins), options.get("ece_per_batch")
-  rows = [(name, _row(logits, tests, bins, per_batch)) for name, logits in outputs.items()]
+  evidence = common.Evidence(exp, bins)
+  rows = [(name, _row(logits, tests, evidence, per_batch)) for name, logits in outputs.items()]
   accuracy_columns = common.columns(tests)
   columns = accuracy_columns + [f"ECE {c}" for c in accuracy_columns]
   if per_batch:
@@ -69,7 +70,8 @@ def run(exp) -> dict:
   title = (f"{DISPLAY.get(recipe, recipe)} on {ref.dataset}: accuracy and ECE ({bins} bins"
            + (f"; batch ECE over batches of {per_batch}" if per_batch else "") + ") under shift")
   return common.Outcome(
-      results={"metrics": dict(rows), "recipe": recipe, "trained": DISPLAY.get(recipe, recipe),
+      results={"metrics": {name: common.estimates(row) for name, row in rows},
+               "recipe": recipe, "trained": DISPLAY.get(recipe, recipe),
                "recipe_values": {"carot": config.train.carot.to_dict()}},
       tables=[report.table(title, columns, rows, config.published)],
       plots={"reliability.png": report.Reliability(panels, bins)})

@@ -174,16 +174,20 @@ def _rows(exp, zs, ft, fitted: dict, counts):
   tests, long_tail = exp.tests(), exp.config.gla.long_tail
   log_prior = fitted["prior"][0]
   rows, results = [], {}
+  evidence = common.Evidence(exp)
+  # long tail: mean per-class accuracy over the count groups; else GLA's thirds by the prior,
+  # over their samples (``M.group_accuracy`` / ``M.group_accuracy_by_prior``)
+  groups, metric = ((M.count_groups(counts), "class_mean") if long_tail
+                    else (M.prior_groups(log_prior), "subset"))
   for name, logits_of in _variants(zs, ft, log_prior, fitted["prior"][1], fitted["ft_temperature"],
                                    fitted["prior"][2]).items():
     test_logits, labels = logits_of(tests[0].purpose), zs[tests[0].purpose][1]
-    groups = (M.group_accuracy(test_logits, labels, counts) if long_tail
-              else M.group_accuracy_by_prior(test_logits, labels, log_prior))
-    row = {k: float(v) for k, v in groups.items() if k != "all"}
-    row.update(common.accuracy_row({u.purpose: (logits_of(u.purpose), zs[u.purpose][1])
-                                    for u in tests}, tests))
+    row = {k: evidence.of(test_logits, labels, metric, mask) for k, mask in groups.items()
+           if k != "all"}
+    row.update(evidence.cells({u.purpose: (logits_of(u.purpose), zs[u.purpose][1])
+                               for u in tests}, tests))
     rows.append((name, row))
-    results[name] = row
+    results[name] = common.estimates(row)
   return rows, results
 
 

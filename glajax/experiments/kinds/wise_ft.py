@@ -79,18 +79,19 @@ def _sweep(exp, models, tags, tests, alphas):
   return outputs
 
 
-def _calibration(exp, outputs, tests, temperature: float, bins: int):
-  """ECE of the fine-tuned model on every test set, before and after temperature scaling."""
+def _calibration(exp, outputs, tests, temperature: float, evidence):
+  """ECE of the fine-tuned model on every test set, before and after temperature scaling, and
+  the change with its paired interval."""
   rows, results = [], {}
   fine_tuned = outputs[1.0]
+  bins = evidence.bins
   for name, scale in (("fine-tuned (α=1)", 1.0), (f"+ temperature scaling (T={temperature:.2f})",
                                                    temperature)):
-    row = {common.column(u, tests[0]): float(M.ece(fine_tuned[u.purpose][0] / scale,
-                                                   fine_tuned[u.purpose][1], num_bins=bins))
-           for u in tests}
-    row = common.with_average(row, [common.column(u, tests[0]) for u in tests[1:]])
+    scaled = {u.purpose: (fine_tuned[u.purpose][0] / scale, fine_tuned[u.purpose][1])
+              for u in tests}
+    row = evidence.cells(scaled, tests, "ece")
     rows.append((name, row))
-    results[name] = row
+    results[name] = common.estimates(row)
   title = f"ECE ({bins} bins), T fitted on {exp.use('temperature').ref.describe()}"
   return report.table(title, common.columns(tests), rows), results
 
@@ -104,19 +105,21 @@ def run(exp) -> dict:
                    *map(float, config.wise_ft.alphas)})
   outputs = _sweep(exp, models, tags, tests, alphas)
   bins = int(config.wise_ft.ece_bins)
-  curve = [{"alpha": a, **common.accuracy_row(outputs[a], tests),
+  evidence = common.Evidence(exp, bins)
+  cells = {a: evidence.cells(outputs[a], tests) for a in alphas}
+  curve = [{"alpha": a, **common.estimates(cells[a]),
             "ece_id": float(M.ece(*outputs[a][tests[0].purpose], num_bins=bins))}
            for a in alphas]
   name = common.train_ref(config).dataset
   tables = [report.table(f"WiSE-FT on {name} ({config.train.recipe}): accuracy, ID and shifts",
-                         common.columns(tests), [(_label(p["alpha"]), p) for p in curve],
+                         common.columns(tests), [(_label(a), cells[a]) for a in alphas],
                          config.published)]
   results = {"curve": curve, "export_alpha": float(config.wise_ft.export_alpha),
              "recipe": config.train.recipe}
   if config.data.get("validation"):
     val_logits, val_labels = exp.arrays(exp.use("temperature"), tags["ft"], lambda: models.ft)
     temperature = float(M.fit_temperature(val_logits, val_labels))
-    calibration, results["ece"] = _calibration(exp, outputs, tests, temperature, bins)
+    calibration, results["ece"] = _calibration(exp, outputs, tests, temperature, evidence)
     results["temperature"] = temperature
     tables.append(calibration)
   shown = sorted({0.0, 1.0, float(config.wise_ft.export_alpha)})
