@@ -68,6 +68,9 @@ def _parser(with_configs: bool) -> argparse.ArgumentParser:
       "plots and final models.")
   run.add_argument("config", metavar="CONFIG", help="a config file or a bundled config's name")
   run.add_argument("--workdir", required=True, help="where everything goes (resumed if present)")
+  run.add_argument("--seeds", metavar="S,S,...",
+                   help="run once per seed (e.g. 0,1,2) into WORKDIR/seed_<s> and report each "
+                   "number as mean ± sd over the seeds beside its bootstrap interval")
   return parser
 
 

@@ -10,38 +10,76 @@ from glajax.demo import effects as effects_lib
 from glajax.demo import parts, pretrain, report
 
 
-def _reports(debias=0.05, ood=0.03, log_prior=None):
-  """Parts' reports as the runner writes them, reduced to what the effects read."""
-  gla = {"zero-shot": {"ID": 0.3}, "debiased zero-shot": {"ID": 0.3 + debias},
-         "fine-tuned": {"ID": 0.5}, "GLA": {"ID": 0.55}}
-  curve = [{"alpha": 0.0, "ID": 0.3, "avg shifts": 0.2},
-           {"alpha": 0.5, "ID": 0.45, "avg shifts": 0.25},
-           {"alpha": 1.0, "ID": 0.5, "avg shifts": 0.2 + ood}]
-  return {"gla": {"results": {"accuracy": gla, "log_prior": log_prior}},
-          "wise_ft": {"results": {"curve": curve}}}
+def _interval(estimate, half=0.01):
+  return {"estimate": estimate, "low": estimate - half, "high": estimate + half}
+
+
+def _reports(debias=0.05, ood=0.03, log_prior=None, half=0.01):
+  """Parts' reports as the runner writes them, reduced to what the effects read: each kind's
+  paired differences (``results["effects"]``)."""
+  gla = {"debiased zero-shot vs zero-shot": {"Δ ID": _interval(debias, half),
+                                             "Δ ECE ID": _interval(0.02)},
+         "GLA vs fine-tuned": {"Δ ID": _interval(0.05), "Δ ECE ID": _interval(-0.01)}}
+  wise = {"fine-tuned (α=1) vs zero-shot (α=0)": {"Δ ID": _interval(0.2),
+                                                  "Δ avg shifts": _interval(ood)},
+          "WiSE-FT α=0.5 vs zero-shot (α=0)": {"Δ avg shifts": _interval(0.05),
+                                               "Δ ID": _interval(0.15)},
+          "WiSE-FT α=0.5 vs fine-tuned (α=1)": {"Δ avg shifts": _interval(0.05 - ood),
+                                                "Δ ID": _interval(-0.05)}}
+  return {"gla": {"results": {"effects": gla, "log_prior": log_prior}},
+          "wise_ft": {"results": {"effects": wise}}}
 
 
 TRUE_COUNTS = np.arange(1, 101)
 
 
-def test_effects_thresholds_and_missing_parts():
+def test_effects_are_judged_by_their_intervals():
   effects = effects_lib.effects(_reports(log_prior=np.log(TRUE_COUNTS / TRUE_COUNTS.sum())),
                                 TRUE_COUNTS)
-  assert effects["prior_spearman"]["value"] == pytest.approx(1.0)
-  assert effects["prior_spearman"]["appeared"] is True
+  spearman = effects["prior_spearman"]
+  assert spearman["value"] == pytest.approx(1.0) and spearman["appeared"] is True
+  assert spearman["interval"]["low"] == pytest.approx(1.0)   # every resample is monotone
   assert effects["debias_gain"]["appeared"] is True
+  assert effects["debias_gain"]["cost"] == _interval(0.02)      # its ECE, beside it
   assert effects["finetune_id_gain"]["value"] == pytest.approx(0.2)
   assert effects["finetune_ood_change"]["appeared"] is False  # OOD went up: not the effect
-  assert effects["wise_ft_ood_gain"]["value"] == pytest.approx(0.25 - 0.23)
+  # WiSE-FT against both endpoints: the least favourable comparison is reported
+  wise = effects["wise_ft_ood_gain"]
+  assert wise["value"] == pytest.approx(0.02) and wise["appeared"]
+  assert wise["comparison"] == "WiSE-FT α=0.5 vs fine-tuned (α=1)"
   assert effects["gla_id_gain"]["value"] == pytest.approx(0.05)
   assert effects["carot_ece_change"] == {**effects["carot_ece_change"], "measured": False,
                                          "appeared": False, "value": None}
+  # a gain whose interval reaches 0 has not appeared, however large its estimate
+  effects = effects_lib.effects(_reports(debias=0.03, ood=0.06, half=0.04), TRUE_COUNTS)
+  assert effects["debias_gain"]["value"] == pytest.approx(0.03)
+  assert not effects["debias_gain"]["appeared"]
+  assert not effects["wise_ft_ood_gain"]["appeared"]   # below the fine-tuned model's OOD
   noisy = np.log(TRUE_COUNTS) + np.random.default_rng(0).normal(0, 3, 100)
-  effects = effects_lib.effects(_reports(debias=0.0, ood=-0.01, log_prior=noisy), TRUE_COUNTS)
+  effects = effects_lib.effects(_reports(debias=0.0, ood=-0.03, log_prior=noisy), TRUE_COUNTS)
   assert not effects["prior_spearman"]["appeared"]       # far below 0.9
-  assert not effects["debias_gain"]["appeared"]          # a gain must be > 0
+  low, high = effects["prior_spearman"]["interval"]["low"], effects["prior_spearman"][
+      "interval"]["high"]
+  assert low < effects["prior_spearman"]["value"] < high
+  assert not effects["debias_gain"]["appeared"]
   assert effects["finetune_ood_change"]["appeared"]
-  assert not effects_lib.effect_appeared("debias_gain", float("nan"))
+  assert not effects_lib.effect_appeared("debias_gain", _interval(float("nan")))
+  assert not effects_lib.effect_appeared("debias_gain", None)
+
+
+def test_spearman_interval_against_scipy():
+  """The percentile bootstrap over classes, recomputed with SciPy's Spearman on the same
+  resamples."""
+  from scipy import stats
+  rng = np.random.default_rng(1)
+  estimated = np.log(TRUE_COUNTS) + rng.normal(0, 1, 100)
+  got = effects_lib.spearman_interval(estimated, TRUE_COUNTS, num_samples=200, seed=3)
+  draws, resample = [], np.random.default_rng(3)
+  for _ in range(200):
+    take = resample.integers(0, 100, 100)
+    draws.append(stats.spearmanr(estimated[take], TRUE_COUNTS[take])[0])
+  assert got["estimate"] == pytest.approx(stats.spearmanr(estimated, TRUE_COUNTS)[0])
+  assert [got["low"], got["high"]] == pytest.approx(np.percentile(draws, [2.5, 97.5]))
 
 
 def test_report_states_each_effect_honestly(tmp_path):
@@ -55,8 +93,11 @@ def test_report_states_each_effect_honestly(tmp_path):
   text = open(files["markdown"]).read()
   assert "**did not appear in this world**" in text
   assert "not measured (part missing)" in text  # backdoor, absent-class, CaRot: no reports
+  assert "+5.0 [+4.0, +6.0] pp" in text and "Δ ECE ID +2.0 [+1.0, +3.0] pp" in text
   assert "glajax demo --workdir" in text and "--quick" in text
   assert "| total | 3.0 |" in text  # a timing table, not a dict
+  for effect in effects_lib.EFFECTS.values():
+    assert effect.why in text
   saved = json.load(open(files["json"]))
   assert saved["prior"]["spearman"] is None and saved["effects"]["debias_gain"]["appeared"]
   assert files["plots"] == [str(tmp_path / "prior.png")]
@@ -72,7 +113,8 @@ def test_demo_parts_are_ordinary_configs_with_checked_plans(tmp_path):
     with open(os.path.join(directory, "config.json"), "w") as f:
       json.dump({"model_type": "clip", "vision_config": {"patch_size": 8}}, f)
   configs = parts.configs(parts.SCALES["quick"], foundations)
-  assert set(configs) == {"gla", "wise_ft", "backdoor", "absent_class", "flyp", "carot"}
+  assert set(configs) == {"gla", "wise_ft", "backdoor", "absent_class", "flyp", "carot",
+                          "compose"}
   for name, config in configs.items():
     experiments.validate(config, check_files=False)
     assert config.experiment in experiments.KINDS
@@ -168,6 +210,8 @@ QUICK_THRESHOLDS = {
     "finetune_id_gain": 0.04,
     "pcv_absent_gain": 0.1,
 }
+# ... of which these appear under the report's rule (the paired interval excludes 0).
+QUICK_APPEAR = ("debias_gain", "finetune_id_gain", "pcv_absent_gain")
 
 
 @pytest.mark.slow
@@ -177,9 +221,12 @@ def test_quick_demo_shows_its_effects(tmp_path):
   effects = results["effects"]
   assert all(effect["measured"] for effect in effects.values())
   for name, threshold in QUICK_THRESHOLDS.items():
-    value = effects[name]["value"]
-    below = effects[name]["comparison"] == "<"
-    assert (value < threshold) if below else (value > threshold), (name, value)
+    assert effects[name]["value"] > threshold, (name, effects[name]["value"])
+  for name in QUICK_APPEAR:
+    assert effects[name]["appeared"], (name, effects[name]["interval"])
+  for effect in effects.values():   # the verdict is the interval's
+    interval = effect["interval"]
+    assert interval["low"] <= effect["value"] <= interval["high"]
   # The caption loss's optimum is log p(caption | image): log-prior estimates with slope ≈ 1.
   assert 0.6 < results["prior"]["slope"] < 1.4
   for name in ("report.md", "report.json", "prior.png", "wise_ft/wise_ft_curve.png",

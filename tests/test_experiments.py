@@ -205,9 +205,9 @@ def _gla_table(config):
 
 def test_published_rows_are_a_comparison_only_in_the_tables_setting():
   """GLA's few-shot table is RN50 with rn50_ep50_shot{k} and the best validation epoch: the
-  ViT-B/16 config prints it apart, naming each difference; the matching setting prints it as
-  the comparison (GLA.FS's 4-shot RN50 number, 63.31)."""
-  differing = experiments.load("gla_fewshot:imagenet2012,gla.shots=4")
+  ViT-B/16 config prints it apart, naming each difference; the default config is that setting
+  and prints it as the comparison (GLA.FS's 4-shot RN50 number, 63.31)."""
+  differing = experiments.load("gla_fewshot:imagenet2012,vit_b16,gla.shots=4")
   entry = _gla_table(differing)
   assert entry["published"] == [] and entry["published_apart"][0]["values"]["ID"] == 0.6331
   assert entry["published_differs"] == [
@@ -218,15 +218,13 @@ def test_published_rows_are_a_comparison_only_in_the_tables_setting():
   assert "| *GLA — published* |" not in text
   assert "Published in another setting, not a comparison (backbone: ours CLIP ViT-B/16" in text
   assert "| *GLA* | *63.3* |" in text
-  matching = experiments.load("gla_fewshot:imagenet2012,gla.shots=4,"
-                              "model.checkpoints=('timm/resnet50_clip.openai',),"
-                              "gla.fewshot_recipe=rn50_ep50,gla.final_model=best_val")
+  matching = experiments.load("gla_fewshot:imagenet2012,gla.shots=4")
+  assert (matching.model.checkpoints, matching.gla.fewshot_recipe, matching.gla.final_model) == (
+      ("timm/resnet50_clip.openai",), "rn50_ep50", "best_val")
   entry = _gla_table(matching)
   assert entry["published_apart"] == [] and entry["published_differs"] == []
   assert "| *GLA — published* | *63.3* |" in report.markdown_table(entry)
-  other_data = experiments.load("gla_fewshot:imagenet2012,gla.shots=4,data.test=imagenet_v2@test,"
-                                "model.checkpoints=('timm/resnet50_clip.openai',),"
-                                "gla.fewshot_recipe=rn50_ep50,gla.final_model=best_val")
+  other_data = experiments.load("gla_fewshot:imagenet2012,gla.shots=4,data.test=imagenet_v2@test")
   assert _gla_table(other_data)["published_differs"] == [
       "data.test: ours imagenet_v2, published imagenet2012"]
   wise_ft = experiments.load("wise_ft")
@@ -236,6 +234,7 @@ def test_published_rows_are_a_comparison_only_in_the_tables_setting():
 
 def test_every_published_row_a_config_names_exists():
   for spec in ("wise_ft", "wise_ft:linear", "flyp", "carot", "gla_fewshot", "gla_fewshot:dtd",
+               "gla_fewshot:vit_b16",
                "gla_fewshot:imagenet2012,gla.shots=4", "gla_imagenet",
                "backdoor", "absent_class"):
     config = experiments.load(spec)

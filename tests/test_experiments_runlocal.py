@@ -25,7 +25,8 @@ def _run(spec, tmp_path):
     assert entry["title"] in markdown
     for row in entry["rows"]:
       assert row["label"] in markdown
-      assert all(v is None or 0.0 <= v <= 1.0 for v in row["values"].values())
+      low = -1.0 if entry["effects"] else 0.0   # a difference of two fractions
+      assert all(v is None or low <= v <= 1.0 for v in row["values"].values())
   for plot in result["plots"]:
     assert (workdir / plot).stat().st_size > 1000
   for path in result["final_models"].values():

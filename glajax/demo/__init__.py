@@ -65,7 +65,8 @@ def run(workdir: str, *, quick: bool = False, seed: int = 0, scale: str | None =
   results = {"scale": name, "seed": seed, "world": world_summary(spec, SCALES[name]),
              "prior": effects_lib.prior_fit(reports["gla"]["results"]["log_prior"], true_counts)
              if "gla" in reports else {},
-             "effects": effects_lib.effects(reports, true_counts), "timings_s": timings,
+             "effects": effects_lib.effects(reports, true_counts, workdir),
+             "timings_s": timings,
              "parts": {p: os.path.join(workdir, p, "report.md") for p in reports}}
   results["files"] = report.write(workdir, results, reports, true_counts, quick=name == "quick")
   return results

@@ -12,6 +12,8 @@ backdoor       backdoor      logit-adjusted loss against CE on the long tail; Σ
                              foundation models
 absent_class   absent_class  ALG and PCV γ after fine-tuning on half of the classes
 flyp, carot    contrastive   CaRot against FLYP, ECE under shift
+compose        compose       fine-tuning and CaRot, then WiSE-FT α, temperature and GLA, each
+                             fitted on training-side data
 =============  ============  ==================================================================
 
 The scale (``full``, ``quick``, ``tiny``) sets the world's size and the step counts: a demo's
@@ -19,6 +21,7 @@ models are small and its learning rates larger than the papers'.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import ml_collections
@@ -122,4 +125,29 @@ def configs(scale: Scale, foundations, seed: int = 0, progress: bool = True
     part.train.carot.teacher.every = max(1, scale.contrastive_steps // 10)
     part.contrastive = dict(ece_bins=10, ece_per_batch=0)
     parts[recipe] = part
+  parts["compose"] = _compose(parts, scale)
   return parts
+
+
+# The compose part's recipes: their fine-tuning runs are the wise_ft and carot parts' (the same
+# configs, so reused from the cache), its α grid every other α of wise_ft's (those logits too);
+# α, T and the prior are fitted on the validation split and the training rows.
+COMPOSE_RECIPES = ("finetune", "carot")
+
+
+def _compose_alphas(alphas) -> tuple[float, ...]:
+  return tuple(alphas) if len(alphas) <= 5 else tuple(alphas[::2])
+
+
+def _compose(parts: dict, scale: Scale) -> ml_collections.ConfigDict:
+  config = C.base("compose")
+  base = parts["wise_ft"]
+  for key in ("seed", "progress", "model", "data", "config_spec"):
+    config[key] = copy.deepcopy(base[key])
+  config.config_spec = "demo part compose (finetune, carot)"
+  config.recipes = {"finetune": copy.deepcopy(base.train),
+                    "carot": copy.deepcopy(parts["carot"].train)}
+  config.compose = dict(recipes=COMPOSE_RECIPES, stages=("wise_ft", "temperature", "gla"),
+                        alphas=_compose_alphas(scale.wise_alphas),
+                        num_seen=0, ece_bins=15, oracle=False)
+  return config

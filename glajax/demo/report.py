@@ -8,6 +8,7 @@ import os
 import numpy as np
 
 from glajax import io
+from glajax.demo import effects as effects_lib
 from glajax.experiments import report as experiment_report
 
 COMMAND = "glajax demo --workdir {workdir}{quick}"
@@ -18,31 +19,49 @@ COMMAND = "glajax demo --workdir {workdir}{quick}"
 _UNITLESS = ("prior_spearman",)
 
 
-def _format(name: str, value) -> str:
-  """A difference of accuracies (or ECEs) in percentage points; a correlation as is."""
-  if value is None:
+def _format(name: str, interval) -> str:
+  """An estimate with its 95 % interval: differences in percentage points, a correlation as
+  is."""
+  if interval is None or interval.get("estimate") is None:
     return "not measured"
-  return f"{value:.3f}" if name in _UNITLESS else f"{100 * value:+.1f} pp"
+  unitless = name in _UNITLESS
+  show = (lambda v: f"{v:.3f}") if unitless else (lambda v: f"{100 * v:+.1f}")  # noqa
+  text = show(interval["estimate"])
+  if interval.get("low") is not None and interval.get("high") is not None:
+    text += f" [{show(interval['low'])}, {show(interval['high'])}]"
+  return text + ("" if unitless else " pp")
 
 
-def _threshold(name: str, effect: dict) -> str:
-  threshold = effect["threshold"]
-  return f"{effect['comparison']} " + (f"{threshold:g}" if name in _UNITLESS
-                                        else f"{100 * threshold:g} pp")
+def _rule(name: str) -> str:
+  if name in _UNITLESS:
+    return f"ρ ≥ {effects_lib.SPEARMAN_MIN:g}, interval > 0"
+  return "interval > 0" if effects_lib.EFFECTS[name].sign > 0 else "interval < 0"
 
 
 def effects_table(effects: dict) -> str:
-  """A Markdown table: effect, value (differences in percentage points), threshold, whether it
-  appeared in this world."""
-  lines = ["| effect | value | threshold | appeared |", "|---|---:|---|---|"]
+  """A Markdown table: effect, the comparison it reads, its estimate with the 95 % paired
+  bootstrap interval (differences in percentage points), the rule, whether it appeared, and
+  its cost (the other metric the same comparison moves, with its interval)."""
+  lines = ["| effect | comparison | estimate [95 % interval] | rule | appeared | cost |",
+           "|---|---|---:|---|---|---|"]
   for name, effect in effects.items():
     if not effect["measured"]:
       verdict = "not measured (part missing)"
     else:
       verdict = "yes" if effect["appeared"] else "**did not appear in this world**"
-    lines.append(f"| {effect['description']} | {_format(name, effect['value'])} | "
-                 f"{_threshold(name, effect)} | {verdict} |")
+    cost = effect.get("cost")
+    cost_text = ("–" if cost is None else
+                 f"{effect['cost_column']} {_format('', cost)}")
+    lines.append(f"| {effect['description']} | {effect.get('comparison') or '–'} | "
+                 f"{_format(name, effect.get('interval'))} | {_rule(name)} | {verdict} | "
+                 f"{cost_text} |")
   return "\n".join(lines)
+
+
+def why_list(effects: dict) -> str:
+  """One line per effect: the mechanism the world builds in that produces it."""
+  return "\n".join(f"- **{e['description']}**: {e['why']}." for e in effects.values()
+                   if e.get("why"))
 
 
 def timings_table(timings: dict) -> str:
@@ -58,15 +77,15 @@ def markdown(results: dict, reports: dict, command: str) -> str:
       "The world is procedural (coloured shapes × domains, "
       f"{results.get('world', {}).get('classes', '?')} classes); every part is an ordinary "
       "`glajax run` config run by the same runner, with its own report. Accuracies and ECE are "
-      "in percent, their differences in the effects table in percentage points (pp). An effect "
-      "that did not appear is reported as such, not tuned away.", "",
-      "## Effects", "", effects_table(results.get("effects", {})), ""]
+      "in percent, their differences in the effects table in percentage points (pp), each "
+      "with its 95 % paired bootstrap interval over the same test rows. An effect appears only "
+      "when its interval excludes 0 on the claimed side; one that did not is reported as such, "
+      "not tuned away. The cost is what the same comparison does to the other metric.", "",
+      "## Effects", "", effects_table(results.get("effects", {})), "",
+      "Why this world produces each effect:", "", why_list(results.get("effects", {})), ""]
   test_size = results.get("world", {}).get("splits", {}).get("test_photo")
   if test_size:
-    parts += [f"Each test split holds {test_size} images (balanced over the classes): an "
-              f"accuracy difference below about √(0.5/{test_size}) = "
-              f"{100 * (0.5 / test_size) ** 0.5:.1f} pp is within one standard error of sampling "
-              "noise between two classifiers, so a small 'yes' is weak evidence.", ""]
+    parts += [f"Each test split holds {test_size} images (balanced over the classes).", ""]
   prior = results.get("prior", {})
   if "slope" in prior:
     parts += ["The foundation models are pre-trained with CLIP's image→text loss over every "

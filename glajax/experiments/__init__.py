@@ -7,8 +7,10 @@ and fine-tunes through caches (so a second run resumes) and writes the report.
 """
 from __future__ import annotations
 
+import copy
 import os
 
+from glajax.errors import ConfigError, bad_argument
 from glajax.experiments import config as config_lib
 from glajax.experiments import kinds, report, roles, runner
 from glajax.experiments.config import flat_keys, load
@@ -16,7 +18,7 @@ from glajax.experiments.kinds import KINDS
 from glajax.experiments.runner import tiny_checkpoint
 
 __all__ = ["load", "validate", "plan", "fingerprint", "flat_keys", "tiny_checkpoint", "run",
-           "main", "KINDS"]
+           "run_seeds", "main", "KINDS"]
 
 
 def plan(config) -> list[roles.Use]:
@@ -58,10 +60,55 @@ def run(config, workdir: str, cache_dir: str | None = None) -> dict:
     return report.write(experiment, outcome, fingerprint(config))
 
 
+def parse_seeds(text) -> tuple[int, ...]:
+  """``"0,1,2"`` (or a sequence of ints) -> (0, 1, 2): distinct seeds the config accepts."""
+  items = text.split(",") if isinstance(text, str) else list(text)
+  try:
+    seeds = tuple(int(str(s).strip()) for s in items)
+  except ValueError:
+    seeds = ()
+  if not seeds or len(set(seeds)) != len(seeds) or any(not 0 <= s < 2**31 for s in seeds):
+    raise bad_argument("--seeds", "distinct integers in [0, 2**31) separated by commas, e.g. "
+                       "0,1,2", repr(text), ConfigError)
+  return seeds
+
+
+def run_seeds(config, workdir: str, seeds) -> dict:
+  """Runs ``config`` once per seed (``config.seed`` set to each) into ``workdir/seed_<s>``,
+  sharing one cache in ``workdir`` (prepared data, and whatever does not depend on the seed),
+  then writes ``report.md`` / ``report.json`` over the seeds (``report.combine_seeds``: each
+  cell's mean ± sd beside the seeds' bootstrap intervals); returns that report. Every seed's
+  config is checked before any work."""
+  if isinstance(config, str):
+    config = load(config)
+  seeds = parse_seeds(seeds)
+  configs = {}
+  for seed in seeds:
+    configs[seed] = copy.deepcopy(config)
+    configs[seed].seed = seed
+    validate(configs[seed], check_files=True)
+  anchor = copy.deepcopy(config)
+  anchor.seed = 0
+  workdir = runner.claim_workdir(config, workdir, f"seeds {','.join(map(str, seeds))} of "
+                                 f"{fingerprint(anchor)}")
+  reports = {seed: run(configs[seed], os.path.join(workdir, f"seed_{seed}"), cache_dir=workdir)
+             for seed in seeds}
+  command = (f"glajax run {config.get('config_spec', '<config>')} --seeds "
+             f"{','.join(map(str, seeds))} --workdir {workdir}")
+  combined = report.combine_seeds(reports, command)
+  report.write_seeds(workdir, combined)
+  return combined
+
+
 def main(args) -> int:
   """The ``glajax run`` command: ``args.config`` and ``args.workdir``; prints where things went
   (``glajax.cli`` turns errors and Ctrl-C into one line)."""
   workdir = os.path.abspath(args.workdir)
+  if getattr(args, "seeds", None):
+    combined = run_seeds(args.config, args.workdir, args.seeds)
+    print(f"Report:  {os.path.join(workdir, 'report.md')} (over seeds "
+          f"{', '.join(map(str, combined['seeds']))}; each seed's in seed_<s>/)")
+    return 0
   result = run(args.config, args.workdir)
   print(f"Report:  {os.path.join(workdir, 'report.md')} (numbers in report.json)")
   for plot in result["plots"]:

@@ -581,3 +581,102 @@ def write(exp, outcome, fingerprint: str) -> dict:
     io.write_text(exp.path("report.md"), markdown(report))
   parallel.barrier("glajax report")
   return report
+
+
+# ----------------------------------------------------------------------------------- seeds
+
+
+def seed_table(entries: Sequence[dict], seeds: Sequence[int]) -> dict:
+  """One table over seeds from each seed's same table (rows and columns in the same order):
+  each cell's mean and sample standard deviation over the seeds, the mean half-width of the
+  seeds' 95 % bootstrap intervals (the test rows' sampling noise, beside the seeds'), and for
+  differences how many seeds' intervals exclude 0 on the side of the mean.
+
+    mean = Σ_s v_s / n,  sd = √(Σ_s (v_s − mean)² / (n − 1)),  half = Σ_s (high_s − low_s) / 2n
+  """
+  first = entries[0]
+  rows = []
+  for i, row in enumerate(first["rows"]):
+    cells = {}
+    for c in first["columns"]:
+      values = [e["rows"][i]["values"].get(c) for e in entries]
+      if any(v is None for v in values):
+        cells[c] = None
+        continue
+      values = np.asarray(values, np.float64)
+      intervals = [e["rows"][i].get("intervals", {}).get(c) for e in entries]
+      cell = {"mean": float(values.mean()),
+              "sd": float(values.std(ddof=1)) if len(values) > 1 else None,
+              "values": values.tolist()}
+      if all(iv is not None and None not in iv for iv in intervals):
+        cell["half_width"] = float(np.mean([(hi - lo) / 2 for lo, hi in intervals]))
+        side = np.sign(cell["mean"])
+        cell["excludes_zero"] = int(sum((lo > 0) if side > 0 else (hi < 0)
+                                        for lo, hi in intervals))
+      cells[c] = cell
+    rows.append({"label": row["label"], "labels": [e["rows"][i]["label"] for e in entries],
+                 "cells": cells})
+  return {"title": first["title"], "columns": first["columns"],
+          "headers": first.get("headers") or first["columns"],
+          "effects": bool(first.get("effects")), "seeds": list(seeds), "rows": rows}
+
+
+def _seed_cell(cell, signed: bool, n: int) -> str:
+  """mean ± sd (bootstrap ±half) in percent; differences with k/n seeds whose interval
+  excludes 0."""
+  if cell is None:
+    return "–"
+  show = (lambda v: f"{100 * v:+.1f}") if signed else (lambda v: f"{100 * v:.1f}")  # noqa
+  text = show(cell["mean"]) + (f" ± {100 * cell['sd']:.1f}" if cell["sd"] is not None else "")
+  if "half_width" in cell:
+    text += f" (±{100 * cell['half_width']:.1f})"
+  if signed and "excludes_zero" in cell:
+    text += f" {cell['excludes_zero']}/{n}"
+  return text
+
+
+def seed_markdown(combined: dict) -> str:
+  """``report.md`` of a run over seeds: each table's cells as mean ± sd over the seeds."""
+  seeds = combined["seeds"]
+  lines = [f"# {combined['experiment']} over seeds {', '.join(map(str, seeds))}", "",
+           f"Produced by `{combined['command']}`. Each seed's own report: "
+           + ", ".join(f"[seed {s}](seed_{s}/report.md)" for s in seeds) + ".", "",
+           f"A cell is the mean ± standard deviation over the {len(seeds)} seeds (fine-tuning, "
+           "data order and every seeded choice redrawn), in percent; in parentheses the mean "
+           "half-width of the seeds' 95 % bootstrap intervals over the test rows. A difference "
+           "also says in how many seeds its paired interval excludes 0 on the side of the "
+           "mean. Row labels are seed "
+           f"{seeds[0]}'s (fitted values in them differ by seed).", ""]
+  for table in combined["tables"]:
+    signed, n = table["effects"], len(seeds)
+    lines += [f"### {table['title']}", "", "| | " + " | ".join(table["headers"]) + " |",
+              "|---" * (len(table["columns"]) + 1) + "|"]
+    lines += [f"| {row['label']} | " + " | ".join(
+        _seed_cell(row["cells"][c], signed, n) for c in table["columns"]) + " |"
+        for row in table["rows"]]
+    lines.append("")
+  return "\n".join(lines) + "\n"
+
+
+def combine_seeds(reports: Mapping[int, dict], command: str) -> dict:
+  """The report over seeds of each seed's report (same config but the seed): every table
+  whose shape agrees across seeds, by :func:`seed_table`."""
+  seeds = list(reports)
+  firsts = reports[seeds[0]]
+  tables = []
+  for i, entry in enumerate(firsts["tables"]):
+    same = [reports[s]["tables"][i] for s in seeds if i < len(reports[s]["tables"])]
+    if len(same) == len(seeds) and all(
+        t["columns"] == entry["columns"] and len(t["rows"]) == len(entry["rows"]) for t in same):
+      tables.append(seed_table(same, seeds))
+  return {"experiment": firsts["experiment"], "command": command, "seeds": seeds,
+          "runs": {str(s): f"seed_{s}" for s in seeds}, "tables": tables}
+
+
+def write_seeds(workdir: str, combined: dict) -> None:
+  """``report.json`` and ``report.md`` of a run over seeds into ``workdir``."""
+  if parallel.is_primary():
+    io.write_json(os.path.join(workdir, "report.json"), io.finite_or_none(combined),
+                  allow_nan=False)
+    io.write_text(os.path.join(workdir, "report.md"), seed_markdown(combined))
+  parallel.barrier("glajax seeds report")

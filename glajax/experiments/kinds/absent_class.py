@@ -25,6 +25,7 @@ FIELDS = {"absent_class.num_seen": Field("int", 1), "absent_class.split_seed": F
           "absent_class.pcv_holdout": Field("positive", 0, 0.99)}
 ACCURACY_LABELS = {"acc_y_y": "Acc_{Y/Y}", "acc_s_y": "Acc_{S/Y}", "acc_u_y": "Acc_{U/Y}",
                    "acc_s_s": "Acc_{S/S}", "acc_u_u": "Acc_{U/U}", "ausuc": "AUSUC"}
+EFFECT_KEYS = ("acc_y_y", "acc_s_y", "acc_u_y")   # γ's claim (U/Y) and its cost (S/Y)
 
 
 def _pool_and_tests(config):
@@ -132,7 +133,17 @@ def run(exp) -> dict:
     name = f"fine-tuned + {method} γ ({gamma:.2f}{note})"
     variants[name] = M.apply_gamma(ft_logits, absent, gamma)
     marks[name] = f"{method} γ = {gamma:.2f}" + (" (on test)" if note else "")
-  rows, results, curves, points = _rows(common.Evidence(exp), variants, labels, absent, marks)
+  evidence = common.Evidence(exp)
+  rows, results, curves, points = _rows(evidence, variants, labels, absent, marks)
+  tuned = [name for name in variants if name.startswith("fine-tuned + ")]
+  effects_table, effects = common.effects_outcome(
+      "γ against the fine-tuned model: paired differences (95 % intervals on the same test "
+      "rows)", [f"Δ {ACCURACY_LABELS[k]}" for k in EFFECT_KEYS],
+      [(f"{name} vs fine-tuned", {
+          f"Δ {ACCURACY_LABELS[k]}": evidence.paired(ft_logits, variants[name], labels, "subset",
+                                                     classes)
+          for k, classes in (("acc_y_y", np.ones_like(absent)), ("acc_s_y", seen),
+                             ("acc_u_y", absent))}) for name in tuned])
   title = (f"Absent-class calibration on {use.ref.dataset} ({int(seen.sum())} seen / "
            f"{int(absent.sum())} absent classes, {config.train.recipe})")
   return common.Outcome(
@@ -140,7 +151,7 @@ def run(exp) -> dict:
                "gamma_oracle": gamma_oracle, "seen_classes": np.flatnonzero(seen).tolist(),
                "pcv_seeds": list(options.pcv_seeds),
                "pcv_pseudo_absent_classes": pseudo_absent_classes,
-               "recipe": config.train.recipe},
+               "recipe": config.train.recipe, "effects": effects},
       tables=[report.table(title, list(ACCURACY_LABELS), rows, config.published,
-                           ACCURACY_LABELS)],
+                           ACCURACY_LABELS), effects_table],
       plots={"ausuc.png": report.AusucPlot(curves, points)})

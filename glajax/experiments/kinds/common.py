@@ -14,7 +14,7 @@ import numpy as np
 from glajax import methods as M
 from glajax.data import registry as data_registry
 from glajax.errors import ConfigError, bad_argument
-from glajax.experiments import roles
+from glajax.experiments import report, roles
 from glajax.models import heads, registry
 from glajax.train import recipes
 
@@ -229,8 +229,10 @@ class Evidence:
   differences between two rows with paired intervals (``methods.uncertainty``); resamples drawn
   from one key per experiment seed, so a rerun gives the same intervals."""
 
-  def __init__(self, exp, bins: int = 15, num_samples: int = M.uncertainty.DEFAULT_SAMPLES):
-    self.key = jax.random.PRNGKey(int(exp.config.seed))
+  def __init__(self, exp, bins: int = 15, num_samples: int = M.uncertainty.DEFAULT_SAMPLES, *,
+               seed: int | None = None):
+    """``exp``: the experiment whose seed keys the resamples (None: ``seed``)."""
+    self.key = jax.random.PRNGKey(int(exp.config.seed if exp is not None else seed))
     self.bins, self.num_samples = int(bins), int(num_samples)
 
   def interval(self, statistic, *groups) -> M.Interval:
@@ -269,6 +271,16 @@ class Evidence:
       out["Acc_{U/Y}"] = self.of(logits, labels, "subset", ~np.asarray(seen))
     return out
 
+  def paired(self, before, after, labels, metric: str = "accuracy", classes=None
+             ) -> M.Interval:
+    """after − before of ``metric`` (see :class:`MeanOver`) on one test set, both sets of
+    logits of the same rows ``labels``: a paired bootstrap (each resample draws the same rows
+    for both)."""
+    mask = () if classes is None else tuple(bool(c) for c in np.asarray(classes))
+    return self.interval(MeanOver(metric, self.bins, paired=True, classes=mask),
+                         {"before": M.row_summaries(before, labels),
+                          "after": M.row_summaries(after, labels)})
+
   def effects(self, before: dict, after: dict, tests: list[roles.Use]) -> dict:
     """{Δ column: Interval} of after − before on the ID test set and the mean over the shifts,
     accuracy and ECE, each a paired bootstrap on the same rows."""
@@ -282,3 +294,9 @@ class Evidence:
       if shift_pairs:
         out[prefix + "avg shifts"] = self.interval(statistic, *shift_pairs)
     return out
+
+
+def effects_outcome(title: str, columns, effects) -> tuple[dict, dict]:
+  """(table, results) of paired differences ``effects``: (label "after vs before",
+  {Δ column: Interval}) pairs; an interval that excludes 0 is an effect that appears."""
+  return report.table(title, columns, effects, effects=True), intervals_json(effects)

@@ -61,6 +61,11 @@ def run(exp) -> dict:
   bins, per_batch = int(options.ece_bins), options.get("ece_per_batch")
   evidence = common.Evidence(exp, bins)
   rows = [(name, _row(logits, tests, evidence, per_batch)) for name, logits in outputs.items()]
+  trained_name = DISPLAY.get(recipe, recipe)
+  effects_table, effects = common.effects_outcome(
+      f"{trained_name}: paired differences (95 % intervals on the same test rows)",
+      common.EFFECT_COLUMNS, [(f"{trained_name} vs zero-shot", evidence.effects(
+          outputs["zero-shot"], outputs[trained_name], tests))])
   accuracy_columns = common.columns(tests)
   columns = accuracy_columns + [f"ECE {c}" for c in accuracy_columns]
   if per_batch:
@@ -71,7 +76,8 @@ def run(exp) -> dict:
            + (f"; batch ECE over batches of {per_batch}" if per_batch else "") + ") under shift")
   return common.Outcome(
       results={"metrics": {name: common.estimates(row) for name, row in rows},
-               "recipe": recipe, "trained": DISPLAY.get(recipe, recipe),
+               "recipe": recipe, "trained": trained_name, "effects": effects,
+               "logits_tags": {"zero-shot": zs_tag, trained_name: run_name},
                "recipe_values": {"carot": config.train.carot.to_dict()}},
-      tables=[report.table(title, columns, rows, config.published)],
+      tables=[report.table(title, columns, rows, config.published), effects_table],
       plots={"reliability.png": report.Reliability(panels, bins)})

@@ -169,11 +169,17 @@ def _variants(zs, ft, log_prior, zs_temperature, ft_temperature, ft_log_prior):
   }
 
 
+# The paired differences GLA's paper claims: debiasing the zero-shot model, and the ensemble
+# against the fine-tuned model (after, before).
+EFFECTS = (("debiased zero-shot", "zero-shot"), ("GLA", "fine-tuned"))
+
+
 def _rows(exp, zs, ft, fitted: dict, counts):
-  """(rows, results) of the four variants on the test sets, with the group accuracies."""
+  """(rows, results, outputs) of the four variants on the test sets, with the group
+  accuracies; ``outputs``: variant -> purpose -> (logits, labels)."""
   tests, long_tail = exp.tests(), exp.config.gla.long_tail
   log_prior = fitted["prior"][0]
-  rows, results = [], {}
+  rows, results, outputs = [], {}, {}
   evidence = common.Evidence(exp)
   # long tail: mean per-class accuracy over the count groups; else GLA's thirds by the prior,
   # over their samples (``M.group_accuracy`` / ``M.group_accuracy_by_prior``)
@@ -181,14 +187,15 @@ def _rows(exp, zs, ft, fitted: dict, counts):
                     else (M.prior_groups(log_prior), "subset"))
   for name, logits_of in _variants(zs, ft, log_prior, fitted["prior"][1], fitted["ft_temperature"],
                                    fitted["prior"][2]).items():
-    test_logits, labels = logits_of(tests[0].purpose), zs[tests[0].purpose][1]
+    outputs[name] = {u.purpose: (np.asarray(logits_of(u.purpose)), zs[u.purpose][1])
+                     for u in tests}
+    test_logits, labels = outputs[name][tests[0].purpose]
     row = {k: evidence.of(test_logits, labels, metric, mask) for k, mask in groups.items()
            if k != "all"}
-    row.update(evidence.cells({u.purpose: (logits_of(u.purpose), zs[u.purpose][1])
-                               for u in tests}, tests))
+    row.update(evidence.cells(outputs[name], tests))
     rows.append((name, row))
     results[name] = common.estimates(row)
-  return rows, results
+  return rows, results, outputs
 
 
 def _selection_record(fitted: dict):
@@ -217,7 +224,13 @@ def run(exp) -> dict:
     fitted["ft_temperature"] = float(M.match_confidence_temperature(
         *exp.arrays(exp.use("validation"), tags["ft"], lambda: models.ft), tol=1.0))
   zs = exp.logits(tags["zs"], lambda: models.zs, tests)
-  rows, results = _rows(exp, zs, exp.logits(tags["ft"], lambda: models.ft, tests), fitted, counts)
+  rows, results, outputs = _rows(exp, zs, exp.logits(tags["ft"], lambda: models.ft, tests),
+                                 fitted, counts)
+  evidence = common.Evidence(exp)
+  effects_table, effects = common.effects_outcome(
+      "GLA: paired differences (95 % intervals on the same test rows)", common.EFFECT_COLUMNS,
+      [(f"{after} vs {before}", evidence.effects(outputs[before], outputs[after], tests))
+       for after, before in EFFECTS])
   group_names = ["many", "medium", "few"] if options.long_tail else ["head", "medium", "tail"]
   columns = common.columns(tests)
   columns = columns[:1] + group_names + columns[1:]
@@ -228,8 +241,8 @@ def run(exp) -> dict:
                "prior_residual": float(info["residual"]),
                "zs_temperature": fitted["prior"][1], "ft_temperature": fitted["ft_temperature"],
                "train_counts": counts.tolist(), "recipe": config.train.recipe,
-               "best_val": _selection_record(fitted)},
+               "best_val": _selection_record(fitted), "effects": effects},
       tables=[report.table(title, columns, rows, config.published,
-                           context={"shots": options.shots})],
+                           context={"shots": options.shots}), effects_table],
       plots={"prior.png": report.PriorPlot(np.asarray(log_prior), counts)},
       train_as_run=train.to_dict())
