@@ -98,5 +98,6 @@ def run(exp) -> dict:
                "recipe": config.train.recipe},
       tables=[report.table(title, ["all", "many", "medium", "few"], rows, config.published,
                            {"all": "ID (all classes)"})],
+      accuracies={name: row["all"] for name, row in rows},
       plots={"train_counts.png": report.PriorPlot(
           np.log(counts / counts.sum()), None, label="log training label frequency")})

@@ -74,4 +74,5 @@ def run(exp) -> dict:
                "recipe": recipe, "trained": DISPLAY.get(recipe, recipe),
                "recipe_values": {"carot": config.train.carot.to_dict()}},
       tables=[report.table(title, columns, rows, config.published)],
+      accuracies={name: row[common.ID] for name, row in rows},
       plots={"reliability.png": report.Reliability(panels, bins)})
