@@ -134,9 +134,8 @@ def prior_check(log_prior, temperature: float, residual: float | None,
   log_prior = np.asarray(log_prior, np.float64)
   prior = np.exp(log_prior - log_prior.max())
   prior /= prior.sum()
-  num = prior.shape[0]
-  entropy = float(-np.sum(prior * np.log(np.maximum(prior, 1e-300))) / np.log(num)) if num > 1 \
-      else 1.0
+  plogp = prior * np.log(np.maximum(prior, np.finfo(np.float64).tiny))
+  entropy = float(-np.sum(plogp) / np.log(prior.shape[0])) if prior.shape[0] > 1 else 1.0
   low, high = priors.TEMPERATURE_RANGE
   at_bound = bool(searched and (temperature <= low or temperature >= high))
   summary = {"temperature": float(temperature), "temperature_searched": bool(searched),
