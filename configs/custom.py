@@ -24,7 +24,8 @@ def get_config(arg=None):
   args = C.parse_arg(arg, ("runlocal",))
   config = C.base("own_data")
   config.data.folder = ""   # required unless runlocal: sets data.train and data.test
-  config.data.update(train="", test="", shifts=())
+  # the checkpoint's own image size (config.json's vision_config.image_size), unless given
+  config.data.update(train="", test="", shifts=(), image_size=None)
   # WiSE-FT's end-to-end recipe (AdamW, wd 0.1, cosine, grad clip 1) at a batch size a single
   # GPU holds, its learning rate scaled with the batch (3e-5 at 512), one epoch of warmup (the
   # recipe's 500 steps exceed a small dataset's whole run).

@@ -12,7 +12,7 @@ from glajax import experiments
 from glajax.data import builders, registry
 from glajax.errors import ConfigError, DatasetError
 from glajax.experiments import config as C
-from glajax.experiments import roles
+from glajax.experiments import roles, runner
 
 CLASSES = {"red_things": (200, 30, 30), "green_things": (30, 180, 40),
            "blue_things": (30, 40, 210)}
@@ -101,6 +101,13 @@ def test_own_data_end_to_end(tmp_path):
   assert (export / "preprocessor_config.json").is_file()
   markdown = (workdir / "report.md").read_text()
   assert "own_data.test_fraction" in markdown and "holdout(0.2, 0) part 1" in markdown
+  # a random tiny model: the report opens with that and with its accuracies at chance (1/3)
+  lines = markdown.splitlines()
+  assert lines[2].startswith("> **Warning:** the model is random: `tiny:0`")
+  assert lines[4].startswith("> **Warning:** test accuracy within noise of chance (1/3 = 33.3 %")
+  checks = [w["check"] for w in result["warnings"]]
+  assert checks[:2] == ["random_model", "chance"]
+  assert "GLA prior (gla): T = " in markdown and "normalised entropy" in markdown
 
 
 def test_full_custom_config_and_runlocal_without_a_folder(tmp_path):
@@ -108,8 +115,23 @@ def test_full_custom_config_and_runlocal_without_a_folder(tmp_path):
   config = experiments.load(f"custom:data.folder={root}")
   experiments.validate(config, check_files=False)
   assert config.model.checkpoints == ("openai/clip-vit-base-patch16",)
-  assert config.data.image_size == 224 and config.train.model.dtype == "bfloat16"
+  assert config.data.image_size is None and config.train.model.dtype == "bfloat16"
   assert config.train.total_steps == -1 and config.train.optimizer.warmup_epochs == 1
   # runlocal alone runs on the demo's tiny world (its own test split): nothing held out
   uses = roles.by_purpose(experiments.validate(experiments.load("custom:runlocal")))
   assert uses["test"].ref.spec == "demo_shapes_tiny@test_photo"
+
+
+def test_image_size_from_the_checkpoint_and_a_mismatch_refused_before_any_work(tmp_path):
+  root = _folder(tmp_path / "images", per_class=2)
+  checkpoint = runner.tiny_checkpoint(str(tmp_path / "model"), image_size=48)
+  config = C.load(f"configs/custom.py:data.folder={root},model.checkpoints=('{checkpoint}',)")
+  assert config.data.image_size is None
+  experiments.validate(config)
+  assert C.with_image_size(config).data.image_size == 48 and config.data.image_size is None
+  workdir = tmp_path / "run"
+  with pytest.raises(ConfigError, match=r"data.image_size: expected .*own image size 48.*"
+                                        r"found 32"):
+    experiments.run(f"configs/custom.py:data.folder={root},model.checkpoints=('{checkpoint}',),"
+                    "data.image_size=32", str(workdir))
+  assert not workdir.exists() and sorted(os.listdir(tmp_path)) == ["images", "model"]

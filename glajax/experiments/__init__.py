@@ -1,9 +1,10 @@
 """``glajax run``: experiment configs -> runs -> reports.
 
-``run(config, workdir)`` checks the whole config (values, datasets, checkpoints) and its kind's
-data plan (no fitted array may share a row with a test set) before anything is written, claims
-the work directory (``experiment.json`` with the config's fingerprint) under a lock, evaluates
-and fine-tunes through caches (so a second run resumes) and writes the report.
+``run(config, workdir)`` checks the whole config (values, datasets, checkpoints; an unset
+``data.image_size`` taken from the checkpoint) and its kind's data plan (no fitted array may
+share a row with a test set) before anything is written, claims the work directory
+(``experiment.json`` with the config's fingerprint) under a lock, evaluates and fine-tunes
+through caches (so a second run resumes) and writes the report.
 """
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ def validate(config, check_files: bool = True) -> list[roles.Use]:
   uses = plan(config)
   if check_files:  # directories, prepared datasets, checkpoints: last, a hub id may need the net
     config_lib.validate(config, kind, check_files=True)
+    config_lib.with_image_size(config)  # an unset image size the checkpoint states
   return uses
 
 
@@ -52,6 +54,7 @@ def run(config, workdir: str, cache_dir: str | None = None) -> dict:
   if isinstance(config, str):
     config = load(config)
   uses = validate(config, check_files=True)
+  config = config_lib.with_image_size(config)
   workdir = runner.claim_workdir(config, workdir, fingerprint(config))
   with runner.WorkdirLock(workdir):
     kind = kinds.get(config.experiment)

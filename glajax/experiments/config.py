@@ -29,6 +29,7 @@ import ml_collections
 from glajax import schema
 from glajax.data import builders, registry, world
 from glajax.errors import CheckpointError, ConfigError, DatasetError, bad_argument
+from glajax.models import checkpoints as model_checkpoints
 from glajax.models import registry as models
 from glajax.schema import Field
 from glajax.train import recipes
@@ -260,6 +261,54 @@ def _local_vision_sizes(path: Path):
     return None, None  # the family's loader reports a broken checkpoint, naming it
 
 
+def _check_own_size(checkpoint: str, image_size, own_size) -> None:
+  """An explicit ``data.image_size`` is the checkpoint's own (its position embeddings' grid)."""
+  if image_size is not None and own_size and image_size != own_size:
+    raise bad_argument("data.image_size", f"{checkpoint}'s own image size {own_size} (its "
+                       "position embeddings are for that grid; leave data.image_size unset, "
+                       "or None, to take it from the checkpoint)", repr(image_size), ConfigError)
+
+
+def _hub_vision_sizes(checkpoint: str):
+  """(patch size, image size) of a hub checkpoint's ``config.json`` (fetched, or from the hub
+  cache offline), or Nones."""
+  try:
+    return _local_vision_sizes(Path(model_checkpoints.resolve_checkpoint(
+        checkpoint, allow_patterns=["*.json"])))
+  except CheckpointError:
+    return None, None  # models.locate names the missing checkpoint
+
+
+def checkpoint_image_size(checkpoint: str, check_files: bool = True) -> int | None:
+  """A checkpoint's own image size: its ``config.json``'s ``vision_config.image_size`` (a
+  local directory, or a hub id's when ``check_files``), ``TINY_IMAGE_SIZE`` for a random tiny
+  model, else None (the format does not say)."""
+  if is_tiny(checkpoint):
+    return TINY_IMAGE_SIZE
+  path = Path(checkpoint).expanduser()
+  if path.is_dir():
+    return _local_vision_sizes(path)[1]
+  if check_files and _HUB_ID.fullmatch(checkpoint):
+    return _hub_vision_sizes(checkpoint)[1]
+  return None
+
+
+def with_image_size(config):
+  """``config`` itself when ``data.image_size`` is set, else a copy with the image size of
+  ``model.checkpoints[0]`` (:func:`checkpoint_image_size`); a ConfigError naming
+  ``data.image_size`` when the checkpoint does not state one."""
+  if config.data.get("image_size") is not None:
+    return config
+  checkpoint = checkpoints_of(config)[0] if checkpoints_of(config) else None
+  size = checkpoint_image_size(checkpoint) if isinstance(checkpoint, str) else None
+  if size is None:
+    raise bad_argument("data.image_size", f"the image size in pixels (the checkpoint "
+                       f"{checkpoint!r} does not state its own)", "none given", ConfigError)
+  config = config.copy_and_resolve_references()
+  config.data.image_size = int(size)
+  return config
+
+
 def _check_checkpoint(checkpoint: str, check_files: bool, image_size: int = 0) -> None:
   tiny = " or ".join(f"'{n}[:SEED]'" for n in models.tiny_names())
   if not isinstance(checkpoint, str) or not checkpoint:
@@ -270,7 +319,8 @@ def _check_checkpoint(checkpoint: str, check_files: bool, image_size: int = 0) -
     if name not in models.tiny_names() or (colon and not seed.isdigit()):
       raise bad_argument("model.checkpoints", f"{tiny} with an integer seed", repr(checkpoint),
                          ConfigError)
-    _check_patch_size(checkpoint, 8, image_size)  # the tiny models' patch (or stem) stride
+    if image_size is not None:
+      _check_patch_size(checkpoint, 8, image_size)  # the tiny models' patch (or stem) stride
     return
   path = Path(checkpoint).expanduser()
   looks_local = checkpoint.startswith((".", "/", "~")) or path.exists()
@@ -284,10 +334,13 @@ def _check_checkpoint(checkpoint: str, check_files: bool, image_size: int = 0) -
       raise bad_argument("model.checkpoints", "a checkpoint of a glajax model family",
                          f"{checkpoint!r}: {e}", CheckpointError) from None
     patch_size, own_size = _local_vision_sizes(path)
-    _check_patch_size(checkpoint, patch_size, image_size, own_size)
+    _check_own_size(checkpoint, image_size, own_size)
+    if image_size is not None:
+      _check_patch_size(checkpoint, patch_size, image_size, own_size)
     return
   if check_files:
     models.locate(checkpoint)
+    _check_own_size(checkpoint, image_size, _hub_vision_sizes(checkpoint)[1])
 
 
 def _check_dir(key: str, value) -> None:
@@ -351,7 +404,7 @@ def _check_dataset(key: str, spec, check_files: bool, config) -> None:
 # (``glajax.train.recipes.check_config``).
 BASE_FIELDS = {
     "seed": Field("int", 0, 2**31 - 1), "progress": Field("bool", result=False),
-    "data.image_size": Field("int", 1), "data.eval_batch_size": Field("int", 1, result=False),
+    "data.image_size": Field("int", 1, optional=True), "data.eval_batch_size": Field("int", 1, result=False),
     "data.data_dir": Field("str", optional=True, result=False),
     "data.manual_dir": Field("str", optional=True, result=False),
     "data.manual_dirs": Field("any", result=False), "published": Field("any", result=False),
@@ -471,6 +524,7 @@ BACKBONES = ("openai/clip-vit-base-patch16", "laion/CLIP-ViT-B-16-laion2B-s34B-b
 # RN50 "openai" hf_hub.
 OPENAI_RN50 = "timm/resnet50_clip.openai"
 TINY_WORLD = "demo_shapes_tiny"
+TINY_IMAGE_SIZE = 32  # the tiny world's images, and a random tiny model's size by default
 
 
 def train_spec(name: str) -> str:
@@ -513,7 +567,7 @@ def runlocal(config, *, train: str = "train", test: str = "test_photo",
   each recipe section of ``sections``; no published numbers beside random models."""
   config.model.checkpoints = tuple(f"{tiny}:{i}" for i in range(backbones))
   config.data.update(train=f"{TINY_WORLD}@{train}", test=f"{TINY_WORLD}@{test}",
-                     shifts=tuple(f"{TINY_WORLD}@{s}" for s in shifts), image_size=32,
+                     shifts=tuple(f"{TINY_WORLD}@{s}" for s in shifts), image_size=TINY_IMAGE_SIZE,
                      eval_batch_size=40)
   for name in sections:
     recipe = section(config, name)

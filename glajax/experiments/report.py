@@ -1,5 +1,7 @@
 """Reports: ``report.json`` (every number), ``report.md`` (tables in the papers' layouts with the
-published numbers alongside, and where every array came from) and PNG plots.
+published numbers alongside, and where every array came from) and PNG plots. Both open with the
+warnings of ``diagnostics`` (``warnings``: a model that is random, an accuracy at chance,
+training that did not learn, a degenerate prior) and carry every check's numbers.
 
 A table is a dict ``{"title", "columns", "rows": [{"label", "values"}], "published": [...]}``;
 values are fractions, shown in percent. Published rows come from the package asset
@@ -24,6 +26,7 @@ from scipy import stats
 from glajax import io, methods as M, parallel
 from glajax.data import assets
 from glajax.experiments import config as config_lib
+from glajax.experiments import diagnostics as diagnostics_lib
 
 
 def published_entry(path: str | None):
@@ -519,12 +522,16 @@ def _final_models(workdir: str) -> dict[str, str]:
 
 
 def markdown(report: dict) -> str:
-  parts = [f"# glajax experiment: {report['experiment']}", "",
-           f"Produced by `{report['command']}` (config fingerprint {report['fingerprint']}); "
+  parts = [f"# glajax experiment: {report['experiment']}", ""]
+  if report.get("warnings"):
+    parts += diagnostics_lib.warnings_markdown(report["warnings"]) + [""]
+  parts += [f"Produced by `{report['command']}` (config fingerprint {report['fingerprint']}); "
            "every number is in `report.json`, accuracies and ECE in percent.", "", "## Results",
            ""]
   for entry in report["tables"]:
     parts += [markdown_table(entry), ""]
+  if report.get("diagnostics"):
+    parts += diagnostics_lib.markdown(report["diagnostics"])
   if report.get("timings_s"):
     timings = dict(report["timings_s"])
     total = timings.pop("total", None)
@@ -570,6 +577,8 @@ def write(exp, outcome, fingerprint: str) -> dict:
       "timings_s": {k: round(v, 2) for k, v in getattr(exp, "timings", {}).items()},
       "preprocessing": exp.preprocessing() if hasattr(exp, "preprocessing") else {},
   }
+  report["diagnostics"], findings = diagnostics_lib.collect(exp, outcome)
+  report["warnings"] = [f.as_json() for f in findings]
   if outcome.train_as_run:  # a recipe the kind resolved at run time (GLA per shot)
     report["train_as_run"] = outcome.train_as_run
   if hasattr(exp, "started"):  # this invocation's wall-clock time, up to the report

@@ -182,6 +182,7 @@ class Experiment:
     self._fresh: set[str] = set()  # logits files already said to be reused
     self.timings: dict[str, float] = {}  # stage -> seconds spent on it by this invocation
     self.prompts: dict[str, list[str]] = {}  # what -> its templates (:meth:`note_prompts`)
+    self.runs: dict[str, None] = {}  # fine-tuning runs named (metrics.jsonl: diagnostics)
     self.started = time.perf_counter()
 
   def path(self, *parts) -> str:
@@ -415,7 +416,9 @@ class Experiment:
     for key in ("progress", "log_every", "checkpoint_every", "keep_checkpoints", "tensorboard",
                 "wandb"):
       settings.pop(key, None)
-    return f"{name}-{self.key(settings, checkpoint, use.ref.describe(), *extra)}"
+    run = f"{name}-{self.key(settings, checkpoint, use.ref.describe(), *extra)}"
+    self.runs.setdefault(run)
+    return run
 
   def fit(self, run: str, task, train, use: roles.Use, export: str | None = None,
           select=None):
@@ -451,6 +454,7 @@ class Experiment:
 
   def _fit(self, run: str, task, train, data, count: int, export: str | None,
            classes_ref: roles.DataRef | None = None, select=None):
+    self.runs.setdefault(run)
     steps = train.total_steps
     recipes.set_total_steps(train, count)  # steps per epoch (per-epoch schedules) and epochs
     if steps > 0:  # an explicit step count wins over the recipe's epochs

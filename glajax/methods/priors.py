@@ -25,7 +25,7 @@ from glajax.methods import _checks, _row_column_pass
 
 SOLVERS = ("newton", "lbfgs", "fixed_point", "gla_reference")
 DEFAULT_MAX_ITER = {"newton": 50, "lbfgs": 500, "fixed_point": 5000, "gla_reference": 1000}
-_TEMPERATURE_RANGE = (0.1, 10.0)
+TEMPERATURE_RANGE = (0.1, 10.0)  # where the temperature searches start (GLA's [T_lo, T_hi])
 
 
 def normalise_log_prior(log_prior: jax.Array) -> jax.Array:
@@ -391,7 +391,7 @@ def match_confidence_temperature(logits, labels, num_steps: int = 40, *, search:
     too_confident = confidence(jnp.exp(mid)) > accuracy
     return jnp.where(too_confident, mid, lo), jnp.where(too_confident, hi, mid)
 
-  lo, hi = jnp.log(jnp.asarray(_TEMPERATURE_RANGE, jnp.float32))
+  lo, hi = jnp.log(jnp.asarray(TEMPERATURE_RANGE, jnp.float32))
   lo, hi = jax.lax.fori_loop(0, num_steps, body, (lo, hi))
   return jnp.exp(0.5 * (lo + hi))
 
@@ -421,6 +421,6 @@ def _gla_temperature_search(confidence, accuracy, tol, max_iter):
   def keep_going(state):
     return ~state[3] & (state[4] < max_iter)
 
-  lo, hi = map(jnp.float32, _TEMPERATURE_RANGE)
+  lo, hi = map(jnp.float32, TEMPERATURE_RANGE)
   state = (lo, hi, jnp.float32(1.0), jnp.asarray(False), jnp.int32(0))
   return jax.lax.while_loop(keep_going, round_, state)[2]

@@ -154,4 +154,5 @@ def run(exp) -> dict:
                "recipe": config.train.recipe, "effects": effects},
       tables=[report.table(title, list(ACCURACY_LABELS), rows, config.published,
                            ACCURACY_LABELS), effects_table],
+      accuracies={name: row["acc_y_y"] for name, row in rows[:2]},
       plots={"ausuc.png": report.AusucPlot(curves, points)})

@@ -118,5 +118,6 @@ def run(exp) -> dict:
                "recipe": config.train.recipe, "effects": effects},
       tables=[report.table(title, list(GROUPS), rows, config.published,
                            {"all": "ID (all classes)"}), effects_table],
+      accuracies={name: row["all"] for name, row in rows},
       plots={"train_counts.png": report.PriorPlot(
           np.log(counts / counts.sum()), None, label="log training label frequency")})

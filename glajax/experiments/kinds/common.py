@@ -27,11 +27,14 @@ ID = "ID"
 class Outcome:
   """What a kind's ``run`` returns: ``results`` (JSON-able numbers for report.json), ``tables``
   (``report.table`` dicts), ``plots`` (file name -> a ``report`` plot dataclass) and, when a
-  kind resolved its recipe at run time (GLA per shot count), ``train_as_run``."""
+  kind resolved its recipe at run time (GLA per shot count), ``train_as_run``; ``accuracies``:
+  label -> ``M.Interval`` of the source and fine-tuned models' ID test accuracy, which the
+  report checks against chance (``experiments.diagnostics``)."""
   results: dict
   tables: list
   plots: dict = dataclasses.field(default_factory=dict)
   train_as_run: dict | None = None
+  accuracies: dict = dataclasses.field(default_factory=dict)
 
 
 def train_ref(config) -> roles.DataRef:

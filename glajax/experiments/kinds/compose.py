@@ -169,7 +169,8 @@ def _gla(exp, recipe: _Recipe, state: dict, outputs: dict) -> tuple[str, dict]:
   ft_log_prior = np.log(counts / counts.sum()) if (counts > 0).all() else None
   zs = recipe.logits(0.0, [exp.use(VALIDATION), *exp.tests()])
   t_zs = float(info["temperature"])
-  state.update(log_prior=np.asarray(log_prior), zs_temperature=t_zs)
+  state.update(log_prior=np.asarray(log_prior), zs_temperature=t_zs,
+               zs_temperature_matched=True, prior_residual=float(info["residual"]))
   return "+ GLA (prior on the training rows)", {
       p: (np.asarray(M.gla_ensemble(z, zs[p][0] / t_zs, log_prior, ft_log_prior)), y)
       for p, (z, y) in outputs.items()}
@@ -209,7 +210,7 @@ def run(exp) -> dict:
   use = exp.use(FINE_TUNING)
   seen = (roles.class_mask(use.ref.steps[-1], exp.num_classes(use.ref))
           if config.compose.num_seen else np.ones(exp.num_classes(use.ref), bool))
-  tables, results, paths = [], {}, {}
+  tables, results, paths, accuracies = [], {}, {}, {}
   evidence = common.Evidence(exp, int(config.compose.ece_bins))
   for name in config.compose.recipes:
     recipe = _Recipe(exp, name)
@@ -228,14 +229,17 @@ def run(exp) -> dict:
     results[name] = {"rows": common.intervals_json(rows),
                      "logits_tags": {f"{a:g}": recipe.tag(a) for a in alphas},
                      "effects": common.intervals_json(effects),
-                     **{k: v for k, v in state.items() if k in ("alpha", "temperature", "gamma",
-                                                                "zs_temperature")},
+                     **{k: v for k, v in state.items() if k in (
+                         "alpha", "temperature", "gamma", "zs_temperature",
+                         "zs_temperature_matched", "prior_residual")},
                      **({"log_prior": state["log_prior"].tolist()} if "log_prior" in state
                         else {})}
+    accuracies.update({f"{name}: {label}": row[common.ID] for label, row in rows[:2]})
     paths[name] = [(label, {k: row[k] for k in ("ID", "avg shifts", "ECE ID") if k in row})
                    for label, row in rows]
   return common.Outcome(results=results, tables=tables,
-                        plots={"compose_path.png": report.ComposePath(paths)})
+                        plots={"compose_path.png": report.ComposePath(paths)},
+                        accuracies=accuracies)
 
 
 def _oracle(exp, recipe: _Recipe) -> tuple[str, dict]:

@@ -80,4 +80,5 @@ def run(exp) -> dict:
                "logits_tags": {"zero-shot": zs_tag, trained_name: run_name},
                "recipe_values": {"carot": config.train.carot.to_dict()}},
       tables=[report.table(title, columns, rows, config.published), effects_table],
+      accuracies={name: row[common.ID] for name, row in rows},
       plots={"reliability.png": report.Reliability(panels, bins)})

@@ -239,10 +239,14 @@ def run(exp) -> dict:
   return common.Outcome(
       results={"accuracy": results, "log_prior": np.asarray(log_prior).tolist(),
                "prior_residual": float(info["residual"]),
-               "zs_temperature": fitted["prior"][1], "ft_temperature": fitted["ft_temperature"],
+               "zs_temperature": fitted["prior"][1],
+               "zs_temperature_matched": bool(options.match_confidence),
+               "ft_temperature": fitted["ft_temperature"],
                "train_counts": counts.tolist(), "recipe": config.train.recipe,
                "best_val": _selection_record(fitted), "effects": effects},
       tables=[report.table(title, columns, rows, config.published,
                            context={"shots": options.shots}), effects_table],
       plots={"prior.png": report.PriorPlot(np.asarray(log_prior), counts)},
-      train_as_run=train.to_dict())
+      train_as_run=train.to_dict(),
+      accuracies={name: row[common.ID] for name, row in rows
+                  if name in ("zero-shot", "fine-tuned")})

@@ -52,4 +52,5 @@ def run(exp) -> dict:
   return common.Outcome(
       results={name: part.results for name, part in parts.items()},
       tables=[table for part in parts.values() for table in part.tables],
-      plots={name: plot for part in parts.values() for name, plot in part.plots.items()})
+      plots={name: plot for part in parts.values() for name, plot in part.plots.items()},
+      accuracies=parts["wise_ft"].accuracies)  # GLA's zero-shot and fine-tuned are the same

@@ -142,4 +142,5 @@ def run(exp) -> dict:
             for u in tests}
   return common.Outcome(results=results, tables=tables,
                         plots={"wise_ft_curve.png": report.WiseFTCurve(curve),
-                               "reliability.png": report.Reliability(panels, bins)})
+                               "reliability.png": report.Reliability(panels, bins)},
+                        accuracies={_label(a): cells[a][common.ID] for a in (0.0, 1.0)})
