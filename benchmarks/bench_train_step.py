@@ -315,7 +315,8 @@ def main():
   parser.add_argument("--repeats", type=int, default=2, help="alternating runs; best kept")
   parser.add_argument("--peak_tflops", type=float, default=0.0)
   parser.add_argument("--skip_torch", action="store_true")
-  parser.add_argument("--remat", action="store_true", help="rematerialise the blocks")
+  parser.add_argument("--remat", default="none", choices=("none", "block", "dots"),
+                      help="rematerialisation policy of the blocks (layers.REMAT_POLICIES)")
   parser.add_argument("--attention", choices=["auto", "xla", "cudnn"], default="auto",
                       help="glajax's attention kernel (models.layers.attend)")
   parser.add_argument("--prompt-length", type=int, default=16,

@@ -434,7 +434,7 @@ CASES = [
                               '{"model_type": "siglip", "vision_config": {}, '
                               '"text_config": {}}'))),
     Case("load_clip_resnet_with_adapters", lambda c: hf.checkpoint._with_options(
-        _tiny(resnet=True), adapter_dim=4, adapter_scale="learnable", remat=False,
+        _tiny(resnet=True), adapter_dim=4, adapter_scale="learnable", remat="none",
         attention="auto", activation=None), ConfigError, ("adapter_dim", "ResNet")),
     Case("config_resnet_image_size_odd", lambda c: _tiny(resnet=True, image_size=33),
          ConfigError, "vision.image_size"),

@@ -119,9 +119,9 @@ def test_finetune_loss_falls_text_tower_frozen_and_exports(tmp_path):
   assert "backbone/logit_scale" not in changed
   assert logits.shape == (16, CLASSES)
   # The export: transformers-format CLIP + head, reloadable.
-  config.model.update(dtype="float32", remat=True)
+  config.model.update(dtype="float32", remat="block")
   reloaded = recipes.load_model(config, tmp_path / "final")
-  assert reloaded.config.vision.remat and reloaded.config.text.remat
+  assert reloaded.config.vision.remat == reloaded.config.text.remat == "block"
   batch = next(_eval_batches())
   np.testing.assert_allclose(_encode_image(reloaded, batch["image"]),
                              _encode_image(_clip_f32_copy(model.backbone), batch["image"]), 1e-4, 1e-4)
@@ -142,7 +142,7 @@ def test_tiny_clip_one_device_equals_eight(tmp_path):
   config.optimizer.learning_rate = 1e-3
   results = []
   for name, mesh in (("one", make_mesh(jax.devices()[:1])), ("eight", make_mesh())):
-    clip = _clip(vision_remat=True)   # rematerialised blocks, under the mesh
+    clip = _clip(vision_remat="dots")   # rematerialised blocks, under the mesh
     task = recipes.classifier_task(clip, LinearHead.from_zeroshot(_zeroshot_head(clip)), config)
     model, _ = engine.fit(task.model, task.loss_fn, config, _data, str(tmp_path / name),
                           mesh=mesh)

@@ -61,6 +61,7 @@ def positive_size(name: str, value) -> None:
 
 def check_tower(cfg, name: str) -> None:
   check_attention(cfg, name)
+  check_remat(f"{name}.remat", cfg.remat)
   if cfg.hidden_act not in ACTIVATIONS:
     raise bad_argument(f"{name}.hidden_act", f"one of {sorted(ACTIVATIONS)}", cfg.hidden_act,
                        ConfigError)
@@ -230,9 +231,32 @@ class Block(nnx.Module):
     return out
 
 
-def run_blocks(layers, h, remat: bool):
+# ``remat``: what the backward pass keeps of each block's forward pass; the rest it recomputes
+# from the block's input. "none": everything; "block": nothing but the input
+# (``jax.checkpoint_policies.nothing_saveable``); "dots": also the outputs of the matmuls with
+# the weights (``dots_with_no_batch_dims_saveable``: attention's batched score and value
+# matmuls, the normalisations and activations are recomputed). A convolution is not a matmul:
+# in a ResNet "dots" keeps what "block" keeps.
+REMAT_POLICIES = {
+    "none": None,
+    "block": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def check_remat(name: str, remat) -> None:
+  if not isinstance(remat, str) or remat not in REMAT_POLICIES:
+    raise bad_argument(name, f"one of {', '.join(map(repr, REMAT_POLICIES))}", repr(remat),
+                       ConfigError)
+
+
+def run_blocks(layers, h, remat: str):
+  """h through ``layers`` in turn, each rematerialised as ``remat`` says (``REMAT_POLICIES``):
+  the same values and gradients, less memory held for the backward pass."""
+  policy = REMAT_POLICIES[remat]
   for layer in layers:
-    h = nnx.remat(lambda block, x: block(x))(layer, h) if remat else layer(h)
+    h = (layer(h) if remat == "none"
+         else nnx.remat(lambda block, x: block(x), policy=policy)(layer, h))
   return h
 
 

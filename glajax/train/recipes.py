@@ -76,7 +76,7 @@ def _config(batch_size: int, epochs: int, transform: tuple, **optimizer
   config.optimizer.update(optimizer)
   config.batch_size = batch_size
   config.epochs = epochs
-  config.model = ml_collections.ConfigDict(dict(dtype="bfloat16", remat=False, attention="auto"))
+  config.model = ml_collections.ConfigDict(dict(dtype="bfloat16", remat="none", attention="auto"))
   train, evaluation = transform
   config.transform = ml_collections.ConfigDict(dict(train=dataclasses.asdict(train),
                                                     eval=dataclasses.asdict(evaluation)))
@@ -326,7 +326,7 @@ def load_model(config, path_or_hub_id):
   attention kernel, the activation and, for ``backdoor_peft``, the adapters."""
   model = config.model
   options = dict(dtype=jnp.dtype(model.dtype))
-  for key, default in (("remat", False), ("attention", "auto"), ("adapter_dim", None),
+  for key, default in (("remat", "none"), ("attention", "auto"), ("adapter_dim", None),
                        ("activation", None)):
     if model.get(key, default) != default:
       options[key] = model[key]
@@ -611,7 +611,7 @@ COMMON_FIELDS = {
     "recipe": Field("choice", choices=tuple(RECIPES)), "batch_size": Field("int", 1),
     "epochs": Field("int", 1), "drop_last": Field("bool"),
     "model.dtype": Field("choice", choices=("float32", "bfloat16", "float16")),
-    "model.remat": Field("bool"),
+    "model.remat": Field("choice", choices=tuple(layers.REMAT_POLICIES)),
     "model.attention": Field("choice", choices=layers.ATTENTION_IMPLEMENTATIONS),
     "model.adapter_dim": Field("int", 0, optional=True), "model.adapter_scale": Field("any"),
     "model.activation": Field("choice", choices=tuple(layers.ACTIVATIONS), optional=True),

@@ -74,7 +74,7 @@ def _locate(path_or_hub_id) -> tuple[str, str]:
 
 def load_clip(path_or_hub_id: str | os.PathLike, *, dtype=jnp.float32, param_dtype=jnp.float32,
               image_size: int | None = None, adapter_dim: int | None = None,
-              adapter_scale: float | str = "learnable", remat: bool = False,
+              adapter_scale: float | str = "learnable", remat: str = "none",
               attention: str = "auto", activation: str | None = None, seed: int = 0) -> CLIP:
   """Loads a CLIP checkpoint (a local directory, an OpenAI ``.pt`` file or a hub id) in any of
   ``FORMATS`` as a ``CLIP``.

@@ -23,9 +23,9 @@ from flax import nnx
 from glajax.errors import ConfigError, bad_argument
 from glajax.models.family import ModelSpec
 from glajax.models.layers import (ADAPTER_SCALE_LEARNABLE, Block, attend, check_adapter_scale,
-                                  check_images, check_sizes, check_token_ids, check_tower,
-                                  l2_normalise, normal, positive_size, resize_position_embedding,
-                                  run_blocks)
+                                  check_images, check_remat, check_sizes, check_token_ids,
+                                  check_tower, l2_normalise, normal, positive_size,
+                                  resize_position_embedding, run_blocks)
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)   # OpenAI CLIP's normalisation (clip/clip.py)
 STD = (0.26862954, 0.26130258, 0.27577711)
@@ -34,7 +34,8 @@ STD = (0.26862954, 0.26130258, 0.27577711)
 class CLIPVisionConfig:
   """The ViT image tower. ``adapter_dim > 0`` adds an AdaptFormer adapter to every block;
   ``adapter_scale`` is ``"learnable"`` (LIFT's scalar, initialised to 1) or a fixed float.
-  ``remat`` rematerialises each block in the backward pass; ``attention`` picks the kernel
+  ``remat`` rematerialises each block in the backward pass (``layers.REMAT_POLICIES``: "none",
+  "block", "dots"); ``attention`` picks the kernel
   (``attend``: ``"auto"``, ``"xla"`` or ``"cudnn"``). Neither changes the function computed."""
   image_size: int = 224
   patch_size: int = 32
@@ -46,7 +47,7 @@ class CLIPVisionConfig:
   layer_norm_eps: float = 1e-5
   adapter_dim: int = 0
   adapter_scale: float | str = ADAPTER_SCALE_LEARNABLE
-  remat: bool = False
+  remat: str = "none"
   attention: str = "auto"
 
   def __post_init__(self):
@@ -79,7 +80,7 @@ class CLIPTextConfig:
   bos_token_id: int = 49406
   eos_token_id: int = 49407
   pad_token_id: int = 1
-  remat: bool = False
+  remat: str = "none"
   attention: str = "auto"
 
   def __post_init__(self):
@@ -98,14 +99,15 @@ class CLIPResNetConfig:
   The stem halves the image, a 2×2 average pool and the three strided stages halve it again each
   (flooring), so an even ``image_size`` >= 32 leaves an ``image_size // 32`` grid, the attention
   pool's position table. BatchNorm (eps ``batch_norm_eps``) uses its running statistics; ``remat``
-  rematerialises each block in the backward pass (the function is the same).
+  rematerialises each block in the backward pass (``layers.REMAT_POLICIES``; the function is the
+  same).
   """
   image_size: int = 224
   layers: tuple[int, int, int, int] = (3, 4, 6, 3)
   width: int = 64
   num_attention_heads: int = 32
   batch_norm_eps: float = 1e-5
-  remat: bool = False
+  remat: str = "none"
 
   def __post_init__(self):
     if not isinstance(self.layers, (tuple, list)) or len(self.layers) != 4:
@@ -116,6 +118,7 @@ class CLIPResNetConfig:
       positive_size(f"vision.layers[{i}]", count)
     for field in ("image_size", "width", "num_attention_heads"):
       positive_size(f"vision.{field}", getattr(self, field))
+    check_remat("vision.remat", self.remat)
     if self.image_size < 32 or self.image_size % 2:
       raise bad_argument("vision.image_size", "an even size >= 32 (the ResNet's stride is 32)",
                          self.image_size, ConfigError)

@@ -32,7 +32,7 @@ def _locate(path_or_hub_id) -> str:
 
 
 def load_siglip(path_or_hub_id: str | os.PathLike, *, dtype=jnp.float32,
-                param_dtype=jnp.float32, image_size: int | None = None, remat: bool = False,
+                param_dtype=jnp.float32, image_size: int | None = None, remat: str = "none",
                 attention: str = "auto", seed: int = 0) -> SigLIP:
   """Loads a transformers-format SigLIP or fixed-resolution SigLIP 2 checkpoint (local directory
   or hub id) as a ``SigLIP``.

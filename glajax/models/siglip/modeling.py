@@ -63,7 +63,7 @@ class SiglipVisionConfig:
   num_attention_heads: int = 12
   hidden_act: str = "gelu_pytorch_tanh"
   layer_norm_eps: float = 1e-6
-  remat: bool = False
+  remat: str = "none"
   attention: str = "auto"
 
   def __post_init__(self):
@@ -97,7 +97,7 @@ class SiglipTextConfig:
   pad_token_id: int | None = 1
   bos_token_id: int | None = 49406
   eos_token_id: int | None = 49407
-  remat: bool = False
+  remat: str = "none"
   attention: str = "auto"
 
   def __post_init__(self):

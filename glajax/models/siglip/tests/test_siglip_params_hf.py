@@ -297,7 +297,7 @@ def test_loader_options(checkpoints):
   directory, _ = checkpoints["odd"]
   with pytest.raises(ConfigError, match="options.*siglip.*adapter_dim"):
     glajax.load_model(directory, adapter_dim=4)
-  model = glajax.load_model(directory, image_size=36, remat=True, attention="xla")
-  assert model.config.vision.image_size == 36 and model.config.vision.remat
+  model = glajax.load_model(directory, image_size=36, remat="block", attention="xla")
+  assert model.config.vision.image_size == 36 and model.config.vision.remat == "block"
   assert model.vision_model.position_embedding.embedding.shape == (36, 36)
   assert model.encode_image(np.zeros((1, 36, 36, 3), np.float32)).shape == (1, 36)
