@@ -522,8 +522,125 @@ CASES = [
          ConfigError, ("--workdir", "fingerprint"), setup=lambda c: _claimed(c, "work")),
     Case("workdir_in_use", lambda c: _run(c, "wise_ft:runlocal", "work"), ConfigError,
          ("--workdir", f"pid {os.getpid()}"), setup=lambda c: _claimed(c, "work", lock=True)),
-
+    # --- issue 22: refused before any work -----------------------------------------------
+    Case("config_get_config_returns_a_dict", lambda c: _run(c, str(c.path("own.py"))),
+         ConfigError, ("CONFIG", "own.py", "returned dict"),
+         setup=lambda c: _config_file(c, "def get_config(arg=None):\n  return {}\n")),
+    Case("config_get_config_without_argument", lambda c: _run(c, str(c.path("own.py"))),
+         ConfigError, ("CONFIG", "own.py", "takes no argument"),
+         setup=lambda c: _config_file(c, "def get_config():\n  return None\n")),
+    Case("workdir_truncated_experiment_json", lambda c: _run(c, "wise_ft:runlocal", "work"),
+         ConfigError, ("--workdir", "experiment.json"),
+         setup=lambda c: c.files("work/experiment.json", content=b'{"fingerprint": "ab')),
+    Case("workdir_experiment_json_a_list", lambda c: _run(c, "wise_ft:runlocal", "work"),
+         ConfigError, ("--workdir", "experiment.json"),
+         setup=lambda c: c.files("work/experiment.json", content=b"[1, 2]")),
+    Case("workdir_with_wildcards", lambda c: _run(c, "wise_ft:runlocal", "a**b/work"),
+         ConfigError, ("--workdir", "a**b")),
+    Case("workdir_current_directory", lambda c: _run_in(c, "wise_ft:runlocal", "."),
+         ConfigError, ("--workdir", "notes.txt")),
+    Case("workdir_empty_string", lambda c: _run_in(c, "wise_ft:runlocal", ""), ConfigError,
+         "--workdir"),
+    Case("workdir_user_files", lambda c: _run(c, "wise_ft:runlocal", "mine"), ConfigError,
+         ("--workdir", "thesis.tex"), setup=lambda c: c.files("mine/thesis.tex")),
+    Case("config_checkpoint_without_weights",
+         lambda c: _run(c, f"wise_ft:runlocal,model.checkpoints=('{c.path('ckpt')}',)"),
+         CheckpointError, ("model.checkpoints", "config.json"),
+         setup=lambda c: _weightless_checkpoint(c, "ckpt")),
+    Case("config_batch_not_divisible_by_accum_steps",
+         lambda c: _run(c, "wise_ft:runlocal,train.accum_steps=3"), ConfigError,
+         ("train.batch_size", "accum_steps=3")),
+    Case("config_batch_15_on_2_devices", lambda c: _with_devices(
+        2, lambda: _run(c, "wise_ft:runlocal,train.batch_size=15")), ConfigError,
+         ("train.batch_size", "2 devices", "15")),
+    Case("config_eval_batch_15_on_2_devices", lambda c: _with_devices(
+        2, lambda: _run(c, "wise_ft:runlocal,data.eval_batch_size=15")), ConfigError,
+         ("data.eval_batch_size", "2 devices")),
+    Case("tfds_not_prepared_offline", lambda c: _offline(lambda: _run(
+        c, f"wise_ft:runlocal,data.test='dtd@test',data.data_dir='{c.path('tfds')}'")),
+         DatasetError, ("data.test", "dtd", "tfds build"), setup=lambda c: c.path("tfds").mkdir()),
+    *[Case(f"own_data_{name}", lambda c: _run(c, f"custom:runlocal,data.folder={c.path('own')}"
+                                              + suffix), error, names, setup=setup)
+      for name, setup, suffix, error, names in (
+          ("one_class", lambda c: _image_files(c, "own/cat/0.png", "own/cat/1.png"), "",
+           DatasetError, ("data.folder", "own", "at least two classes")),
+          ("empty_class_folder", lambda c: (_image_files(c, "own/cat/0.png", "own/cat/1.png"),
+                                            c.path("own/dog").mkdir()), "", DatasetError,
+           ("data.folder", "every class", "dog")),
+          ("one_image_per_class_held_out", lambda c: _image_files(c, "own/cat/0.png",
+                                                                  "own/dog/0.png"), "",
+           ConfigError, ("own_data.test_fraction", "data.folder", "cat (1)")),
+          ("names_equal_lowercased", lambda c: _image_files(c, "own/Cat/0.png", "own/cat/0.png"),
+           "", DatasetError, ("data.folder", "'Cat', 'cat'")),
+          ("names_equal_with_spaces", lambda c: _image_files(c, "own/ice_cream/0.png",
+                                                             "own/ice cream/0.png"), "",
+           DatasetError, ("data.folder", "ice_cream")),
+          ("dangling_symlink", lambda c: (_image_files(c, "own/cat/0.png", "own/dog/0.png"),
+                                          os.symlink(c.path("gone.png"), c.path("own/cat/1.png"))),
+           "", DatasetError, ("data.folder", "1.png")),
+          ("symlink_loop", lambda c: (_image_files(c, "own/cat/0.png", "own/dog/0.png"),
+                                      os.symlink("x.png", c.path("own/dog/x.png"))),
+           "", DatasetError, ("data.folder", "x.png")),
+      )],
+    *[Case(f"own_csv_{name}", lambda c: _run(c, f"custom:runlocal,data.folder={c.path('own.csv')}"),
+           DatasetError, ("data.folder", "own.csv", found), setup=lambda c, r=rows: _csv(c, r))
+      for name, rows, found in (
+          ("only_test_rows", ("a.png,cat,test", "b.png,dog,test"), "only test rows"),
+          ("image_in_train_and_test", ("a.png,cat,train", "b.png,dog,train", "a.png,cat,test",
+                                       "b.png,dog,test"), "in several splits"),
+      )],
+    Case("folder_every_undecodable_image_named", lambda c: _prepare_folder(c, "tfds"),
+         DatasetError, ("image file", "bad.jpg", "worse.png", "2 that are not"),
+         setup=lambda c: (_image_files(c, "raw/cat/0.jpg", "raw/dog/0.jpg"),
+                          c.files("raw/dog/bad.jpg", "raw/cat/worse.png"))),
+    # --- issue 22: methods that were silent or raised raw ----------------------------------
+    Case("estimate_log_prior_tol_nan", lambda c: M.estimate_log_prior(Z, Y, tol=float("nan")),
+         InputError, "tol"),
+    Case("estimate_log_prior_max_iter_0", lambda c: M.estimate_log_prior(Z, Y, max_iter=0),
+         InputError, "max_iter"),
+    Case("apply_gamma_nan", lambda c: M.apply_gamma(Z, ABSENT, float("nan")), InputError,
+         "gamma"),
+    Case("apply_gamma_str", lambda c: M.apply_gamma(Z, ABSENT, "1"), InputError, "gamma"),
+    Case("wise_ft_alpha_list", lambda c: M.wise_ft({"w": Z}, {"w": Z}, [0.5, 0.2]),
+         InputError, "alpha"),
+    Case("output_ensemble_alpha_list", lambda c: M.output_ensemble(Z, Z, [0.5]), InputError,
+         "alpha"),
 ]
+
+
+def _weightless_checkpoint(ctx, name):
+  """A checkpoint directory with the tiny CLIP's config.json and no weights."""
+  ctx.path(name).mkdir()
+  ctx.path(name, "config.json").write_bytes(Path(ctx.checkpoint, "config.json").read_bytes())
+
+
+def _config_file(ctx, text):
+  ctx.path("own.py").write_text(text)
+
+
+def _csv(ctx, rows):
+  _image_files(ctx, "a.png", "b.png")
+  ctx.path("own.csv").write_text("\n".join(rows) + "\n")
+
+
+def _run_in(ctx, spec, workdir):
+  """``run`` with ``workdir`` as given (relative to the current directory, ``ctx.cwd``)."""
+  from glajax import experiments
+  return experiments.run(spec, workdir)
+
+
+def _with_devices(count, call):
+  from unittest import mock
+  with mock.patch("jax.device_count", return_value=count):
+    return call()
+
+
+def _offline(call):
+  """``call()`` where no download host can be reached."""
+  from unittest import mock
+  from glajax.experiments import config
+  with mock.patch.object(config, "_reachable", return_value=False):
+    return call()
 
 
 def _run(ctx, spec, workdir="work"):
@@ -592,3 +709,23 @@ def test_numpy_integers_are_accepted_where_ints_are():
   np.testing.assert_allclose(M.accuracy(Z, Y, k=np.int64(2)), M.accuracy(Z, Y, k=2))
   np.testing.assert_allclose(M.wise_ft({"w": Z}, {"w": 2 * Z}, np.float32(0.25))["w"], 1.25 * Z)
   assert _tiny(image_size=np.int64(16)).vision.image_size == 16
+
+
+def test_a_csv_with_a_byte_order_mark_is_read(tmp_path):
+  """Excel's "CSV UTF-8" starts with a byte-order mark: the header is still a header."""
+  ctx = Ctx(root=tmp_path, cwd=tmp_path, shared=None)
+  _image_files(ctx, "a.png", "b.png")
+  ctx.path("own.csv").write_text("path,label\na.png,cat\nb.png,dog\n", encoding="utf-8-sig")
+  info = registry.get(registry.local_name(ctx.path("own.csv")))
+  assert info.classnames == ("cat", "dog")
+
+
+def test_an_export_through_a_symlink_replaces_what_it_points_to(shared, tmp_path, monkeypatch):
+  """Re-exporting to a link to an earlier export keeps the link and fills what it points to."""
+  monkeypatch.chdir(tmp_path)
+  first = _save(Ctx(tmp_path, tmp_path, shared), tmp_path / "v1")
+  os.symlink("v1", tmp_path / "latest")
+  assert _save(Ctx(tmp_path, tmp_path, shared), tmp_path / "latest", overwrite=True) == first
+  assert os.path.islink(tmp_path / "latest")
+  assert {"config.json", "model.safetensors"} <= set(os.listdir(first))
+  _load(str(tmp_path / "latest"))

@@ -72,7 +72,7 @@ def test_train_test_folders_and_csv(tmp_path):
 def test_bad_own_data_configs(tmp_path):
   with pytest.raises(ConfigError, match="data.folder"):
     experiments.validate(C.load("configs/custom.py"))
-  with pytest.raises(DatasetError, match="data.train"):
+  with pytest.raises(DatasetError, match="data.folder"):  # the key the user set
     experiments.validate(C.load(f"configs/custom.py:data.folder={tmp_path / 'missing'}"))
   root = _folder(tmp_path / "images", per_class=2)
   with pytest.raises(ConfigError, match="test_fraction"):

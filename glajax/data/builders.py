@@ -92,7 +92,7 @@ def _read_lines(path: Path) -> list[str]:
   if not path.is_file():
     raise bad_argument("manual_dir", f"the split list {path.name}", f"no file {path}", DatasetError)
   try:
-    text = path.read_text()
+    text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Excel's "CSV UTF-8") too
   except (OSError, UnicodeDecodeError) as e:
     raise bad_argument("manual_dir", f"a readable text file {path.name}",
                        f"{path} ({type(e).__name__}: {e})", DatasetError) from e
@@ -286,6 +286,22 @@ def _check_image(path: Path) -> bytes:
   return data
 
 
+def _check_images(root: Path, files) -> None:
+  """Every listed image that exists decoded once (:func:`_check_image`) before TFDS writes
+  anything; all the files that fail named in one DatasetError."""
+  bad = []
+  for file in dict.fromkeys(files):
+    if not (root / file).is_file():
+      continue  # a missing file: the builder's check lists those
+    try:
+      _check_image(root / file)
+    except DatasetError as e:
+      bad.append(str(e).partition(", found ")[2])
+  if bad:
+    raise bad_argument("image file", "decodable images", f"{len(bad)} that are not: "
+                       + "; ".join(bad[:20]) + ("; ..." if len(bad) > 20 else ""), DatasetError)
+
+
 @functools.cache
 def _builder_class():
   import tensorflow_datasets as tfds  # noqa  (TFDS: loaded on demand)
@@ -365,6 +381,7 @@ def prepare(source: LocalSource, manual_dir: str | os.PathLike | None, data_dir:
       raise bad_argument("manual_dir", f"images ({', '.join(IMAGE_SUFFIXES)}) for split "
                          f"{split!r} of {source.name} ({source.layout})", f"none under {root}",
                          DatasetError)
+  _check_images(root, [p for split in source.splits for p, _ in source.examples(root, split)])
   # Folders TFDS creates before it reads an image: removed again (if still empty) on failure.
   made = [p for p in (Path(data_dir), Path(data_dir, "downloads"),
                       Path(data_dir, "downloads", "extracted"), Path(data_dir, BUILDER_NAME),

@@ -361,13 +361,64 @@ def _local_digest(kind: str, path: Path) -> str:
   digest = hashlib.sha256(str(path).encode())
   if kind == "csv":
     digest.update(path.read_bytes())
-  else:
-    for directory, folders, files in sorted(os.walk(path)):
-      folders.sort()
-      for name in sorted(files):
-        file = Path(directory, name)
+    return digest.hexdigest()[:12]
+  broken = []
+  for directory, folders, files in sorted(os.walk(path)):
+    folders.sort()
+    for name in sorted(files):
+      file = Path(directory, name)
+      try:
         digest.update(f"{file.relative_to(path)}:{file.stat().st_size};".encode())
+      except OSError as e:  # a dangling symlink, a symlink loop, an unreadable entry
+        broken.append(f"{file} ({e.strerror or type(e).__name__})")
+  if broken:
+    raise bad_argument(str(path), "files that can be read (no dangling or looping symlinks)",
+                       f"{len(broken)} that cannot: {'; '.join(broken[:10])}", DatasetError)
   return digest.hexdigest()[:12]
+
+
+def _check_local(source, path: Path) -> None:
+  """A folder's or CSV's classes and splits, before anything is prepared: at least two classes,
+  names that stay distinct as prompts, images in every class of the training split, a training
+  split, and no image in two splits."""
+  names = source.classes(source.root)
+  if len(names) < 2:
+    raise bad_argument(str(path), "at least two classes (class subfolders, or CSV labels)",
+                       f"{len(names)}: {list(names)}", DatasetError)
+  prompts = {}
+  for name in names:
+    prompts.setdefault(clean_classname(name).lower(), []).append(name)
+  same = [group for group in prompts.values() if len(group) > 1]
+  if same:
+    raise bad_argument(str(path), "class names that differ as prompts (case and '_' vs ' ' "
+                       "do not count)", f"{len(same)} groups read as one class, e.g. "
+                       f"{same[:3]}", DatasetError)
+  if source.splits[0] != "train":
+    raise bad_argument(str(path), "rows of the train split (a CSV's third column: train, val, "
+                       "validation or test; none means train)",
+                       f"only {', '.join(source.splits)} rows", DatasetError)
+  examples = {split: source.examples(source.root, split) for split in source.splits}
+  counts = np.bincount([y for _, y in examples["train"]], minlength=len(names))
+  empty = [names[c] for c in np.flatnonzero(counts == 0)]
+  if empty:
+    raise bad_argument(str(path), f"images ({', '.join(builders.IMAGE_SUFFIXES)}) in every "
+                       "class of the train split", f"none for {len(empty)} classes: "
+                       f"{empty[:10]}", DatasetError)
+  seen = {}
+  for split, pairs in examples.items():
+    for file, _ in pairs:
+      seen.setdefault(os.path.normpath(source.root / file), []).append(split)
+  shared = sorted(f for f, splits in seen.items() if len(set(splits)) > 1)
+  if shared:
+    raise bad_argument(str(path), "every image in one split only", f"{len(shared)} in several "
+                       f"splits, e.g. {shared[:3]}", DatasetError)
+
+
+def local_class_counts(name: str, split: str) -> np.ndarray:
+  """(C,) images of each class in ``split`` of a folder or CSV dataset (:func:`is_local`)."""
+  info = get(name)
+  pairs = info.source.examples(info.source.root, split)
+  return np.bincount([y for _, y in pairs], minlength=info.num_classes)
 
 
 @functools.cache
@@ -388,6 +439,7 @@ def _local_info(name: str) -> DatasetInfo:
     info = DatasetInfo(source_name, source.tfds_name, source.splits[0], source.splits[-1],
                        classnames=classnames, templates=PHOTO_TEMPLATES,
                        num_classes=len(classnames), manual_download=True, source=source)
+  _check_local(info.source, path)
   return dataclasses.replace(info, name=name)
 
 

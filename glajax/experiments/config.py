@@ -134,7 +134,7 @@ def load(spec: str) -> ml_collections.ConfigDict:
     raise bad_argument("CONFIG", "a file defining get_config(arg=None)", str(path), ConfigError)
   tokens = _split_tokens(rest)
   args = [t for t in tokens if "=" not in t]
-  config = module.get_config(",".join(args) or None)
+  config = _call_get_config(module.get_config, ",".join(args) or None, path)
   _add_manual_dirs(config)
   for token in tokens:
     if "=" in token:
@@ -142,6 +142,24 @@ def load(spec: str) -> ml_collections.ConfigDict:
       override(config, key.strip(), _literal(value.strip()))
   _apply_folder(config)
   config.config_spec = spec
+  return config
+
+
+def _call_get_config(get_config, arg, path: Path) -> ml_collections.ConfigDict:
+  """``get_config(arg)``, refused unless it takes one argument and returns a ConfigDict with
+  ``experiment`` and ``data`` (as ``base()`` makes)."""
+  import inspect  # noqa  (only to explain a get_config of the wrong signature)
+  expected = "a file whose get_config(arg=None) returns an ml_collections.ConfigDict"
+  try:
+    inspect.signature(get_config).bind(arg)
+  except (TypeError, ValueError):
+    raise bad_argument("CONFIG", expected, f"{path}: get_config takes no argument", ConfigError
+                       ) from None
+  config = get_config(arg)
+  if not isinstance(config, ml_collections.ConfigDict) or not all(
+      k in config for k in ("experiment", "data", "model")):
+    raise bad_argument("CONFIG", expected + " with experiment, model and data (config.base())",
+                       f"{path}: get_config returned {type(config).__name__}", ConfigError)
   return config
 
 
@@ -333,6 +351,10 @@ def _check_checkpoint(checkpoint: str, check_files: bool, image_size: int = 0) -
     except CheckpointError as e:
       raise bad_argument("model.checkpoints", "a checkpoint of a glajax model family",
                          f"{checkpoint!r}: {e}", CheckpointError) from None
+    if path.is_dir() and not any(p.suffix in _WEIGHT_SUFFIXES for p in path.iterdir()):
+      raise bad_argument("model.checkpoints", "a checkpoint directory with its weights ("
+                         f"{', '.join(_WEIGHT_SUFFIXES)} files)", f"{checkpoint!r} holding "
+                         f"{sorted(p.name for p in path.iterdir())[:8]}", CheckpointError)
     patch_size, own_size = _local_vision_sizes(path)
     _check_own_size(checkpoint, image_size, own_size)
     if image_size is not None:
@@ -343,16 +365,21 @@ def _check_checkpoint(checkpoint: str, check_files: bool, image_size: int = 0) -
     _check_own_size(checkpoint, image_size, _hub_vision_sizes(checkpoint)[1])
 
 
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".npz")
+
+
 def _check_dir(key: str, value) -> None:
   if value is not None and not os.path.isdir(os.path.expanduser(value)):
     raise bad_argument(key, "an existing directory", f"{value!r} (no such directory)",
                        DatasetError)
 
 
-def _check_prepared(name: str, data_dir, manual_dir) -> None:
-  """A dataset that needs a manual download must be prepared already or have its manual_dir."""
+def _check_prepared(key: str, name: str, data_dir, manual_dir) -> None:
+  """A dataset that needs a manual download must be prepared already or have its manual_dir;
+  one TFDS downloads must be prepared already or its download host reachable."""
   info = registry.get(name)
-  if not info.manual_download or manual_dir is not None:
+  if manual_dir is not None or (not info.manual_download and (
+      info.source is not None or generated_world(name) is not None)):
     return
   root = os.path.expanduser(data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets"))
   if info.source is not None:
@@ -361,9 +388,41 @@ def _check_prepared(name: str, data_dir, manual_dir) -> None:
       return
   elif Path(root, *info.tfds_name.split("/")).is_dir():
     return
+  if not info.manual_download:
+    _check_downloadable(key, info, root)
+    return
   raise bad_argument(f"data.manual_dirs.{name} (or data.manual_dir)",
                      f"the folder with {name}'s downloaded files (it is not prepared in {root})",
                      None, DatasetError)
+
+
+def _reachable(host: str, timeout: float = 3.0) -> bool:
+  """Whether a TCP connection to ``host``:443 opens within ``timeout`` seconds."""
+  import socket  # noqa  (only to check a download can start)
+  try:
+    socket.create_connection((host, 443), timeout=timeout).close()
+  except OSError:
+    return False
+  return True
+
+
+def _check_downloadable(key: str, info, root: str) -> None:
+  """A dataset TFDS would download: refused at once when its download host cannot be reached
+  (instead of retrying for minutes), saying what to download and where it must be prepared."""
+  import urllib.parse  # noqa
+  import tensorflow_datasets as tfds  # noqa  (TFDS: loaded on demand)
+  try:
+    urls = list(tfds.builder_cls(info.tfds_name.split("/")[0]).url_infos or {})
+  except Exception:  # an unknown builder: TFDS says so when it is read  # noqa: BLE001
+    return
+  hosts = sorted({urllib.parse.urlparse(u).hostname for u in urls} - {None})
+  unreachable = [h for h in hosts if not _reachable(h)]
+  if unreachable:
+    raise bad_argument(key, f"{info.name} prepared in {root} (data.data_dir), or a network that "
+                       f"reaches {', '.join(unreachable)} to download it ({', '.join(urls[:3])}); "
+                       f"elsewhere: tfds build {info.tfds_name} --data_dir <dir>, then copy it "
+                       "there", f"neither ({info.tfds_name} not prepared, no connection)",
+                       DatasetError)
 
 
 def known_splits(name: str) -> tuple[str, ...] | None:
@@ -381,6 +440,9 @@ def _check_dataset(key: str, spec, check_files: bool, config) -> None:
     raise bad_argument(key, "'dataset@split' with an explicit split (e.g. 'dtd@train')",
                        repr(spec), ConfigError)
   if registry.is_local(name):
+    folder = config.data.get("folder")
+    if folder and registry.local_name(folder) == name:
+      key = "data.folder"  # the key the user set, not the data.train / data.test it makes
     try:
       registry.get(name)  # the folder or CSV file is there, with classes (read, not prepared)
     except DatasetError as e:
@@ -395,7 +457,7 @@ def _check_dataset(key: str, spec, check_files: bool, config) -> None:
     raise bad_argument(key, f"a split of {name} ({', '.join(splits)})", repr(split),
                        DatasetError)
   if check_files:
-    _check_prepared(name, config.data.data_dir, manual_dir_of(config, name))
+    _check_prepared(key, name, config.data.data_dir, manual_dir_of(config, name))
 
 
 # The keys every experiment config has (``base``), as ``glajax.schema`` declares them; each
@@ -439,6 +501,25 @@ def check_values(config, kind) -> None:
     kind.check(config)
   for prefix in train_sections(config, kind):
     recipes.check_config(section(config, prefix), prefix)
+  _check_batches(config, kind)
+
+
+def _check_batches(config, kind) -> None:
+  """Every batch splits evenly over the devices (and a training batch over its
+  ``accum_steps`` micro-batches, each over the devices): checked here, not after the data is
+  prepared."""
+  import jax  # noqa  (the device count; jax is loaded by then anyway)
+  devices = jax.device_count()
+  size = config.data.eval_batch_size
+  if size % devices:
+    raise bad_argument("data.eval_batch_size", f"a multiple of the {devices} devices", size,
+                       ConfigError)
+  for prefix in train_sections(config, kind):
+    train = section(config, prefix)
+    batch, accum = train.get("batch_size"), train.get("accum_steps", 1) or 1
+    if batch is not None and (batch % accum or (batch // accum) % devices):
+      raise bad_argument(f"{prefix}.batch_size", f"a multiple of {prefix}.accum_steps={accum} "
+                         f"× the {devices} devices", batch, ConfigError)
 
 
 def unfingerprinted(config, kind) -> list[str]:

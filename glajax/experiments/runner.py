@@ -56,24 +56,31 @@ def claim_workdir(config, workdir: str, fingerprint: str) -> str:
   A work directory that holds another experiment (another fingerprint), or checkpoints of an
   unknown one, raises a ConfigError before anything is written.
   """
-  workdir = os.path.abspath(os.path.expanduser(workdir))
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise bad_argument("--workdir", "a directory", f"the file {workdir}", ConfigError)
+  workdir = check_workdir(workdir)
   print_ = fingerprint
   record = os.path.join(workdir, EXPERIMENT_FILE)
   if os.path.isfile(record):
-    with open(record) as f:
-      previous = json.load(f)
+    try:
+      with open(record) as f:
+        previous = json.load(f)
+      if not isinstance(previous, dict):
+        raise ValueError(f"a JSON {type(previous).__name__}")
+    except (OSError, ValueError) as e:
+      raise bad_argument("--workdir", f"a new directory, or one whose {EXPERIMENT_FILE} glajax "
+                         "wrote", f"{record} unreadable ({e}); choose another --workdir",
+                         ConfigError) from None
     if previous.get("fingerprint") != print_:
       raise bad_argument("--workdir", f"a new directory or one of this experiment "
                          f"(fingerprint {print_})", f"{workdir} holding experiment "
                          f"{previous.get('config_spec')!r} (fingerprint "
                          f"{previous.get('fingerprint')}); choose another --workdir", ConfigError)
-  elif os.path.isdir(os.path.join(workdir, RUNS_DIR)) or os.path.isdir(
-      os.path.join(workdir, "checkpoints")):
-    raise bad_argument("--workdir", "a new directory or one of this experiment",
-                       f"{workdir} holding checkpoints of an unknown experiment (no "
-                       f"{EXPERIMENT_FILE}); choose another --workdir", ConfigError)
+  elif os.path.isdir(workdir) and os.listdir(workdir):
+    held = sorted(os.listdir(workdir))
+    what = ("checkpoints of an unknown experiment" if RUNS_DIR in held or "checkpoints" in held
+            else f"files of its own ({', '.join(held[:3])}{', ...' if len(held) > 3 else ''})")
+    raise bad_argument("--workdir", "a new or empty directory, or one of this experiment",
+                       f"{workdir} holding {what} (no {EXPERIMENT_FILE}); choose another "
+                       "--workdir", ConfigError)
   if parallel.is_primary():
     try:
       os.makedirs(workdir, exist_ok=True)
@@ -83,6 +90,20 @@ def claim_workdir(config, workdir: str, fingerprint: str) -> str:
     io.write_json(record, {"fingerprint": print_, "config_spec": config.get("config_spec"),
                            "config": json.loads(config.to_json_best_effort())})
   parallel.barrier("glajax claim_workdir")
+  return workdir
+
+
+def check_workdir(workdir) -> str:
+  """The absolute work directory, refused (a ConfigError naming ``--workdir``) when empty, a
+  file, or holding the wildcards ``*?[`` (TFDS reads its data with glob patterns)."""
+  if not isinstance(workdir, (str, os.PathLike)) or not os.fspath(workdir).strip():
+    raise bad_argument("--workdir", "a directory path", repr(workdir), ConfigError)
+  workdir = os.path.abspath(os.path.expanduser(os.fspath(workdir)))
+  if any(c in workdir for c in "*?["):
+    raise bad_argument("--workdir", "a path without the wildcards * ? [", repr(workdir),
+                       ConfigError)
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise bad_argument("--workdir", "a directory", f"the file {workdir}", ConfigError)
   return workdir
 
 

@@ -153,6 +153,18 @@ def in_range(name: str, x, lo: float, hi: float) -> None:
     raise bad_argument(name, f"a value in [{lo}, {hi}]", values.tolist())
 
 
+def real_scalar(name: str, x, lo: float = -np.inf, hi: float = np.inf) -> None:
+  """Raises unless ``x`` is one real number (rank 0: not a list, an array or a str); when
+  concrete, unless it is finite and in [lo, hi]."""
+  real_number(name, x)
+  if np.ndim(x) != 0:
+    raise bad_argument(name, "one number (a scalar)", f"{x!r}"[:200] + f" (shape {np.shape(x)})")
+  value = concrete(x)
+  if value is not None and not (np.isfinite(value) and lo <= value <= hi):
+    bounds = f" in [{lo}, {hi}]" if np.isfinite([lo, hi]).any() else ""
+    raise bad_argument(name, f"a finite value{bounds}", value.tolist())
+
+
 def real_number(name: str, x) -> None:
   """Raises unless ``x`` is a real number or a real array (not a str, bool or complex)."""
   dtype = None

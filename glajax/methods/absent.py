@@ -36,6 +36,7 @@ def apply_gamma(logits, absent, gamma) -> jax.Array:
   """z'_ic = z_ic + γ·1[c ∈ U] (float32)."""
   logits = _checks.logits_array("logits", logits)
   absent = _checks.mask_array("absent", absent, logits.shape[1])
+  _checks.real_scalar("gamma", gamma)
   return logits.astype(jnp.float32) + jnp.asarray(gamma, jnp.float32) * absent
 
 

@@ -68,7 +68,7 @@ def wise_ft(params_0, params_1, alpha, *, fisher=None):
   non-floating leaves must be equal and are returned unchanged. Jittable.
   """
   _check_matching("params_0", params_0, "params_1", params_1)
-  _checks.in_range("alpha", alpha, 0.0, 1.0)
+  _checks.real_scalar("alpha", alpha, 0.0, 1.0)
   alpha = jnp.asarray(alpha, jnp.float32)
   if fisher is None:
     return jax.tree.map(lambda a, b: _interpolate_leaf(a, b, alpha), params_0, params_1)
@@ -91,7 +91,7 @@ def output_ensemble(logits_0, logits_1, alpha, space: str = "logits") -> jax.Arr
   logits_1 = _checks.logits_array("logits_1", logits_1)
   _checks.same_shape("logits_1", logits_1, logits_0.shape)
   _checks.choice("space", space, ("logits", "probs"))
-  _checks.in_range("alpha", alpha, 0.0, 1.0)
+  _checks.real_scalar("alpha", alpha, 0.0, 1.0)
   f_0, f_1 = logits_0.astype(jnp.float32), logits_1.astype(jnp.float32)
   if space == "probs":
     f_0, f_1 = jax.nn.softmax(f_0, axis=-1), jax.nn.softmax(f_1, axis=-1)

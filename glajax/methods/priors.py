@@ -92,8 +92,12 @@ def estimate_log_prior(logits, labels, *, num_classes: int | None = None,
     temperature = None
   elif temperature is not None:
     _checks.in_range("temperature", temperature, 1e-6, np.inf)
+  if not isinstance(tol, (int, float, np.floating, np.integer)) or isinstance(tol, bool) or not (
+      np.isfinite(tol) and tol >= 0):
+    raise bad_argument("tol", "a finite number >= 0", repr(tol))
   if max_iter is None:
     max_iter = DEFAULT_MAX_ITER[solver]
+  max_iter = _checks.positive_int("max_iter", max_iter)
   return _estimate(logits, labels, temperature, match_confidence=match, solver=solver, tol=tol,
                    max_iter=max_iter, implementation=implementation, return_info=return_info)
 

@@ -466,14 +466,16 @@ def _filesystem(argument: str, path: str):
 
 
 def export_target(directory) -> str:
-  """The absolute export path (checked before any work); refuses "", the current directory
-  and its parents."""
+  """The absolute export path (checked before any work; a symlink resolved to the directory it
+  points to); refuses "", the current directory and its parents."""
   if not isinstance(directory, (str, os.PathLike)):
     raise bad_argument("directory", "a directory path", type(directory).__name__)
   path = os.fspath(directory)
   if not isinstance(path, str) or not path.strip():
     raise bad_argument("directory", "a non-empty directory path", repr(path))
   target = os.path.abspath(path)
+  if os.path.islink(target):  # an export through a link replaces what it points to, not the link
+    target = os.path.realpath(target)
   real, cwd = os.path.realpath(target), os.path.realpath(os.getcwd())
   if real == cwd or cwd.startswith(real.rstrip(os.sep) + os.sep):
     raise bad_argument("directory", "a directory other than the current directory and its "

@@ -9,6 +9,9 @@ test split (``data.test`` = ``data.train``), ``own_data.test_fraction`` of every
 """
 from __future__ import annotations
 
+import numpy as np
+
+from glajax.data import registry
 from glajax.errors import ConfigError, bad_argument
 from glajax.experiments import roles
 from glajax.schema import Field
@@ -31,11 +34,30 @@ def _pool_and_tests(config):
   return train.then(part(0)), [held_out, *tests[1:]]
 
 
+def _check_holdout(config) -> None:
+  """A per-class hold-out of a folder or CSV needs two images of every class (one to train on,
+  one to test on): refused before any work, naming the classes with fewer."""
+  name, _, split = str(config.data.train).partition("@")
+  if config.data.test != config.data.train or not registry.is_local(name):
+    return
+  info = registry.get(name)
+  if split not in info.source.splits:
+    return
+  counts = registry.local_class_counts(name, split)
+  few = [f"{info.classnames[c]} ({counts[c]})" for c in np.flatnonzero(counts < 2)]
+  if few:
+    raise bad_argument("own_data.test_fraction", f"at least 2 images in every class of "
+                       f"data.folder={config.data.get('folder') or name!r} (one held out to "
+                       f"test on, with no test split)", f"fewer in {len(few)} classes: "
+                       f"{', '.join(few[:10])}", ConfigError)
+
+
 def plan(config) -> list[roles.Use]:
   if config.gla.shots or config.gla.prior_data != gla.TRAINING:
     raise bad_argument("gla.shots, gla.prior_data", f"0 and {gla.TRAINING!r}: own_data "
                        "estimates the prior on its fine-tuning data",
                        (config.gla.shots, config.gla.prior_data), ConfigError)
+  _check_holdout(config)
   pool, tests = _pool_and_tests(config)
   uses = [roles.Use(roles.FIT, "fine-tuning", "data.train", pool),
           roles.Use(roles.FIT, "prior (fine-tuning)", "gla.prior_data", pool)]
