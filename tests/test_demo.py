@@ -237,3 +237,16 @@ def test_quick_demo_shows_its_effects(tmp_path):
     assert effect["description"] in text
   for index in range(2):  # the cache a second run starts from (see test_pretrain_is_cached)
     assert (tmp_path / "models" / "quick_seed0" / f"foundation_{index}" / "config.json").is_file()
+
+
+def test_a_rerun_keeps_the_first_runs_timings(tmp_path):
+  import glajax.demo as demo
+  assert demo._first_run_timings(str(tmp_path), "quick", 0) is None  # noqa  pylint: disable=protected-access
+  (tmp_path / "report.json").write_text(json.dumps(
+      {"scale": "quick", "seed": 0, "timings_s": {"pretrain": 50.0, "gla": 20.0}}))
+  first = demo._first_run_timings(str(tmp_path), "quick", 0)  # noqa  pylint: disable=protected-access
+  assert first == {"pretrain": 50.0, "gla": 20.0}
+  assert demo._first_run_timings(str(tmp_path), "quick", 1) is None  # noqa  another seed
+  results = {"effects": {}, "timings_s": first, "rerun_timings_s": {"pretrain": 1.0, "gla": 2.0}}
+  text = report.markdown(results, {}, "glajax demo --workdir w")
+  assert "in 70 s (first run)" in text and "reused the cache: 3 s" in text

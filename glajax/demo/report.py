@@ -73,7 +73,8 @@ def markdown(results: dict, reports: dict, command: str) -> str:
   """``report.md``: the command, the effects table, timings, the prior fit, the parts' tables."""
   parts = [
       "# glajax demo report", "",
-      f"Produced by `{command}` in {sum(results.get('timings_s', {}).values()):.0f} s.", "",
+      f"Produced by `{command}` in {sum(results.get('timings_s', {}).values()):.0f} s"
+      + (" (first run)" if results.get("rerun_timings_s") else "") + ".", "",
       "The world is procedural (coloured shapes × domains, "
       f"{results.get('world', {}).get('classes', '?')} classes); every part is an ordinary "
       "`glajax run` config run by the same runner, with its own report. Accuracies and ECE are "
@@ -96,6 +97,9 @@ def markdown(results: dict, reports: dict, command: str) -> str:
               "(`prior.png`). With in-batch negatives the optimum would be the pointwise mutual "
               "information log p(caption | image) / p(caption), which carries no prior.", ""]
   parts += ["## Timings", "", timings_table(results.get("timings_s", {})), ""]
+  if results.get("rerun_timings_s"):
+    parts += [f"(The first run's. This invocation reused the cache: "
+              f"{sum(results['rerun_timings_s'].values()):.0f} s.)", ""]
   for name, part in reports.items():
     parts += [f"## Part `{name}` ([report]({name}/report.md))", ""]
     parts += [experiment_report.markdown_table(t) + "\n" for t in part["tables"]]
