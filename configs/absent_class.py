@@ -58,5 +58,8 @@ def get_config(arg=None):
     C.runlocal(config, shifts=())  # the tiny world has its own test split
     if not clip:
       config.model.checkpoints = ("tiny-resnet:0",)
+      # 8 steps leave a random ResNet's running statistics half-way (0.9⁸ of the initial ones)
+      # to its features', so eval mode would not be the model trained: the smoke run keeps them.
+      config.train.batch_stats = "frozen"
     config.absent_class.update(num_seen=50, test_fraction=0.0, pcv_seeds=(0,), pcv_holdout=0.5)
   return config

@@ -24,10 +24,22 @@ from glajax.methods import metrics
 from glajax.parallel import data_sharding, is_primary, make_mesh, replicated, shard_batch
 
 
-def split_model(model: nnx.Module):
-  """(graphdef, params, rest): the NNX graph and two pure dicts, the ``nnx.Param``s and the rest."""
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+def split_model(model: nnx.Module, with_batch_stats: bool = False):
+  """(graphdef, params, rest): the NNX graph and two pure dicts, the ``nnx.Param``s (with
+  ``with_batch_stats``, and the BatchNorm statistics ``nnx.BatchStat``: what a torch
+  ``state_dict`` holds) and the rest."""
+  graphdef, params, rest = nnx.split(
+      model, (nnx.Param, nnx.BatchStat) if with_batch_stats else nnx.Param, ...)
   return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
+
+
+def set_batch_norm(model: nnx.Module, train: bool) -> nnx.Module:
+  """Every BatchNorm of ``model`` (the modules with ``use_running_average``: ``nnx.BatchNorm``,
+  ``layers.BatchNorm``) in train mode (batch statistics, running ones updated: the BatchNorm part
+  of ``model.train()``) or eval mode (running statistics: ``model.eval()``'s); in place, returns
+  ``model``. A model without BatchNorm is unchanged."""
+  model.set_attributes(use_running_average=not train, raise_if_not_found=False)
+  return model
 
 
 def global_batch(batch, mesh):
@@ -45,17 +57,22 @@ def image_logits(model, batch):
 @functools.lru_cache(maxsize=32)
 def _predict_fn(graphdef, logits_fn, mesh):
   """The jitted ``logits_fn`` of one model structure on one mesh, compiled once and reused by
-  every evaluation of a model with that structure."""
+  every evaluation of a model with that structure; BatchNorm in eval mode (running statistics)."""
   repl, data = replicated(mesh), data_sharding(mesh)
-  return jax.jit(lambda p, r, b: logits_fn(nnx.merge(graphdef, p, r), b).astype(jnp.float32),
-                 in_shardings=(repl, repl, data), out_shardings=data)
+
+  def predict(params, rest, batch):
+    model = set_batch_norm(nnx.merge(graphdef, params, rest), train=False)
+    return logits_fn(model, batch).astype(jnp.float32)
+
+  return jax.jit(predict, in_shardings=(repl, repl, data), out_shardings=data)
 
 
 def evaluate_logits(model: nnx.Module, logits_fn: Callable, batches, mesh=None, *,
                     desc: str | None = None, total: int | None = None):
   """(logits, labels) as NumPy over every batch, padding rows (``mask`` == 0) dropped.
 
-  ``logits_fn(model, batch) -> (B, C)`` runs jitted with the batch sharded on ``data``. With
+  ``logits_fn(model, batch) -> (B, C)`` runs jitted with the batch sharded on ``data``, the
+  model's BatchNorm (if any) in eval mode whatever mode it was given in. With
   ``desc``, process 0 shows a progress bar so labelled, in images (``total`` of them) per second.
   """
   mesh = make_mesh() if mesh is None else mesh

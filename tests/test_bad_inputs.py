@@ -494,6 +494,7 @@ CASES = [
         ("data_image_size_0", "data.image_size=0", ConfigError, "data.image_size"),
         ("dtype_float17", "train.model.dtype=float17", ConfigError, "train.model.dtype"),
         ("sharding_zero3", "train.sharding=zero3", ConfigError, "train.sharding"),
+        ("batch_stats_eval", "train.batch_stats=eval", ConfigError, "train.batch_stats"),
         ("schedule_unknown", "train.optimizer.schedule=linear", ConfigError,
          "train.optimizer.schedule"),
         ("unknown_split", "data.test='demo_shapes_tiny@test_nope'", DatasetError, "data.test"),

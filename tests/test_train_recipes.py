@@ -234,6 +234,19 @@ def test_contrastive_recipes(tmp_path, recipe, resnet):
     assert lines[0]["orthogonality"] == pytest.approx(penalty, rel=1e-5)   # on the initial W_v
   else:
     assert state.teacher is None and "orthogonality" not in lines[0]
+  assert (state.batch_stats is not None) == resnet   # model.train(): a ResNet's statistics train
+
+
+@pytest.mark.parametrize("name", sorted(recipes.RECIPES))
+def test_every_recipe_sets_its_batch_norm_mode_and_says_why(name):
+  """Each recipe (each stage of LP-FT) sets ``batch_stats`` itself, from the official code's
+  ``model.train()`` / ``.eval()``, and its docstring says so."""
+  config = recipes.RECIPES[name](**({"num_classes": 10} if name == "backdoor_peft" else {}))
+  stages = [config[k] for k in ("lp", "ft")] if name == "lp_ft" else [config]
+  for stage in stages:
+    assert stage.batch_stats in engine.BATCH_STATS
+  assert "BatchNorm" in recipes.RECIPES[name].__doc__ and "batch_stats" in (
+      recipes.RECIPES[name].__doc__)
 
 
 def test_backdoor_peft_trains_adapters_and_cosine_classifier(tmp_path):

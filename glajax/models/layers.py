@@ -1,6 +1,6 @@
-"""Transformer building blocks shared by the model families (CLIP, SigLIP): attention with its
-kernel choice, the pre-LN block with LIFT's optional AdaptFormer adapter, and the checks and
-small helpers every tower uses.
+"""Building blocks shared by the model families (CLIP, SigLIP): attention with its kernel
+choice, the pre-LN block with LIFT's optional AdaptFormer adapter, BatchNorm with PyTorch's
+semantics, and the checks and small helpers every tower uses.
 
   block(h) = h' + mlp(ln2(h')) [+ adapter(h')],  h' = h + attn(ln1(h))
 """
@@ -96,9 +96,10 @@ def even_length_attention(q, k, v, *, causal: bool, implementation: str):
 def attend(q, k, v, *, causal: bool, implementation: str = "auto"):
   """softmax(q kᵀ / √d_head [+ causal mask]) v for (B, L, H, d_head) q, k, v.
 
-  ``"xla"``: the scores in float32 (``preferred_element_type``), softmax in float32, weights
-  cast back to v's dtype. ``"cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn")``,
-  cuDNN's fused flash attention (no (B, H, L, L) array in memory; float32 softmax inside).
+  ``"xla"``: the scores in float32 (``preferred_element_type``; float64 for float64 compute),
+  softmax in that precision, weights cast back to v's dtype. ``"cudnn"``:
+  ``jax.nn.dot_product_attention(implementation="cudnn")``, cuDNN's fused flash attention (no
+  (B, H, L, L) array in memory; float32 softmax inside).
   ``"auto"``: cuDNN on a GPU backend for bfloat16/float16 compute when JAX accepts the shapes,
   else XLA; float32 models thus keep the exact XLA path that the transformers parity tests check.
   """
@@ -116,12 +117,13 @@ def attend(q, k, v, *, causal: bool, implementation: str = "auto"):
                            f"{jax.default_backend()} ({e})", ConfigError) from None
       warnings.warn(f"attention 'auto': cuDNN flash attention refused q of shape {q.shape} "
                     f"({e}); using XLA attention, which is slower", stacklevel=2)
-  scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+  precision = jnp.promote_types(q.dtype, jnp.float32)   # float64 compute keeps float64
+  scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=precision)
   scores = scores * q.shape[-1]**-0.5
   if causal:
     length = q.shape[1]
     mask = jnp.tril(jnp.ones((length, length), bool))
-    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    scores = jnp.where(mask, scores, jnp.finfo(precision).min)
   weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
   return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
 
@@ -229,6 +231,51 @@ class Block(nnx.Module):
     if self.adapter is not None:
       out = out + self.adapter(h)
     return out
+
+
+class BatchNorm(nnx.Module):
+  """``torch.nn.BatchNorm2d`` over the last (channel) axis (``torch/nn/modules/batchnorm.py``,
+  ``momentum`` as torch's, 0.1).
+
+  Eval mode (``use_running_average``, the default; ``model.eval()``):
+  y = (x − μ_run) / √(σ²_run + ε) · γ + β. Train mode (``model.train()``): the batch's mean μ_B
+  and biased variance σ²_B normalise, and the running statistics move towards them with the
+  variance unbiased, as torch does (Flax's ``nnx.BatchNorm`` keeps the biased one):
+  μ_run ← (1 − m)·μ_run + m·μ_B, σ²_run ← (1 − m)·σ²_run + m·σ²_B·n/(n − 1), n the values
+  per channel. Under ``jax.jit`` with a batch sharded over devices, μ_B and σ²_B are those of
+  the global batch (SyncBatchNorm's statistics, whatever the device count). Statistics are
+  ``nnx.BatchStat``s in float32 (float64 when ``param_dtype`` is); the normalisation runs in
+  float32 (float64 when ``dtype`` is).
+  """
+
+  def __init__(self, channels: int, *, epsilon: float = 1e-5, momentum: float = 0.1,
+               scale_init=jax.nn.initializers.ones, dtype=jnp.float32, param_dtype=jnp.float32,
+               rngs: nnx.Rngs | None = None):
+    del rngs  # deterministic initialisers
+    self.scale = nnx.Param(scale_init(None, (channels,), param_dtype))
+    self.bias = nnx.Param(jnp.zeros((channels,), param_dtype))
+    stat_dtype = jnp.promote_types(param_dtype, jnp.float32)
+    self.mean = nnx.BatchStat(jnp.zeros((channels,), stat_dtype))
+    self.var = nnx.BatchStat(jnp.ones((channels,), stat_dtype))
+    self.epsilon, self.momentum, self.dtype = epsilon, momentum, dtype
+    self.use_running_average = True
+
+  def __call__(self, x):
+    x = x.astype(jnp.promote_types(self.dtype, jnp.float32))
+    if self.use_running_average:
+      mean, var = self.mean[...].astype(x.dtype), self.var[...].astype(x.dtype)
+    else:
+      axes = tuple(range(x.ndim - 1))
+      mean = x.mean(axes)
+      var = jnp.square(x - mean).mean(axes)
+      n = math.prod(x.shape[:-1])
+      m = self.momentum
+      running = self.mean[...].dtype
+      self.mean[...] = jax.lax.stop_gradient((1 - m) * self.mean[...] + m * mean).astype(running)
+      self.var[...] = jax.lax.stop_gradient(
+          (1 - m) * self.var[...] + m * var * (n / max(n - 1, 1))).astype(running)
+    inv = jax.lax.rsqrt(var + self.epsilon) * self.scale[...].astype(x.dtype)
+    return ((x - mean) * inv + self.bias[...].astype(x.dtype)).astype(self.dtype)
 
 
 # ``remat``: what the backward pass keeps of each block's forward pass; the rest it recomputes

@@ -5,7 +5,10 @@ and a config; the engine splits the model with ``nnx.split`` at the jit boundary
 pytrees in, ``nnx.merge`` inside), places params, optimiser state and the rest of the model's
 state on the mesh as ``config.sharding`` says (``"replicated"``, or ``"fsdp"``: sharded over the
 ``data`` axis by ``glajax.parallel.fsdp_spec``), shards batches on their leading axis and
-accumulates gradients over micro-batches with a scan. Everything else is a hook: logging and the
+accumulates gradients over micro-batches with a scan. BatchNorm (``config.batch_stats``): in
+``"train"`` mode the loss runs the model with batch statistics and the step carries the updated
+running statistics in the train state (:func:`make_train_step`); ``"frozen"`` keeps the running
+ones. Everything else is a hook: logging and the
 non-finite guard (:class:`MetricsLog`), checkpoints (:class:`CheckpointHook`), a recipe's second
 copy of the parameters updated inside the step (``teacher_update``, CaRot's EMA teacher: the loss
 then receives the teacher model as its fourth argument) and the best-validation model
@@ -30,8 +33,8 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from glajax.errors import ConfigError, TrainingError, bad_argument
+from glajax.evaluate import global_batch, set_batch_norm, split_model
 from glajax.schema import Field
-from glajax.evaluate import global_batch, split_model
 from glajax import parallel
 from glajax.parallel import DATA_AXIS, data_sharding, is_primary, make_mesh, replicated
 from glajax.train.checkpoint import Checkpointer
@@ -41,6 +44,9 @@ from glajax.train.state import (FROZEN, SCHEDULES, WARMUPS, TrainState, create_t
 LossFn = Callable[..., tuple[jax.Array, Mapping[str, jax.Array]]]
 # (teacher params, params after the update, 0-based step k) -> new teacher params
 TeacherUpdate = Callable[[dict, dict, jax.Array], dict]
+# BatchNorm in training: "train" (batch statistics, running ones updated: torch's model.train())
+# or "frozen" (running statistics, kept as loaded: model.eval()).
+BATCH_STATS = ("train", "frozen")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -50,6 +56,7 @@ def default_config() -> ml_collections.ConfigDict:
       total_steps=1000,
       sharding="replicated",   # or "fsdp": params, gradients, optimiser state sharded (parallel)
       accum_steps=1,           # micro-batches per optimiser step (scanned; same global batch)
+      batch_stats="train",     # BatchNorm: "train" or "frozen" (BATCH_STATS; recipes set theirs)
       log_every=50,
       checkpoint_every=500,    # 0: no periodic checkpoints
       keep_checkpoints=3,
@@ -67,6 +74,7 @@ _STEP = Field("int", 0)
 FIELDS = {
     "seed": Field("int", 0), "total_steps": Field("int"), "accum_steps": Field("int", 1),
     "sharding": Field("choice", choices=parallel.SHARDINGS, result=False),
+    "batch_stats": Field("choice", choices=BATCH_STATS),
     "log_every": Field("int", 1, result=False), "checkpoint_every": Field("int", 0, result=False),
     "keep_checkpoints": Field("int", 1, result=False), "progress": Field("bool", result=False),
     "tensorboard": Field("bool", result=False), "wandb": Field("bool", result=False),
@@ -100,27 +108,59 @@ def _microbatches(batch, accum_steps: int, mesh):
 
 def _gradients(grad_fn, state: TrainState, rest, batch, rng, accum_steps: int, mesh,
                param_shardings):
-  """((loss, metrics), grads) of the step's batch, averaged over ``accum_steps`` scanned
-  micro-batches; gradients are constrained to ``param_shardings`` as they are made (under
-  FSDP: reduce-scattered, so the accumulator is sharded too)."""
+  """((loss, metrics), grads, batch_stats) of the step's batch: loss, metrics and gradients
+  averaged over ``accum_steps`` scanned micro-batches, the BatchNorm statistics (if trained)
+  updated by each micro-batch in turn, as torch's forward passes over them would; gradients are
+  constrained to ``param_shardings`` as they are made (under FSDP: reduce-scattered, so the
+  accumulator is sharded too)."""
 
-  def grads_of(micro_batch, micro_rng):
-    out, grads = grad_fn(state.params, rest, state.teacher, micro_batch, micro_rng)
-    return out, jax.lax.with_sharding_constraint(grads, param_shardings)
+  def grads_of(stats, micro_batch, micro_rng):
+    (loss, (metrics, stats)), grads = grad_fn(state.params, stats, rest, state.teacher,
+                                              micro_batch, micro_rng)
+    return (loss, metrics), jax.lax.with_sharding_constraint(grads, param_shardings), stats
 
   if accum_steps == 1:
-    return grads_of(batch, rng)
+    return grads_of(state.batch_stats, batch, rng)
 
   def accumulate(carry, micro):
-    i, micro_batch = micro
-    return jax.tree.map(jnp.add, carry, grads_of(micro_batch, jax.random.fold_in(rng, i))), None
+    (total, stats), (i, micro_batch) = carry, micro
+    out, grads, stats = grads_of(stats, micro_batch, jax.random.fold_in(rng, i))
+    return (jax.tree.map(jnp.add, total, (out, grads)), stats), None
 
   zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
-      grads_of, jax.tree.map(lambda x: x[: x.shape[0] // accum_steps], batch), rng))
+      grads_of, state.batch_stats, jax.tree.map(lambda x: x[: x.shape[0] // accum_steps], batch),
+      rng)[:2])
   zeros = (zeros[0], jax.lax.with_sharding_constraint(zeros[1], param_shardings))
   micro = (jnp.arange(accum_steps), _microbatches(batch, accum_steps, mesh))
-  out, _ = jax.lax.scan(accumulate, zeros, micro)
-  return jax.tree.map(lambda x: x / accum_steps, out)
+  (total, stats), _ = jax.lax.scan(accumulate, (zeros, state.batch_stats), micro)
+  out, grads = jax.tree.map(lambda x: x / accum_steps, total)
+  return out, grads, stats
+
+
+def _with_batch_stats(rest, batch_stats):
+  """``rest`` (a model's non-parameter state) with its BatchNorm statistics replaced by
+  ``batch_stats`` (a sub-tree of it; None: ``rest`` as it is)."""
+  if batch_stats is None:
+    return rest
+  if not isinstance(batch_stats, dict):
+    return batch_stats
+  return {**rest, **{k: _with_batch_stats(rest[k], v) for k, v in batch_stats.items()}}
+
+
+def _trained_batch_stats(model, config) -> dict | None:
+  """The model's BatchNorm statistics (a pure dict) when ``config.batch_stats`` trains them;
+  None when they are frozen or the model has none (then the train state holds nothing more)."""
+  if config.get("batch_stats", "train") != "train":
+    return None
+  stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
+  return stats if jax.tree.leaves(stats) else None
+
+
+def _eval_model(graphdef, params, batch_stats, rest):
+  """The model of ``params``, the trained ``batch_stats`` (or None) and ``rest``, its BatchNorm
+  in eval mode (running statistics)."""
+  return set_batch_norm(nnx.merge(graphdef, params, _with_batch_stats(rest, batch_stats)),
+                        train=False)
 
 
 def make_train_step(graphdef, loss_fn: LossFn, tx: optax.GradientTransformation, mesh, *,
@@ -131,38 +171,49 @@ def make_train_step(graphdef, loss_fn: LossFn, tx: optax.GradientTransformation,
   them, from ``parallel.shardings``; None: replicated) says, in and out. Parameters (the
   teacher's too) and ``rest`` are gathered where the loss uses them; gradients, the optimiser
   update and the new state keep their shardings. ``metrics["finite"]`` says whether the loss and
-  every updated parameter are finite. With ``teacher_update``, the teacher is updated right
-  after the optimiser update of 0-based step k = ``state.step``."""
+  every updated parameter and statistic are finite. With ``teacher_update``, the teacher is
+  updated right after the optimiser update of 0-based step k = ``state.step``.
+
+  BatchNorm: with ``state.batch_stats`` (a sub-tree of ``rest``'s state), the loss runs the model
+  in train mode on them (``layers.BatchNorm``: batch statistics of the global batch, SyncBN's;
+  running ones updated with torch's momentum and unbiased variance) and the step returns them
+  updated; without, in eval mode on ``rest``'s running statistics. The teacher always runs in
+  eval mode on ``rest``'s (the statistics it was copied with: CaRot's ``teacher_enc`` is a copy
+  of the eval-mode model made before ``model.train()``, its EMA over ``parameters()`` alone)."""
   if accum_steps < 1:
     raise bad_argument("train.accum_steps", "a positive integer", accum_steps, ConfigError)
   repl = replicated(mesh)
   state_shardings, rest_shardings = (repl, repl) if shardings is None else shardings
   param_shardings = repl if shardings is None else state_shardings.params
 
-  def loss_of(params, rest, teacher, batch, rng):
-    params, rest, teacher = jax.lax.with_sharding_constraint((params, rest, teacher), repl)
-    model = nnx.merge(graphdef, params, rest)
+  def loss_of(params, batch_stats, rest, teacher, batch, rng):
+    params, batch_stats, rest, teacher = jax.lax.with_sharding_constraint(
+        (params, batch_stats, rest, teacher), repl)
+    model = set_batch_norm(nnx.merge(graphdef, params, _with_batch_stats(rest, batch_stats)),
+                           train=batch_stats is not None)
     if teacher is None:
       loss, metrics = loss_fn(model, batch, rng)
     else:
-      loss, metrics = loss_fn(model, batch, rng, nnx.merge(graphdef, teacher, rest))
-    return loss, dict(metrics)
+      loss, metrics = loss_fn(model, batch, rng, _eval_model(graphdef, teacher, None, rest))
+    if batch_stats is not None:
+      batch_stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
+    return loss, (dict(metrics), batch_stats)
 
   grad_fn = jax.value_and_grad(loss_of, has_aux=True)
 
   def step(state: TrainState, rest, batch):
     rng = jax.random.fold_in(state.rng, state.step)
-    (loss, metrics), grads = _gradients(grad_fn, state, rest, batch, rng, accum_steps, mesh,
-                                        param_shardings)
+    (loss, metrics), grads, batch_stats = _gradients(grad_fn, state, rest, batch, rng,
+                                                     accum_steps, mesh, param_shardings)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     teacher = state.teacher
     if teacher_update is not None:
       teacher = teacher_update(teacher, params, state.step)
     finite = jnp.isfinite(loss) & jnp.all(jnp.asarray(
-        [jnp.isfinite(x).all() for x in jax.tree.leaves(params)]))
+        [jnp.isfinite(x).all() for x in jax.tree.leaves((params, batch_stats))]))
     state = state.replace(params=params, opt_state=opt_state, teacher=teacher,
-                          step=state.step + 1)
+                          batch_stats=batch_stats, step=state.step + 1)
     return state, {"loss": loss, **metrics, "finite": finite}
 
   return jax.jit(step, in_shardings=(state_shardings, rest_shardings, data_sharding(mesh)),
@@ -175,19 +226,21 @@ def param_groups(model) -> dict[str, str]:
   return dict(groups()) if callable(groups) else {}
 
 
-def _initial_state(params, rest, tx, config, mesh, with_teacher: bool):
+def _initial_state(params, batch_stats, rest, tx, config, mesh, with_teacher: bool):
   """(step 0's train state, ``rest``, their shardings) on ``mesh``, placed as ``config.sharding``
   says; the optimiser state and the teacher are made on the devices, already in their
   shardings (never whole on one device)."""
 
-  def init(params):
-    return create_train_state(params, tx, config.seed, with_teacher)
+  def init(params, batch_stats):
+    return create_train_state(params, tx, config.seed, with_teacher, batch_stats)
 
   how = config.get("sharding", "replicated")
-  state_shardings = parallel.shardings(jax.eval_shape(init, params), mesh, how)
+  state_shardings = parallel.shardings(jax.eval_shape(init, params, batch_stats), mesh, how)
   rest_shardings = parallel.shardings(rest, mesh, how)
   params = parallel.put(params, state_shardings.params)
-  state = jax.jit(init, out_shardings=state_shardings, donate_argnums=0)(params)
+  batch_stats = parallel.put(batch_stats, state_shardings.batch_stats)
+  state = jax.jit(init, out_shardings=state_shardings, donate_argnums=(0, 1))(params,
+                                                                              batch_stats)
   return state, parallel.put(rest, rest_shardings), (state_shardings, rest_shardings)
 
 
@@ -324,10 +377,11 @@ class BestSelection:
   ``curr_result > self.best_result``; ``after_train`` loads it).
 
   After every ``every`` optimiser steps (None: one epoch, ``optimizer.steps_per_epoch``),
-  ``score(model)`` (a float, higher is better) of the model so far; the trainable parameters of
-  the first best score are kept and ``fit`` returns them in place of the last ones. They ride in
-  the checkpoints, so a resumed run selects what an uninterrupted one does. ``history`` holds
-  (step, score) of the epochs this invocation evaluated; ``chosen`` the kept (step, score).
+  ``score(model)`` (a float, higher is better; the model's BatchNorm in eval mode) of the model
+  so far; the trainable parameters (and trained BatchNorm statistics) of the first best score
+  are kept and ``fit`` returns them in place of the last ones. They ride in the checkpoints, so
+  a resumed run selects what an uninterrupted one does. ``history`` holds (step, score) of the
+  epochs this invocation evaluated; ``chosen`` the kept (step, score).
   """
 
   def __init__(self, score: Callable[[nnx.Module], float], every: int | None = None):
@@ -344,33 +398,40 @@ class BestSelection:
     return int(every)
 
   @staticmethod
-  def initial(params, config, aliases: dict | None = None) -> dict:
-    """Nothing kept yet: score −∞ and the trainable leaves as they are (``aliases``: the
-    model's parameter groups, for ``<group>`` patterns)."""
+  def initial(params, config, aliases: dict | None = None, batch_stats=None) -> dict:
+    """Nothing kept yet: score −∞, the trainable leaves and the trained BatchNorm statistics
+    (if any) as they are (``aliases``: the model's parameter groups, for ``<group>``
+    patterns)."""
     labels = _flat(param_labels(params, config.optimizer.trainable,
                                 config.optimizer.get("groups", ()), aliases))
-    return {"score": np.float32(-np.inf), "step": np.int32(0),
+    kept = {"score": np.float32(-np.inf), "step": np.int32(0),
             "params": {p: x for p, x in _flat(params).items() if labels[p] != FROZEN}}
+    return kept if batch_stats is None else {**kept, "batch_stats": batch_stats}
 
-  def update(self, kept: dict, step: int, model, params, mesh) -> dict:
+  def update(self, kept: dict, step: int, model, state: TrainState, mesh) -> dict:
     score = float(np.float32(self.score(model)))  # as the checkpoints hold it
     self.history.append((step, score))
     if not score > float(np.asarray(kept["score"].addressable_data(0))):
       return kept
-    flat = _flat(params)
+    flat = _flat(state.params)
     fresh = {"score": np.float32(score), "step": np.int32(step)}
     fresh = parallel.put(fresh, parallel.shardings(fresh, mesh))
-    return {**fresh, "params": {p: jnp.copy(flat[p]) for p in kept["params"]}}
+    fresh["params"] = {p: jnp.copy(flat[p]) for p in kept["params"]}
+    if "batch_stats" in kept:
+      fresh["batch_stats"] = jax.tree.map(jnp.copy, state.batch_stats)
+    return fresh
 
-  def best(self, params, kept: dict):
-    """``params`` with the kept leaves in place (the last ones if no epoch was scored)."""
+  def best(self, state: TrainState, kept: dict):
+    """(params, batch_stats) of ``state`` with the kept leaves in place (the last ones if no
+    epoch was scored)."""
     step = int(np.asarray(kept["step"].addressable_data(0)))
     if step == 0:
-      return params
+      return state.params, state.batch_stats
     self.chosen = (step, float(np.asarray(kept["score"].addressable_data(0))))
     leaves = kept["params"]
-    return jax.tree_util.tree_map_with_path(
-        lambda path, leaf: leaves.get(param_path(path), leaf), params)
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, leaf: leaves.get(param_path(path), leaf), state.params)
+    return params, kept.get("batch_stats", state.batch_stats)
 
 
 def _checked_config(config) -> int:
@@ -380,17 +441,29 @@ def _checked_config(config) -> int:
     value = config.get(key)
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo:
       raise bad_argument(f"train.{key}", f"an integer >= {lo}", repr(value), ConfigError)
-  if config.get("sharding", "replicated") not in parallel.SHARDINGS:
-    raise bad_argument("train.sharding", f"one of {', '.join(parallel.SHARDINGS)}",
-                       repr(config.get("sharding")), ConfigError)
+  for key, options in (("sharding", parallel.SHARDINGS), ("batch_stats", BATCH_STATS)):
+    if config.get(key, options[0]) not in options:
+      raise bad_argument(f"train.{key}", f"one of {', '.join(options)}", repr(config.get(key)),
+                         ConfigError)
   return int(config.total_steps)
 
 
-def _initial_kept(select: BestSelection, params, config, model, mesh) -> dict:
-  """The best-validation state before any epoch, its leaves placed as the parameters of their
-  shapes are (``config.sharding``)."""
-  kept = select.initial(params, config, param_groups(model))
+def _initial_kept(select: BestSelection | None, params, batch_stats, config, model, mesh):
+  """The best-validation state before any epoch (None without ``select``), its leaves placed
+  as the parameters of their shapes are (``config.sharding``)."""
+  if select is None:
+    return None
+  kept = select.initial(params, config, param_groups(model), batch_stats)
   return parallel.put(kept, parallel.shardings(kept, mesh, config.get("sharding", "replicated")))
+
+
+def _resume(checkpoints: Checkpointer, state: TrainState, kept):
+  """(start step, state, kept) of the newest checkpoint that restores, or (0, ``state``,
+  ``kept``) as given."""
+  start, restored = checkpoints.restore_latest(state if kept is None else (state, kept))
+  if restored is None:
+    return 0, state, kept
+  return (start, *restored) if kept is not None else (start, restored, None)
 
 
 def fit(model: nnx.Module, loss_fn: LossFn, config, data: Callable[[int], Iterator],
@@ -408,21 +481,22 @@ def fit(model: nnx.Module, loss_fn: LossFn, config, data: Callable[[int], Iterat
   checkpointed (``checkpoint_every`` = 0 turns off the periodic ones only), so a finished run
   is reused, not retrained. ``select`` (:class:`BestSelection`) makes it return the
   best-scoring epoch's parameters instead of the last ones. ``name`` labels the progress bar.
+  ``config.batch_stats="train"`` trains a model's BatchNorm statistics with it
+  (:func:`make_train_step`); the returned model's BatchNorm is in eval mode.
   """
   mesh = make_mesh() if mesh is None else mesh
   total = _checked_config(config)
   os.makedirs(workdir, exist_ok=True)
   graphdef, params, rest = split_model(model)
+  batch_stats = _trained_batch_stats(model, config)
   tx, schedule = make_optimizer(config.optimizer, params, total, param_groups(model))
-  state, rest, shardings = _initial_state(params, rest, tx, config, mesh,
+  state, rest, shardings = _initial_state(params, batch_stats, rest, tx, config, mesh,
                                           teacher_update is not None)
   checkpoints = Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint_every,
                              config.keep_checkpoints)
   period = 0 if select is None else select.period(config)
-  kept = None if select is None else _initial_kept(select, params, config, model, mesh)
-  start, restored = checkpoints.restore_latest(state if kept is None else (state, kept))
-  if restored is not None:
-    state, kept = restored if kept is not None else (restored, None)
+  kept = _initial_kept(select, params, batch_stats, config, model, mesh)
+  start, state, kept = _resume(checkpoints, state, kept)
   step_fn = make_train_step(graphdef, loss_fn, tx, mesh, accum_steps=config.accum_steps,
                             teacher_update=teacher_update, shardings=shardings)
   log = MetricsLog(workdir, config, schedule, start, checkpoints, name)
@@ -441,13 +515,14 @@ def fit(model: nnx.Module, loss_fn: LossFn, config, data: Callable[[int], Iterat
       log.after_step(step, metrics, jax.tree.leaves(batch)[0].shape[0],
                      flush=save_due or scored)
       if scored:  # after the flush: a non-finite model is never scored
-        kept = select.update(kept, step, nnx.merge(graphdef, state.params, rest), state.params,
-                             mesh)
+        kept = select.update(kept, step, _eval_model(graphdef, state.params, state.batch_stats,
+                                                     rest), state, mesh)
       if save_due:  # after the flush: a non-finite step is never saved
         checkpoints.save(step, state if kept is None else (state, kept), force=True)
     log.flush(total)
   finally:
     log.close()
     checkpoints.close()
-  params = state.params if select is None else select.best(state.params, kept)
-  return nnx.merge(graphdef, parallel.to_host(params), parallel.to_host(rest)), state
+  params, batch_stats = (state.params, state.batch_stats) if select is None else select.best(
+      state, kept)
+  return _eval_model(graphdef, *parallel.to_host((params, batch_stats, rest))), state

@@ -140,11 +140,13 @@ def finetune() -> ml_collections.ConfigDict:
   ``clip_grad_norm_(params, 1.0)``; from ``src/models/utils.py`` ``cosine_lr``: lr·(k + 1)/500
   at 0-based step k < 500, then a per-step cosine to 0 (``warmup="linear"``,
   ``schedule="cosine"``). The text tower is unused and frozen (so weight decay leaves it, and
-  ``logit_scale``, as they were)."""
+  ``logit_scale``, as they were). ``finetune.py`` calls ``model.train()`` before every epoch: a
+  ResNet's BatchNorm trains its statistics (``batch_stats="train"``)."""
   config = _config(512, 10, CLIP_TRANSFORMS, name="adamw", learning_rate=3e-5, weight_decay=0.1,
                    b1=0.9, b2=0.999, eps=1e-8, warmup_steps=500, warmup="linear",
                    schedule="cosine", grad_clip_norm=1.0,
                    trainable=("<image>", "<head>"))
+  config.batch_stats = "train"
   config.label_smoothing = 0.0
   return config
 
@@ -162,9 +164,10 @@ def finetune_sgd(weight_decay: float = 1e-4) -> ml_collections.ConfigDict:
   cosine to 0 without warmup: ``schedule="cosine"``, ``warmup_steps=0``), cross-entropy over all
   classes, float32. An official "epoch" is 500 iterations of a shuffled ``DataLoader`` cycled
   forever, not a pass over the data: a config sets ``total_steps`` = epochs · 500. The official
-  ``model.train()`` updates BatchNorm's statistics; glajax's engine keeps them (eval mode).
-  The data code is not released (``py/data`` is not in the repository): the transforms are
-  torchvision's ImageNet reference ones, with which the source weights were trained (its
+  loop runs ``model.train()`` (``py/workflow/train.py``): BatchNorm normalises with the batch's
+  statistics and trains the running ones (``batch_stats="train"``). The data code is not
+  released (``py/data`` is not in the repository): the transforms are torchvision's ImageNet
+  reference ones, with which the source weights were trained (its
   ``references/classification``: RandomResizedCrop(224) + flip; Resize(256) + CenterCrop(224),
   bilinear), as LIFT's."""
   config = _config(64, 50, LIFT_TRANSFORMS, name="sgd", learning_rate=1e-3, momentum=0.9,
@@ -172,20 +175,25 @@ def finetune_sgd(weight_decay: float = 1e-4) -> ml_collections.ConfigDict:
                    schedule="cosine", grad_clip_norm=0.0, trainable=("<image>", "<head>"),
                    groups=(dict(name="backbone", pattern="<image>", lr_scale=0.1),))
   config.model.dtype = "float32"
+  config.batch_stats = "train"
   config.label_smoothing = 0.0
   return config
 
 
 def linear_probe() -> ml_collections.ConfigDict:
   """WiSE-FT's linear-classifier variant on cached features: the zero-shot-initialised head alone,
-  with the end-to-end recipe's optimiser."""
+  with the end-to-end recipe's optimiser; the features come from the frozen tower in eval mode
+  (wise-ft ``src/datasets/common.py`` ``get_features_helper``: ``image_encoder.eval()``:
+  BatchNorm on its running statistics, ``batch_stats="frozen"``)."""
   config = finetune()
   config.optimizer.trainable = (".*",)
+  config.batch_stats = "frozen"
   return config
 
 
 def lp_ft() -> ml_collections.ConfigDict:
-  """LP-FT (Kumar et al. 2022): ``lp`` (linear probe) then ``ft`` (end-to-end from its head)."""
+  """LP-FT (Kumar et al. 2022): ``lp`` (linear probe, BatchNorm frozen) then ``ft`` (end-to-end
+  from its head, BatchNorm statistics trained: each stage's ``batch_stats`` as its recipe's)."""
   return ml_collections.ConfigDict(dict(lp=linear_probe(), ft=finetune()))
 
 
@@ -195,10 +203,13 @@ def flyp() -> ml_collections.ConfigDict:
   --wd 0.1 --batch-size 512 --epochs 10``, ViT-B/16), ``src/args.py`` (``--warmup_length 500``,
   ``--min_lr 0``) and ``src/models/utils.py`` ``cosine_lr`` (lr·(k + 1)/500 warmup, then a
   per-step cosine); ``torch.optim.AdamW`` with its defaults over every parameter; no gradient
-  clipping."""
+  clipping; ``src/models/carot_loss.py`` calls ``model.train()`` before every epoch (a ResNet
+  tower's BatchNorm trains its statistics, ``batch_stats="train"``; CaRot's EMA teacher keeps
+  the loaded ones, in eval mode: ``engine.make_train_step``)."""
   config = _config(512, 10, CLIP_TRANSFORMS, name="adamw", learning_rate=1e-5, weight_decay=0.1,
                    warmup_steps=500, warmup="linear", schedule="cosine", grad_clip_norm=0.0,
                    trainable=(".*",))
+  config.batch_stats = "train"
   config.carot = ml_collections.ConfigDict(dict(
       lambda_oc=0.0, lambda_sd=0.0, lambda_vt=0.0,
       teacher=dict(every=500, start=0.05, end=0.9, warmup_fraction=0.2)))
@@ -214,7 +225,8 @@ def carot() -> ml_collections.ConfigDict:
   ``--m_warm_up 0.2`` (the EMA teacher, ``losses.carot_teacher_update``: updated after the
   optimiser update of every 0-based step k with k mod 500 = 0, m from 0.05 to 0.9 over the first
   20 % of training), ``--warmup_length 500``; the loss terms and schedule from
-  ``src/models/carot_loss.py`` (no gradient clipping)."""
+  ``src/models/carot_loss.py`` (no gradient clipping; ``model.train()`` before every epoch: a
+  ResNet tower's BatchNorm trains its statistics, ``batch_stats="train"`` as :func:`flyp`'s)."""
   config = flyp()
   config.carot.update(lambda_oc=0.2, lambda_sd=1.5, lambda_vt=0.05)
   return config
@@ -246,13 +258,16 @@ def backdoor_peft(num_classes: int, num_layers: int = 12) -> ml_collections.Conf
     ``batch_size 128``, ``lr 0.01``, ``weight_decay 5e-4``, ``momentum 0.9``;
   * ``trainer.py``: ``torch.optim.SGD`` over the tuner and the head,
     ``CosineAnnealingLR(optim, num_epochs)`` stepped once per epoch (``schedule="epoch_cosine"``,
-    no warmup), a shuffled ``DataLoader`` without ``drop_last`` (⌈N/128⌉ steps an epoch).
+    no warmup), a shuffled ``DataLoader`` without ``drop_last`` (⌈N/128⌉ steps an epoch),
+    and ``self.tuner.train()`` alone: the backbone stays in the eval mode it was loaded in
+    (``batch_stats="frozen"``: BatchNorm on its running statistics).
   """
   config = _config(128, 10, LIFT_TRANSFORMS, name="sgd", learning_rate=0.01, momentum=0.9,
                    weight_decay=5e-4, warmup_steps=0, warmup="linear", schedule="epoch_cosine",
                    steps_per_epoch=0, grad_clip_norm=0.0, trainable=("<adapters>", "<head>"))
   config.model.adapter_dim = adapter_dim(num_classes, num_layers)
   config.model.adapter_scale = "learnable"
+  config.batch_stats = "frozen"
   config.tau = 1.0
   config.cosine_scale = 25.0
   return config
@@ -271,14 +286,18 @@ def prompt_tuning() -> ml_collections.ConfigDict:
   1e-5, then ``CosineAnnealingLR(T_max=50)`` from 0: ``warmup="constant"``,
   ``warmup_epochs=1``, ``schedule="epoch_cosine"``), ``dassl/data/data_manager.py``
   (``drop_last`` when N ≥ batch: ``drop_last=True``) and ``trainers/gla.py`` (the scheduler
-  stepped after the last batch of each epoch). The recipe the published few-shot table ran
-  (``scripts/gla.sh``) is :func:`prompt_tuning_for_shots` of this; with fewer shots than one
-  batch, :func:`scale_for_small_set`. Transforms: ``DASSL_TRANSFORMS``."""
+  stepped after the last batch of each epoch); ``set_model_mode("train")`` switches only the
+  registered prompt learner to train mode, so the CLIP loaded in eval mode keeps its BatchNorm
+  statistics (``batch_stats="frozen"``: the image features may be cached). The recipe the
+  published few-shot table ran (``scripts/gla.sh``) is :func:`prompt_tuning_for_shots` of this;
+  with fewer shots than one batch, :func:`scale_for_small_set`. Transforms:
+  ``DASSL_TRANSFORMS``."""
   config = _config(32, 50, DASSL_TRANSFORMS, name="sgd", learning_rate=2e-3, momentum=0.9,
                    weight_decay=5e-4, warmup_steps=0, warmup_epochs=1, warmup="constant",
                    warmup_lr=1e-5, schedule="epoch_cosine", steps_per_epoch=0,
                    grad_clip_norm=0.0, trainable=("_residual$",))
   config.drop_last = True
+  config.batch_stats = "frozen"
   config.template = "a photo of a {}."
   return config
 

@@ -20,20 +20,26 @@ FROZEN = "frozen"
 
 @flax.struct.dataclass
 class TrainState:
-  """params, opt_state, EMA teacher params (or None), step (int32 scalar) and rng (a PRNG key)."""
+  """params, opt_state, EMA teacher params (or None), step (int32 scalar), rng (a PRNG key) and
+  the BatchNorm running statistics being trained (a pure dict of the model's ``nnx.BatchStat``
+  leaves, or None: the model has none, or they are frozen)."""
   params: dict
   opt_state: optax.OptState
   teacher: dict | None
   step: jax.Array
   rng: jax.Array
+  batch_stats: dict | None = None
 
 
 def create_train_state(params, tx: optax.GradientTransformation, seed: int,
-                       with_teacher: bool = False) -> TrainState:
-  """Step 0: the optimiser initialised on ``params``; the teacher (if any) starts as ``params``."""
+                       with_teacher: bool = False, batch_stats: dict | None = None
+                       ) -> TrainState:
+  """Step 0: the optimiser initialised on ``params``; the teacher (if any) starts as ``params``;
+  ``batch_stats`` (if any) as given."""
   return TrainState(params=params, opt_state=tx.init(params),
                     teacher=jax.tree.map(jnp.array, params) if with_teacher else None,
-                    step=jnp.zeros((), jnp.int32), rng=jax.random.PRNGKey(seed))
+                    step=jnp.zeros((), jnp.int32), rng=jax.random.PRNGKey(seed),
+                    batch_stats=batch_stats)
 
 
 def param_path(path) -> str:

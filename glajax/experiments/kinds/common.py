@@ -10,8 +10,9 @@ import dataclasses
 
 import jax
 import numpy as np
+from flax import nnx
 
-from glajax import methods as M
+from glajax import evaluate, methods as M
 from glajax.data import registry as data_registry
 from glajax.errors import ConfigError, bad_argument
 from glajax.experiments import report, roles
@@ -181,6 +182,15 @@ def classifier_models(exp, checkpoint: str, use: roles.Use, train, export: str |
   models = Lazy(zs=lambda: source(exp, checkpoint, ref, train, templates),
                 ft=lambda: finetuned(exp, models.zs, run, use, train, export))
   return models, {"zs": source_tag(exp, checkpoint, ref, templates), "ft": run}
+
+
+def wise_ft_model(zs, ft, alpha: float):
+  """θ_α = (1 − α)·θ_zs + α·θ_ft (``M.wise_ft``) of two models of one structure, over their
+  parameters and BatchNorm statistics: wise-ft ``src/wise_ft.py`` ``_merge`` interpolates every
+  entry of the ``state_dict``, running statistics included."""
+  graphdef, weights_zs, rest = evaluate.split_model(zs, with_batch_stats=True)
+  weights_ft = evaluate.split_model(ft, with_batch_stats=True)[1]
+  return nnx.merge(graphdef, jax.jit(M.wise_ft)(weights_zs, weights_ft, alpha), rest)
 
 
 # ------------------------------------------------------------------------------ uncertainty

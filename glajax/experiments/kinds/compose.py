@@ -21,10 +21,9 @@ such, the α chosen on the ID test set (never fitted, reference only).
 from __future__ import annotations
 
 import numpy as np
-from flax import nnx
 
 import glajax
-from glajax import evaluate, methods as M
+from glajax import methods as M
 from glajax.errors import ConfigError, bad_argument
 from glajax.experiments import report, roles
 from glajax.schema import Field
@@ -115,11 +114,8 @@ class _Recipe:
     """The classifier of θ_α = (1 − α)θ_zs + αθ_ft."""
     zs, ft = self.models.zs, self.models.ft
     if not self.contrastive:
-      graphdef, params_zs, rest = evaluate.split_model(zs)
-      return nnx.merge(graphdef, M.wise_ft(params_zs, evaluate.split_model(ft)[1], alpha), rest)
-    graphdef, params_zs, rest = evaluate.split_model(zs.backbone)
-    backbone = nnx.merge(graphdef, M.wise_ft(params_zs, evaluate.split_model(ft.backbone)[1],
-                                             alpha), rest)
+      return common.wise_ft_model(zs, ft, alpha)
+    backbone = common.wise_ft_model(zs.backbone, ft.backbone, alpha)
     names, templates = self.exp.classes(common.train_ref(self.exp.config))
     head = glajax.zeroshot_head(backbone, self.exp.tokenizer(self.checkpoint), names, templates,
                                 show_progress=False)

@@ -3,11 +3,9 @@ head, evaluated for each α on the test set and the shifts; optionally temperatu
 fine-tuned model, T fitted on ``data.validation``."""
 from __future__ import annotations
 
-import jax
 import numpy as np
-from flax import nnx
 
-from glajax import evaluate, methods as M
+from glajax import methods as M
 from glajax.experiments import report, roles
 from glajax.schema import Field
 from glajax.experiments.kinds import common
@@ -62,9 +60,7 @@ def _sweep(exp, models, tags, tests, alphas):
   """α -> outputs (purpose -> (logits, labels)) of the weight-space ensemble on the tests."""
 
   def merged(alpha):
-    graphdef, params_zs, rest = evaluate.split_model(models.zs)
-    _, params_ft, _ = evaluate.split_model(models.ft)
-    return nnx.merge(graphdef, jax.jit(M.wise_ft)(params_zs, params_ft, alpha), rest)
+    return common.wise_ft_model(models.zs, models.ft, alpha)
 
   outputs = {}
   for alpha in alphas:  # the endpoints under the models' own tags, shared with other kinds

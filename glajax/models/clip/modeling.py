@@ -22,10 +22,10 @@ from flax import nnx
 
 from glajax.errors import ConfigError, bad_argument
 from glajax.models.family import ModelSpec
-from glajax.models.layers import (ADAPTER_SCALE_LEARNABLE, Block, attend, check_adapter_scale,
-                                  check_images, check_remat, check_sizes, check_token_ids,
-                                  check_tower, l2_normalise, normal, positive_size,
-                                  resize_position_embedding, run_blocks)
+from glajax.models.layers import (ADAPTER_SCALE_LEARNABLE, BatchNorm, Block, attend,
+                                  check_adapter_scale, check_images, check_remat, check_sizes,
+                                  check_token_ids, check_tower, l2_normalise, normal,
+                                  positive_size, resize_position_embedding, run_blocks)
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)   # OpenAI CLIP's normalisation (clip/clip.py)
 STD = (0.26862954, 0.26130258, 0.27577711)
@@ -98,9 +98,9 @@ class CLIPResNetConfig:
 
   The stem halves the image, a 2×2 average pool and the three strided stages halve it again each
   (flooring), so an even ``image_size`` >= 32 leaves an ``image_size // 32`` grid, the attention
-  pool's position table. BatchNorm (eps ``batch_norm_eps``) uses its running statistics; ``remat``
-  rematerialises each block in the backward pass (``layers.REMAT_POLICIES``; the function is the
-  same).
+  pool's position table. BatchNorm (eps ``batch_norm_eps``, ``layers.BatchNorm``) uses its
+  running statistics unless the model is in train mode; ``remat`` rematerialises each block in
+  the backward pass (``layers.REMAT_POLICIES``; the function is the same).
   """
   image_size: int = 224
   layers: tuple[int, int, int, int] = (3, 4, 6, 3)
@@ -412,12 +412,12 @@ def _conv(cin: int, cout: int, size: int, *, stride: int = 1, dtype, param_dtype
 
 
 def _batch_norm(features: int, eps: float, *, zero: bool = False, dtype, param_dtype, rngs):
-  """torch ``BatchNorm2d``: (x − mean) / √(var + eps) · scale + bias, in eval mode (running
-  statistics, ``nnx.BatchStat``). ``.train()`` switches to batch statistics; ``momentum`` 0.9 is
-  torch's 0.1 in Flax's convention. ``zero``: scale initialised to 0 (OpenAI's bn3)."""
-  return nnx.BatchNorm(features, use_running_average=True, momentum=0.9, epsilon=eps,
-                       scale_init=jax.nn.initializers.zeros if zero else jax.nn.initializers.ones,
-                       dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+  """torch ``BatchNorm2d`` (``layers.BatchNorm``): running statistics (``nnx.BatchStat``) in
+  eval mode, the default; ``.train()`` switches to batch statistics and updates the running
+  ones as torch does. ``zero``: scale initialised to 0 (OpenAI's bn3)."""
+  return BatchNorm(features, epsilon=eps,
+                   scale_init=jax.nn.initializers.zeros if zero else jax.nn.initializers.ones,
+                   dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
 
 def _avg_pool(x, size: int):
@@ -556,8 +556,8 @@ class CLIP(nnx.Module):
   (``glajax.models.family``).
 
   A ResNet's BatchNorm uses its running statistics (eval mode, the default; ``model.train()``
-  switches to batch statistics, which glajax's training engine does not yet carry out of its
-  jitted step, so fine-tuning keeps the running statistics as loaded)."""
+  switches to batch statistics and updates the running ones, as the training engine does with
+  ``train.batch_stats="train"``)."""
 
   logit_bias = None  # CLIP's logits have no bias (SigLIP's do)
 

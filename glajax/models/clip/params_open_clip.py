@@ -62,7 +62,7 @@ _BLOCK = (
     ("mlp.c_proj.weight", "mlp.fc2.kernel", "linear"),
     ("mlp.c_proj.bias", "mlp.fc2.bias", "same"),
 )
-# torch BatchNorm -> nnx.BatchNorm
+# torch BatchNorm -> layers.BatchNorm
 _BATCH_NORM = (("weight", "scale"), ("bias", "bias"), ("running_mean", "mean"),
                ("running_var", "var"))
 

@@ -2,7 +2,7 @@
 their ImageNet ``fc`` head, the backbone of Mai et al.'s absent-class calibration (NeurIPS 2024),
 in the checkpoint formats of ``checkpoint.FORMATS``.
 
-  modeling.py           configs and modules (``ResNet``, ``ResNetConfig``, torch-style BatchNorm)
+  modeling.py           configs and modules (``ResNet``, ``ResNetConfig``, ``layers.BatchNorm``)
   params_torchvision.py the torchvision/timm table: state-dict files and timm hub folders
   params_hf.py          the transformers (``ResNetForImageClassification``) table
   checkpoint.py         load_resnet over every format, save_resnet (transformers format)

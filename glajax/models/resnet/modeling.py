@@ -1,6 +1,6 @@
 """Flax NNX supervised ResNets (He et al., 2016): torchvision's ``ResNet`` in NHWC, ImageNet
-normalisation, BatchNorm with PyTorch's semantics, global average pooling and the ``fc``
-classifier.
+normalisation, BatchNorm with PyTorch's semantics (``layers.BatchNorm``), global average
+pooling and the ``fc`` classifier.
 
 The module tree mirrors torchvision's ``torchvision/models/resnet.py`` (``conv1``, ``bn1``,
 ``layer1``..``layer4`` of ``BasicBlock`` / ``Bottleneck``, ``fc``), so that torchvision/timm
@@ -21,7 +21,7 @@ from flax import nnx
 
 from glajax.errors import ConfigError, bad_argument
 from glajax.models.family import ModelSpec
-from glajax.models.layers import check_images, positive_size
+from glajax.models.layers import BatchNorm, check_images, positive_size
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)   # torchvision's ImageNet normalisation (transforms docs)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -94,45 +94,6 @@ class ResNetConfig:
     """A few-k-parameter bottleneck ResNet (one block per stage) for 32-px tests and demos."""
     return cls(**{**dict(depths=(1, 1, 1, 1), widths=(4, 8, 8, 16), stem_width=8,
                          num_classes=TINY_CLASSES, image_size=32), **overrides})
-
-
-class BatchNorm(nnx.Module):
-  """``torch.nn.BatchNorm2d`` over the channels of NHWC inputs (eps 1e-5, momentum 0.1).
-
-  Eval mode (``use_running_average``, the default; ``model.eval()``):
-  y = (x − μ_run) / √(σ²_run + ε) · γ + β. Train mode (``model.train()``): the batch's mean
-  and biased variance normalise, and the running statistics move towards the batch's, the
-  variance unbiased as PyTorch does (``torch/nn/modules/batchnorm.py``; Flax's own BatchNorm
-  keeps the biased one): μ_run ← (1 − m)·μ_run + m·μ_B, σ²_run ← (1 − m)·σ²_run +
-  m·σ²_B·n/(n − 1), n = B·H·W. Statistics are float32 ``nnx.BatchStat``s; the normalisation
-  is computed in float32 (float64 when the compute dtype is).
-  """
-
-  def __init__(self, channels: int, *, epsilon: float = 1e-5, momentum: float = 0.1,
-               dtype=jnp.float32, param_dtype=jnp.float32):
-    self.scale = nnx.Param(jnp.ones((channels,), param_dtype))
-    self.bias = nnx.Param(jnp.zeros((channels,), param_dtype))
-    self.mean = nnx.BatchStat(jnp.zeros((channels,), jnp.float32))
-    self.var = nnx.BatchStat(jnp.ones((channels,), jnp.float32))
-    self.epsilon, self.momentum, self.dtype = epsilon, momentum, dtype
-    self.use_running_average = True
-
-  def __call__(self, x):
-    x = x.astype(jnp.promote_types(self.dtype, jnp.float32))
-    if self.use_running_average:
-      mean, var = self.mean[...].astype(x.dtype), self.var[...].astype(x.dtype)
-    else:
-      axes = tuple(range(x.ndim - 1))
-      mean = x.mean(axes)
-      var = jnp.square(x - mean).mean(axes)
-      n = np.prod([x.shape[a] for a in axes])
-      m = self.momentum
-      self.mean[...] = jax.lax.stop_gradient(
-          (1 - m) * self.mean[...] + m * mean).astype(jnp.float32)
-      self.var[...] = jax.lax.stop_gradient(
-          (1 - m) * self.var[...] + m * var * (n / max(n - 1, 1))).astype(jnp.float32)
-    inv = jax.lax.rsqrt(var + self.epsilon) * self.scale[...].astype(x.dtype)
-    return ((x - mean) * inv + self.bias[...].astype(x.dtype)).astype(self.dtype)
 
 
 def _conv(cin: int, cout: int, kernel: int, stride: int, *, dtype, param_dtype, rngs):

@@ -2,8 +2,8 @@
 optimiser in PyTorch (OSU-MLB/Fine-Tuning-Is-Fine-If-Calibrated ``py/util/model.py``
 ``build_optimizer``/``get_parameters``: SGD with Nesterov momentum 0.9 and weight decay, the
 backbone at 0.1·lr and the head at lr; ``py/workflow/train.py``: ``CosineAnnealingLR(epochs ·
-iterations)`` stepped after every iteration, cross-entropy), with BatchNorm on its running
-statistics as glajax's engine keeps them."""
+iterations)`` stepped after every iteration, cross-entropy) under ``model.train()``: BatchNorm
+normalises with the batch's statistics and trains the running ones."""
 import jax
 import numpy as np
 import pytest
@@ -61,12 +61,17 @@ def test_finetune_sgd_follows_the_official_optimiser(tmp_path):
   with torch.no_grad():
     head.weight.copy_(torch.from_numpy(kernel.T))
     head.bias.zero_()
-  _official(torch_model.eval(), head, batches, 0.05, 1e-4)
+  _official(torch_model.train(), head, batches, 0.05, 1e-4)
+  torch_model.eval()
   np.testing.assert_allclose(trained.head.kernel[...], head.weight.detach().numpy().T,
                              atol=2e-6, rtol=1e-5)
   np.testing.assert_allclose(trained.backbone.layer4[0].conv2.kernel[...],
                              torch_model.layer4[0].conv2.weight.detach().numpy().transpose(
                                  2, 3, 1, 0), atol=2e-6, rtol=1e-5)
+  for ours, theirs in ((trained.backbone.bn1, torch_model.bn1),
+                       (trained.backbone.layer4[0].bn3, torch_model.layer4[0].bn3)):
+    np.testing.assert_allclose(ours.mean[...], theirs.running_mean.numpy(), atol=1e-6, rtol=1e-5)
+    np.testing.assert_allclose(ours.var[...], theirs.running_var.numpy(), atol=1e-6, rtol=1e-5)
   images = batches[0]["image"]
   with torch.no_grad():
     expected = head(torch_model.features(ref.nchw(images))).numpy()

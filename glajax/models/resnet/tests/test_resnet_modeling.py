@@ -14,8 +14,8 @@ import glajax
 from glajax import ConfigError, InputError
 from glajax.models import registry
 from glajax.models.heads import LinearHead
+from glajax.models.layers import BatchNorm
 from glajax.models.resnet import ResNet, ResNetConfig, init_resnet
-from glajax.models.resnet.modeling import BatchNorm
 from glajax.train import recipes
 
 torch = pytest.importorskip("torch")
