@@ -111,7 +111,8 @@ def test_demo_parts_are_ordinary_configs_with_checked_plans(tmp_path):
   for directory in foundations:  # stand-ins for pre-trained checkpoints: their config.json
     os.makedirs(directory)
     with open(os.path.join(directory, "config.json"), "w") as f:
-      json.dump({"model_type": "clip", "vision_config": {"patch_size": 8}}, f)
+      json.dump({"model_type": "clip", "vision_config": {"patch_size": 8, "image_size": 32}}, f)
+    open(os.path.join(directory, "model.safetensors"), "wb").close()  # its weights, unread
   configs = parts.configs(parts.SCALES["quick"], foundations)
   assert set(configs) == {"gla", "wise_ft", "backdoor", "absent_class", "flyp", "carot",
                           "compose"}

@@ -284,7 +284,10 @@ def test_per_shot_recipe_is_rn50_ep50_shot_k(shots):
     assert train.optimizer[key] == vit.optimizer[key]
   assert (vit.batch_size, vit.optimizer.learning_rate, vit.epochs) == (32, 0.002, 50)
   default = gla.train_config(_fake_exp(f"gla_fewshot:imagenet2012,gla.shots={shots}"))
-  assert (default.batch_size, default.optimizer.learning_rate) == (32, 0.002)  # vit_b16_ep50
+  assert (default.batch_size, default.optimizer.learning_rate,
+          default.epochs) == _RN50_EP50[shots]   # the published setting by default
+  vit_b16 = gla.train_config(_fake_exp(f"gla_fewshot:imagenet2012,vit_b16,gla.shots={shots}"))
+  assert (vit_b16.batch_size, vit_b16.optimizer.learning_rate) == (32, 0.002)  # vit_b16_ep50
 
 
 def _official_small_set_lr(lr, batch_size, num_classes, num_shots):

@@ -449,3 +449,27 @@ def test_evaluation_and_export_use_the_trained_running_statistics(checkpoint, tm
     np.testing.assert_array_equal(again[key], ours[key], err_msg=key)
   initial = _image_tower(load_clip(directory))
   assert not np.allclose(ours["visual.bn1.running_var"], initial["visual.bn1.running_var"])
+
+
+@pytest.mark.parametrize("remat", ["block", "dots"])
+def test_rematerialised_blocks_update_the_statistics_as_without(remat):
+  """A CLIP ResNet in train mode with its blocks rematerialised: the loss, the gradients and the
+  updated running statistics equal those without remat."""
+  import dataclasses
+  from glajax.models.clip.modeling import init_clip
+  base = registry.tiny_model("tiny-rn", 32, 0)
+  images = jnp.asarray(np.random.default_rng(0).normal(size=(4, 32, 32, 3)), jnp.float32)
+  out = []
+  for policy in ("none", remat):
+    config = dataclasses.replace(base.config,
+                                 vision=dataclasses.replace(base.config.vision, remat=policy))
+    model = evaluate.set_batch_norm(init_clip(config, seed=0), train=True)
+    graphdef, params, rest = evaluate.split_model(model)
+
+    def loss(p, rest):
+      merged = nnx.merge(graphdef, p, rest)
+      return jnp.sum(jnp.sin(merged.image_features(images))), nnx.to_pure_dict(
+          nnx.state(merged, nnx.BatchStat))
+
+    out.append(jax.jit(jax.value_and_grad(loss, has_aux=True))(params, rest))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), *out)

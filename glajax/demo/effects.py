@@ -211,7 +211,8 @@ def _measured(name: str, reports: dict, true_counts, workdir: str | None) -> dic
              and row.get(effect.column) is not None]
   if not matches:
     return None
-  chosen = _least_favourable(name, matches)
+  chosen = dict(_least_favourable(name, matches))
+  chosen["comparison"] = re.sub(r"(?<![\w.])/\S*/", "", chosen["comparison"])  # paths: names
   chosen["appeared"] = all(effect_appeared(name, m["value"]) for m in matches)
   return chosen
 
