@@ -398,3 +398,12 @@ def test_la_loss_matches_the_official_with_its_epsilon():
   assert np.isfinite(log_prior).all()
   config = recipes.backdoor_peft(6, 12)
   assert config.tau == 1.0
+
+
+def test_backdoor_evaluates_and_initialises_its_head_in_float32():
+  """Pre-train-Imbalance ``trainer.py``: fp16 autocast in training only; the head's text features
+  and evaluation in float32. glajax's recipe computes in float32 throughout (training more
+  precise than fp16), the same for evaluation and the head's initialisation."""
+  config = recipes.backdoor_peft(num_classes=100)
+  assert config.model.dtype == "float32"
+  assert recipes.prompt_tuning().model.dtype == "bfloat16"   # GLA.FS: an fp16 prompt learner

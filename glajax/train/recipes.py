@@ -260,13 +260,19 @@ def backdoor_peft(num_classes: int, num_layers: int = 12) -> ml_collections.Conf
     ``CosineAnnealingLR(optim, num_epochs)`` stepped once per epoch (``schedule="epoch_cosine"``,
     no warmup), a shuffled ``DataLoader`` without ``drop_last`` (⌈N/128⌉ steps an epoch),
     and ``self.tuner.train()`` alone: the backbone stays in the eval mode it was loaded in
-    (``batch_stats="frozen"``: BatchNorm on its running statistics).
+    (``batch_stats="frozen"``: BatchNorm on its running statistics);
+  * precision (``trainer.py``): fp16 autocast with a ``GradScaler`` in training, float32 for the
+    head's text-feature initialisation and for evaluation. glajax computes in float32 throughout
+    (``model.dtype="float32"``): evaluation and head initialisation as the official code, training
+    more precise than fp16 (which in JAX would need loss scaling too); ``"bfloat16"`` trades
+    that for speed.
   """
   config = _config(128, 10, LIFT_TRANSFORMS, name="sgd", learning_rate=0.01, momentum=0.9,
                    weight_decay=5e-4, warmup_steps=0, warmup="linear", schedule="epoch_cosine",
                    steps_per_epoch=0, grad_clip_norm=0.0, trainable=("<adapters>", "<head>"))
   config.model.adapter_dim = adapter_dim(num_classes, num_layers)
   config.model.adapter_scale = "learnable"
+  config.model.dtype = "float32"
   config.batch_stats = "frozen"
   config.tau = 1.0
   config.cosine_scale = 25.0
