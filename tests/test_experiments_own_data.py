@@ -87,8 +87,11 @@ def test_own_data_end_to_end(tmp_path):
   root = _folder(tmp_path / "images")
   workdir = tmp_path / "run"
   result = experiments.run(f"configs/custom.py:runlocal,data.folder={root}", str(workdir))
-  titles = [t["title"] for t in result["tables"]]
+  titles = [t["title"] for t in result["tables"] if not t["effects"]]
   assert titles[0].startswith("WiSE-FT on folder:") and titles[1].startswith("GLA on folder:")
+  effects = [t["title"] for t in result["tables"] if t["effects"]]
+  assert effects == ["WiSE-FT: paired differences (95 % intervals on the same test rows)",
+                     "GLA: paired differences (95 % intervals on the same test rows)"]
   assert set(result["results"]) == {"wise_ft", "gla"}
   assert {"wise_ft_curve.png", "reliability.png", "prior.png"} <= set(result["plots"])
   ledger = {e["purpose"]: e for e in result["ledger"]}
