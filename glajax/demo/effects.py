@@ -15,7 +15,6 @@ import warnings
 import numpy as np
 from scipy import stats
 
-from glajax import methods as M
 from glajax.experiments import report as experiment_report
 from glajax.experiments.kinds import common
 
@@ -173,15 +172,7 @@ def carot_vs_flyp(workdir: str, reports: dict, bins: int = 15, seed: int = 0) ->
   purposes = [p for p in outputs[0] if p in outputs[1]]
   if not purposes:
     return {}
-  evidence = common.Evidence(None, bins, seed=seed)
-  pairs = [{"before": M.row_summaries(*outputs[0][p]), "after": M.row_summaries(*outputs[1][p])}
-           for p in purposes]
-  out = {}
-  for metric, prefix in (("accuracy", "Δ "), ("ece", "Δ ECE ")):
-    statistic = common.MeanOver(metric, bins, paired=True)
-    out[prefix + "ID"] = evidence.interval(statistic, pairs[0])
-    if len(pairs) > 1:
-      out[prefix + "avg shifts"] = evidence.interval(statistic, *pairs[1:])
+  out = common.Evidence(None, bins, seed=seed).effects_on(*outputs, purposes)
   return {k: v._asdict() for k, v in out.items()}
 
 

@@ -297,15 +297,18 @@ class Evidence:
   def effects(self, before: dict, after: dict, tests: list[roles.Use]) -> dict:
     """{Δ column: Interval} of after − before on the ID test set and the mean over the shifts,
     accuracy and ECE, each a paired bootstrap on the same rows."""
-    pairs = {u.purpose: {"before": M.row_summaries(*before[u.purpose]),
-                         "after": M.row_summaries(*after[u.purpose])} for u in tests}
-    id_pair, shift_pairs = pairs[tests[0].purpose], [pairs[u.purpose] for u in tests[1:]]
+    return self.effects_on(before, after, [u.purpose for u in tests])
+
+  def effects_on(self, before: dict, after: dict, purposes) -> dict:
+    """:meth:`effects` of outputs keyed by ``purposes``, the ID test set's first."""
+    pairs = [{"before": M.row_summaries(*before[p]), "after": M.row_summaries(*after[p])}
+             for p in purposes]
     out = {}
     for metric, prefix in (("accuracy", "Δ "), ("ece", "Δ ECE ")):
       statistic = MeanOver(metric, self.bins, paired=True)
-      out[prefix + "ID"] = self.interval(statistic, id_pair)
-      if shift_pairs:
-        out[prefix + "avg shifts"] = self.interval(statistic, *shift_pairs)
+      out[prefix + "ID"] = self.interval(statistic, pairs[0])
+      if len(pairs) > 1:
+        out[prefix + "avg shifts"] = self.interval(statistic, *pairs[1:])
     return out
 
 
