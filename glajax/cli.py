@@ -31,8 +31,18 @@ def _bundled_configs() -> list[tuple[str, str]]:
   out = []
   for path in sorted(Path(configs_dir()).glob("*.py")):
     doc = ast.get_docstring(ast.parse(path.read_text())) or ""
-    out.append((path.stem, " ".join(doc.split()).split(": ")[0]))
+    out.append((path.stem, _first_phrase(" ".join(doc.split()))))
   return out
+
+
+def _first_phrase(text: str) -> str:
+  """``text`` up to its first ": " outside parentheses (the whole text if none)."""
+  depth = 0
+  for i, char in enumerate(text):
+    depth += {"(": 1, ")": -1}.get(char, 0)
+    if depth == 0 and text.startswith(": ", i):
+      return text[:i]
+  return text
 
 
 def _run_epilog() -> str:

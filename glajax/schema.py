@@ -54,11 +54,16 @@ def _number(value, integral: bool) -> bool:
   return value == value and abs(value) != float("inf")
 
 
+def _number_text(value) -> str:
+  """A bound as written: integers in full (2147483647, not 2.14748e+09), others by ``:g``."""
+  return str(int(value)) if float(value).is_integer() and abs(value) < 1e16 else f"{value:g}"
+
+
 def _bounds(field: Field) -> str:
-  low = "" if field.low is None else (f" > {field.low:g}" if field.kind == "positive"
-                                      else f" >= {field.low:g}")
-  high = "" if field.high is None else f" and <= {field.high:g}"
-  return (low + high) if low else (f" <= {field.high:g}" if high else "")
+  low = "" if field.low is None else (f" > {_number_text(field.low)}" if field.kind == "positive"
+                                      else f" >= {_number_text(field.low)}")
+  high = "" if field.high is None else f" and <= {_number_text(field.high)}"
+  return (low + high) if low else (f" <= {_number_text(field.high)}" if high else "")
 
 
 def _in_range(value, field: Field) -> bool:

@@ -5,7 +5,8 @@
 # the run imports anything from the checkout, or if the wheel's declared dependencies (base + tf)
 # are not met by the versions the run used. Then it executes the notebooks with that environment's
 # python from outside the checkout (scripts/run_notebooks.py, tiny setting, one shared work
-# directory) into a temporary folder, and fails if any cell raised.
+# directory) into a temporary folder, and fails if any cell raised or if their outputs differ from
+# the committed ones beyond numbers (run_notebooks.py --compare notebooks/).
 #
 #   bash scripts/check_wheel.sh                    # CI
 #   bash scripts/check_wheel.sh --write-notebooks  # also copy the executed notebooks into
@@ -82,8 +83,10 @@ run_seconds=$((SECONDS - run_start))
 
 # 4. The notebooks, executed by the wheel's environment from elsewhere (its python is the kernel).
 nb_start=$SECONDS
+compare=(--compare "$REPO/notebooks")
+[ "$write_notebooks" = 1 ] && compare=()
 env -u PYTHONPATH PATH="$TMP/venv/bin:$PATH" "$TMP/venv/bin/python" "$REPO/scripts/run_notebooks.py" \
-  --out "$TMP/notebooks" --workdir "$TMP/nbwork" \
+  --out "$TMP/notebooks" --workdir "$TMP/nbwork" "${compare[@]}" \
   || { echo "wheel check: the notebooks failed (executed copies in $TMP/notebooks, removed on exit)"; exit 1; }
 if [ "$write_notebooks" = 1 ]; then
   cp "$TMP"/notebooks/*.ipynb "$REPO/notebooks/"

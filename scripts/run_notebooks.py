@@ -16,10 +16,17 @@ pre-trained once. In the saved outputs the work directory reads ``<GLAJAX_WORKDI
 machine paths are replaced, progress bars (carriage-return lines on stderr) are dropped, and the
 kernel's execution metadata is removed, so a re-run changes only what the notebook computes.
 Exits with status 1 if any cell raised (its error output is kept in the saved notebook).
+
+``--compare DIR`` (CI) also compares each executed notebook with the one of the same name in DIR
+(the committed outputs) and exits with status 1 where they differ: cell by cell, each output's
+kind and its text with every number read as ``#`` and runs of spaces as one (timings and
+last-digit changes pass; a row, a warning, a message or an output that appeared or went away
+does not); images by their presence.
 """
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import re
 import sys
@@ -79,6 +86,56 @@ def clean(notebook, replacements: list[tuple[str, str]]) -> None:
     cell.outputs = outputs
 
 
+_NUMBER = re.compile(r"[-+]?(?:\d[\d,]*\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
+_SPACES = re.compile(r"[ \t]+")
+_RULE = re.compile(r"-{3,}|={3,}|─{3,}")
+
+
+def _normal(text: str) -> str:
+  text = _NUMBER.sub("#", text)
+  text = _RULE.sub("---", text)
+  return "\n".join(_SPACES.sub(" ", line).strip() for line in text.split("\n")).strip()
+
+
+def signature(notebook) -> list[tuple[int, list[str]]]:
+  """(code cell number, its outputs as normalised lines): what --compare compares."""
+  cells = []
+  for index, cell in enumerate(c for c in notebook.cells if c.cell_type == "code"):
+    lines = []
+    for output in cell.get("outputs", []):
+      kind = output.output_type
+      if kind == "stream":
+        lines += [f"[{output.name}]"] + _normal(output.text).split("\n")
+      elif kind in ("display_data", "execute_result"):
+        data = output.get("data", {})
+        text = data.get("text/markdown") or data.get("text/plain")
+        images = sorted(m for m in data if m.startswith("image/"))
+        lines += [f"[{kind} {' '.join(images)}]".replace(" ]", "]")]
+        if text is not None and not images:
+          lines += _normal(text if isinstance(text, str) else "".join(text)).split("\n")
+      elif kind == "error":
+        lines += [f"[error] {output.get('ename')}: {_normal(str(output.get('evalue')))}"]
+    cells.append((index, lines))
+  return cells
+
+
+def compare(executed: Path, committed: Path) -> list[str]:
+  """The differences between two notebooks' :func:`signature`, as a unified diff per cell
+  (empty when they agree)."""
+  if not committed.is_file():
+    return [f"{committed}: no committed notebook to compare with"]
+  ours = signature(nbformat.read(executed, as_version=4))
+  theirs = signature(nbformat.read(committed, as_version=4))
+  if len(ours) != len(theirs):
+    return [f"{committed.name}: {len(ours)} code cells executed, {len(theirs)} committed"]
+  problems = []
+  for (index, new), (_, old) in zip(ours, theirs):
+    if new != old:
+      problems.append(f"{committed.name}, code cell {index + 1}:\n" + "\n".join(
+          difflib.unified_diff(old, new, "committed", "executed", lineterm="", n=1)))
+  return problems
+
+
 def execute(path: Path, workdir: Path, out: Path, timeout: int = 1800) -> float:
   """Runs ``path`` in the tiny setting in ``workdir``, saves it with its outputs to ``out``;
   the seconds. A cell's error stops the run; the notebook is saved with it."""
@@ -118,6 +175,9 @@ def main(argv=None) -> int:
                       "(default: a temporary one, removed afterwards)")
   parser.add_argument("--out", type=Path, help="write the executed notebooks into this folder "
                       "(default: over the notebooks themselves)")
+  parser.add_argument("--compare", type=Path, help="compare each executed notebook's outputs "
+                      "with the same-named one in this folder (the committed notebooks); "
+                      "status 1 where they differ")
   args = parser.parse_args(argv)
   if args.out:
     args.out.mkdir(parents=True, exist_ok=True)
@@ -135,8 +195,15 @@ def main(argv=None) -> int:
       if errors:
         failed.append(path.name)
         print("\n".join(f"  {e.get('ename')}: {e.get('evalue')}" for e in errors))
+      elif args.compare:
+        stale = compare(out, args.compare / path.name)
+        if stale:
+          failed.append(path.name)
+          print(f"{path.name}: its outputs differ from the committed ones (regenerate them "
+                "with `bash scripts/check_wheel.sh --write-notebooks`):")
+          print("\n".join(stale))
   if failed:
-    print(f"notebooks with errors: {', '.join(failed)}")
+    print(f"notebooks that failed: {', '.join(failed)}")
   return 1 if failed else 0
 
 

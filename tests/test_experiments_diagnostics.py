@@ -80,6 +80,20 @@ def test_read_metrics_keeps_the_last_record_of_a_step(tmp_path):
   assert [r["loss"] for r in D.read_metrics(str(path))] == [2.0, 1.4, 1.0]
 
 
+def test_learning_rate_check_fires_at_the_largest_candidate_only():
+  record = {"learning_rate": 1e-3, "candidates": [1e-5, 1e-4, 1e-3],
+            "validation_accuracy": [0.2, 0.5, 0.9]}
+  summary, found = D.learning_rate_check(record)
+  assert summary["at_largest"] and [f.check for f in found] == ["learning_rate"]
+  assert "0.001, is the largest tried (1e-05 (20.0 %), 0.0001 (50.0 %), 0.001 (90.0 %))" in (
+      found[0].cause)
+  summary, found = D.learning_rate_check({**record, "learning_rate": 1e-4})
+  assert not summary["at_largest"] and found == []
+  lines = D.markdown({"learning_rate": summary})
+  assert "- learning rate: 0.0001 chosen on validation (1e-05 20.0 %, 0.0001 50.0 %, " \
+         "0.001 90.0 %)" in lines
+
+
 def test_prior_check_bounds_and_entropy():
   skewed = np.log(np.asarray([0.7, 0.1, 0.1, 0.05, 0.05]))
   summary, found = D.prior_check(skewed, 1.3, 2e-7, searched=True)

@@ -13,6 +13,7 @@ from glajax.data import builders, registry
 from glajax.errors import ConfigError, DatasetError
 from glajax.experiments import config as C
 from glajax.experiments import roles, runner
+from glajax.experiments.kinds import own_data
 
 CLASSES = {"red_things": (200, 30, 30), "green_things": (30, 180, 40),
            "blue_things": (30, 40, 210)}
@@ -80,6 +81,20 @@ def test_bad_own_data_configs(tmp_path):
                                 "own_data.test_fraction=0.0"))
   with pytest.raises(ConfigError, match="gla.prior_data"):
     experiments.validate(C.load(f"configs/custom.py:data.folder={root},gla.shots=2"))
+  # a learning rate the choice would silently replace; a candidate that is not a rate
+  with pytest.raises(ConfigError, match=r"train.optimizer.learning_rate: expected one of "
+                     r"own_data.learning_rates=\(1e-05, 0.0001, 0.001\).*found 0.0003"):
+    experiments.validate(C.load(f"configs/custom.py:data.folder={root},"
+                                "train.optimizer.learning_rate=3e-4"))
+  for rates in ("(0.0,1e-05)", "(1e-05,1e-05)"):
+    with pytest.raises(ConfigError, match="own_data.learning_rates: expected distinct"):
+      experiments.validate(C.load(f"configs/custom.py:data.folder={root},"
+                                  f"own_data.learning_rates={rates}"))
+  # the recipe's rate alone: no validation hold-out taken from the training side
+  uses = roles.by_purpose(experiments.validate(C.load(
+      f"configs/custom.py:data.folder={root},own_data.learning_rates=None,"
+      "train.optimizer.learning_rate=3e-4"), check_files=False))
+  assert own_data.CHOICE not in uses
 
 
 @pytest.mark.slow
@@ -92,7 +107,7 @@ def test_own_data_end_to_end(tmp_path):
   effects = [t["title"] for t in result["tables"] if t["effects"]]
   assert effects == ["WiSE-FT: paired differences (95 % intervals on the same test rows)",
                      "GLA: paired differences (95 % intervals on the same test rows)"]
-  assert set(result["results"]) == {"wise_ft", "gla"}
+  assert set(result["results"]) == {"recipe", "wise_ft", "gla"}
   assert {"wise_ft_curve.png", "reliability.png", "prior.png"} <= set(result["plots"])
   ledger = {e["purpose"]: e for e in result["ledger"]}
   assert ledger["test"]["rows"] == 9 and ledger["fine-tuning"]["rows"] == 36  # 3 of 15 per class
@@ -111,6 +126,63 @@ def test_own_data_end_to_end(tmp_path):
   checks = [w["check"] for w in result["warnings"]]
   assert checks[:2] == ["random_model", "chance"]
   assert "GLA prior (gla): T = " in markdown and "normalised entropy" in markdown
+
+
+def test_learning_rate_chosen_on_a_validation_hold_out_of_the_training_side(tmp_path):
+  root = _folder(tmp_path / "images")
+  workdir = tmp_path / "run"
+  rates = (1e-4, 1e-3, 1e-2)
+  result = experiments.run(f"configs/custom.py:runlocal,data.folder={root},"
+                           f"own_data.learning_rates={rates},own_data.extensions=0", str(workdir))
+  ledger = {e["purpose"]: e for e in result["ledger"]}
+  # 15 per class: 3 tested, 12 on the training side, of which 1 validates the choice
+  assert (ledger["test"]["rows"], ledger["prior (fine-tuning)"]["rows"]) == (9, 36)
+  assert (ledger["fine-tuning"]["rows"], ledger["learning rate"]["rows"]) == (33, 3)
+  assert "holdout(0.2, 0) part 0 → holdout(0.1, 0) part 1" in ledger["learning rate"]["data"]
+  # the choice recomputed with NumPy from each candidate's cached validation logits
+  files = [f for f in result["logits_files"] if f["purpose"] == "learning rate"]
+  assert len(files) == 3 and len(os.listdir(workdir / "runs")) == 3
+  accuracy = []
+  for f in files:
+    with np.load(workdir / f["file"]) as z:
+      accuracy.append(float(np.mean(np.argmax(z["logits"], 1) == z["labels"])))
+  record = result["results"]["recipe"]
+  assert record["candidates"] == list(rates)
+  np.testing.assert_allclose(record["validation_accuracy"], accuracy, atol=1e-6)
+  chosen = rates[int(np.argmax(accuracy))]   # the first maximum: ties go to the smaller rate
+  assert record["learning_rate"] == chosen == result["train_as_run"]["optimizer"]["learning_rate"]
+  # WiSE-FT and GLA read the chosen candidate's run (no fourth run); only it is diagnosed
+  assert [t["run"] for t in result["diagnostics"]["training"]] == [
+      files[int(np.argmax(accuracy))]["tag"]]
+  table = result["tables"][0]
+  assert table["title"].startswith("Learning rate, chosen on") and table["rows_of"] == "validation"
+  assert [row["label"] for row in table["rows"]] == [
+      f"lr {r:g}" + (" (chosen)" if r == chosen else "") for r in rates]
+  markdown = (workdir / "report.md").read_text()
+  assert "intervals over the validation rows" in markdown
+  assert f"- learning rate: {chosen:g} chosen on validation" in markdown
+
+
+@pytest.mark.parametrize("peak, extensions, tried, chosen", [
+    (1e-4, 2, [1e-5, 1e-4, 1e-3], 1e-4),              # inside the grid: no extension
+    (1e-2, 2, [1e-5, 1e-4, 1e-3, 1e-2, 1e-1], 1e-2),  # extended until the largest loses
+    (1e-1, 1, [1e-5, 1e-4, 1e-3, 1e-2], 1e-2),        # extensions spent: still the largest
+    (1e-5, 2, [1e-5, 1e-4, 1e-3], 1e-5)])
+def test_grid_search_extends_past_the_largest_winner(peak, extensions, tried, chosen):
+  score = lambda r: -abs(np.log10(r) - np.log10(peak))   # noqa: a single peak in log rate
+  got, scores, best = own_data.grid_search((1e-3, 1e-5, 1e-4), score, extensions)
+  np.testing.assert_allclose(got, tried, rtol=1e-9)
+  assert best == pytest.approx(chosen, rel=1e-9) and set(scores) == set(got)
+  # ties go to the smaller rate
+  assert own_data.grid_search((1e-4, 1e-3, 1e-2), lambda r: 0.5, 2)[2] == 1e-4
+
+
+def test_epochs_raised_to_the_minimum_steps():
+  train = C.load("configs/custom.py:data.folder=x").train   # batch 128, 10 epochs
+  # ⌈1294 / 128⌉ = 11 steps an epoch: ⌈300 / 11⌉ = 28 epochs
+  assert own_data.epochs_for(train, 1294, 300) == 28
+  assert own_data.epochs_for(train, 50_000, 300) == 10   # 391 steps an epoch: the recipe's 10
+  assert own_data.epochs_for(train, 100, 0) == 10
 
 
 def test_full_custom_config_and_runlocal_without_a_folder(tmp_path):

@@ -1,7 +1,8 @@
 """The Colab notebooks: Colab-ready (a badge, an install cell that follows the README), committed
 with the outputs of a run in the tiny setting. Their execution is CI's wheel check
 (scripts/check_wheel.sh runs scripts/run_notebooks.py from the installed wheel, outside the
-checkout, and fails on any error); ``bash scripts/check_wheel.sh --write-notebooks`` writes the
+checkout, and fails on any error or on outputs that differ from the committed ones beyond
+numbers); ``bash scripts/check_wheel.sh --write-notebooks`` writes the
 committed outputs from that run."""
 import json
 import re
@@ -70,3 +71,36 @@ def test_committed_with_outputs_of_a_clean_run(path):
   assert any('"image/png"' in json.dumps(c["outputs"]) for c in code), "no plot shown"
   assert len(path.read_bytes()) < 1_000_000
 
+
+
+def _run_notebooks_module():
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("run_notebooks", ROOT / "scripts" /
+                                                "run_notebooks.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_compare_flags_stale_outputs_and_passes_changed_numbers(tmp_path):
+  nbformat = pytest.importorskip("nbformat")
+  module = _run_notebooks_module()
+  committed = NOTEBOOKS[0]
+  assert module.compare(committed, committed) == []
+  notebook = nbformat.read(committed, as_version=4)
+  streams = [(c, o) for c in notebook.cells if c.cell_type == "code"
+             for o in c.get("outputs", []) if o.output_type == "stream" and re.search(r"\d", o.text)]
+  assert streams, "no output with a number to change"
+  cell, output = streams[0]
+  output.text = re.sub(r"\d", lambda m: str((int(m.group()) + 3) % 10), output.text) + "  "
+  changed = tmp_path / "numbers.ipynb"
+  nbformat.write(notebook, changed)
+  assert module.compare(changed, committed) == []   # numbers and spacing only
+  output.text += "a row that the committed outputs lack\n"
+  stale = tmp_path / "stale.ipynb"
+  nbformat.write(notebook, stale)
+  problems = module.compare(stale, committed)
+  assert len(problems) == 1 and "+a row that the committed outputs lack" in problems[0]
+  cell.outputs = []
+  nbformat.write(notebook, stale)
+  assert module.compare(stale, committed) != []

@@ -29,6 +29,7 @@ import dataclasses
 import functools
 import io
 import os
+import re
 from pathlib import Path
 from typing import Callable
 
@@ -282,13 +283,38 @@ def _check_image(path: Path) -> bytes:
       image.draft("RGB", (64, 64))
       image.load()
   except Exception as e:  # PIL raises many types for bad files.
-    raise bad_argument("image file", "a decodable image", f"{path} ({e})", DatasetError) from e
+    # PIL names the buffer it read ("<_io.BytesIO object at 0x…>"), not the file
+    reason = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(e)) or type(e).__name__
+    raise bad_argument("image file", "a decodable image", f"{path} ({reason})",
+                       DatasetError) from e
   return data
 
 
-def _check_images(root: Path, files) -> None:
+def _decoded_marker(source: LocalSource) -> Path:
+  """The file that records that every image of ``source`` decoded: per data, since
+  ``source.name`` carries a digest of the files' names and sizes (``registry``)."""
+  cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return Path(cache, "glajax", "decoded", source.name)
+
+
+def check_decodable(source: LocalSource, argument: str) -> None:
+  """Every image of a folder or CSV ``source`` decoded once (:func:`_check_images`), all the
+  files that fail named in one DatasetError naming ``argument`` (the user's key); remembered per
+  data (:func:`_decoded_marker`), so that an unchanged folder is decoded once."""
+  marker = _decoded_marker(source)
+  if marker.is_file() or source.root is None:
+    return
+  root = Path(source.root)
+  _check_images(root, [p for split in source.splits for p, _ in source.examples(root, split)],
+                argument)
+  with contextlib.suppress(OSError):   # a read-only home: checked again next time
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.touch()
+
+
+def _check_images(root: Path, files, argument: str = "manual_dir") -> None:
   """Every listed image that exists decoded once (:func:`_check_image`) before TFDS writes
-  anything; all the files that fail named in one DatasetError."""
+  anything; all the files that fail named in one DatasetError naming ``argument``."""
   bad = []
   for file in dict.fromkeys(files):
     if not (root / file).is_file():
@@ -298,7 +324,7 @@ def _check_images(root: Path, files) -> None:
     except DatasetError as e:
       bad.append(str(e).partition(", found ")[2])
   if bad:
-    raise bad_argument("image file", "decodable images", f"{len(bad)} that are not: "
+    raise bad_argument(argument, f"decodable images under {root}", f"{len(bad)} that are not: "
                        + "; ".join(bad[:20]) + ("; ..." if len(bad) > 20 else ""), DatasetError)
 
 
@@ -381,7 +407,8 @@ def prepare(source: LocalSource, manual_dir: str | os.PathLike | None, data_dir:
       raise bad_argument("manual_dir", f"images ({', '.join(IMAGE_SUFFIXES)}) for split "
                          f"{split!r} of {source.name} ({source.layout})", f"none under {root}",
                          DatasetError)
-  _check_images(root, [p for split in source.splits for p, _ in source.examples(root, split)])
+  if not _decoded_marker(source).is_file():
+    _check_images(root, [p for split in source.splits for p, _ in source.examples(root, split)])
   # Folders TFDS creates before it reads an image: removed again (if still empty) on failure.
   made = [p for p in (Path(data_dir), Path(data_dir, "downloads"),
                       Path(data_dir, "downloads", "extracted"), Path(data_dir, BUILDER_NAME),

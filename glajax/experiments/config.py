@@ -444,10 +444,19 @@ def _check_dataset(key: str, spec, check_files: bool, config) -> None:
     if folder and registry.local_name(folder) == name:
       key = "data.folder"  # the key the user set, not the data.train / data.test it makes
     try:
-      registry.get(name)  # the folder or CSV file is there, with classes (read, not prepared)
-    except DatasetError as e:
-      raise bad_argument(key, "folder:<a folder of class subfolders> or csv:<a path,label file>",
-                         str(e), DatasetError) from None
+      info = registry.get(name)  # the folder or CSV file is there, with classes (not prepared)
+    except DatasetError as e:   # its own "argument: expected …, found …", under the user's key
+      inner = re.match(r"[^:]*: expected (.*?), found (.*)$", str(e), re.S)
+      expected, found = inner.groups() if inner else (
+          "a folder of class subfolders or a CSV file of path,label rows", str(e))
+      path = folder or name.partition(":")[2]
+      found = found.replace(repr(name), repr(path))
+      if path not in found:
+        found = f"{found}, in {path}"
+      raise bad_argument(key, expected.replace("folder:<an existing folder>", "an existing "
+                                               "folder"), found, DatasetError) from None
+    if check_files:   # every image decodes, before anything is claimed (once per data)
+      builders.check_decodable(info.source, key)
   elif name not in registry.names():
     raise bad_argument(key, f"a dataset name from the registry ({', '.join(registry.names())})",
                        repr(name) + _did_you_mean(name, registry.names()), DatasetError)

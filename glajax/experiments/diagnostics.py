@@ -8,12 +8,14 @@
   quarter against the first, rise = m_last − m_first of the training accuracy (of −loss without
   one), Welch's se = √(s²_first/n_first + s²_last/n_last); it fires when rise ≤ 2·se (no rise
   beyond the step-to-step noise at ≈ 97.5 %, one-sided);
+- learning rate (own data): the rate chosen on validation is the largest candidate, after the
+  grid's extensions (a larger one may fit better);
 - prior (GLA): the confidence-matched temperature T at or beyond its search's starting range
   (``M.priors.TEMPERATURE_RANGE``: the zero-shot confidence cannot be matched to its accuracy
   there), or the estimated prior near uniform, H(π)/log C ≥ 0.99.
 
 Every check is a pure function of arrays and numbers (:func:`random_models`, :func:`near_chance`,
-:func:`training_trend`, :func:`prior_check`); :func:`collect` gathers their inputs from a run.
+:func:`training_trend`, :func:`learning_rate_check`, :func:`prior_check`); :func:`collect` gathers their inputs from a run.
 """
 from __future__ import annotations
 
@@ -126,6 +128,22 @@ def training_trend(name: str, records: Sequence[Mapping]) -> tuple[dict, list[Fi
       "the methods after it")]
 
 
+def learning_rate_check(record: Mapping) -> tuple[dict, list[Finding]]:
+  """(summary, findings) of a learning rate chosen on validation (``kinds.own_data``'s
+  ``results["recipe"]``: ``candidates``, ``validation_accuracy``, ``learning_rate``): it fires
+  when the chosen rate is the largest candidate."""
+  summary = {key: record[key] for key in ("learning_rate", "candidates", "validation_accuracy")}
+  summary["at_largest"] = bool(record["learning_rate"] >= max(record["candidates"]))
+  if not summary["at_largest"]:
+    return summary, []
+  tried = ", ".join(f"{r:g} ({100 * a:.1f} %)" for r, a in zip(record["candidates"],
+                                                             record["validation_accuracy"]))
+  return summary, [Finding(
+      "learning_rate", f"the learning rate chosen on validation, {record['learning_rate']:g}, "
+      f"is the largest tried ({tried}): a larger one may fine-tune better",
+      "add larger rates to `own_data.learning_rates` (or raise `own_data.extensions`)")]
+
+
 def prior_check(log_prior, temperature: float, residual: float | None,
                 searched: bool) -> tuple[dict, list[Finding]]:
   """(summary, findings) of GLA's estimated prior: its normalised entropy H(π)/log C
@@ -187,6 +205,10 @@ def collect(exp, outcome) -> tuple[dict, list[Finding]]:
       summary, found = training_trend(run, read_metrics(path))
       diagnostics["training"].append(summary)
       findings += found
+  recipe = outcome.results.get("recipe")
+  if isinstance(recipe, Mapping) and "candidates" in recipe:
+    diagnostics["learning_rate"], found = learning_rate_check(recipe)
+    findings += found
   diagnostics["prior"] = {}
   for name, record in _priors_in(outcome.results):
     summary, found = prior_check(record["log_prior"], record["zs_temperature"],
@@ -223,6 +245,11 @@ def markdown(diagnostics: Mapping) -> list[str]:
     lines.append(f"- training `{t['run']}` ({t['logged_steps']} logged steps): {t['metric']} "
                  f"{show(t['first'])} over the first quarter, {show(t['last'])} over the last "
                  f"(improvement {t['rise']:+.4g}, noise se {t['se']:.2g})")
+  rate = diagnostics.get("learning_rate")
+  if rate:
+    tried = ", ".join(f"{r:g} {100 * a:.1f} %" for r, a in zip(rate["candidates"],
+                                                               rate["validation_accuracy"]))
+    lines.append(f"- learning rate: {rate['learning_rate']:g} chosen on validation ({tried})")
   for name, p in diagnostics.get("prior", {}).items():
     residual = "–" if p["residual"] is None else f"{p['residual']:.2e}"
     how = (f"matched to the zero-shot confidence, search range [{p['search_range'][0]:g}, "

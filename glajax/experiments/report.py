@@ -67,13 +67,13 @@ def _published_rows(published, columns, context) -> tuple[list[dict], str]:
 
 
 def table(title: str, columns, rows, published=None, labels: Mapping[str, str] | None = None,
-          context: Mapping | None = None, effects: bool = False) -> dict:
+          context: Mapping | None = None, effects: bool = False, rows_of: str = "test") -> dict:
   """A report table; ``rows`` are (label, {column: value}), a value a number or an
   ``M.Interval`` (its estimate shown with its 95 % interval); ``labels`` maps column keys to
   the headers shown (the papers' notation); published rows from ``published`` (see the module
   docstring) are attached with their source; ``context`` fills fields of their row names.
   ``effects``: the values are differences (signed, and an interval that excludes 0 marked as
-  an effect that appears)."""
+  an effect that appears); ``rows_of``: what the intervals resample ("test", "validation")."""
   columns = list(columns)
   published_rows, source = _published_rows(published, columns, context)
   entry = published_entry(published.get("table") if published else None)[1] or {}
@@ -82,6 +82,7 @@ def table(title: str, columns, rows, published=None, labels: Mapping[str, str] |
       "title": title, "columns": columns,
       "headers": [dict(labels or {}).get(c, c) for c in columns],
       "rows": [_row(label, row, columns) for label, row in rows], "effects": effects,
+      "rows_of": rows_of,
       "published": published_rows, "published_source": source,
       "published_setting": setting if isinstance(setting, Mapping) else None,
       "published_apart": [], "published_differs": [],
@@ -185,7 +186,8 @@ def markdown_table(entry: dict) -> str:
     lines.append(f"| {row['label']} | " + " | ".join(
         _cell(row["values"][c], intervals.get(c), signed) for c in columns) + " |")
   if any(row.get("intervals") for row in entry["rows"]):
-    lines += ["", "In brackets: 95 % bootstrap intervals over the test rows"
+    lines += ["", f"In brackets: 95 % bootstrap intervals over the {entry.get('rows_of', 'test')} "
+              "rows"
               + ("; paired (both rows' models on the same resampled rows), bold where the "
                  "interval excludes 0 (the change appears)." if signed else ".")]
   for row in entry["published"]:

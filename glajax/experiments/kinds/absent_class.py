@@ -43,6 +43,7 @@ def _pool_and_tests(config):
 
 def plan(config) -> list[roles.Use]:
   options = config.absent_class
+  common.check_num_seen("absent_class.num_seen", options.num_seen, common.train_ref(config))
   pool, tests = _pool_and_tests(config)
   seen = pool.then(roles.classes(options.num_seen, options.split_seed, 0))
   holdout = lambda part: roles.holdout(options.pcv_holdout, options.split_seed, part)  # noqa

@@ -14,7 +14,9 @@ from flax import nnx
 
 from glajax import evaluate, methods as M
 from glajax.data import registry as data_registry
+from glajax.data import world
 from glajax.errors import ConfigError, bad_argument
+from glajax.experiments import config as config_lib
 from glajax.experiments import report, roles
 from glajax.models import heads, registry
 from glajax.train import recipes
@@ -36,6 +38,45 @@ class Outcome:
   plots: dict = dataclasses.field(default_factory=dict)
   train_as_run: dict | None = None
   accuracies: dict = dataclasses.field(default_factory=dict)
+
+
+def check_num_seen(key: str, num_seen: int, ref: roles.DataRef) -> None:
+  """``num_seen`` seen classes of ``ref``'s dataset leave at least one absent: 1 ≤ num_seen < C
+  (refused naming ``key`` before any work)."""
+  total = data_registry.get(ref.dataset).num_classes
+  if not 1 <= int(num_seen) < total:
+    raise bad_argument(key, f"from 1 to {total - 1} (seen classes of the {total} of "
+                       f"{ref.dataset}, leaving at least one absent)", repr(num_seen),
+                       ConfigError)
+
+
+def known_class_counts(ref: roles.DataRef) -> np.ndarray | None:
+  """(C,) examples of each class in ``ref``'s split where that is known without reading the
+  data (a folder or CSV, the demo world's splits); else None."""
+  if data_registry.is_local(ref.dataset):
+    info = data_registry.get(ref.dataset)
+    if ref.split in info.source.splits:
+      return data_registry.local_class_counts(ref.dataset, ref.split)
+    return None
+  generated = config_lib.generated_world(ref.dataset)
+  spec = world.spec(generated) if generated else None
+  if spec is None or ref.split not in world.split_names(spec):
+    return None
+  return np.bincount(world.split_plan(spec, ref.split)[0], minlength=world.NUM_CLASSES)
+
+
+def check_shots(key: str, needed: int, ref: roles.DataRef, what: str) -> None:
+  """Every class of ``ref``'s split holds ``needed`` examples (``what`` says which draws), where
+  the counts are known before any work (:func:`known_class_counts`); refused naming ``key``."""
+  counts = known_class_counts(ref)
+  if counts is None:
+    return
+  few = np.flatnonzero(counts < needed)
+  if few.size:
+    names = data_registry.get(ref.dataset).classnames
+    listed = ", ".join(f"{names[c]} ({counts[c]})" for c in few[:10])
+    raise bad_argument(key, f"at most what every class of {ref.spec} holds ({what}: {needed} "
+                       "per class)", f"{few.size} classes with fewer: {listed}", ConfigError)
 
 
 def train_ref(config) -> roles.DataRef:

@@ -76,6 +76,7 @@ def plan(config) -> list[roles.Use]:
   train = common.train_ref(config)
   validation = roles.DataRef.parse(config.data.validation, "data.validation")
   if options.num_seen:
+    common.check_num_seen("compose.num_seen", options.num_seen, train)
     seen = roles.classes(options.num_seen, config.seed, 0)
     train, validation = train.then(seen), validation.then(seen)
   uses = [roles.Use(roles.FIT, FINE_TUNING, "data.train", train),

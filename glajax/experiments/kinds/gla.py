@@ -59,8 +59,11 @@ def _shot_refs(config, train: roles.DataRef):
                        "(the training split for ImageNet)", None, ConfigError)
   validation = roles.DataRef.parse(config.data.validation, "data.validation")
   if (validation.dataset, validation.split) == (train.dataset, train.split):
+    common.check_shots("gla.shots", k + val_k, train, f"{k} training + {val_k} validation shots")
     return (train.then(roles.shots((k, val_k), seed, 0)),
             train.then(roles.shots((k, val_k), seed, 1)))
+  common.check_shots("gla.shots", k, train, f"{k} training shots")
+  common.check_shots("gla.val_shots", val_k, validation, f"{val_k} validation shots")
   return train.then(roles.shots((k,), seed)), validation.then(roles.shots((val_k,), seed))
 
 
