@@ -140,7 +140,7 @@ def test_auto_keeps_xla_for_float32_and_off_gpu():
 
 def test_fused_qkv_projection_matches_separate_projections():
   model = init_clip(CLIPConfig.tiny(), seed=4)
-  attention = model.vision_model.layers[0].self_attn
+  attention = model.vision_model.layers.block(0).self_attn
   x = np.random.default_rng(5).normal(size=(2, 17, 32)).astype(np.float32)
   fused = jax.jit(lambda m, x: m(x))(attention, x)
   separate = jax.jit(lambda m, x: legacy_attention_call(m, x))(attention, x)

@@ -212,7 +212,7 @@ def detect(path):
 def load(path, dtype=jnp.float32, param_dtype=jnp.float32, image_size=None, seed=0):
   config = json.load(open(os.path.join(path, "toy.json")))
   graphdef, flat, expected = checkpoints.abstract(lambda: Toy(**config, rngs=nnx.Rngs(seed)))
-  return checkpoints.assemble(graphdef, flat, expected, load_file(os.path.join(path, "toy.st")))
+  return checkpoints.assemble(graphdef, flat, load_file(os.path.join(path, "toy.st")))
 
 def save(model, directory, info=None, classifier=None, extra_files=None, overwrite=False):
   def write(tmp):

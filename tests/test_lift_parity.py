@@ -69,7 +69,8 @@ def lift_image_features(clip, images):
   x = _ln(vision.pre_layernorm, x)
   bsz, _, emb_dim = x.shape
   heads = clip.config.vision.num_attention_heads
-  for block in vision.layers:
+  for i in range(len(vision.layers)):
+    block = vision.layers.block(i)
     adaptformer = LiftAdaptFormer(block.adapter)
     x = x.permute(1, 0, 2)                                       # NLD -> LND
     identity = x
@@ -109,12 +110,12 @@ def _model(randomise):
   clip = init_clip(CLIPConfig.tiny(adapter_dim=4, vision_num_hidden_layers=2), seed=0)
   if randomise:
     rng = np.random.default_rng(1)
-    for block in clip.vision_model.layers:
-      a = block.adapter
+    a = clip.vision_model.layers.adapter   # every block's adapter, stacked: block i's at [i]
+    for i in range(len(clip.vision_model.layers)):
       for var, mean in ((a.ln.scale, 1.0), (a.ln.bias, 0.0), (a.down.kernel, 0.0),
                         (a.down.bias, 0.0), (a.up.kernel, 0.0), (a.up.bias, 0.0),
                         (a.scale, 1.0)):
-        var[...] = jnp.asarray(mean + 0.5 * rng.normal(size=var.shape), jnp.float32)
+        var[i] = jnp.asarray(mean + 0.5 * rng.normal(size=var.shape[1:]), jnp.float32)
   return clip
 
 
@@ -136,8 +137,7 @@ def test_adaptformer_block_and_cosine_head_match_lift(randomise):
   np.testing.assert_allclose(got_features, want_features.numpy(), atol=ATOL, rtol=1e-5)
   np.testing.assert_allclose(got, want.numpy(), atol=25 * ATOL, rtol=1e-5)
   if not randomise:   # at init the adapters add exactly nothing
-    for block in clip.vision_model.layers:
-      block.adapter = None
+    clip.vision_model.layers.adapter = None   # every block's
     plain = jax.jit(lambda m, x: m.image_features(x))(clip, images)
     np.testing.assert_allclose(got_features, plain, atol=1e-6)
 

@@ -168,26 +168,71 @@ def check_finite(tensors: dict[str, np.ndarray], source: str, argument: str = "c
                        + ", ".join(listed[:MAX_PROBLEMS]), error)
 
 
+# A stacked parameter (``layers.Blocks``): ``….layers.<name>`` (or ``…/layers/<name>``) whose
+# ``<name>`` does not start with a block index.
+_STACKED = re.compile(
+    r"(?P<head>(?:.*[./])?layers)(?P<sep>[./])(?P<tail>[^\d./][^./]*(?:[./].+)?)$")
+
+
+def block_names(path: str, value) -> list[str] | None:
+  """The names ``….layers.{i}.<name>`` (i < L) of the blocks of the stacked parameter ``path`` =
+  ``….layers.<name>`` (``value``: anything with its shape (L, …)), or None when ``path`` is not
+  stacked. The separator, ``.`` (glajax paths) or ``/`` (train-state paths), is kept."""
+  m = _STACKED.match(path)
+  if m is None:
+    return None
+  return [f"{m['head']}{m['sep']}{i}{m['sep']}{m['tail']}" for i in range(value.shape[0])]
+
+
+def unstack(arrays: dict) -> dict:
+  """Path -> array (or ShapeDtypeStruct) with stacked blocks -> the same by checkpoint name:
+  each stacked ``….layers.<name>`` of L blocks becomes ``….layers.0.<name>`` …
+  ``….layers.{L-1}.<name>``, its slices [0] … [L − 1]; every other path stays."""
+  out = {}
+  for path, value in arrays.items():
+    names = block_names(path, value)
+    if names is None:
+      out[path] = value
+      continue
+    for i, name in enumerate(names):
+      out[name] = (jax.ShapeDtypeStruct(value.shape[1:], value.dtype)
+                   if isinstance(value, jax.ShapeDtypeStruct) else value[i])
+  return out
+
+
+def stack(arrays: dict, like: dict) -> dict:
+  """The inverse of :func:`unstack` for the paths of ``like`` (path -> anything with a
+  ``shape``): each stacked path's blocks ``….layers.{i}.<name>`` of ``arrays`` stacked (NumPy);
+  every other path taken as it is."""
+  out = {}
+  for path, value in like.items():
+    names = block_names(path, value)
+    out[path] = arrays[path] if names is None else np.stack([np.asarray(arrays[n]) for n in names])
+  return out
+
+
 def abstract(build: Callable[[], nnx.Module]):
   """(graphdef, flat state, expected): ``build()`` run abstractly (``nnx.eval_shape``), its flat
-  state and each path's ShapeDtypeStruct."""
+  state and the ShapeDtypeStruct of every parameter by checkpoint name (:func:`unstack`)."""
   graphdef, state = nnx.split(nnx.eval_shape(build))
   flat = nnx.to_flat_state(state)
-  return graphdef, flat, {path_str(path): var.get_value() for path, var in flat}
+  return graphdef, flat, unstack({path_str(path): var.get_value() for path, var in flat})
 
 
-def assemble(graphdef, flat, expected: dict, arrays: dict) -> nnx.Module:
-  """The module of ``graphdef`` with every path of ``flat`` set from ``arrays`` in its dtype."""
+def assemble(graphdef, flat, arrays: dict) -> nnx.Module:
+  """The module of ``graphdef`` with every path of ``flat`` set, in its dtype, from ``arrays``
+  (by checkpoint name: stacked blocks assembled by :func:`stack`)."""
+  values = stack(arrays, {path_str(path): var.get_value() for path, var in flat})
   for path, var in flat:
-    key = path_str(path)
-    var.set_raw_value(jnp.asarray(arrays[key], expected[key].dtype))
+    var.set_raw_value(jnp.asarray(values[path_str(path)], var.get_value().dtype))
   return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
 def host_params(model: nnx.Module, variables=nnx.Param) -> dict[str, np.ndarray]:
-  """glajax path -> float32 NumPy copy of every ``variables`` leaf of ``model``."""
-  return {path_str(path): np.asarray(jax.device_get(var.get_value()), np.float32)
-          for path, var in nnx.to_flat_state(nnx.state(model, variables))}
+  """Checkpoint name (:func:`unstack`) -> float32 NumPy copy of every ``variables`` leaf of
+  ``model``."""
+  return unstack({path_str(path): np.asarray(jax.device_get(var.get_value()), np.float32)
+                  for path, var in nnx.to_flat_state(nnx.state(model, variables))})
 
 
 # ---------------------------------------------------------------------------------------------

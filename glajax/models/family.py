@@ -21,8 +21,9 @@ classifiers, recipes, prompt tuning, WiSE-FT, exports and the runner use only th
     None without a text tower;
   - without a text tower, a supervised classifier's own head: ``classifier()`` -> (kernel
     (D, K), bias (K,)) with logits = encode_image(x) · kernel + bias (raw features);
-  - ``param_groups()`` -> {group: regex on parameter paths ("vision_model/layers/0/...")}, the
-    groups recipes name in ``optimizer.trainable`` as ``<group>`` (:data:`GROUPS`);
+  - ``param_groups()`` -> {group: regex on parameter paths ("vision_model/layers/3/mlp/...":
+    a stacked block parameter is matched by each block's name), the groups recipes name in
+    ``optimizer.trainable`` as ``<group>`` (:data:`GROUPS`);
 * a :class:`Family` record: its name, the module types it builds, the checkpoint formats it
   reads (``detect`` / ``load``), its export (``save``), its random tiny variants for CPU runs and
   its tokenizer.

@@ -1,8 +1,9 @@
 """Building blocks shared by the model families (CLIP, SigLIP): attention with its kernel
-choice, the pre-LN block with LIFT's optional AdaptFormer adapter, BatchNorm with PyTorch's
-semantics, and the checks and small helpers every tower uses.
+choice, the pre-LN block with LIFT's optional AdaptFormer adapter, a tower's blocks stacked and
+scanned, BatchNorm with PyTorch's semantics, and the checks and small helpers every tower uses.
 
   block(h) = h' + mlp(ln2(h')) [+ adapter(h')],  h' = h + attn(ln1(h))
+  tower(h) = block_{L-1}(… block_0(h))   (``Blocks``: one ``jax.lax.scan`` over stacked weights)
 """
 from __future__ import annotations
 
@@ -298,13 +299,70 @@ def check_remat(name: str, remat) -> None:
 
 
 def run_blocks(layers, h, remat: str):
-  """h through ``layers`` in turn, each rematerialised as ``remat`` says (``REMAT_POLICIES``):
-  the same values and gradients, less memory held for the backward pass."""
+  """h through the heterogeneous ``layers`` (a ResNet stage's Bottlenecks) in turn, each
+  rematerialised as ``remat`` says (``REMAT_POLICIES``): the same values and gradients, less
+  memory held for the backward pass. A transformer tower's equal blocks are ``Blocks``."""
   policy = REMAT_POLICIES[remat]
   for layer in layers:
     h = (layer(h) if remat == "none"
          else nnx.remat(lambda block, x: block(x), policy=policy)(layer, h))
   return h
+
+
+class Blocks(Block):
+  """A tower's ``cfg.num_hidden_layers`` blocks as one ``Block`` whose every parameter has a
+  leading layer axis (block i's are ``[i]``), run by ``jax.lax.scan``:
+
+    h_{i+1} = block(h_i; θ[i]),  i = 0 … L − 1
+
+  so the compiled program holds one block whatever the depth. The scan step is
+  ``jax.checkpoint``-ed with ``cfg.remat``'s policy (``REMAT_POLICIES``): each block is
+  rematerialised on its own, as a list of blocks would be.
+
+  The blocks are initialised one after the other from ``rngs``, the parameters a list of
+  ``Block`` s would get. ``blocks.block(i)`` is block i as a ``Block`` (a copy; write through
+  the stacked arrays, ``blocks.mlp.fc1.kernel[i] = …``; indexing and iterating are refused).
+  Checkpoint formats name block i's parameters ``….layers.{i}.…``: ``checkpoints.unstack`` /
+  ``stack`` translate.
+  """
+
+  def __init__(self, cfg, *, causal: bool, dtype, param_dtype, rngs: nnx.Rngs):
+    super().__init__(cfg, causal=causal, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    rest = [Block(cfg, causal=causal, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            for _ in range(cfg.num_hidden_layers - 1)]
+    nnx.update(self, jax.tree.map(lambda *blocks: jnp.stack(blocks), nnx.state(self),
+                                  *map(nnx.state, rest)))
+    self.config, self.causal, self.dtype, self.param_dtype = cfg, causal, dtype, param_dtype
+
+  def __len__(self) -> int:
+    return self.layer_norm1.scale.shape[0]
+
+  def block(self, i: int) -> Block:
+    """Block i as a ``Block`` of its own: a copy (writing it leaves the stack as it is)."""
+    count = len(self)
+    if isinstance(i, bool) or not isinstance(i, numbers.Integral) or not -count <= i < count:
+      raise IndexError(f"block {i!r} of {count}")
+    block = nnx.eval_shape(lambda: Block(self.config, causal=self.causal, dtype=self.dtype,
+                                         param_dtype=self.param_dtype, rngs=nnx.Rngs(0)))
+    nnx.update(block, jax.tree.map(lambda x: x[i], nnx.state(self)))
+    return block
+
+  def __getitem__(self, i):
+    raise TypeError("a tower's blocks are stacked: blocks.block(i) is a copy of block i; write "
+                    "block i through the stacked arrays, blocks.mlp.fc1.kernel[i] = …")
+
+  def __iter__(self):
+    return self[0]
+
+  def __call__(self, h):
+    graphdef, stacked = nnx.split(self)
+
+    def step(h, weights):
+      return Block.__call__(nnx.merge(graphdef, weights), h), None
+
+    if self.config.remat != "none":
+      step = jax.checkpoint(step, policy=REMAT_POLICIES[self.config.remat], prevent_cse=False)
+    return jax.lax.scan(step, h, stacked)[0]
 
 
 def check_token_ids(name: str, ids, vocab_size: int) -> None:

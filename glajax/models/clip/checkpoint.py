@@ -140,7 +140,7 @@ def from_tensors(config: CLIPConfig, tensors: dict[str, np.ndarray],
     converted.update(_check_adapters(adapters, expected, source))
   elif getattr(config.vision, "adapter_dim", 0):  # a ViT's LIFT adapters
     converted.update(_init_adapters(config, dtype, param_dtype, seed))
-  return checkpoints.assemble(graphdef, flat, expected, converted)
+  return checkpoints.assemble(graphdef, flat, converted)
 
 
 def _init_adapters(config: CLIPConfig, dtype, param_dtype, seed: int) -> dict[str, jax.Array]:

@@ -22,7 +22,7 @@ from flax import nnx
 
 from glajax.errors import ConfigError, bad_argument
 from glajax.models.family import ModelSpec
-from glajax.models.layers import (ADAPTER_SCALE_LEARNABLE, BatchNorm, Block, attend,
+from glajax.models.layers import (ADAPTER_SCALE_LEARNABLE, BatchNorm, Blocks, attend,
                                   check_adapter_scale, check_images, check_remat, check_sizes,
                                   check_token_ids, check_tower, l2_normalise, normal,
                                   positive_size, resize_position_embedding, run_blocks)
@@ -342,8 +342,7 @@ class VisionTransformer(nnx.Module):
     norm = lambda: nnx.LayerNorm(width, epsilon=cfg.layer_norm_eps, dtype=dtype,
                                  param_dtype=param_dtype, rngs=rngs)
     self.pre_layernorm = norm()
-    self.layers = nnx.List([Block(cfg, causal=False, dtype=dtype, param_dtype=param_dtype,
-                                   rngs=rngs) for _ in range(cfg.num_hidden_layers)])
+    self.layers = Blocks(cfg, causal=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.post_layernorm = norm()
 
   def embed(self, images):
@@ -358,8 +357,7 @@ class VisionTransformer(nnx.Module):
 
   def __call__(self, images):
     """(B, H, W, 3) -> (B, width): post-LN CLS feature (HF's ``pooler_output``)."""
-    h = self.pre_layernorm(self.embed(images))
-    h = run_blocks(self.layers, h, self.config.remat)
+    h = self.layers(self.pre_layernorm(self.embed(images)))
     return self.post_layernorm(h[:, 0])
 
 
@@ -374,8 +372,7 @@ class TextTransformer(nnx.Module):
                                 param_dtype=param_dtype, rngs=rngs)
     self.token_embedding = embed(cfg.vocab_size)
     self.position_embedding = embed(cfg.max_position_embeddings)
-    self.layers = nnx.List([Block(cfg, causal=True, dtype=dtype, param_dtype=param_dtype,
-                                   rngs=rngs) for _ in range(cfg.num_hidden_layers)])
+    self.layers = Blocks(cfg, causal=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.final_layer_norm = nnx.LayerNorm(width, epsilon=cfg.layer_norm_eps, dtype=dtype,
                                           param_dtype=param_dtype, rngs=rngs)
 
@@ -397,7 +394,7 @@ class TextTransformer(nnx.Module):
                          inputs_embeds.shape)
     positions = self.position_embedding.embedding[:length]
     h = inputs_embeds + positions.astype(inputs_embeds.dtype)
-    h = self.final_layer_norm(run_blocks(self.layers, h, cfg.remat))
+    h = self.final_layer_norm(self.layers(h))
     return h[jnp.arange(batch), eos_positions(input_ids, cfg.eos_token_id)]
 
 

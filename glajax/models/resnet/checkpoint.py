@@ -94,7 +94,7 @@ def from_tensors(config: ResNetConfig, tensors: dict[str, np.ndarray],
   graphdef, flat, expected = checkpoints.abstract(
       lambda: ResNet(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(seed)))
   converted = table.convert(tensors, expected, source)
-  return checkpoints.assemble(graphdef, flat, expected, converted)
+  return checkpoints.assemble(graphdef, flat, converted)
 
 
 def host_state(model: ResNet) -> dict[str, np.ndarray]:

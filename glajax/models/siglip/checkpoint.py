@@ -63,7 +63,7 @@ def from_tensors(config: SiglipConfig, tensors: dict[str, np.ndarray], *, dtype=
   graphdef, flat, expected = checkpoints.abstract(
       lambda: SigLIP(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
   converted = params_hf.TABLE.convert(tensors, expected, source)
-  return checkpoints.assemble(graphdef, flat, expected, converted)
+  return checkpoints.assemble(graphdef, flat, converted)
 
 
 _REPLACEABLE = re.compile(f"({params_hf.CHECKPOINT_FILES})$")

@@ -35,9 +35,9 @@ from flax import nnx
 from glajax.errors import ConfigError, bad_argument
 from glajax.models import checkpoints
 from glajax.models.family import ModelSpec
-from glajax.models.layers import (MLP, Block, attend, check_images, check_sizes, check_tower,
+from glajax.models.layers import (MLP, Blocks, attend, check_images, check_sizes, check_tower,
                                   embed_text, init_compiled, l2_normalise,
-                                  resize_vision_positions, run_blocks, square_size)
+                                  resize_vision_positions, square_size)
 
 MEAN = (0.5, 0.5, 0.5)   # big_vision's value_range(-1, 1); transformers' SiglipImageProcessor
 STD = (0.5, 0.5, 0.5)
@@ -294,8 +294,7 @@ class VisionTransformer(nnx.Module):
     self.position_embedding = nnx.Embed(cfg.grid_size**2, width,
                                         embedding_init=jax.nn.initializers.normal(width**-0.5),
                                         dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.layers = nnx.List([Block(cfg, causal=False, dtype=dtype, param_dtype=param_dtype,
-                                   rngs=rngs) for _ in range(cfg.num_hidden_layers)])
+    self.layers = Blocks(cfg, causal=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.post_layernorm = _norm(cfg, dtype, param_dtype, rngs)
     self.head = MAPHead(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
@@ -308,8 +307,7 @@ class VisionTransformer(nnx.Module):
 
   def tokens(self, images):
     """(B, H, W, 3) -> (B, grid^2, width): the post-LN tokens (HF's ``last_hidden_state``)."""
-    h = run_blocks(self.layers, self.embed(images), self.config.remat)
-    return self.post_layernorm(h)
+    return self.post_layernorm(self.layers(self.embed(images)))
 
   def __call__(self, images):
     """(B, H, W, 3) -> (B, width): the MAP head's embedding (HF's ``pooler_output``)."""
@@ -328,8 +326,7 @@ class TextTransformer(nnx.Module):
                                 dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.token_embedding = embed(cfg.vocab_size)
     self.position_embedding = embed(cfg.max_position_embeddings)
-    self.layers = nnx.List([Block(cfg, causal=False, dtype=dtype, param_dtype=param_dtype,
-                                   rngs=rngs) for _ in range(cfg.num_hidden_layers)])
+    self.layers = Blocks(cfg, causal=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.final_layer_norm = _norm(cfg, dtype, param_dtype, rngs)
     self.head = nnx.Linear(width, cfg.projection_size,
                            kernel_init=jax.nn.initializers.lecun_normal(), dtype=dtype,
@@ -339,7 +336,7 @@ class TextTransformer(nnx.Module):
     """(B, L) ids [, (B, L, width) embeddings replacing the lookup] -> (B, width): the final-LN
     state at position L - 1, before ``head``."""
     h = embed_text(self, input_ids, inputs_embeds)
-    h = self.final_layer_norm(run_blocks(self.layers, h, self.config.remat))
+    h = self.final_layer_norm(self.layers(h))
     return h[:, -1]
 
 

@@ -121,13 +121,12 @@ def test_adapter_is_identity_at_init_then_adaptformer():
   with_adapters = _image(model, images)
   graphdef, state = nnx.split(model)
   plain = nnx.merge(graphdef, state)
-  for layer in plain.vision_model.layers:
-    layer.adapter = None
+  plain.vision_model.layers.adapter = None   # every block's (the blocks are stacked)
   # Zero-initialised up-projection: equal up to the float rounding of a differently fused graph.
   np.testing.assert_allclose(with_adapters, _image(plain, images), rtol=0, atol=1e-6)
 
   for scale in ("learnable", 0.5):
-    block = _tiny(adapter_dim=4, adapter_scale=scale).vision_model.layers[0]
+    block = _tiny(adapter_dim=4, adapter_scale=scale).vision_model.layers.block(0)
     rng = np.random.default_rng(1)
     block.adapter.up.kernel[...] = jnp.asarray(rng.normal(size=(4, 32)), jnp.float32)
     block.adapter.up.bias[...] = jnp.asarray(rng.normal(size=(32,)), jnp.float32)

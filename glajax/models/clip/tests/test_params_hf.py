@@ -150,8 +150,8 @@ def _layers(model, images, ids):
   h0 = v.pre_layernorm(v.embed(images))
   e0 = t.token_embedding(ids) + t.position_embedding.embedding[:ids.shape[1]]
   return {"vision embeddings": v.embed(images), "vision pre-LN": h0,
-          "vision block 0": v.layers[0](h0), "vision pooled": v(images),
-          "text embeddings": e0, "text block 0 (causal)": t.layers[0](e0),
+          "vision block 0": v.layers.block(0)(h0), "vision pooled": v(images),
+          "text embeddings": e0, "text block 0 (causal)": t.layers.block(0)(e0),
           "text pooled": t(ids)}
 
 
@@ -306,8 +306,8 @@ def test_adapters_saved_beside_and_restored(checkpoints, tmp_path):
   model = load_clip(directory, adapter_dim=4)
   images, ids = _inputs(hf_model)
   np.testing.assert_allclose(_image(model, images), _image(base, images), atol=1e-6)
-  up = model.vision_model.layers[1].adapter.up.kernel
-  up[...] = jnp.asarray(np.random.default_rng(0).normal(size=up.shape), jnp.float32)
+  up = model.vision_model.layers.adapter.up.kernel   # every block's, stacked: block 1's
+  up[1] = jnp.asarray(np.random.default_rng(0).normal(size=up.shape[1:]), jnp.float32)
   assert np.abs(_image(model, images) - _image(base, images)).max() > 1e-3
   save_clip(model, tmp_path / "with_adapters")
   restored = load_clip(tmp_path / "with_adapters")

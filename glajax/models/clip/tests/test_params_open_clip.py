@@ -213,8 +213,8 @@ def _vit_steps(model, images, ids):
   v, t = model.vision_model, model.text_model
   h0 = v.pre_layernorm(v.embed(images))
   e0 = t.token_embedding(ids) + t.position_embedding.embedding[:ids.shape[1]]
-  return {"vision embeddings + ln_pre": h0, "vision block 0": v.layers[0](h0),
-          "text embeddings": e0, "text block 0 (causal)": t.layers[0](e0)}
+  return {"vision embeddings + ln_pre": h0, "vision block 0": v.layers.block(0)(h0),
+          "text embeddings": e0, "text block 0 (causal)": t.layers.block(0)(e0)}
 
 
 def test_vit_step_by_step(saved):

@@ -165,10 +165,10 @@ def _layers(model, images, ids):
   e0 = v.embed(images)
   t0 = t.token_embedding(ids) + t.position_embedding.embedding[:ids.shape[1]]
   tokens = v.tokens(images)
-  return {"vision embeddings": e0, "vision block 0": v.layers[0](e0),
+  return {"vision embeddings": e0, "vision block 0": v.layers.block(0)(e0),
           "vision post-LN tokens": tokens, "MAP pooled before W_o": v.head.pool(tokens),
           "vision pooled (MAP)": v(images), "text embeddings": t0,
-          "text block 0 (bidirectional)": t.layers[0](t0),
+          "text block 0 (bidirectional)": t.layers.block(0)(t0),
           "text pooled (last position, head)": t.head(t(ids))}
 
 
