@@ -6,11 +6,16 @@ are never listed and are removed when the next run opens the directory. Arrays a
 their shards (each process those it holds; one copy of a replicated array) and restored into the
 shardings of the state they are restored into, so a checkpoint resumes on another number of
 devices or under another placement (replicated or FSDP).
+
+A tower's blocks are stacked in the train state (``models.layers.Blocks``: ``…/layers/<name>``
+with a leading layer axis); a checkpoint written when they were separate leaves
+(``…/layers/{i}/…``) is refused with a CheckpointError that says so.
 """
 from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 
 import jax
@@ -20,6 +25,14 @@ from glajax import parallel
 from glajax.errors import CheckpointError, bad_argument
 
 _log = logging.getLogger(__name__)
+
+_PER_BLOCK = re.compile(r"(^|/)layers/\d+(/|$)")   # block i of a tower as its own leaves
+
+
+def _names(tree) -> list[str]:
+  """'a/b/0/c' for every leaf of ``tree`` (dict keys, sequence indices, attribute names)."""
+  key = lambda k: str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
+  return ["/".join(map(key, path)) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
 def _short(error: Exception, limit: int = 300) -> str:
@@ -78,9 +91,25 @@ class Checkpointer:
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like)
     try:
       return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
-    except (FileNotFoundError, ValueError, KeyError) as e:
+    except Exception as e:
+      if self._per_block(step, like):
+        raise CheckpointError(
+            f"step {step} holds each tower's blocks as separate leaves (…/layers/<i>/…), as "
+            "glajax wrote before it stacked them; resume it with that glajax, or start over in "
+            "another work directory") from None
+      if not isinstance(e, (FileNotFoundError, ValueError, KeyError)):
+        raise
       raise CheckpointError(f"checkpoint step {step} in {self._manager.directory}: expected a "
                             f"train state matching this run, found an error: {e}") from e
+
+  def _per_block(self, step: int, like) -> bool:
+    """Whether step ``step`` holds a tower's blocks as separate leaves where ``like`` has none."""
+    try:
+      saved = _names(self._manager.item_metadata(step).tree)
+    except Exception:  # no readable metadata: a damaged step, said elsewhere
+      return False
+    return (any(_PER_BLOCK.search(n) for n in saved)
+            and not any(_PER_BLOCK.search(n) for n in _names(like)))
 
   def restore_latest(self, like):
     """``(step, state)`` of the newest checkpoint that restores, or ``(0, None)`` if none exists.

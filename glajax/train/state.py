@@ -1,7 +1,9 @@
 """The train state and the Optax optimiser of every recipe (schedule, clipping, freezing, groups).
 
 Parameters are a pure nested dict of float32 arrays (``nnx.split`` then ``to_pure_dict``), so the
-state is a plain pytree that jit, Optax and Orbax all take as is.
+state is a plain pytree that jit, Optax and Orbax all take as is. A tower's blocks are one
+stacked leaf per parameter (``models.layers.Blocks``); patterns match each block's own name
+(``…/layers/{i}/…``), so freezing some blocks of a stack is per block.
 """
 from __future__ import annotations
 
@@ -11,9 +13,11 @@ import re
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from glajax.errors import ConfigError, bad_argument
+from glajax.models import checkpoints
 
 FROZEN = "frozen"
 
@@ -70,22 +74,66 @@ def resolve_patterns(key: str, patterns, aliases: dict | None = None) -> list[re
 def param_labels(params, trainable=(".*",), groups=(), aliases: dict | None = None):
   """The optimiser group of every leaf: ``'frozen'`` unless a ``trainable`` pattern matches its
   path, else the name of the first group whose ``pattern`` matches, else ``'default'``. Patterns
-  may name the model's parameter groups as ``<group>`` (``aliases``)."""
+  may name the model's parameter groups as ``<group>`` (``aliases``). A stacked leaf's label is
+  that of its trained blocks (see :func:`frozen_blocks`)."""
+  return _labels(params, trainable, groups, aliases)[0]
+
+
+def frozen_blocks(params, trainable=(".*",), groups=(), aliases: dict | None = None
+                  ) -> dict[str, np.ndarray]:
+  """Path -> (L,) bool array of the frozen blocks, for each stacked leaf (``…/layers/<name>``,
+  L blocks) that patterns train only some blocks of: each block is matched by its own name
+  ``…/layers/{i}/<name>``, as when the blocks were separate leaves."""
+  return _labels(params, trainable, groups, aliases)[1]
+
+
+def _labels(params, trainable, groups, aliases):
+  """(labels, frozen blocks) of :func:`param_labels` and :func:`frozen_blocks`."""
   trainable = resolve_patterns("optimizer.trainable", trainable, aliases)
   groups = [(g["name"], resolve_patterns("optimizer.groups", [g["pattern"]], aliases)[0])
             for g in groups]
+  partial = {}
 
-  def label(path, _):
-    name = param_path(path)
+  def label_of(name):
     if not any(p.search(name) for p in trainable):
       return FROZEN
     return next((g for g, p in groups if p.search(name)), "default")
+
+  def label(path, leaf):
+    name = param_path(path)
+    labels = [label_of(n) for n in checkpoints.block_names(name, leaf) or [name]]
+    trained = sorted(set(labels) - {FROZEN})
+    if len(trained) > 1:
+      raise bad_argument("optimizer.groups", "one group for all the trained blocks of a stacked "
+                         "parameter (a tower's blocks are one stacked leaf)",
+                         f"groups {trained} for the blocks of {name}", ConfigError)
+    if trained and FROZEN in labels:
+      partial[name] = np.array([lab == FROZEN for lab in labels])
+    return trained[0] if trained else FROZEN
 
   labels = jax.tree_util.tree_map_with_path(label, params)
   if all(lab == FROZEN for lab in jax.tree.leaves(labels)):
     raise bad_argument("optimizer.trainable", "patterns matching at least one parameter path",
                        list(map(lambda p: p.pattern, trainable)), ConfigError)
-  return labels
+  return labels, partial
+
+
+def _zero_frozen_blocks(frozen: dict[str, np.ndarray]) -> optax.GradientTransformation:
+  """Sets the frozen blocks' slices of the updates of stacked leaves (``frozen``: path -> (L,)
+  bool) to 0."""
+
+  def update(updates, state, params=None):
+    del params
+
+    def zero(path, u):
+      mask = frozen.get(param_path(path))
+      if mask is None:
+        return u
+      return jnp.where(mask.reshape((-1,) + (1,) * (u.ndim - 1)), jnp.zeros_like(u), u)
+
+    return jax.tree_util.tree_map_with_path(zero, updates), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 SCHEDULES = ("cosine", "epoch_cosine", "constant")
@@ -196,11 +244,13 @@ def make_optimizer(config, params, total_steps: int, aliases: dict | None = None
   groups ``aliases``; the rest frozen) and ``groups`` (dicts with
   ``name``, ``pattern``, ``lr_scale``, ``weight_decay``; per-group learning rate and decay).
   Frozen gradients are zeroed before clipping, so the global norm counts trained parameters only
-  and XLA drops the frozen parameters' gradient computation.
+  and XLA drops the frozen parameters' gradient computation; the frozen blocks of a stacked
+  parameter (:func:`frozen_blocks`) have their gradients zeroed before clipping and their
+  updates (weight decay included) after the optimiser.
   """
   schedule = learning_rate_schedule(config, total_steps)
   groups = tuple(dict(g) for g in config.get("groups", ()))
-  labels = param_labels(params, tuple(config.get("trainable", (".*",))), groups, aliases)
+  labels, blocks = _labels(params, tuple(config.get("trainable", (".*",))), groups, aliases)
   weight_decay = config.get("weight_decay", 0.0)
   transforms = {FROZEN: optax.set_to_zero(),
                 "default": _base_optimizer(config, schedule, weight_decay)}
@@ -210,7 +260,10 @@ def make_optimizer(config, params, total_steps: int, aliases: dict | None = None
                                             g.get("weight_decay", weight_decay))
   frozen = jax.tree.map(lambda lab: lab == FROZEN, labels)
   clip = config.get("grad_clip_norm", 0.0)
-  tx = optax.chain(optax.masked(optax.set_to_zero(), frozen),
-                   optax.clip_by_global_norm(clip) if clip else optax.identity(),
-                   optax.multi_transform(transforms, labels))
+  chain = [optax.masked(optax.set_to_zero(), frozen),
+           optax.clip_by_global_norm(clip) if clip else optax.identity(),
+           optax.multi_transform(transforms, labels)]
+  if blocks:
+    chain = [chain[0], _zero_frozen_blocks(blocks), *chain[1:], _zero_frozen_blocks(blocks)]
+  tx = optax.chain(*chain)
   return tx, schedule
