@@ -118,13 +118,13 @@ def measure(model_name: str, task_name: str, devices: int, how: str,
   task, recipe = _task(task_name, nnx.eval_shape(spec.build), CLASSES)
   mesh = parallel.make_mesh(jax.devices()[:devices])
   graphdef, params, rest = engine.split_model(task.model)
-  tx, _ = make_optimizer(recipe.optimizer, params, 10_000)
+  tx, _ = make_optimizer(recipe.optimizer, params, 10_000, engine.param_groups(task.model))
   state = jax.eval_shape(
       lambda p: create_train_state(p, tx, 0, task.teacher_update is not None), params)
   shardings = (parallel.shardings(state, mesh, how), parallel.shardings(rest, mesh, how))
   step = engine.make_train_step(graphdef, task.loss_fn, tx, mesh,
                                 teacher_update=task.teacher_update, shardings=shardings)
-  size = _image_size(task.model.clip)
+  size = _image_size(task.model.backbone)
   inputs = {"image": jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32),
             "label": jax.ShapeDtypeStruct((batch,), jnp.int32)}
   clock = time.perf_counter()
