@@ -436,6 +436,12 @@ CASES = [
     Case("load_clip_resnet_with_adapters", lambda c: hf.checkpoint._with_options(
         _tiny(resnet=True), adapter_dim=4, adapter_scale="learnable", remat="none",
         attention="auto", activation=None), ConfigError, ("adapter_dim", "ResNet")),
+    Case("blocks_indexed", lambda c: c.shared.model.vision_model.layers[0], InputError,
+         ("blocks[0]", "blocks.block(i)")),
+    Case("blocks_block_out_of_range", lambda c: c.shared.model.vision_model.layers.block(2),
+         InputError, ("i", "[-2, 2)")),
+    Case("trainable_two_groups_in_a_stack", lambda c: _two_groups_in_a_stack(c), ConfigError,
+         ("optimizer.groups", "vision_model/layers/")),
     Case("config_resnet_image_size_odd", lambda c: _tiny(resnet=True, image_size=33),
          ConfigError, "vision.image_size"),
     Case("config_resnet_image_size_16", lambda c: _tiny(resnet=True, image_size=16),
@@ -472,6 +478,12 @@ CASES = [
          CheckpointError, ("directory", "blocker"), setup=lambda c: c.files("blocker")),
     Case("checkpointer_keep_0", lambda c: _checkpointer(c, "checkpoints", keep=0), InputError,
          "keep"),
+    Case("checkpointer_one_leaf_per_block",
+         lambda c: _checkpointer(c, "checkpoints").restore_latest(
+             {"layers": {"mlp": {"w": jnp.zeros((2, 3))}}}),
+         CheckpointError, ("step 1", "layers/<i>", "start over"),
+         setup=lambda c: _two_checkpoints(c, "checkpoints", {"layers": {
+             "0": {"mlp": {"w": jnp.zeros(3)}}, "1": {"mlp": {"w": jnp.zeros(3)}}}})),
     Case("checkpointer_nothing_restores",
          lambda c: _checkpointer(c, "checkpoints").restore_latest({"w": jnp.zeros(4)}),
          CheckpointError, ("checkpoints", "step 1", "step 2"),
@@ -681,6 +693,13 @@ def _claimed(ctx, workdir, lock=False):
   if lock:
     with open(os.path.join(directory, runner.LOCK_FILE), "w") as f:
       json.dump({"pid": os.getpid(), "command": "glajax run wise_ft:runlocal"}, f)
+
+
+def _two_groups_in_a_stack(ctx):
+  from flax import nnx
+  from glajax.train.state import param_labels
+  params = nnx.to_pure_dict(nnx.state(ctx.shared.model, nnx.Param))
+  return param_labels(params, (".*",), ({"name": "last", "pattern": "vision_model/layers/1/"},))
 
 
 def _two_checkpoints(ctx, directory, state):

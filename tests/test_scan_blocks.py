@@ -18,7 +18,7 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from glajax import CheckpointError, ConfigError, parallel
+from glajax import CheckpointError, ConfigError, InputError, parallel
 from glajax.models import checkpoints
 from glajax.models.clip import CLIP, CLIPConfig, init_clip, load_clip, save_clip
 from glajax.models.clip import checkpoint as clip_checkpoint
@@ -44,8 +44,8 @@ def _listed_and_stacked(cfg, causal: bool, seed: int = 5):
 
 def test_blocks_hold_a_list_of_blocks_stacked():
   """``Blocks`` holds the parameters a list of ``Block`` s built from the same ``rngs`` holds,
-  block i at [i]; ``blocks.block(i)`` is a copy of block i; a bad index is an IndexError;
-  indexing or iterating the stack (whose items would be copies) is refused."""
+  block i at [i]; ``blocks.block(i)`` is a copy of block i; a bad index, indexing or
+  iterating the stack (whose items would be copies) is an InputError."""
   cfg = CLIPConfig.tiny(adapter_dim=4, vision_num_hidden_layers=3).vision
   listed, blocks = _listed_and_stacked(cfg, causal=False)
   for i, block in enumerate(listed):
@@ -54,10 +54,10 @@ def test_blocks_hold_a_list_of_blocks_stacked():
     jax.tree.map(np.testing.assert_array_equal, nnx.state(blocks.block(i)), nnx.state(block))
   assert len(blocks) == 3 and isinstance(blocks.block(-1), Block)
   for bad in (3, -4, True):
-    with pytest.raises(IndexError):
+    with pytest.raises(InputError, match=r"i: expected a block index in \[-3, 3\)"):
       blocks.block(bad)
   for refused in (lambda: blocks[0], lambda: list(blocks)):
-    with pytest.raises(TypeError, match=r"blocks.block\(i\) is a copy.*kernel\[i\] ="):
+    with pytest.raises(InputError, match=r"blocks\[0\]: expected blocks.block\(i\)"):
       refused()
 
 
@@ -371,8 +371,8 @@ def test_a_train_checkpoint_with_one_leaf_per_block_is_refused(tmp_path):
   old.save(4, {"params": _per_block(params), "step": jnp.int32(4)})
   old.close()
   checkpoints_ = Checkpointer(str(tmp_path), every=1)
-  with pytest.raises(CheckpointError, match=r"step 4 holds each tower's blocks as separate "
-                     r"leaves .*layers/<i>.*start over"):
+  with pytest.raises(CheckpointError, match=r"step 4: expected each tower's blocks stacked "
+                     r".*found one leaf per block .*layers/<i>.*start over"):
     checkpoints_.restore_latest({"params": params, "step": jnp.int32(0)})
   assert sorted(os.listdir(tmp_path)) == ["4"]
   checkpoints_.close()

@@ -321,7 +321,7 @@ class Blocks(Block):
 
   The blocks are initialised one after the other from ``rngs``, the parameters a list of
   ``Block`` s would get. ``blocks.block(i)`` is block i as a ``Block`` (a copy; write through
-  the stacked arrays, ``blocks.mlp.fc1.kernel[i] = …``; indexing and iterating are refused).
+  the stacked arrays, ``blocks.mlp.fc1.kernel[i] = …``; indexing and iterating raise InputError).
   Checkpoint formats name block i's parameters ``….layers.{i}.…``: ``checkpoints.unstack`` /
   ``stack`` translate.
   """
@@ -341,15 +341,16 @@ class Blocks(Block):
     """Block i as a ``Block`` of its own: a copy (writing it leaves the stack as it is)."""
     count = len(self)
     if isinstance(i, bool) or not isinstance(i, numbers.Integral) or not -count <= i < count:
-      raise IndexError(f"block {i!r} of {count}")
+      raise bad_argument("i", f"a block index in [-{count}, {count})", repr(i))
     block = nnx.eval_shape(lambda: Block(self.config, causal=self.causal, dtype=self.dtype,
                                          param_dtype=self.param_dtype, rngs=nnx.Rngs(0)))
     nnx.update(block, jax.tree.map(lambda x: x[i], nnx.state(self)))
     return block
 
   def __getitem__(self, i):
-    raise TypeError("a tower's blocks are stacked: blocks.block(i) is a copy of block i; write "
-                    "block i through the stacked arrays, blocks.mlp.fc1.kernel[i] = …")
+    raise bad_argument(f"blocks[{i!r}]", "blocks.block(i) (a copy of block i) or a write "
+                       "through the stacked arrays (blocks.mlp.fc1.kernel[i] = …)",
+                       "an index into a tower's stacked blocks")
 
   def __iter__(self):
     return self[0]

@@ -94,9 +94,9 @@ class Checkpointer:
     except Exception as e:
       if self._per_block(step, like):
         raise CheckpointError(
-            f"step {step} holds each tower's blocks as separate leaves (…/layers/<i>/…), as "
-            "glajax wrote before it stacked them; resume it with that glajax, or start over in "
-            "another work directory") from None
+            f"checkpoint step {step}: expected each tower's blocks stacked (…/layers/<name>), "
+            "found one leaf per block (…/layers/<i>/…), as glajax wrote before it stacked them; "
+            "resume it with that glajax, or start over in another work directory") from None
       if not isinstance(e, (FileNotFoundError, ValueError, KeyError)):
         raise
       raise CheckpointError(f"checkpoint step {step} in {self._manager.directory}: expected a "
