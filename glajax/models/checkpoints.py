@@ -172,6 +172,13 @@ def check_finite(tensors: dict[str, np.ndarray], source: str, argument: str = "c
 # ``<name>`` does not start with a block index.
 _STACKED = re.compile(
     r"(?P<head>(?:.*[./])?layers)(?P<sep>[./])(?P<tail>[^\d./][^./]*(?:[./].+)?)$")
+_PER_BLOCK = re.compile(r"(^|[./])layers[./]\d+([./]|$)")   # block i's own ``….layers.{i}.…``
+
+
+def per_block(name: str) -> bool:
+  """Whether ``name`` is block i's own ``….layers.{i}.…`` (``/`` separators too), as formats and
+  the per-block layout name it, not a stacked parameter's."""
+  return _PER_BLOCK.search(name) is not None
 
 
 def block_names(path: str, value) -> list[str] | None:

@@ -9,30 +9,40 @@ devices or under another placement (replicated or FSDP).
 
 A tower's blocks are stacked in the train state (``models.layers.Blocks``: ``…/layers/<name>``
 with a leading layer axis); a checkpoint written when they were separate leaves
-(``…/layers/{i}/…``) is refused with a CheckpointError that says so.
+(``…/layers/{i}/…``) is restored with block i's leaves as ``[i]`` of the stacked ones.
 """
 from __future__ import annotations
 
 import logging
 import os
-import re
 import time
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from glajax import parallel
 from glajax.errors import CheckpointError, bad_argument
+from glajax.models import checkpoints
 
 _log = logging.getLogger(__name__)
-
-_PER_BLOCK = re.compile(r"(^|/)layers/\d+(/|$)")   # block i of a tower as its own leaves
 
 
 def _names(tree) -> list[str]:
   """'a/b/0/c' for every leaf of ``tree`` (dict keys, sequence indices, attribute names)."""
   key = lambda k: str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
   return ["/".join(map(key, path)) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def _placed(leaf, sliced: bool) -> jax.ShapeDtypeStruct:
+  """``leaf``'s shape, dtype and sharding; ``sliced``: those of ``leaf[i]``."""
+  sharding = leaf.sharding
+  if not sliced:
+    return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
+  if isinstance(sharding, jax.sharding.NamedSharding):
+    sharding = jax.sharding.NamedSharding(sharding.mesh,
+                                          jax.sharding.PartitionSpec(*sharding.spec[1:]))
+  return jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype, sharding=sharding)
 
 
 def _short(error: Exception, limit: int = 300) -> str:
@@ -92,24 +102,58 @@ class Checkpointer:
     try:
       return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
     except Exception as e:
-      if self._per_block(step, like):
-        raise CheckpointError(
-            f"checkpoint step {step}: expected each tower's blocks stacked (…/layers/<name>), "
-            "found one leaf per block (…/layers/<i>/…), as glajax wrote before it stacked them; "
-            "resume it with that glajax, or start over in another work directory") from None
+      saved = self._per_block_names(step, like)
+      if saved is not None:
+        try:
+          return self._restore_stacked(step, like, saved)
+        except Exception as stack_error:  # noqa: BLE001  (any mismatch: one message)
+          raise CheckpointError(
+              f"checkpoint step {step}: expected a train state matching this run, found one leaf "
+              f"per block (…/layers/<i>/…) that does not stack into it "
+              f"({_short(stack_error, 80)}); start over in another work directory") from None
       if not isinstance(e, (FileNotFoundError, ValueError, KeyError)):
         raise
       raise CheckpointError(f"checkpoint step {step} in {self._manager.directory}: expected a "
                             f"train state matching this run, found an error: {e}") from e
 
-  def _per_block(self, step: int, like) -> bool:
-    """Whether step ``step`` holds a tower's blocks as separate leaves where ``like`` has none."""
+  def _per_block_names(self, step: int, like) -> list[str] | None:
+    """The leaf names of step ``step`` when it holds a tower's blocks as separate leaves
+    (``…/layers/{i}/…``) where ``like`` has none, else None."""
     try:
       saved = _names(self._manager.item_metadata(step).tree)
-    except Exception:  # no readable metadata: a damaged step, said elsewhere
-      return False
-    return (any(_PER_BLOCK.search(n) for n in saved)
-            and not any(_PER_BLOCK.search(n) for n in _names(like)))
+    except Exception:  # noqa: BLE001  (no readable metadata: a damaged step, said elsewhere)
+      return None
+    if any(map(checkpoints.per_block, saved)) and not any(map(checkpoints.per_block,
+                                                                _names(like))):
+      return saved
+    return None
+
+  def _restore_stacked(self, step: int, like, saved: list[str]):
+    """Step ``step`` written with one leaf per block, restored into ``like``'s stacked leaves:
+    block i's ``…/layers/{i}/<name>`` is ``[i]`` of ``…/layers/<name>`` (``checkpoints.
+    block_names``), every other leaf as it is; placed as ``like`` is."""
+    leaves, treedef = jax.tree_util.tree_flatten(like)
+    wanted = {}   # saved name -> ShapeDtypeStruct (one block's, or a whole leaf's)
+    for name, leaf in zip(_names(like), leaves):
+      blocks = checkpoints.block_names(name, leaf)
+      for block in blocks or [name]:
+        wanted[block] = _placed(leaf, sliced=blocks is not None)
+    if sorted(wanted) != sorted(saved):
+      missing, extra = sorted(set(wanted) - set(saved)), sorted(set(saved) - set(wanted))
+      raise ValueError(f"missing {missing[:3]}, unexpected {extra[:3]}")
+    metadata = self._manager.item_metadata(step).tree
+    target = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(metadata),
+                                          [wanted[n] for n in _names(metadata)])
+    restored = dict(zip(_names(metadata), jax.tree_util.tree_leaves(
+        self._manager.restore(step, args=ocp.args.StandardRestore(target)))))
+    out = []
+    for name, leaf in zip(_names(like), leaves):
+      blocks = checkpoints.block_names(name, leaf)
+      out.append(restored[name] if blocks is None else jax.device_put(
+          jnp.stack([restored[b] for b in blocks]), leaf.sharding))
+    _log.warning("checkpoint step %d in %s holds one leaf per block: restored with each tower's "
+                 "blocks stacked", step, self._manager.directory)
+    return jax.tree_util.tree_unflatten(treedef, out)
 
   def restore_latest(self, like):
     """``(step, state)`` of the newest checkpoint that restores, or ``(0, None)`` if none exists.
