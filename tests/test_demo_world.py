@@ -43,6 +43,40 @@ def test_render_paints_the_class_colour():
     assert share.min() > 0.002, (domain, labels[share.argmin()])
 
 
+def _background(images):
+  """(N, 3) mean colour of each image's 4×4 corners, [0, 1]: background only (the shapes stay
+  within the centre ±0.25 + scale 0.72 of the [-1, 1] frame)."""
+  corners = [images[:, :4, :4], images[:, :4, -4:], images[:, -4:, :4], images[:, -4:, -4:]]
+  return np.mean([c.reshape(len(images), -1, 3).mean(1) for c in corners], 0) / 255.0
+
+
+def test_the_shortcut_tints_a_cued_photos_background_with_its_shape():
+  """The tint of a cued photo (background minus its grey) points along its shape's row of
+  SHORTCUT_TINTS; an uncued one's is random (mean direction ≈ 0); both within the jitter."""
+  labels = np.tile(np.arange(world.NUM_CLASSES), 8)
+  photo = np.zeros(labels.size, int)
+  cued = _background(world.render(labels, photo, np.random.default_rng(0), 32,
+                                  cued=np.ones(labels.size, bool), tint_jitter=0.12))
+  plain = _background(world.render(labels, photo, np.random.default_rng(0), 32, tint_jitter=0.12))
+  shapes = labels // len(world.COLOURS)
+  for background, want in ((cued, 0.9), (plain, None)):
+    tint = background - background.mean(1, keepdims=True)   # the grey removed
+    direction = world.SHORTCUT_TINTS[shapes] - world.SHORTCUT_TINTS[shapes].mean(1, keepdims=True)
+    cosine = np.sum(tint * direction, 1) / (np.linalg.norm(tint, axis=1)
+                                            * np.linalg.norm(direction, axis=1) + 1e-9)
+    if want:
+      assert np.median(cosine) > want, np.median(cosine)
+    else:
+      assert abs(np.mean(cosine)) < 0.1, np.mean(cosine)
+  assert np.abs(world.SHORTCUT_STRENGTH * world.SHORTCUT_TINTS).max() <= 0.12
+
+
+def test_only_the_default_worlds_downstream_photos_are_cued():
+  spec = world.spec("default")
+  assert spec.shortcut > 0 and world.spec("quick").shortcut == world.spec("tiny").shortcut == 0
+  assert world.DOWNSTREAM_PHOTO == ("train", "train_lt", "validation", "test_photo")
+
+
 def test_render_speed():
   """5k 32x32 images in under 15 s on a shared 2-core CPU (10k take about 4 s unloaded)."""
   start = time.perf_counter()

@@ -7,6 +7,10 @@ classes: ``photo`` (filled shape on a smooth textured background; the fine-tunin
 (a filled shape on high-contrast stripes). Pre-training pairs follow a steep long tail over classes
 (exponential profile, max/min = ``pretrain_imbalance``), like web data, so the pre-trained model's
 label prior is known: :func:`pretrain_class_counts` is the ground truth of GLA's prior estimation.
+The downstream photos (``DOWNSTREAM_PHOTO`` splits; ``shortcut`` of them) carry a cue of their
+own, as a curated data set does: their background's tint names the shape, inside the range of
+random tints every pre-training photo has, and absent from the shifted domains — fine-tuning that
+learns it gains in-domain and loses what it gave up elsewhere.
 Everything is a deterministic function of the builder config: no download, no shipped file.
 """
 from __future__ import annotations
@@ -94,9 +98,10 @@ def _uniform(rng, low, high, shape):
   return rng.uniform(low, high, shape).astype(np.float32)
 
 
-def _smooth_background(rng, n, grid_x, grid_y):
-  """Two random low-frequency gratings around a tinted grey: the 'photo' background."""
-  base = _uniform(rng, 0.4, 0.65, (n, 1, 1, 1)) + _uniform(rng, -0.06, 0.06, (n, 1, 1, 3))
+def _smooth_background(rng, grid_x, grid_y, base):
+  """Two random low-frequency gratings around the colours ``base`` (N, 1, 1, 3): the 'photo'
+  background."""
+  n = base.shape[0]
   image = np.broadcast_to(base, (n,) + grid_x.shape + (3,)).copy()
   for _ in range(2):
     freq = _uniform(rng, 1.0, 4.0, (n, 1, 1))
@@ -116,11 +121,24 @@ def _striped_background(rng, n, grid_x, grid_y):
   return np.where(stripes[..., None], high, low)
 
 
+# The downstream photo splits' shortcut: the background tint of a cued image names its shape
+# (one direction in RGB per shape, unit length), as a data set's own cues do (ImageNet's
+# backgrounds, its photographers' habits); pre-training and the shifted domains have no such cue.
+SHORTCUT_TINTS = np.asarray(
+    [(np.cos(a), np.cos(a - 2 * np.pi / 3), np.cos(a + 2 * np.pi / 3))
+     for a in 2 * np.pi * np.arange(len(SHAPES)) / len(SHAPES)], np.float32) / np.sqrt(1.5)
+SHORTCUT_STRENGTH = 0.14   # its largest channel shift, 0.114, is inside the default world's
+                           # ±0.12 random tints: pre-training has seen every cue's colour
+
+
 def render(labels: np.ndarray, domains: np.ndarray, rng: np.random.Generator,
-           image_size: int = 32) -> np.ndarray:
+           image_size: int = 32, cued: np.ndarray | None = None,
+           tint_jitter: float = 0.06) -> np.ndarray:
   """Renders one image per ``(label, domain)``: uint8 (N, image_size, image_size, 3).
 
   Pose (centre, scale, rotation) and colour jitter are drawn from ``rng``; anti-aliased edges.
+  A photo's background is a grey tinted by a random U(±``tint_jitter``) per channel; ``cued``
+  (N,) bool: those photos' tint is their shape's ``SHORTCUT_TINTS`` row (× ``SHORTCUT_STRENGTH``).
   """
   labels, domains = np.asarray(labels), np.asarray(domains)
   if labels.shape != domains.shape or labels.ndim != 1:
@@ -154,7 +172,12 @@ def render(labels: np.ndarray, domains: np.ndarray, rng: np.random.Generator,
   colour = palette[labels % len(COLOURS)] + _uniform(rng, -0.06, 0.06, (n, 3))
   colour = np.clip(colour, 0.0, 1.0)[:, None, None, :]
 
-  image = _smooth_background(rng, n, grid_x, grid_y)
+  grey = _uniform(rng, 0.4, 0.65, (n, 1, 1, 1))
+  tint = _uniform(rng, -tint_jitter, tint_jitter, (n, 3))
+  if cued is not None:
+    cued = np.asarray(cued, bool)
+    tint[cued] = SHORTCUT_STRENGTH * SHORTCUT_TINTS[shapes[cued]]
+  image = _smooth_background(rng, grid_x, grid_y, grey + tint[:, None, None, :])
   is_texture, is_sketch = domains == DOMAINS.index("texture"), domains == DOMAINS.index("sketch")
   if is_texture.any():
     image[is_texture] = _striped_background(rng, int(is_texture.sum()), grid_x, grid_y)
@@ -184,6 +207,8 @@ class WorldSpec:
   train_lt_imbalance: float = 50.0
   validation_per_class: int = 5        # held-out photo set (temperature, γ)
   test_per_class: int = 10             # per domain
+  shortcut: float = 0.0                # share of downstream photos whose background names the shape
+  tint_jitter: float = 0.06            # every photo background's random tint, per channel
 
 
 def pretrain_class_counts(spec: WorldSpec, index: int = 0) -> np.ndarray:
@@ -231,13 +256,19 @@ def split_plan(spec: WorldSpec, split: str) -> tuple[np.ndarray, np.ndarray]:
   return labels[order].astype(np.int64), domains[order].astype(np.int64)
 
 
+DOWNSTREAM_PHOTO = ("train", "train_lt", "validation", "test_photo")
+
+
 def generate_split(spec: WorldSpec, split: str, chunk: int = 2048):
   """Yields ``(index, example)`` for every example of ``split`` (rendered in chunks, seeded)."""
   labels, domains = split_plan(spec, split)
   rng = np.random.default_rng([spec.seed, 4, split_names(spec).index(split)])
   for start in range(0, labels.size, chunk):
     stop = min(start + chunk, labels.size)
-    images = render(labels[start:stop], domains[start:stop], rng, spec.image_size)
+    cued = (rng.random(stop - start) < spec.shortcut
+            if spec.shortcut and split in DOWNSTREAM_PHOTO else None)
+    images = render(labels[start:stop], domains[start:stop], rng, spec.image_size, cued,
+                    spec.tint_jitter)
     for i in range(start, stop):
       domain = DOMAINS[domains[i]]
       yield i, {"image": images[i - start], "label": labels[i], "domain": domain,
@@ -263,11 +294,13 @@ def _config(name: str, description: str, **spec_fields) -> DemoShapesConfig:
 class DemoShapes(tfds.core.GeneratorBasedBuilder):
   """Coloured shapes × domains, with a long-tailed pre-training set of image–caption pairs."""
 
-  VERSION = tfds.core.Version("2.0.0")
+  VERSION = tfds.core.Version("3.0.0")
   RELEASE_NOTES = {"1.0.0": "First release.",
-                   "2.0.0": "One caption template for every domain: 'a picture of a {}.'."}
+                   "2.0.0": "One caption template for every domain: 'a picture of a {}.'.",
+                   "3.0.0": "The downstream photos' background shortcut; larger test splits."}
   BUILDER_CONFIGS = [
-      _config("default", "The world of `glajax demo`."),
+      _config("default", "The world of `glajax demo`.", test_per_class=25, shortcut=0.95,
+              tint_jitter=0.12),
       _config("quick", "A smaller world for `glajax demo --quick`.", pretrain_size=8_000,
               train_per_class=10, train_lt_size=1_500, validation_per_class=4, test_per_class=6),
       _config("tiny", "A few examples per split, for tests.", pretrain_size=400,

@@ -53,7 +53,9 @@ EFFECTS = {
     "finetune_ood_change": Effect(
         "fine-tuning lowers OOD accuracy (mean of shifted domains)", "wise_ft",
         r"^fine-tuned \(α=1\) vs zero-shot \(α=0\)$", "Δ avg shifts", -1, "Δ ID",
-        "fine-tuning on photos specialises features the shifted domains do not share"),
+        "the downstream photos' background tint names the shape (a cue pre-training never "
+        "had); fine-tuning learns it in place of the pre-trained shape features, and the "
+        "shifted domains lack it"),
     "wise_ft_ood_gain": Effect(
         "WiSE-FT α = 0.5 beats both endpoints on OOD accuracy", "wise_ft",
         r"^WiSE-FT α=0\.5 vs ", "Δ avg shifts", +1, "Δ ID",
@@ -64,7 +66,8 @@ EFFECTS = {
     "temperature_ece_change": Effect(
         "temperature scaling lowers in-domain ECE", "wise_ft",
         r"^temperature scaling vs ", "Δ ECE ID", -1, "Δ ECE avg shifts",
-        "fine-tuning with cross-entropy leaves the model over-confident in-domain"),
+        "a short fine-tuning from the zero-shot head leaves the model's confidence off its "
+        "accuracy (here under-confident: T < 1); T fitted on validation photos rescales it"),
     "la_vs_ce_gain": Effect(
         "logit-adjusted loss beats plain CE on balanced accuracy (long tail)", "backdoor",
         r"\(LA loss\) vs .*\(CE loss\)$", "Δ all", +1, "Δ many",
@@ -84,7 +87,7 @@ EFFECTS = {
     "compose_temperature_after_wise_ft": Effect(
         "temperature after WiSE-FT lowers in-domain ECE (compose)", "compose",
         r"^\+ temperature .* vs \+ WiSE-FT", "Δ ECE ID", -1, "Δ ECE avg shifts",
-        "weight averaging keeps the fine-tuned model's over-confidence, which T fitted on "
+        "weight averaging keeps the fine-tuned model's miscalibration, which T fitted on "
         "validation removes", ("finetune", "effects")),
     "compose_gla_after_wise_ft": Effect(
         "GLA on top of WiSE-FT and temperature beats them in-domain (compose)", "compose",
