@@ -19,8 +19,8 @@ Exits with status 1 if any cell raised (its error output is kept in the saved no
 
 ``--compare DIR`` (CI) also compares each executed notebook with the one of the same name in DIR
 (the committed outputs) and exits with status 1 where they differ: cell by cell, each output's
-kind and its text with every number read as ``#`` and runs of spaces as one (timings and
-last-digit changes pass; a row, a warning, a message or an output that appeared or went away
+kind and its text with every content hash read as ``<hash>``, every number as ``#`` and runs of
+spaces as one (timings, last-digit changes and keys of the temporary work directory pass; a row, a warning, a message or an output that appeared or went away
 does not); images by their presence.
 """
 from __future__ import annotations
@@ -86,13 +86,15 @@ def clean(notebook, replacements: list[tuple[str, str]]) -> None:
     cell.outputs = outputs
 
 
+# content hashes (config fingerprints, run and cache keys): they name the temporary work directory
+_HASH = re.compile(r"(?<![0-9A-Za-z])(?=[0-9a-f]*[a-f])(?=[0-9a-f]*[0-9])[0-9a-f]{8,}(?![0-9A-Za-z])")
 _NUMBER = re.compile(r"[-+]?(?:\d[\d,]*\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 _SPACES = re.compile(r"[ \t]+")
 _RULE = re.compile(r"-{3,}|={3,}|─{3,}")
 
 
 def _normal(text: str) -> str:
-  text = _NUMBER.sub("#", text)
+  text = _NUMBER.sub("#", _HASH.sub("<hash>", text))
   text = _RULE.sub("---", text)
   return "\n".join(_SPACES.sub(" ", line).strip() for line in text.split("\n")).strip()
 
