@@ -87,7 +87,8 @@ def clean(notebook, replacements: list[tuple[str, str]]) -> None:
 
 
 # content hashes (config fingerprints, run and cache keys): they name the temporary work directory
-_HASH = re.compile(r"(?<![0-9A-Za-z])(?=[0-9a-f]*[a-f])(?=[0-9a-f]*[0-9])[0-9a-f]{8,}(?![0-9A-Za-z])")
+# (12 or 16 hex digits, some of them all decimal digits): any run of 8 or more, not inside a number
+_HASH = re.compile(r"(?<![0-9A-Za-z.,])[0-9a-f]{8,}(?![0-9A-Za-z.,])")
 _NUMBER = re.compile(r"[-+]?(?:\d[\d,]*\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 _SPACES = re.compile(r"[ \t]+")
 _RULE = re.compile(r"-{3,}|={3,}|─{3,}")
