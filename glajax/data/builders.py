@@ -297,29 +297,22 @@ def _decoded_marker(source: LocalSource) -> Path:
   return Path(cache, "glajax", "decoded", source.name)
 
 
-def check_decodable(source: LocalSource, argument: str, root=None) -> None:
-  """Every image of a folder or CSV ``source`` (under ``root``, default ``source.root``) decoded
-  once (:func:`_check_images`), all the files that fail named in one DatasetError naming
-  ``argument`` (the user's key). A folder or CSV named by path (``source.root``, whose name
-  carries a digest of its files) is remembered (:func:`_decoded_marker`), so that an unchanged
-  one is decoded once; any other ``root`` is decoded every time."""
-  root = source.root if root is None else root
-  if root is None:
+def check_decodable(source: LocalSource, argument: str) -> None:
+  """Every image of a folder or CSV ``source`` decoded once (:func:`_check_images`), all the
+  files that fail named in one DatasetError naming ``argument`` (the user's key); remembered per
+  data (:func:`_decoded_marker`), so that an unchanged folder is decoded once."""
+  marker = _decoded_marker(source)
+  if marker.is_file() or source.root is None:
     return
-  own = source.root is not None and Path(root) == Path(source.root)
-  marker = _decoded_marker(source) if own else None
-  if marker is not None and marker.is_file():
-    return
-  root = Path(root)
+  root = Path(source.root)
   _check_images(root, [p for split in source.splits for p, _ in source.examples(root, split)],
                 argument)
-  if marker is not None:
-    with contextlib.suppress(OSError):   # a read-only home: checked again next time
-      marker.parent.mkdir(parents=True, exist_ok=True)
-      marker.touch()
+  with contextlib.suppress(OSError):   # a read-only home: checked again next time
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.touch()
 
 
-def _check_images(root: Path, files, argument: str) -> None:
+def _check_images(root: Path, files, argument: str = "manual_dir") -> None:
   """Every listed image that exists decoded once (:func:`_check_image`) before TFDS writes
   anything; all the files that fail named in one DatasetError naming ``argument``."""
   bad = []
@@ -414,7 +407,8 @@ def prepare(source: LocalSource, manual_dir: str | os.PathLike | None, data_dir:
       raise bad_argument("manual_dir", f"images ({', '.join(IMAGE_SUFFIXES)}) for split "
                          f"{split!r} of {source.name} ({source.layout})", f"none under {root}",
                          DatasetError)
-  check_decodable(source, "manual_dir", root)
+  if not _decoded_marker(source).is_file():
+    _check_images(root, [p for split in source.splits for p, _ in source.examples(root, split)])
   # Folders TFDS creates before it reads an image: removed again (if still empty) on failure.
   made = [p for p in (Path(data_dir), Path(data_dir, "downloads"),
                       Path(data_dir, "downloads", "extracted"), Path(data_dir, BUILDER_NAME),
