@@ -24,7 +24,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import json  # noqa: E402
-import platform  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
 
@@ -33,7 +32,7 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import glajax  # noqa: E402
-from bench_memory import _abstract, _image_size, _task, _versions  # noqa: E402
+from bench_memory import _abstract, _image_size, _task, write_results  # noqa: E402
 from glajax import parallel  # noqa: E402
 from glajax.models import layers  # noqa: E402
 from glajax.models.clip import CLIP, CLIPConfig  # noqa: E402
@@ -121,12 +120,7 @@ def main():
       for remat in args.remat.split(","):
         rows.append(measure(model, task, remat, args.batch))
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-  print(f"{jax.devices()[0].device_kind}, {platform.processor() or platform.machine()}, "
-        f"{json.dumps(_versions())}")
-  print(table(rows))
-  if args.out:
-    with open(args.out, "w") as f:
-      json.dump({"versions": _versions(), "rows": rows}, f, indent=1)
+  write_results(rows, jax.devices()[0].device_kind, table(rows), args.out)
 
 
 if __name__ == "__main__":

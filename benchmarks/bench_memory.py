@@ -173,6 +173,16 @@ def _versions() -> dict:
           "flax": flax.__version__, "optax": optax.__version__}
 
 
+def write_results(rows: list[dict], device: str, table_text: str, out: str | None) -> None:
+  """Prints the device line (``device``, the processor, the versions) and ``table_text``; writes
+  {"versions", "rows"} to ``out`` as JSON when given."""
+  print(f"{device}, {platform.processor() or platform.machine()}, {json.dumps(_versions())}")
+  print(table_text)
+  if out:
+    with open(out, "w") as f:
+      json.dump({"versions": _versions(), "rows": rows}, f, indent=1)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -197,12 +207,8 @@ def main():
         for how in (("replicated",) if n == 1 else parallel.SHARDINGS):
           rows.append(measure(model, task, n, how, args.batch))
           print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-  print(f"{jax.devices()[0].device_kind} ×{jax.device_count()} (host platform), "
-        f"{platform.processor() or platform.machine()}, {json.dumps(_versions())}")
-  print(table(rows))
-  if args.out:
-    with open(args.out, "w") as f:
-      json.dump({"versions": _versions(), "rows": rows}, f, indent=1)
+  write_results(rows, f"{jax.devices()[0].device_kind} ×{jax.device_count()} (host platform)",
+                table(rows), args.out)
 
 
 if __name__ == "__main__":

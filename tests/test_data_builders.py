@@ -227,3 +227,30 @@ def test_tfds_catalog_dataset_prepares_offline_from_local_files(tmp_path):
   batches = list(pipeline.eval_batches("imagenet2012", split="validation", batch_size=2,
                                        image_size=8, data_dir=data_dir))
   assert sorted(batches[0]["label"][batches[0]["mask"]].tolist()) == [65, 970]
+
+
+def test_decode_check_is_remembered_per_data_not_per_name(tmp_path, monkeypatch):
+  """The decoded-marker is keyed by the files (root, names, sizes, mtimes): an unchanged folder is
+  decoded once; a changed file, or the same names in another folder under the same registry name,
+  is decoded again and its bad image named."""
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+  decoded = []
+  check_image = builders._check_image
+  monkeypatch.setattr(builders, "_check_image",
+                      lambda path: (decoded.append(path.name), check_image(path))[1])
+  for root in (tmp_path / "a", tmp_path / "b"):
+    _write(root / "cat" / "0.png", 10)
+    _write(root / "dog" / "0.png", 200)
+  source_a = registry.folder_dataset("pets", tmp_path / "a").source
+  builders.check_decodable(source_a, "data.folder")
+  assert len(decoded) == 2
+  builders.check_decodable(source_a, "data.folder")
+  assert len(decoded) == 2                                   # unchanged: remembered
+  (tmp_path / "b" / "dog" / "0.png").write_bytes(b"not an image")
+  source_b = registry.folder_dataset("pets", tmp_path / "b").source   # the same name
+  with pytest.raises(DatasetError, match=r"data\.folder.*dog/0\.png"):
+    builders.check_decodable(source_b, "data.folder")
+  (tmp_path / "a" / "cat" / "0.png").write_bytes(b"broken too")  # a changed file of a
+  with pytest.raises(DatasetError, match=r"manual_dir.*cat/0\.png"):
+    builders.prepare(source_a, None, tmp_path / "tfds")
+  assert not (tmp_path / "tfds").exists()                    # refused before TFDS wrote anything

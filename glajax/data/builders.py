@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import io
 import os
 import re
@@ -290,29 +291,41 @@ def _check_image(path: Path) -> bytes:
   return data
 
 
-def _decoded_marker(source: LocalSource) -> Path:
-  """The file that records that every image of ``source`` decoded: per data, since
-  ``source.name`` carries a digest of the files' names and sizes (``registry``)."""
+def _decoded_marker(root: Path, files) -> Path:
+  """The file that records that every one of ``files`` (relative to ``root``) decoded, named by a
+  digest of ``root`` and each file's name, size and modification time: any change to the data, or
+  the same names elsewhere, is checked anew."""
+  digest = hashlib.sha256(str(root.resolve()).encode())
+  for file in sorted(dict.fromkeys(map(str, files))):
+    try:
+      stat = (root / file).stat()
+      digest.update(f"{file}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+    except OSError:
+      digest.update(f"{file}:missing;".encode())
   cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-  return Path(cache, "glajax", "decoded", source.name)
+  return Path(cache, "glajax", "decoded", digest.hexdigest()[:24])
 
 
-def check_decodable(source: LocalSource, argument: str) -> None:
-  """Every image of a folder or CSV ``source`` decoded once (:func:`_check_images`), all the
-  files that fail named in one DatasetError naming ``argument`` (the user's key); remembered per
-  data (:func:`_decoded_marker`), so that an unchanged folder is decoded once."""
-  marker = _decoded_marker(source)
-  if marker.is_file() or source.root is None:
+def check_decodable(source: LocalSource, argument: str, root=None) -> None:
+  """Every image of a folder or CSV ``source`` under ``root`` (default ``source.root``) decoded
+  once (:func:`_check_images`), all the files that fail named in one DatasetError naming
+  ``argument`` (the user's key); remembered per data (:func:`_decoded_marker`), so that an
+  unchanged folder is decoded once."""
+  root = source.root if root is None else root
+  if root is None:
     return
-  root = Path(source.root)
-  _check_images(root, [p for split in source.splits for p, _ in source.examples(root, split)],
-                argument)
+  root = Path(root)
+  files = [p for split in source.splits for p, _ in source.examples(root, split)]
+  marker = _decoded_marker(root, files)
+  if marker.is_file():
+    return
+  _check_images(root, files, argument)
   with contextlib.suppress(OSError):   # a read-only home: checked again next time
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.touch()
 
 
-def _check_images(root: Path, files, argument: str = "manual_dir") -> None:
+def _check_images(root: Path, files, argument: str) -> None:
   """Every listed image that exists decoded once (:func:`_check_image`) before TFDS writes
   anything; all the files that fail named in one DatasetError naming ``argument``."""
   bad = []
@@ -407,8 +420,7 @@ def prepare(source: LocalSource, manual_dir: str | os.PathLike | None, data_dir:
       raise bad_argument("manual_dir", f"images ({', '.join(IMAGE_SUFFIXES)}) for split "
                          f"{split!r} of {source.name} ({source.layout})", f"none under {root}",
                          DatasetError)
-  if not _decoded_marker(source).is_file():
-    _check_images(root, [p for split in source.splits for p, _ in source.examples(root, split)])
+  check_decodable(source, "manual_dir", root)
   # Folders TFDS creates before it reads an image: removed again (if still empty) on failure.
   made = [p for p in (Path(data_dir), Path(data_dir, "downloads"),
                       Path(data_dir, "downloads", "extracted"), Path(data_dir, BUILDER_NAME),

@@ -54,18 +54,18 @@ def _pool_and_tests(config):
 def _check_holdout(config) -> None:
   """A per-class hold-out of a folder or CSV needs two images of every class (one to train on,
   one to test on): refused before any work, naming the classes with fewer."""
-  name, _, split = str(config.data.train).partition("@")
-  if config.data.test != config.data.train or not registry.is_local(name):
+  train = common.train_ref(config)
+  if config.data.test != config.data.train or not registry.is_local(train.dataset):
     return
-  info = registry.get(name)
-  if split not in info.source.splits:
+  counts = common.known_class_counts(train)
+  if counts is None:
     return
-  counts = registry.local_class_counts(name, split)
-  few = [f"{info.classnames[c]} ({counts[c]})" for c in np.flatnonzero(counts < 2)]
+  names = registry.get(train.dataset).classnames
+  few = [f"{names[c]} ({counts[c]})" for c in np.flatnonzero(counts < 2)]
   if few:
     raise bad_argument("own_data.test_fraction", f"at least 2 images in every class of "
-                       f"data.folder={config.data.get('folder') or name!r} (one held out to "
-                       f"test on, with no test split)", f"fewer in {len(few)} classes: "
+                       f"data.folder={config.data.get('folder') or train.dataset!r} (one held "
+                       f"out to test on, with no test split)", f"fewer in {len(few)} classes: "
                        f"{', '.join(few[:10])}", ConfigError)
 
 
