@@ -103,3 +103,56 @@ def test_paired_interval_covers_a_known_difference():
 def test_bad_input(call, match):
   with pytest.raises(GlajaxError, match=match):
     call()
+
+
+def test_weighted_statistics_equal_numpy_on_explicit_row_counts():
+  """Each ``*_of`` statistic with row weights (..., N) equals NumPy on the rows repeated as the
+  weights say (float64), under jit, for a batch of count vectors."""
+  logits, labels = _logits(n=200, c=7, seed=4)
+  rows = M.row_summaries(logits, labels)
+  counts = np.stack([np.bincount(np.random.default_rng(s).integers(0, 200, 200), minlength=200)
+                     for s in range(5)]).astype(np.float32)
+  classes = np.asarray([1, 0, 1, 1, 0, 0, 1], bool)
+  host = {k: np.asarray(v) for k, v in rows.items()}
+  for w, got in zip(counts, np.asarray(jax.jit(lambda r, w: jax.numpy.stack([
+      M.accuracy_of(r, w), M.ece_of(r, 10, w), M.class_mean_accuracy_of(r, classes, w),
+      M.subset_accuracy_of(r, classes, w)], -1))(rows, counts))):
+    rep = np.repeat(np.arange(200), w.astype(int))
+    correct = host["correct"][rep].astype(np.float64)
+    label = host["label"][rep]
+    inside = classes[label]
+    per_class = [correct[label == c].mean() for c in range(7) if classes[c] and (label == c).any()]
+    expected = [correct.mean(), _numpy_ece(host["confidence"][rep].astype(np.float64), correct,
+                                           10),
+                np.mean(per_class), correct[inside].mean()]
+    np.testing.assert_allclose(got, expected, atol=2e-6)
+
+
+@pytest.mark.parametrize("metric, paired", [("accuracy", False), ("ece", True),
+                                            ("class_mean", True), ("subset", False)])
+def test_row_count_path_equals_the_resampling_path(metric, paired):
+  """A statistic with a ``weighted`` method (the experiments' ``MeanOver``) gives the interval
+  that resampling the rows gives, on the same resamples (``resample_counts`` are the bincounts
+  of ``resample_indices``), over two stratified groups."""
+  from glajax.experiments.kinds.common import MeanOver  # noqa  (the library's own statistic)
+  za, labels = _logits(n=300, seed=5)
+  zb, _ = _logits(n=300, seed=6)
+  zc, shift_labels = _logits(n=120, seed=7)
+  zd, _ = _logits(n=120, seed=8)
+  statistic = MeanOver(metric, 10, paired=paired,
+                       classes=(True, False, True, True, False, True, False)
+                       if metric in ("class_mean", "subset") else ())
+  if paired:
+    groups = ({"before": M.row_summaries(za, labels), "after": M.row_summaries(zb, labels)},
+              {"before": M.row_summaries(zc, shift_labels),
+               "after": M.row_summaries(zd, shift_labels)})
+  else:
+    groups = (M.row_summaries(za, labels), M.row_summaries(zc, shift_labels))
+  key = jax.random.PRNGKey(3)
+  fast = M.bootstrap(key, statistic, *groups, num_samples=400)
+  slow = M.bootstrap(key, lambda *g: statistic(*g), *groups, num_samples=400)
+  np.testing.assert_allclose(fast, slow, atol=2e-6)
+  index = uncertainty.resample_indices(key, (300, 120), 400)
+  for counts, i, n in zip(uncertainty.resample_counts(key, (300, 120), 400), index, (300, 120)):
+    np.testing.assert_array_equal(counts, np.stack([np.bincount(r, minlength=n)
+                                                    for r in np.asarray(i)]))

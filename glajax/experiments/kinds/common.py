@@ -251,19 +251,25 @@ class MeanOver:
   paired: bool = False
   classes: tuple = ()
 
-  def _value(self, rows):
+  def _value(self, rows, weights=None):
     if self.metric == "accuracy":
-      return M.accuracy_of(rows)
+      return M.accuracy_of(rows, weights)
     if self.metric == "ece":
-      return M.ece_of(rows, self.bins)
+      return M.ece_of(rows, self.bins, weights)
     fn = M.class_mean_accuracy_of if self.metric == "class_mean" else M.subset_accuracy_of
-    return fn(rows, np.asarray(self.classes, bool))
+    return fn(rows, np.asarray(self.classes, bool), weights)
 
   def __call__(self, *groups):
+    return self.weighted((None,) * len(groups), *groups)
+
+  def weighted(self, counts, *groups):
+    """The statistic of every resample at once: ``counts`` per group, (B, N_g) row counts
+    (None: the rows as they are)."""
     if self.paired:
-      values = [self._value(g["after"]) - self._value(g["before"]) for g in groups]
+      values = [self._value(g["after"], w) - self._value(g["before"], w)
+                for w, g in zip(counts, groups)]
     else:
-      values = [self._value(g) for g in groups]
+      values = [self._value(g, w) for w, g in zip(counts, groups)]
     return sum(values) / len(values)
 
 
