@@ -10,9 +10,9 @@ From the compiled step, per device:
 * arguments, temporaries: XLA's ``compiled.memory_analysis()`` (the step's outputs alias its
   donated state, so arguments + temporaries is the step's footprint);
 
-Under FSDP the state falls as 1/N; the temporaries hold the activations of the batch's 1/N and,
-with the parameters gathered once for the whole step, a full copy of the (compute-dtype)
-parameters and their gradients.
+Under FSDP the state falls as 1/N; the temporaries hold the activations of the batch's 1/N, the
+parameters outside the towers' blocks gathered whole, and each tower's blocks gathered one at a
+time inside its scan (with remat "none", the backward pass keeps each block's weights).
 
 Adding a model is one line in ``MODELS``. Usage::
 

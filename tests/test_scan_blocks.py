@@ -9,6 +9,7 @@ import dataclasses
 import functools
 import gc
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -28,9 +29,11 @@ from glajax.models.layers import REMAT_POLICIES, Block, Blocks
 from glajax.models.siglip import SigLIP, SiglipConfig
 from glajax.models.siglip import checkpoint as siglip_checkpoint
 from glajax.models.siglip import params_hf as siglip_params_hf
+from glajax.train import engine
 from glajax.train.checkpoint import Checkpointer
 from glajax.train.state import (create_train_state, frozen_blocks, make_optimizer,
                                 param_labels)
+from conftest import needs_devices
 
 POLICIES = list(REMAT_POLICIES)
 RTOL, ATOL = 1e-5, 1e-6   # float32: the scan and the loop fuse their matmuls differently
@@ -366,6 +369,43 @@ def test_fsdp_splits_a_stack_on_a_width_axis(build):
     for path, shape in stacks.items():
       spec = tuple(parallel.fsdp_spec(shape, devices))
       assert spec[:1] != (parallel.DATA_AXIS,), (path, shape, spec)
+
+
+def _fsdp_step(layers: int):
+  """(compiled FSDP train step of a width-64 tiny CLIP image tower with ``layers`` blocks,
+  remat "block", on 8 devices; its stacks' shapes)."""
+  config = CLIPConfig.tiny(vision_num_hidden_layers=layers, vision_hidden_size=64,
+                           vision_intermediate_size=256, text_num_hidden_layers=1)
+  config = dataclasses.replace(config, vision=dataclasses.replace(config.vision, remat="block"))
+  model = nnx.eval_shape(lambda: CLIP(config, rngs=nnx.Rngs(0)))
+  loss_fn = lambda model, batch, rng: (jnp.mean(model.encode_image(batch["image"])**2), {})
+  graphdef, params, rest = engine.split_model(model)
+  tx = optax.sgd(0.1)
+  state = jax.eval_shape(lambda p: create_train_state(p, tx, 0, False), params)
+  mesh = parallel.make_mesh()
+  shardings = (parallel.shardings(state, mesh, "fsdp"), parallel.shardings(rest, mesh, "fsdp"))
+  step = engine.make_train_step(graphdef, loss_fn, tx, mesh, shardings=shardings)
+  abstract = lambda tree, where: jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, where)
+  images = jax.ShapeDtypeStruct((8, 32, 32, 3), jnp.float32)
+  compiled = step.lower(abstract(state, shardings[0]), abstract(rest, shardings[1]),
+                        {"image": images}).compile()
+  stacks = [v.shape for v in jax.tree.leaves(nnx.state(model.vision_model.layers))]
+  return compiled, stacks
+
+
+@needs_devices(8)
+def test_fsdp_gathers_one_block_at_a_time():
+  """Under FSDP the scan gathers block i's parameters in step i, never a whole stack: the
+  compiled train step (8 devices, remat "block") all-gathers no array of a stack's shape, and
+  its temporaries grow by less than one block's parameters (float32) per added block."""
+  (two, _), (four, stacks) = _fsdp_step(2), _fsdp_step(4)
+  block_bytes = sum(int(np.prod(shape[1:])) * 4 for shape in stacks)
+  gathered = set(re.findall(r"= f32\[([\d,]+)\]\{[^}]*\} all-gather\(", four.as_text()))
+  assert gathered and not gathered & {",".join(map(str, shape)) for shape in stacks}, gathered
+  growth = (four.memory_analysis().temp_size_in_bytes
+            - two.memory_analysis().temp_size_in_bytes) / 2
+  assert growth < block_bytes, (growth, block_bytes)
 
 
 # Orbax leaves un-awaited coroutines behind when a checkpoint fails to restore.

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from glajax import parallel
 from glajax.errors import ConfigError, bad_argument
 from glajax.methods import _checks
 
@@ -324,7 +325,15 @@ class Blocks(Block):
   the stacked arrays, ``blocks.mlp.fc1.kernel[i] = …``; indexing and iterating raise InputError).
   Checkpoint formats name block i's parameters ``….layers.{i}.…``: ``checkpoints.unstack`` /
   ``stack`` translate.
+
+  Under FSDP (``gather(model, mesh, by_block=True)``) step i gathers block i's parameters whole
+  from their split stacks, θ[i] ← all_gather(θ[i]), and the backward scan's step i
+  reduce-scatters their gradient (the transpose), so a device holds one block's parameters whole
+  at a time (the backward pass also keeps those its remat policy saves: with "none", the weights
+  each block's matmuls used).
   """
+  # The mesh to gather each step's block on (set by ``gather``; None: as the stack is placed).
+  gather_mesh = None
 
   def __init__(self, cfg, *, causal: bool, dtype, param_dtype, rngs: nnx.Rngs):
     super().__init__(cfg, causal=causal, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -357,13 +366,31 @@ class Blocks(Block):
 
   def __call__(self, h):
     graphdef, stacked = nnx.split(self)
+    mesh = self.gather_mesh
 
     def step(h, weights):
+      if mesh is not None:
+        weights = jax.lax.with_sharding_constraint(weights, parallel.replicated(mesh))
       return Block.__call__(nnx.merge(graphdef, weights), h), None
 
     if self.config.remat != "none":
       step = jax.checkpoint(step, policy=REMAT_POLICIES[self.config.remat], prevent_cse=False)
     return jax.lax.scan(step, h, stacked)[0]
+
+
+def gather(model, mesh, by_block: bool = False):
+  """Every array of ``model`` (merged inside a jitted step) gathered whole on each device of
+  ``mesh`` where the step starts; with ``by_block``, every ``Blocks``' stacks stay as they are
+  placed and each scan step gathers its own block (FSDP: one block whole at a time, see
+  ``Blocks``). In place; returns ``model``."""
+  stacks = {path: module for path, module in nnx.iter_modules(model)
+            if by_block and isinstance(module, Blocks)}
+  for module in stacks.values():
+    module.gather_mesh = mesh
+  outside = lambda path, _: not any(path[:len(stack)] == stack for stack in stacks)
+  state = nnx.state(model, outside)
+  nnx.update(model, jax.lax.with_sharding_constraint(state, parallel.replicated(mesh)))
+  return model
 
 
 def check_token_ids(name: str, ids, vocab_size: int) -> None:

@@ -34,6 +34,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from glajax.errors import ConfigError, TrainingError, bad_argument
 from glajax.evaluate import global_batch, set_batch_norm, split_model
+from glajax.models import layers
 from glajax.schema import Field
 from glajax import parallel
 from glajax.parallel import DATA_AXIS, data_sharding, is_primary, make_mesh, replicated
@@ -169,10 +170,12 @@ def make_train_step(graphdef, loss_fn: LossFn, tx: optax.GradientTransformation,
   """``step(state, rest, batch) -> (state, metrics)``: jitted, ``state`` donated, ``batch``
   sharded on ``data``, ``state`` and ``rest`` placed as ``shardings`` (a pair of pytrees like
   them, from ``parallel.shardings``; None: replicated) says, in and out. Parameters (the
-  teacher's too) and ``rest`` are gathered where the loss uses them; gradients, the optimiser
-  update and the new state keep their shardings. ``metrics["finite"]`` says whether the loss and
-  every updated parameter and statistic are finite. With ``teacher_update``, the teacher is
-  updated right after the optimiser update of 0-based step k = ``state.step``.
+  teacher's too) and ``rest`` are gathered where the loss starts, except, when some parameter
+  is split (FSDP), a tower's stacked blocks, gathered block by block in its scan
+  (``layers.gather``); gradients, the optimiser update and the new state keep their shardings.
+  ``metrics["finite"]`` says whether the loss and every updated parameter and statistic are
+  finite. With ``teacher_update``, the teacher is updated right after the optimiser update of
+  0-based step k = ``state.step``.
 
   BatchNorm: with ``state.batch_stats`` (a sub-tree of ``rest``'s state), the loss runs the model
   in train mode on them (``layers.BatchNorm``: batch statistics of the global batch, SyncBN's;
@@ -185,16 +188,17 @@ def make_train_step(graphdef, loss_fn: LossFn, tx: optax.GradientTransformation,
   repl = replicated(mesh)
   state_shardings, rest_shardings = (repl, repl) if shardings is None else shardings
   param_shardings = repl if shardings is None else state_shardings.params
+  by_block = not all(s.is_fully_replicated for s in jax.tree.leaves(param_shardings))
 
   def loss_of(params, batch_stats, rest, teacher, batch, rng):
-    params, batch_stats, rest, teacher = jax.lax.with_sharding_constraint(
-        (params, batch_stats, rest, teacher), repl)
     model = set_batch_norm(nnx.merge(graphdef, params, _with_batch_stats(rest, batch_stats)),
                            train=batch_stats is not None)
+    layers.gather(model, mesh, by_block)
     if teacher is None:
       loss, metrics = loss_fn(model, batch, rng)
     else:
-      loss, metrics = loss_fn(model, batch, rng, _eval_model(graphdef, teacher, None, rest))
+      teacher_model = layers.gather(_eval_model(graphdef, teacher, None, rest), mesh, by_block)
+      loss, metrics = loss_fn(model, batch, rng, teacher_model)
     if batch_stats is not None:
       batch_stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
     return loss, (dict(metrics), batch_stats)
