@@ -133,7 +133,7 @@ SHORTCUT_STRENGTH = 0.14   # its largest channel shift, 0.114, is inside the def
 
 def render(labels: np.ndarray, domains: np.ndarray, rng: np.random.Generator,
            image_size: int = 32, cued: np.ndarray | None = None,
-           tint_jitter: float = 0.06, rotation: float = 2 * np.pi) -> np.ndarray:
+           tint_jitter: float = 0.06) -> np.ndarray:
   """Renders one image per ``(label, domain)``: uint8 (N, image_size, image_size, 3).
 
   Pose (centre, scale, rotation) and colour jitter are drawn from ``rng``; anti-aliased edges.
@@ -155,7 +155,7 @@ def render(labels: np.ndarray, domains: np.ndarray, rng: np.random.Generator,
 
   centre = _uniform(rng, -0.25, 0.25, (n, 2, 1, 1))
   scale = _uniform(rng, 0.5, 0.72, (n, 1, 1))
-  angle = _uniform(rng, 0, rotation, (n, 1, 1))
+  angle = _uniform(rng, 0, 2 * np.pi, (n, 1, 1))
   dx, dy = grid_x - centre[:, 0], grid_y - centre[:, 1]
   u = (dx * np.cos(angle) + dy * np.sin(angle)) / scale
   v = (-dx * np.sin(angle) + dy * np.cos(angle)) / scale
@@ -209,7 +209,6 @@ class WorldSpec:
   test_per_class: int = 10             # per domain
   shortcut: float = 0.0                # share of downstream photos whose background names the shape
   tint_jitter: float = 0.06            # every photo background's random tint, per channel
-  rotation: float = 2 * np.pi          # a shape's rotation is drawn from U(0, rotation)
 
 
 def pretrain_class_counts(spec: WorldSpec, index: int = 0) -> np.ndarray:
@@ -269,7 +268,7 @@ def generate_split(spec: WorldSpec, split: str, chunk: int = 2048):
     cued = (rng.random(stop - start) < spec.shortcut
             if spec.shortcut and split in DOWNSTREAM_PHOTO else None)
     images = render(labels[start:stop], domains[start:stop], rng, spec.image_size, cued,
-                    spec.tint_jitter, spec.rotation)
+                    spec.tint_jitter)
     for i in range(start, stop):
       domain = DOMAINS[domains[i]]
       yield i, {"image": images[i - start], "label": labels[i], "domain": domain,
