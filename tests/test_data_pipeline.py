@@ -225,3 +225,33 @@ def test_read_order_gives_each_example_its_position_in_the_files():
   np.testing.assert_array_equal(order, positions)
   assert order.dtype == np.int64
   assert pipeline.read_order("dtd", "train") is None  # no order key: TFDS's order is used
+
+
+def test_eval_cache_reads_a_named_set_once_inside_its_block(monkeypatch):
+  """Inside ``eval_cache`` a named set's batches are read once and yielded again (equal, read-only,
+  mesh-placed each time); other arguments are another set; a set over the byte limit, a
+  tf.data.Dataset and anything outside the block are read every time."""
+  reads = []
+  host = pipeline._eval_host_batches
+  monkeypatch.setattr(pipeline, "_eval_host_batches",
+                      lambda *a: (reads.append(a[2:4]), host(*a))[1])
+  with tfds.testing.mock_data(num_examples=10):
+    first = list(pipeline.eval_batches("cifar10", batch_size=4, image_size=8))
+    assert len(reads) == 1                                      # outside the block: read
+    with pipeline.eval_cache(max_bytes=10 * 8 * 8 * 3 * 4 + 4096):
+      a = list(pipeline.eval_batches("cifar10", batch_size=4, image_size=8))
+      with pipeline.eval_cache():                              # nested: the outer cache
+        b = list(pipeline.eval_batches("cifar10", batch_size=4, image_size=8))
+      assert len(reads) == 2
+      for x, y, z in zip(first, a, b):
+        for k in x:
+          np.testing.assert_array_equal(x[k], z[k])
+      assert not b[0]["image"].flags.writeable
+      list(pipeline.eval_batches("cifar10", batch_size=4, image_size=16))  # over the limit
+      list(pipeline.eval_batches("cifar10", batch_size=4, image_size=16))
+      assert reads[2:] == [(4, 16), (4, 16)]
+      list(pipeline.eval_batches(_numbered(5), batch_size=4, image_size=8))
+      list(pipeline.eval_batches(_numbered(5), batch_size=4, image_size=8))
+      assert len(reads) == 6
+    list(pipeline.eval_batches("cifar10", batch_size=4, image_size=8))
+    assert len(reads) == 7                                      # forgotten on exit

@@ -16,6 +16,7 @@ decoding) lands on the same state. Resuming costs a read of at most one epoch of
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Iterator, NamedTuple
 
@@ -222,6 +223,41 @@ def _keep_rows(ds, indices, offset: int, size: int, counts):
   return ds, len(mine), new_counts
 
 
+# Preprocessed evaluation batches kept in host memory inside ``eval_cache()`` (an experiment, the
+# demo): a test set evaluated again (another model, another α) skips reading, decoding, resizing.
+EVAL_CACHE_BYTES = 1 << 30
+_eval_cache_state: dict | None = None
+
+
+@contextlib.contextmanager
+def eval_cache(max_bytes: int = EVAL_CACHE_BYTES):
+  """Within the block, :func:`eval_batches` keeps the batches of every named set it reads in
+  full, while all of them together take at most ``max_bytes`` (a demo's or a few-shot run's test
+  sets; not ImageNet's), and yields them from host memory when asked for the same set again.
+  Forgotten on exit; a nested block shares the outer one's."""
+  global _eval_cache_state
+  if _eval_cache_state is not None:
+    yield
+    return
+  _eval_cache_state = {"batches": {}, "too_large": set(), "bytes": 0, "max_bytes": max_bytes}
+  try:
+    yield
+  finally:
+    _eval_cache_state = None
+
+
+def _eval_cache_key(name_or_dataset, split, local, image_size, transform, normalization,
+                    indices, data_dir, manual_dir):
+  """What identifies a set of evaluation batches, or None for a tf.data.Dataset (no name)."""
+  if not isinstance(name_or_dataset, (str, registry.DatasetInfo)):
+    return None
+  info = _info_of(name_or_dataset)
+  rows = None if indices is None else np.asarray(indices, np.int64).tobytes()
+  return (repr(info), split, local, image_size, repr(transform),
+          repr(normalization), rows, os.fspath(data_dir) if data_dir else None,
+          os.fspath(manual_dir) if manual_dir else None, jax.process_index(), jax.process_count())
+
+
 def eval_batches(name_or_dataset, *, split: str | None = None, batch_size: int,
                  image_size: int = 224, transform: transforms.EvalTransform = transforms.CLIP_EVAL,
                  normalization: transforms.Normalization = transforms.CLIP_NORMALIZATION,
@@ -233,11 +269,43 @@ def eval_batches(name_or_dataset, *, split: str | None = None, batch_size: int,
   Yields {"image": (B, S, S, 3) float32, "label": (B,) int32, "mask": (B,) bool,
   "index": (B,) int32}; the last batches are padded (mask False, index -1), and every process
   yields the same number of batches. ``name_or_dataset``: a registry name, a DatasetInfo or a
-  tf.data.Dataset of {"image": encoded bytes or uint8 (H, W, 3), "label"}.
+  tf.data.Dataset of {"image": encoded bytes or uint8 (H, W, 3), "label"}. A named set whose
+  batches fit is kept in host memory inside :func:`eval_cache`, and later calls with the same
+  arguments yield the same batches from there.
   """
   local = _check_batch_size(batch_size, mesh)
   transform = _checked(transform, transforms.EvalTransform)
   normalization = transforms.as_normalization(normalization)
+  cache = _eval_cache_state
+  key = None if cache is None else _eval_cache_key(
+      name_or_dataset, split, local, image_size, transform, normalization, indices, data_dir,
+      manual_dir)
+  if key is not None and key in cache["batches"]:
+    for batch in cache["batches"][key]:
+      yield _place(batch, mesh)
+    return
+  kept = [] if key is not None and key not in cache["too_large"] else None
+  size = 0
+  for batch in _eval_host_batches(name_or_dataset, split, local, image_size, transform,
+                                  normalization, indices, data_dir, manual_dir):
+    if kept is not None:
+      size += sum(v.nbytes for v in batch.values())
+      if cache["bytes"] + size <= cache["max_bytes"]:
+        for value in batch.values():
+          value.setflags(write=False)   # shared by every later reader
+        kept.append(batch)
+      else:
+        kept = None
+        cache["too_large"].add(key)
+    yield _place(batch, mesh)
+  if kept is not None:
+    cache["batches"][key] = kept
+    cache["bytes"] += size
+
+
+def _eval_host_batches(name_or_dataset, split, local, image_size, transform, normalization,
+                       indices, data_dir, manual_dir) -> Iterator[dict]:
+  """:func:`eval_batches`' batches as host arrays, before they are placed on the mesh."""
   ds, info, offset, size, counts = _local_examples(name_or_dataset, split, data_dir, manual_dir)
   if indices is not None:
     ds, _, counts = _keep_rows(ds, indices, offset, size, counts)
@@ -255,13 +323,12 @@ def eval_batches(name_or_dataset, *, split: str | None = None, batch_size: int,
   yielded = 0
   for batch in _batches(ds, what):
     yielded += 1
-    yield _place(_pad(batch, local) if len(batch["label"]) < local else batch, mesh)
+    yield _pad(batch, local) if len(batch["label"]) < local else batch
   total = -(-max(counts) // local) if counts else yielded
   for _ in range(total - yielded):  # Other processes hold more examples: keep in step.
-    empty = {"image": np.zeros((local, image_size, image_size, 3), np.float32),
-             "label": np.zeros(local, np.int32), "mask": np.zeros(local, bool),
-             "index": np.full(local, -1, np.int32)}
-    yield _place(empty, mesh)
+    yield {"image": np.zeros((local, image_size, image_size, 3), np.float32),
+           "label": np.zeros(local, np.int32), "mask": np.zeros(local, bool),
+           "index": np.full(local, -1, np.int32)}
 
 
 def _check_shards(shards, batch_size: int) -> int:

@@ -16,7 +16,7 @@ import jax
 
 import glajax
 from glajax import experiments
-from glajax.data import world
+from glajax.data import pipeline, world
 from glajax.demo import effects as effects_lib
 from glajax.demo import parts, pretrain, report
 from glajax.errors import bad_argument
@@ -57,10 +57,11 @@ def run(workdir: str, *, quick: bool = False, seed: int = 0, scale: str | None =
   models = foundations(workdir, SCALES[name], seed, progress)
   timings["pretrain"] = round(time.perf_counter() - clock, 1)
   reports = {}
-  for part, config in parts.configs(SCALES[name], models, seed, progress).items():
-    clock = time.perf_counter()
-    reports[part] = experiments.run(config, os.path.join(workdir, part), cache_dir=workdir)
-    timings[part] = round(time.perf_counter() - clock, 1)
+  with pipeline.eval_cache():   # the parts share the world's test sets: each read once
+    for part, config in parts.configs(SCALES[name], models, seed, progress).items():
+      clock = time.perf_counter()
+      reports[part] = experiments.run(config, os.path.join(workdir, part), cache_dir=workdir)
+      timings[part] = round(time.perf_counter() - clock, 1)
   spec = world.spec(SCALES[name].world_config)
   true_counts = world.pretrain_class_counts(spec, 0)
   results = {"scale": name, "seed": seed, "world": world_summary(spec, SCALES[name]),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import os
 
+from glajax.data import pipeline
 from glajax.errors import ConfigError, bad_argument
 from glajax.experiments import config as config_lib
 from glajax.experiments import kinds, report, roles, runner
@@ -56,7 +57,7 @@ def run(config, workdir: str, cache_dir: str | None = None) -> dict:
   uses = validate(config, check_files=True)
   config = config_lib.with_image_size(config)
   workdir = runner.claim_workdir(config, workdir, fingerprint(config))
-  with runner.WorkdirLock(workdir):
+  with runner.WorkdirLock(workdir), pipeline.eval_cache():  # test sets read once per run
     kind = kinds.get(config.experiment)
     experiment = runner.Experiment(config, workdir, uses, cache_dir, kind)
     outcome = kind.run(experiment)
