@@ -156,3 +156,14 @@ def test_row_count_path_equals_the_resampling_path(metric, paired):
   for counts, i, n in zip(uncertainty.resample_counts(key, (300, 120), 400), index, (300, 120)):
     np.testing.assert_array_equal(counts, np.stack([np.bincount(r, minlength=n)
                                                     for r in np.asarray(i)]))
+
+
+def test_equal_accuracies_give_an_exact_zero_that_is_no_effect():
+  """Two models right on the same rows (different confidences): the paired accuracy difference
+  is exactly 0 in the estimate and every resample (row counts sum exactly), so no rounding
+  residue reads as an effect."""
+  from glajax.experiments.kinds.common import MeanOver  # noqa  (the library's own statistic)
+  za, labels = _logits(n=257, seed=9)
+  rows = {"before": M.row_summaries(za, labels), "after": M.row_summaries(za * 3.7, labels)}
+  interval = M.bootstrap(jax.random.PRNGKey(1), MeanOver("accuracy", paired=True), rows)
+  assert tuple(interval) == (0.0, 0.0, 0.0) and not interval.excludes_zero

@@ -149,7 +149,8 @@ def resample_indices(key, sizes: tuple[int, ...], num_samples: int) -> list[jax.
 
 @functools.partial(jax.jit, static_argnames="statistic")
 def _weighted(statistic, counts, groups):
-  return statistic(*groups), statistic.weighted(counts, *groups)
+  ones = tuple(jnp.ones((1, c.shape[1]), c.dtype) for c in counts)   # the rows as they are
+  return statistic.weighted(ones, *groups)[0], statistic.weighted(counts, *groups)
 
 
 @functools.partial(jax.jit, static_argnames=("statistic", "num_samples", "batch_size"))

@@ -265,7 +265,11 @@ class MeanOver:
   def weighted(self, counts, *groups):
     """The statistic of every resample at once: ``counts`` per group, (B, N_g) row counts
     (None: the rows as they are)."""
-    if self.paired:
+    if self.paired and self.metric != "ece":   # linear in correct_i: one pass over the
+      # differences, so equal predictions give exactly 0
+      values = [self._value({**g["after"], "correct": g["after"]["correct"]
+                             - g["before"]["correct"]}, w) for w, g in zip(counts, groups)]
+    elif self.paired:
       values = [self._value(g["after"], w) - self._value(g["before"], w)
                 for w, g in zip(counts, groups)]
     else:
