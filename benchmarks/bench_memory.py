@@ -44,6 +44,7 @@ from flax import nnx  # noqa: E402
 from glajax import parallel  # noqa: E402
 from glajax.models.clip import CLIP, CLIPConfig  # noqa: E402
 from glajax.models.heads import LinearHead  # noqa: E402
+from glajax.models.siglip import SigLIP, SiglipConfig  # noqa: E402
 from glajax.train import engine, recipes  # noqa: E402
 from glajax.train.state import create_train_state, make_optimizer  # noqa: E402
 
@@ -62,7 +63,9 @@ MODELS = {
                      "WiSE-FT / FLYP / CaRot ViT-B/16, batch 512"),
     "vit_l14_336": Model(lambda: CLIP(CLIPConfig.vit_l14_336(), rngs=nnx.Rngs(0), **_BUILD), 512,
                          "WiSE-FT ViT-L/14@336, batch 512"),
-    # SigLIP so400m/14@384: one line here once the SigLIP family is in glajax.models.
+    "siglip_so400m": Model(lambda: SigLIP(SiglipConfig.so400m_p14_384(), rngs=nnx.Rngs(0),
+                                          **_BUILD), 512,
+                           "SigLIP So400m/14@384 with WiSE-FT's recipe, batch 512 (classifier)"),
 }
 TASKS = ("classifier", "carot")
 CLASSES, PROMPT_LENGTH = 1000, 16
