@@ -83,7 +83,7 @@ def clean(notebook, replacements: list[tuple[str, str]]) -> None:
       elif output.output_type == "error":
         output.traceback = [_clean_text(t, replacements) for t in output.traceback]
       outputs.append(output)
-    cell.outputs = outputs
+    cell.outputs = _joined_streams(outputs)
 
 
 # content hashes (config fingerprints, run and cache keys): they name the temporary work directory
@@ -100,12 +100,24 @@ def _normal(text: str) -> str:
   return "\n".join(_SPACES.sub(" ", line).strip() for line in text.split("\n")).strip()
 
 
+def _joined_streams(outputs: list) -> list:
+  """Consecutive writes to one stream as one output: the kernel splits them by timing, not content."""
+  joined = []
+  for output in outputs:
+    if (output.output_type == "stream" and joined and joined[-1].output_type == "stream"
+        and joined[-1].name == output.name):
+      joined[-1] = nbformat.from_dict({**joined[-1], "text": joined[-1].text + output.text})
+    else:
+      joined.append(output)
+  return joined
+
+
 def signature(notebook) -> list[tuple[int, list[str]]]:
   """(code cell number, its outputs as normalised lines): what --compare compares."""
   cells = []
   for index, cell in enumerate(c for c in notebook.cells if c.cell_type == "code"):
     lines = []
-    for output in cell.get("outputs", []):
+    for output in _joined_streams(cell.get("outputs", [])):
       kind = output.output_type
       if kind == "stream":
         lines += [f"[{output.name}]"] + _normal(output.text).split("\n")

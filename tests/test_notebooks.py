@@ -112,3 +112,26 @@ def test_compare_reads_content_hashes_as_hashes_whatever_their_digits():
   assert module._normal("zeroshot-123456789012: accuracy 45.5 %") == module._normal(  # noqa
       "zeroshot-1af64e6d9d3f: accuracy 51.0 %") == "zeroshot-<hash>: accuracy # %"
   assert module._normal("1,797 images, 0.12345678") == "# images, #"  # noqa  numbers stay numbers
+
+
+def test_compare_reads_one_stream_split_into_several_writes_as_one(tmp_path):
+  nbformat = pytest.importorskip("nbformat")
+  module = _run_notebooks_module()
+  committed = NOTEBOOKS[0]
+  notebook = nbformat.read(committed, as_version=4)
+  found = [(c, i) for c in notebook.cells if c.cell_type == "code"
+           for i, o in enumerate(c.get("outputs", []))
+           if o.output_type == "stream" and o.text.count("\n") >= 2]
+  assert found, "no stream output of two lines to split"
+  cell, index = found[0]
+  text = cell.outputs[index].text
+  cut = text.index("\n") + 1   # the kernel flushed after the first line
+  cell.outputs[index:index + 1] = [
+      nbformat.v4.new_output("stream", name=cell.outputs[index].name, text=part)
+      for part in (text[:cut], text[cut:])]
+  split = tmp_path / "split.ipynb"
+  nbformat.write(notebook, split)
+  assert module.compare(split, committed) == []
+  cell.outputs[index + 1].name = "stderr" if cell.outputs[index].name == "stdout" else "stdout"
+  nbformat.write(notebook, split)
+  assert module.compare(split, committed) != []   # a different stream is still a difference
