@@ -117,7 +117,12 @@ def signature(notebook) -> list[tuple[int, list[str]]]:
   cells = []
   for index, cell in enumerate(c for c in notebook.cells if c.cell_type == "code"):
     lines = []
-    for output in _joined_streams(cell.get("outputs", [])):
+    outputs = cell.get("outputs", [])
+    # stderr is not ordered with respect to stdout and displays (separate buffers): compared
+    # as one block after them
+    ordered = [o for o in outputs if not (o.output_type == "stream" and o.name == "stderr")]
+    ordered += [o for o in outputs if o.output_type == "stream" and o.name == "stderr"]
+    for output in _joined_streams(ordered):
       kind = output.output_type
       if kind == "stream":
         lines += [f"[{output.name}]"] + _normal(output.text).split("\n")

@@ -135,3 +135,20 @@ def test_compare_reads_one_stream_split_into_several_writes_as_one(tmp_path):
   cell.outputs[index + 1].name = "stderr" if cell.outputs[index].name == "stdout" else "stdout"
   nbformat.write(notebook, split)
   assert module.compare(split, committed) != []   # a different stream is still a difference
+
+
+def test_compare_reads_stderr_apart_from_the_order_of_its_flushes(tmp_path):
+  nbformat = pytest.importorskip("nbformat")
+  module = _run_notebooks_module()
+  committed = NOTEBOOKS[0]
+  notebook = nbformat.read(committed, as_version=4)
+  cell = next(c for c in notebook.cells if c.cell_type == "code"
+              and any(o.output_type == "stream" and o.name == "stdout" for o in c.outputs))
+  warning = nbformat.v4.new_output("stream", name="stderr", text="UserWarning: something\n")
+  before, after = tmp_path / "before.ipynb", tmp_path / "after.ipynb"
+  cell.outputs.insert(0, warning)
+  nbformat.write(notebook, before)
+  cell.outputs.append(cell.outputs.pop(0))
+  nbformat.write(notebook, after)
+  assert module.compare(before, after) == []
+  assert module.compare(before, committed) != []   # the warning itself is still a difference
