@@ -5,7 +5,12 @@ on the default world, split into its two factors (colour, shape), for pre-traini
       --variants '{}' '{"steps": 800}' '{"patch": 4}' --out benchmarks/results/demo_pretrain.md
 
 Each variant is a JSON object of ``demo.pretrain.PretrainSpec`` fields (from the full scale's
-spec) and optionally "patch" (the image tower's patch size, 8 by default). ``--data_dir`` holds
+spec) and optionally "patch" (the image tower's patch size, 8 by default), "resnet" (a
+ModifiedResNet image tower instead: {"width": 8, "layers": [1, 1, 1, 1], "heads": 4}) and
+"partial" ([p_shape, p_colour]: that share of the pre-training pairs captioned with one factor
+alone, "a picture of a star." / "a picture of something red.", those captions added as
+candidates). ``--supervised`` trains each variant's image tower with a linear head on the shape
+labels alone instead (the tower's ceiling for shape in the same optimisation). ``--data_dir`` holds
 the rendered default world (a demo work directory's ``tfds``; rendered there if absent).
 A class is "colour shape": the colour and shape columns count a prediction right when it names
 the true colour (shape), whatever the other factor; head and tail are the 33 most and least
@@ -35,19 +40,111 @@ from glajax.demo import parts  # noqa: E402
 from glajax.demo import pretrain as pretrain_lib  # noqa: E402
 
 
-def measure(builder, variant: dict, seed: int, probe: bool = False) -> dict:
-  """Pre-trains foundation model 0 as ``variant`` says; its zero-shot accuracies (percent)."""
+def _kind(patch, resnet, partial) -> dict:
+  kind = {"resnet": resnet} if resnet is not None else {"patch": patch}
+  return kind | ({"partial": partial} if partial is not None else {})
+
+
+def supervised_shape(builder, spec, seed: int) -> dict:
+  """The image tower's ceiling: the foundation config's image tower and a linear head trained on
+  the shape labels of ``pretrain_0`` alone (cross-entropy; the same steps, batch, augmentation,
+  AdamW, warmup-cosine and clipping as pre-training); shape accuracy on the photo test rows."""
+  import optax  # noqa
+  from flax import nnx  # noqa
+  config = pretrain_lib.foundation_config(spec, 32)
+  model = glajax.CLIP(config, rngs=nnx.Rngs(seed))
+  head = nnx.Linear(config.projection_dim, len(world.SHAPES), rngs=nnx.Rngs(seed + 1))
+  colours = len(world.COLOURS)
+  schedule = optax.warmup_cosine_decay_schedule(0.0, spec.learning_rate, spec.warmup_steps,
+                                                spec.steps)
+  both = nnx.List([model, head])
+  optimizer = nnx.Optimizer(both, optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(
+      schedule, weight_decay=spec.weight_decay)), wrt=nnx.Param)
+
+  @nnx.jit
+  def step(both, optimizer, images, labels, key):
+    images = pretrain_lib.augment_images(images, key)
+
+    def loss(both):
+      logits = both[1](both[0].encode_image(images))
+      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+    value, grads = nnx.value_and_grad(loss)(both)
+    optimizer.update(both, grads)
+    return value
+
+  train = pretrain_lib.caption_arrays(builder, "pretrain_0")
+  test = pretrain_lib.caption_arrays(builder, "test_photo")
+  rng, key = np.random.default_rng(seed), jax.random.key(seed)
+  clock = time.perf_counter()
+  for i in range(spec.steps):
+    rows = rng.integers(0, len(train["label"]), spec.batch_size)
+    step(both, optimizer, jnp.asarray(train["image"][rows]),
+         jnp.asarray(train["label"][rows] // colours), jax.random.fold_in(key, i))
+  seconds = time.perf_counter() - clock
+  both.eval()
+  mean, std = jnp.asarray(transforms.CLIP_MEAN), jnp.asarray(transforms.CLIP_STD)
+  predict = nnx.jit(lambda both, x: jnp.argmax(
+      both[1](both[0].encode_image((x.astype(jnp.float32) / 255 - mean) / std)), -1))
+  predicted = np.concatenate([np.asarray(predict(both, jnp.asarray(test["image"][i:i + 500])))
+                              for i in range(0, len(test["label"]), 500)])
+  return {"pretrain_s": round(seconds, 1),
+          "supervised_shape": 100 * np.mean(predicted == test["label"] // colours)}
+
+
+def measure(builder, variant: dict, seed: int, probe: bool = False,
+            supervised: bool = False) -> dict:
+  """Pre-trains foundation model 0 as ``variant`` says; its zero-shot accuracies (percent).
+  ``supervised``: :func:`supervised_shape` for the variant's image tower instead."""
   variant = dict(variant)
   patch = variant.pop("patch", 8)
+  resnet = variant.pop("resnet", None)
+  partial = variant.pop("partial", None)   # [p_shape, p_colour]: captions naming one factor
   spec = dataclasses.replace(parts.SCALES["full"].pretrain, **variant)
   plain = pretrain_lib.foundation_config
 
   def with_patch(spec, image_size=32):
     config = plain(spec, image_size)
+    if resnet is not None:   # {"width": w, "layers": [..], "heads": h}: a ModifiedResNet tower
+      from glajax.models.clip.modeling import CLIPResNetConfig  # noqa
+      return dataclasses.replace(config, vision=CLIPResNetConfig(
+          image_size=image_size, width=resnet.get("width", 8),
+          layers=tuple(resnet.get("layers", (1, 1, 1, 1))),
+          num_attention_heads=resnet.get("heads", 4)))
     return dataclasses.replace(config, vision=dataclasses.replace(config.vision,
                                                                   patch_size=patch))
 
+  plain_texts, plain_loss = pretrain_lib.caption_texts, pretrain_lib.caption_loss_fn
+  if partial is not None:
+    p_shape, p_colour = partial
+    colours = len(world.COLOURS)
+
+    def texts():
+      return (plain_texts() + tuple(f"a picture of a {s}." for s in world.SHAPES)
+              + tuple(f"a picture of something {c}." for c in world.COLOURS))
+
+    def loss_fn(text_ids):
+      inner = plain_loss(text_ids)
+
+      def fn(model, batch, rng):
+        rng, draw = jax.random.split(rng)
+        u = jax.random.uniform(draw, batch["label"].shape)
+        label = batch["label"]
+        label = jnp.where(u < p_shape, world.NUM_CLASSES + label // colours,
+                          jnp.where(u < p_shape + p_colour,
+                                    world.NUM_CLASSES + len(world.SHAPES) + label % colours,
+                                    label))
+        return inner(model, {**batch, "label": label}, rng)
+      return fn
+
+    pretrain_lib.caption_texts, pretrain_lib.caption_loss_fn = texts, loss_fn
   pretrain_lib.foundation_config = with_patch
+  if supervised:
+    try:
+      return supervised_shape(builder, spec, seed) | {"variant": _kind(patch, resnet, partial)
+                                                      | variant}
+    finally:
+      pretrain_lib.foundation_config = plain
   try:
     tokenizer = glajax.load_tokenizer()
     clock = time.perf_counter()
@@ -57,6 +154,7 @@ def measure(builder, variant: dict, seed: int, probe: bool = False) -> dict:
     seconds = time.perf_counter() - clock
   finally:
     pretrain_lib.foundation_config = plain
+    pretrain_lib.caption_texts, pretrain_lib.caption_loss_fn = plain_texts, plain_loss
   text_ids = pretrain_lib.trim_to_longest(tokenizer(pretrain_lib.caption_texts()),
                                           model.config.text.eos_token_id)
   text = model.encode_text(jnp.asarray(text_ids))
@@ -76,7 +174,7 @@ def measure(builder, variant: dict, seed: int, probe: bool = False) -> dict:
   order = np.argsort(-counts)
   head, tail = order[:33], order[-33:]
   colours = len(world.COLOURS)
-  row = {"variant": {"patch": patch, **variant}, "pretrain_s": round(seconds, 1)}
+  row = {"variant": _kind(patch, resnet, partial) | variant, "pretrain_s": round(seconds, 1)}
   for split in ("test_photo", "test_sketch", "test_noise", "test_texture"):
     arrays = pretrain_lib.caption_arrays(builder, split)
     labels = arrays["label"]
@@ -102,12 +200,12 @@ def measure(builder, variant: dict, seed: int, probe: bool = False) -> dict:
 
 
 COLUMNS = ("test_photo", "head", "tail", "colour", "shape", "test_sketch", "test_noise",
-           "test_texture", "probe_colour", "probe_shape")
+           "test_texture", "probe_colour", "probe_shape", "supervised_shape")
 
 
 def table(rows: list[dict]) -> str:
   lines = ["| variant | pre-training s | photo | head | tail | colour | shape | sketch | noise "
-           "| texture | probe: colour | probe: shape |", "|---|" + "---:|" * 11]
+           "| texture | probe: colour | probe: shape | supervised: shape |", "|---|" + "---:|" * 12]
   for r in rows:
     lines.append(f"| `{json.dumps(r['variant'])}` | {r['pretrain_s']:.1f} | "
                  + " | ".join(f"{r[k]:.1f}" if k in r else "–" for k in COLUMNS) + " |")
@@ -121,13 +219,16 @@ def main():
   parser.add_argument("--variants", nargs="+", default=["{}"])
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--probe", action="store_true")
+  parser.add_argument("--supervised", action="store_true",
+                      help="train each variant's image tower on shape labels alone instead")
   parser.add_argument("--out")
   args = parser.parse_args()
   builder = world.builder("default", args.data_dir)
   builder.download_and_prepare()
   rows = []
   for variant in args.variants:
-    rows.append(measure(builder, json.loads(variant), args.seed, args.probe))
+    rows.append(measure(builder, json.loads(variant), args.seed, args.probe,
+                        args.supervised))
     print(json.dumps(rows[-1]), flush=True)
   text = (f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"{jax.devices()[0].device_kind}; jax {jax.__version__}. Seed {args.seed}.\n\n"
