@@ -18,6 +18,7 @@ Adding a model is one line in ``MODELS``. Usage::
 
   python benchmarks/bench_memory.py                                # the table, 1 / 8 / 64 devices
   python benchmarks/bench_memory.py --models vit_b16 --devices 1,8 --tasks classifier,carot
+  python benchmarks/bench_memory.py --models vit_l14_336 --devices 64 --model_parallel 1,4
 """
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from glajax import parallel  # noqa: E402
+from glajax.models import layers  # noqa: E402
 from glajax.models.clip import CLIP, CLIPConfig  # noqa: E402
 from glajax.models.heads import LinearHead  # noqa: E402
 from glajax.models.siglip import SigLIP, SiglipConfig  # noqa: E402
@@ -113,18 +115,20 @@ def _bytes_per_device(tree) -> int:
 
 
 def measure(model_name: str, task_name: str, devices: int, how: str,
-            batch: int | None = None) -> dict:
+            batch: int | None = None, model_parallel: int = 1) -> dict:
   """Per-device bytes of the compiled train step of ``model_name`` / ``task_name`` on
-  ``devices`` devices, placed as ``how`` says, at ``batch`` (default: the model's)."""
+  ``devices`` devices, placed as ``how`` says, at ``batch`` (default: the model's), on a mesh
+  whose ``model`` axis has ``model_parallel`` devices (tensor parallelism, ``train.model_parallel``)."""
   spec = MODELS[model_name]
   batch = spec.batch if batch is None else batch
   task, recipe = _task(task_name, nnx.eval_shape(spec.build), CLASSES)
-  mesh = parallel.make_mesh(jax.devices()[:devices])
+  mesh = parallel.make_mesh(jax.devices()[:devices], model_parallel)
   graphdef, params, rest = engine.split_model(task.model)
   tx, _ = make_optimizer(recipe.optimizer, params, 10_000, engine.param_groups(task.model))
   state = jax.eval_shape(
       lambda p: create_train_state(p, tx, 0, task.teacher_update is not None), params)
-  shardings = (parallel.shardings(state, mesh, how), parallel.shardings(rest, mesh, how))
+  shardings = (parallel.shardings(state, mesh, how, layers.tensor_axis),
+               parallel.shardings(rest, mesh, how, layers.tensor_axis))
   step = engine.make_train_step(graphdef, task.loss_fn, tx, mesh,
                                 teacher_update=task.teacher_update, shardings=shardings)
   size = _image_size(task.model.backbone)
@@ -136,6 +140,7 @@ def measure(model_name: str, task_name: str, devices: int, how: str,
   seconds = time.perf_counter() - clock
   stats = compiled.memory_analysis()
   return {"model": model_name, "task": task_name, "devices": devices, "sharding": how,
+          "model_parallel": model_parallel,
           "batch": batch, "setting": spec.setting,
           "parameters": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)),
           "state_bytes": _bytes_per_device(_abstract(state, shardings[0])),
@@ -159,12 +164,14 @@ def table(rows: list[dict]) -> str:
   lines = ["| model | task | batch | devices | sharding | state / device (MiB) "
            "| × 1 device | arguments (MiB) | temporaries (GiB) | compile (s) |",
            "|---|---|---|---|---|---|---|---|---|---|"]
+  label = lambda r: r["sharding"] + (f" + model {r['model_parallel']}"
+                                     if r.get("model_parallel", 1) > 1 else "")
   ones = {(r["model"], r["task"]): r["state_bytes"] for r in rows if r["devices"] == 1}
   for r in rows:
     one = ones.get((r["model"], r["task"]))
     ratio = f"{r['state_bytes'] / one:.3f}" if one else "—"
     lines.append(f"| {r['model']} | {r['task']} | {r['batch']} | {r['devices']} | "
-                 f"{r['sharding']} | {_mib(r['state_bytes'])} | {ratio} | "
+                 f"{label(r)} | {_mib(r['state_bytes'])} | {ratio} | "
                  f"{_mib(r['argument_bytes'])} | {_gib(r['temp_bytes'])} | {r['compile_s']} |")
   return "\n".join(lines)
 
@@ -193,10 +200,13 @@ def main():
   parser.add_argument("--tasks", default="classifier")
   parser.add_argument("--devices", default="1,8,64")
   parser.add_argument("--batch", type=int, default=None, help="default: each model's")
+  parser.add_argument("--model_parallel", default="1",
+                      help="model-axis sizes (tensor parallelism) for N > 1 devices, e.g. 1,4")
   parser.add_argument("--out", default=None, help="also write the rows as JSON here")
   args = parser.parse_args()
   models, tasks = args.models.split(","), args.tasks.split(",")
   counts = [int(n) for n in args.devices.split(",")]
+  model_sizes = [int(m) for m in args.model_parallel.split(",")]
   for name, known in (("--models", MODELS), ("--tasks", TASKS)):
     unknown = set(models if name == "--models" else tasks) - set(known)
     if unknown:
@@ -207,9 +217,10 @@ def main():
   for model in models:
     for task in tasks:
       for n in counts:
-        for how in (("replicated",) if n == 1 else parallel.SHARDINGS):
-          rows.append(measure(model, task, n, how, args.batch))
-          print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+        for m in ([1] if n == 1 else [m for m in model_sizes if n % m == 0]):
+          for how in (("replicated",) if n == 1 else parallel.SHARDINGS):
+            rows.append(measure(model, task, n, how, args.batch, m))
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
   write_results(rows, f"{jax.devices()[0].device_kind} ×{jax.device_count()} (host platform)",
                 table(rows), args.out)
 

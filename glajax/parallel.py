@@ -1,10 +1,14 @@
 """Device mesh, batch sharding and the sharding of parameters and optimiser state.
 
-Data parallelism is ``jax.jit`` over a ``Mesh`` of all devices with one axis, ``data``: batches are
-sharded on their leading axis. Parameters, optimiser state and the rest of a model's state are
-either replicated (what ``pmap`` lowers to since JAX 0.8) or fully sharded over the same axis
-(``"fsdp"``, ZeRO-3: :func:`fsdp_spec` says where each array goes; a jitted step gathers them
-where it computes with them). Each process feeds its own slice of the global batch; multi-host
+Data parallelism is ``jax.jit`` over a ``Mesh`` of all devices with axes ``data`` and ``model``
+(``model`` of size 1 unless asked for): batches are sharded on their leading axis over ``data``.
+Parameters, optimiser state and the rest of a model's state are either replicated (what ``pmap``
+lowers to since JAX 0.8) or fully sharded over ``data`` (``"fsdp"``, ZeRO-3: :func:`fsdp_spec`
+says where each array goes; a jitted step gathers them where it computes with them). A ``model``
+axis of size m > 1 adds Megatron-style tensor parallelism: the arrays a model family names
+(``tensor_axis``: attention heads, MLP hidden units) stay split m ways over ``model`` while they
+compute, and XLA's SPMD partitioner inserts the reductions; the batch is replicated over
+``model``. Each process feeds its own slice of the global batch; multi-host
 runs call ``jax.distributed.initialize()`` first, and share one work directory: process 0 writes
 the files (``is_primary``) and the others wait at a ``barrier`` where they read them.
 """
@@ -18,6 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from glajax.errors import bad_argument
 
 DATA_AXIS = "data"
+MODEL_AXIS = "model"
 # How parameters, optimiser state and a model's other state are placed on the mesh.
 SHARDINGS = ("replicated", "fsdp")
 # Under "fsdp", arrays with fewer elements (biases, norms, scalars) stay replicated: their memory
@@ -25,12 +30,22 @@ SHARDINGS = ("replicated", "fsdp")
 FSDP_MIN_SIZE = 1024
 
 
-def make_mesh(devices=None) -> Mesh:
-  """A 1-D mesh with axis ``data`` over ``devices`` (default: every device of every process)."""
+def make_mesh(devices=None, model: int = 1) -> Mesh:
+  """A (len(devices) / model, model) mesh with axes (``data``, ``model``) over ``devices``
+  (default: every device of every process); neighbouring devices share a ``model`` group."""
   devices = jax.devices() if devices is None else list(devices)
   if not devices:
     raise bad_argument("devices", "at least one device", "an empty list")
-  return Mesh(np.asarray(devices), (DATA_AXIS,))
+  if isinstance(model, bool) or not isinstance(model, (int, np.integer)) or model < 1 or len(
+      devices) % model:
+    raise bad_argument("model_parallel", f"a positive divisor of the {len(devices)} devices",
+                       repr(model))
+  return Mesh(np.asarray(devices).reshape(len(devices) // model, model), (DATA_AXIS, MODEL_AXIS))
+
+
+def axis_size(mesh: Mesh, axis: str) -> int:
+  """The size of ``axis`` in ``mesh``, 1 when the mesh has no such axis."""
+  return dict(mesh.shape).get(axis, 1)
 
 
 def is_primary() -> bool:
@@ -73,31 +88,79 @@ def shard_batch(local_batch, mesh: Mesh):
   return jax.tree.map(put, local_batch)
 
 
-def fsdp_spec(shape, devices: int) -> P:
-  """Where ``"fsdp"`` puts an array of ``shape`` on a ``data`` axis of ``devices`` devices.
+def _spec(entries) -> P:
+  """``P(*entries)`` without trailing Nones (so equal placements compare equal)."""
+  entries = list(entries)
+  while entries and entries[-1] is None:
+    entries.pop()
+  return P(*entries)
 
-  Rule: the largest axis whose length ``devices`` divides (the first of equal ones) is split
-  over ``data``; an array with no such axis, or with fewer than ``FSDP_MIN_SIZE`` elements,
-  is replicated (``P()``). Each device then holds 1/``devices`` of every split array.
+
+def tensor_spec(shape, devices: int, axis: int | None) -> P:
+  """Where tensor parallelism puts an array of ``shape`` on a ``model`` axis of ``devices``
+  devices: axis ``axis`` (negative: from the end, so a stack of blocks has the same rule) split
+  over ``model`` when ``devices`` > 1 divides it; else ``P()``."""
+  if axis is None or devices == 1 or not shape or shape[axis] % devices:
+    return P()
+  axis %= len(shape)
+  return _spec(MODEL_AXIS if a == axis else None for a in range(len(shape)))
+
+
+def fsdp_spec(shape, devices: int, spec: P = P()) -> P:
+  """Where ``"fsdp"`` puts an array of ``shape`` on a ``data`` axis of ``devices`` devices, on
+  top of ``spec`` (its tensor-parallel placement, :func:`tensor_spec`).
+
+  Rule: the largest axis that ``spec`` leaves whole and whose length ``devices`` divides (the
+  first of equal ones) is split over ``data``; an array with no such axis, or with fewer than
+  ``FSDP_MIN_SIZE`` elements, keeps ``spec``. Each device then holds 1/``devices`` of every
+  split array (of its ``model`` shard).
   """
+  entries = list(spec) + [None] * (len(shape) - len(spec))
   if int(np.prod(shape, dtype=np.int64)) < FSDP_MIN_SIZE:
-    return P()
-  divisible = [(-n, axis) for axis, n in enumerate(shape) if n % devices == 0]
+    return _spec(entries)
+  divisible = [(-n, axis) for axis, n in enumerate(shape)
+               if entries[axis] is None and n % devices == 0]
   if not divisible:
-    return P()
-  axis = min(divisible)[1]
-  return P(*(DATA_AXIS if a == axis else None for a in range(axis + 1)))
+    return _spec(entries)
+  entries[min(divisible)[1]] = DATA_AXIS
+  return _spec(entries)
 
 
-def shardings(tree, mesh: Mesh, how: str = "replicated"):
+def shardings(tree, mesh: Mesh, how: str = "replicated", tensor_axis=None):
   """The ``NamedSharding`` of every leaf (an array or ``jax.ShapeDtypeStruct``) of ``tree``:
-  :func:`replicated`, or :func:`fsdp_spec` over the ``data`` axis when ``how`` is ``"fsdp"``."""
+  :func:`replicated`, or :func:`fsdp_spec` over the ``data`` axis when ``how`` is ``"fsdp"``;
+  on a ``model`` axis of size > 1, on top of :func:`tensor_spec` with the axis that
+  ``tensor_axis(path)`` (the leaf's 'a/b/kernel' path; a model family's rule) names."""
   if how not in SHARDINGS:
     raise bad_argument("sharding", f"one of {', '.join(SHARDINGS)}", repr(how))
-  if how == "replicated":
+  data, model = axis_size(mesh, DATA_AXIS), axis_size(mesh, MODEL_AXIS)
+
+  def place(path, x):
+    spec = P()
+    if model > 1 and tensor_axis is not None:
+      spec = tensor_spec(x.shape, model, tensor_axis(key_path(path)))
+    if how == "fsdp":
+      spec = fsdp_spec(x.shape, data, spec)
+    return NamedSharding(mesh, spec)
+
+  return jax.tree_util.tree_map_with_path(place, tree)
+
+
+def key_path(path) -> str:
+  """'a/b/0/kernel' for the key path of a leaf of nested dicts and sequences."""
+  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def compute_shardings(tree, mesh: Mesh, tensor_axis=None):
+  """Where a step computes with ``tree``'s arrays: whole on every device, except the
+  tensor-parallel split (:func:`tensor_spec` of ``tensor_axis(path)``) on a ``model`` axis of
+  size > 1 (FSDP's ``data`` split gathered, the ``model`` one kept)."""
+  model = axis_size(mesh, MODEL_AXIS)
+  if model == 1 or tensor_axis is None:
     return jax.tree.map(lambda _: replicated(mesh), tree)
-  devices = mesh.shape[DATA_AXIS]
-  return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(x.shape, devices)), tree)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: NamedSharding(mesh, tensor_spec(x.shape, model, tensor_axis(key_path(
+          path)))), tree)
 
 
 def put(tree, tree_shardings):

@@ -578,6 +578,9 @@ CASES = [
     Case("config_batch_15_on_2_devices", lambda c: _with_devices(
         2, lambda: _run(c, "wise_ft:runlocal,train.batch_size=15")), ConfigError,
          ("train.batch_size", "2 devices", "15")),
+    Case("config_model_parallel_3_on_2_devices", lambda c: _with_devices(
+        2, lambda: _run(c, "wise_ft:runlocal,train.model_parallel=3")), ConfigError,
+         ("train.model_parallel", "divisor of the 2 devices", "3")),
     Case("config_eval_batch_15_on_2_devices", lambda c: _with_devices(
         2, lambda: _run(c, "wise_ft:runlocal,data.eval_batch_size=15")), ConfigError,
          ("data.eval_batch_size", "2 devices")),

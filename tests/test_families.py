@@ -24,7 +24,8 @@ from glajax.models import family as family_lib
 from glajax.models import heads, registry
 from glajax.models.family import ExportInfo
 from glajax.train import engine, recipes
-from glajax.train.state import make_optimizer, param_path
+from glajax.parallel import key_path
+from glajax.train.state import make_optimizer
 
 IMAGE_SIZE = 32
 CLASSES = ("cat", "dog", "bird")
@@ -70,7 +71,7 @@ def test_spec_encoders_and_groups(family, variant):
     assert kernel.shape == (embedded.shape[1], bias.shape[0]) and np.isfinite(kernel).all()
   groups = model.param_groups()
   assert set(groups) <= set(family_lib.GROUPS)
-  paths = [param_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(
+  paths = [key_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(
       nnx.to_pure_dict(nnx.state(model, nnx.Param)))[0]]
   matched = {g: [p for p in paths if re.search(r, p)] for g, r in groups.items()}
   assert matched["image"], "the image group matches no parameter"
@@ -121,13 +122,13 @@ def test_zero_shot_head_and_two_finetuning_steps(family, variant, tmp_path):
   groups = task.model.param_groups()
   trained_regex = [groups["image"], groups["head"]]
   for path, old in jax.tree_util.tree_flatten_with_path(before)[0]:
-    name = param_path(path)
+    name = key_path(path)
     new = after
     for key in path:
       new = new[key.key]
     if not any(re.search(r, name) for r in trained_regex):
       np.testing.assert_array_equal(np.asarray(new), np.asarray(old), err_msg=name)
-  changed = [param_path(p) for (p, o), (_, n) in zip(
+  changed = [key_path(p) for (p, o), (_, n) in zip(
       jax.tree_util.tree_flatten_with_path(before)[0], jax.tree_util.tree_flatten_with_path(
           after)[0]) if not np.array_equal(np.asarray(o), np.asarray(n))]
   assert any(re.search(groups["image"], c) for c in changed)

@@ -19,7 +19,7 @@ from glajax.errors import ConfigError, TrainingError
 from glajax.train import engine, losses
 from glajax.train.checkpoint import Checkpointer
 from glajax.parallel import make_mesh
-from glajax.train.state import param_path
+from glajax.parallel import key_path
 from conftest import needs_cpu, needs_devices, two_jax_processes
 
 DIM, CLASSES, BATCH = 8, 4, 16
@@ -286,7 +286,7 @@ def _saved_params(workdir):
 
 
 def _flat(params):
-  return {param_path(k): v for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+  return {key_path(k): v for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
 
 
 @pytest.mark.slow

@@ -515,8 +515,8 @@ def check_values(config, kind) -> None:
 
 def _check_batches(config, kind) -> None:
   """Every batch splits evenly over the devices (and a training batch over its
-  ``accum_steps`` micro-batches, each over the devices): checked here, not after the data is
-  prepared."""
+  ``accum_steps`` micro-batches, each over the devices), and ``model_parallel`` divides them:
+  checked here, not after the data is prepared."""
   import jax  # noqa  (the device count; jax is loaded by then anyway)
   devices = jax.device_count()
   size = config.data.eval_batch_size
@@ -526,6 +526,10 @@ def _check_batches(config, kind) -> None:
   for prefix in train_sections(config, kind):
     train = section(config, prefix)
     batch, accum = train.get("batch_size"), train.get("accum_steps", 1) or 1
+    model = train.get("model_parallel", 1)
+    if isinstance(model, int) and model >= 1 and devices % model:
+      raise bad_argument(f"{prefix}.model_parallel", f"a divisor of the {devices} devices", model,
+                         ConfigError)
     if batch is not None and (batch % accum or (batch // accum) % devices):
       raise bad_argument(f"{prefix}.batch_size", f"a multiple of {prefix}.accum_steps={accum} "
                          f"× the {devices} devices", batch, ConfigError)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import re
 import warnings
 
 import jax
@@ -370,7 +371,8 @@ class Blocks(Block):
 
     def step(h, weights):
       if mesh is not None:
-        weights = jax.lax.with_sharding_constraint(weights, parallel.replicated(mesh))
+        weights = jax.lax.with_sharding_constraint(
+            weights, parallel.compute_shardings(weights, mesh, tensor_axis))
       return Block.__call__(nnx.merge(graphdef, weights), h), None
 
     if self.config.remat != "none":
@@ -378,18 +380,36 @@ class Blocks(Block):
     return jax.lax.scan(step, h, stacked)[0]
 
 
+# Tensor parallelism (``parallel.tensor_spec``): the axis of each array of ``Attention`` and
+# ``MLP`` split over the mesh's ``model`` axis, Megatron's: q/k/v and fc1 by their outputs (heads,
+# hidden units), out_proj and fc2 by their inputs, so a block's attention and MLP each end in
+# one reduction over ``model``. Axes count from the end (a stack of blocks has the same rule).
+TENSOR_AXES = ((re.compile(r"(^|/)self_attn/[qkv]_proj/(kernel|bias)(/\.value)?$"), -1),
+               (re.compile(r"(^|/)self_attn/out_proj/kernel(/\.value)?$"), -2),
+               (re.compile(r"(^|/)mlp/fc1/(kernel|bias)(/\.value)?$"), -1),
+               (re.compile(r"(^|/)mlp/fc2/kernel(/\.value)?$"), -2))
+
+
+def tensor_axis(path: str) -> int | None:
+  """The axis of the array at ``path`` ('…/self_attn/q_proj/kernel') that tensor parallelism
+  splits (``TENSOR_AXES``), None for an array it keeps whole."""
+  return next((axis for pattern, axis in TENSOR_AXES if pattern.search(path)), None)
+
+
 def gather(model, mesh, by_block: bool = False):
-  """Every array of ``model`` (merged inside a jitted step) gathered whole on each device of
-  ``mesh`` where the step starts; with ``by_block``, every ``Blocks``' stacks stay as they are
-  placed and each scan step gathers its own block (FSDP: one block whole at a time, see
-  ``Blocks``). In place; returns ``model``."""
+  """Every array of ``model`` (merged inside a jitted step) gathered where the step starts, as
+  ``parallel.compute_shardings`` says (whole on each device of ``mesh``, but for the ``model``
+  axis' split of ``tensor_axis``); with ``by_block``, every ``Blocks``' stacks stay as they are
+  placed and each scan step gathers its own block (FSDP: one block at a time, see ``Blocks``).
+  In place; returns ``model``."""
   stacks = {path: module for path, module in nnx.iter_modules(model)
             if by_block and isinstance(module, Blocks)}
   for module in stacks.values():
     module.gather_mesh = mesh
   outside = lambda path, _: not any(path[:len(stack)] == stack for stack in stacks)
   state = nnx.state(model, outside)
-  nnx.update(model, jax.lax.with_sharding_constraint(state, parallel.replicated(mesh)))
+  nnx.update(model, jax.lax.with_sharding_constraint(
+      state, parallel.compute_shardings(state, mesh, tensor_axis)))
   return model
 
 

@@ -4,7 +4,9 @@ A recipe gives a model (an NNX module), a loss ``loss_fn(model, batch, rng) -> (
 and a config; the engine splits the model with ``nnx.split`` at the jit boundary (pure state
 pytrees in, ``nnx.merge`` inside), places params, optimiser state and the rest of the model's
 state on the mesh as ``config.sharding`` says (``"replicated"``, or ``"fsdp"``: sharded over the
-``data`` axis by ``glajax.parallel.fsdp_spec``), shards batches on their leading axis and
+``data`` axis by ``glajax.parallel.fsdp_spec``) and, with ``config.model_parallel`` > 1, the
+arrays ``layers.tensor_axis`` names split over the mesh's ``model`` axis (tensor parallelism),
+shards batches on their leading axis and
 accumulates gradients over micro-batches with a scan. BatchNorm (``config.batch_stats``): in
 ``"train"`` mode the loss runs the model with batch statistics and the step carries the updated
 running statistics in the train state (:func:`make_train_step`); ``"frozen"`` keeps the running
@@ -40,7 +42,7 @@ from glajax import parallel
 from glajax.parallel import DATA_AXIS, data_sharding, is_primary, make_mesh, replicated
 from glajax.train.checkpoint import Checkpointer
 from glajax.train.state import (FROZEN, SCHEDULES, WARMUPS, TrainState, create_train_state,
-                                make_optimizer, param_labels, param_path)
+                                make_optimizer, param_labels)
 
 LossFn = Callable[..., tuple[jax.Array, Mapping[str, jax.Array]]]
 # (teacher params, params after the update, 0-based step k) -> new teacher params
@@ -56,6 +58,7 @@ def default_config() -> ml_collections.ConfigDict:
       seed=0,
       total_steps=1000,
       sharding="replicated",   # or "fsdp": params, gradients, optimiser state sharded (parallel)
+      model_parallel=1,        # devices per tensor-parallel group (the mesh's ``model`` axis)
       accum_steps=1,           # micro-batches per optimiser step (scanned; same global batch)
       batch_stats="train",     # BatchNorm: "train" or "frozen" (BATCH_STATS; recipes set theirs)
       log_every=50,
@@ -75,6 +78,7 @@ _STEP = Field("int", 0)
 FIELDS = {
     "seed": Field("int", 0), "total_steps": Field("int"), "accum_steps": Field("int", 1),
     "sharding": Field("choice", choices=parallel.SHARDINGS, result=False),
+    "model_parallel": Field("int", 1, result=False),
     "batch_stats": Field("choice", choices=BATCH_STATS),
     "log_every": Field("int", 1, result=False), "checkpoint_every": Field("int", 0, result=False),
     "keep_checkpoints": Field("int", 1, result=False), "progress": Field("bool", result=False),
@@ -239,8 +243,9 @@ def _initial_state(params, batch_stats, rest, tx, config, mesh, with_teacher: bo
     return create_train_state(params, tx, config.seed, with_teacher, batch_stats)
 
   how = config.get("sharding", "replicated")
-  state_shardings = parallel.shardings(jax.eval_shape(init, params, batch_stats), mesh, how)
-  rest_shardings = parallel.shardings(rest, mesh, how)
+  state_shardings = parallel.shardings(jax.eval_shape(init, params, batch_stats), mesh, how,
+                                       layers.tensor_axis)
+  rest_shardings = parallel.shardings(rest, mesh, how, layers.tensor_axis)
   params = parallel.put(params, state_shardings.params)
   batch_stats = parallel.put(batch_stats, state_shardings.batch_stats)
   state = jax.jit(init, out_shardings=state_shardings, donate_argnums=(0, 1))(params,
@@ -372,7 +377,7 @@ class MetricsLog:
 
 def _flat(params) -> dict:
   """{'a/b/kernel': leaf} of a nested params dict."""
-  return {param_path(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+  return {parallel.key_path(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
 
 
 class BestSelection:
@@ -434,15 +439,15 @@ class BestSelection:
     self.chosen = (step, float(np.asarray(kept["score"].addressable_data(0))))
     leaves = kept["params"]
     params = jax.tree_util.tree_map_with_path(
-        lambda path, leaf: leaves.get(param_path(path), leaf), state.params)
+        lambda path, leaf: leaves.get(parallel.key_path(path), leaf), state.params)
     return params, kept.get("batch_stats", state.batch_stats)
 
 
 def _checked_config(config) -> int:
   """The run's step count, after the engine settings that would fail late are checked."""
-  for key, lo in (("total_steps", 1), ("accum_steps", 1), ("log_every", 1),
+  for key, lo in (("total_steps", 1), ("accum_steps", 1), ("model_parallel", 1), ("log_every", 1),
                   ("checkpoint_every", 0), ("keep_checkpoints", 1)):
-    value = config.get(key)
+    value = config.get(key, 1) if key == "model_parallel" else config.get(key)
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo:
       raise bad_argument(f"train.{key}", f"an integer >= {lo}", repr(value), ConfigError)
   for key, options in (("sharding", parallel.SHARDINGS), ("batch_stats", BATCH_STATS)):
@@ -452,13 +457,26 @@ def _checked_config(config) -> int:
   return int(config.total_steps)
 
 
+def _mesh(mesh, model: int):
+  """``mesh`` (default: every device), re-shaped to a ``model`` axis of ``model`` devices
+  (``train.model_parallel``) if it has another."""
+  devices = jax.devices() if mesh is None else list(mesh.devices.flat)
+  if mesh is not None and parallel.axis_size(mesh, parallel.MODEL_AXIS) == model:
+    return mesh
+  if len(devices) % model:
+    raise bad_argument("train.model_parallel", f"a divisor of the {len(devices)} devices",
+                       model, ConfigError)
+  return make_mesh(devices, model)
+
+
 def _initial_kept(select: BestSelection | None, params, batch_stats, config, model, mesh):
   """The best-validation state before any epoch (None without ``select``), its leaves placed
   as the parameters of their shapes are (``config.sharding``)."""
   if select is None:
     return None
   kept = select.initial(params, config, param_groups(model), batch_stats)
-  return parallel.put(kept, parallel.shardings(kept, mesh, config.get("sharding", "replicated")))
+  return parallel.put(kept, parallel.shardings(kept, mesh, config.get("sharding", "replicated"),
+                                               layers.tensor_axis))
 
 
 def _resume(checkpoints: Checkpointer, state: TrainState, kept):
@@ -488,8 +506,8 @@ def fit(model: nnx.Module, loss_fn: LossFn, config, data: Callable[[int], Iterat
   ``config.batch_stats="train"`` trains a model's BatchNorm statistics with it
   (:func:`make_train_step`); the returned model's BatchNorm is in eval mode.
   """
-  mesh = make_mesh() if mesh is None else mesh
   total = _checked_config(config)
+  mesh = _mesh(mesh, config.get("model_parallel", 1))
   os.makedirs(workdir, exist_ok=True)
   graphdef, params, rest = split_model(model)
   batch_stats = _trained_batch_stats(model, config)

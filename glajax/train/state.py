@@ -18,6 +18,7 @@ import optax
 
 from glajax.errors import ConfigError, bad_argument
 from glajax.models import checkpoints
+from glajax.parallel import key_path
 
 FROZEN = "frozen"
 
@@ -44,11 +45,6 @@ def create_train_state(params, tx: optax.GradientTransformation, seed: int,
                     teacher=jax.tree.map(jnp.array, params) if with_teacher else None,
                     step=jnp.zeros((), jnp.int32), rng=jax.random.PRNGKey(seed),
                     batch_stats=batch_stats)
-
-
-def param_path(path) -> str:
-  """'a/b/0/kernel' for a key path of a nested params dict."""
-  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 
 def resolve_patterns(key: str, patterns, aliases: dict | None = None) -> list[re.Pattern]:
@@ -100,7 +96,7 @@ def _labels(params, trainable, groups, aliases):
     return next((g for g, p in groups if p.search(name)), "default")
 
   def label(path, leaf):
-    name = param_path(path)
+    name = key_path(path)
     labels = [label_of(n) for n in checkpoints.block_names(name, leaf) or [name]]
     trained = sorted(set(labels) - {FROZEN})
     if len(trained) > 1:
@@ -126,7 +122,7 @@ def _zero_frozen_blocks(frozen: dict[str, np.ndarray]) -> optax.GradientTransfor
     del params
 
     def zero(path, u):
-      mask = frozen.get(param_path(path))
+      mask = frozen.get(key_path(path))
       if mask is None:
         return u
       return jnp.where(mask.reshape((-1,) + (1,) * (u.ndim - 1)), jnp.zeros_like(u), u)
