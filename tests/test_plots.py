@@ -215,3 +215,18 @@ def test_the_overlap_check_sees_a_label_on_its_marker():
     assert any(_overlaps(box, m) for m in _marker_boxes(ax, renderer))
   finally:
     plt.close(figure)
+
+
+@pytest.mark.filterwarnings("error")
+def test_prior_fit_closed_forms_and_constants_without_warnings():
+  counts = np.array([50.0, 20.0, 10.0, 5.0, 1.0])
+  reference = np.log(counts / counts.sum())
+  fit = report.prior_fit(2.0 * reference + 3.0, counts)      # the prior, scaled and shifted
+  assert fit["spearman"] == pytest.approx(1.0) and fit["pearson_log"] == pytest.approx(1.0)
+  assert fit["slope"] == pytest.approx(2.0)
+  assert report.prior_fit(-reference, counts)["spearman"] == pytest.approx(-1.0)
+  flat = report.prior_fit(np.zeros(5), counts)               # a constant estimate
+  assert np.isnan(flat["spearman"]) and np.isnan(flat["pearson_log"])
+  assert flat["slope"] == pytest.approx(0.0, abs=1e-12)
+  equal = report.prior_fit(reference, np.full(5, 7.0))       # equal counts: nothing to fit
+  assert all(np.isnan(v) for v in equal.values())

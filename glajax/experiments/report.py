@@ -379,12 +379,18 @@ class Reliability:
 
 def prior_fit(log_prior, counts) -> dict:
   """Spearman ρ, Pearson r of the logs and log-log slope of an estimated log prior against the
-  normalised log of ``counts`` (slope 1 when the zero-shot logits carry exactly that prior)."""
+  normalised log of ``counts`` (slope 1 when the zero-shot logits carry exactly that prior);
+  ρ and r are NaN when either is constant, the slope when the counts are."""
   reference = np.log(np.asarray(counts, np.float64) / np.sum(counts))
   estimated = np.asarray(log_prior, np.float64)
+  nan = float("nan")
+  if np.ptp(reference) == 0:   # equal counts: nothing to correlate with or regress on
+    return {"spearman": nan, "pearson_log": nan, "slope": nan}
+  slope = float(np.polyfit(reference, estimated, 1)[0])
+  if np.ptp(estimated) == 0:   # a constant estimate: slope 0, no correlation
+    return {"spearman": nan, "pearson_log": nan, "slope": slope}
   return {"spearman": float(stats.spearmanr(estimated, reference).statistic),
-          "pearson_log": float(np.corrcoef(estimated, reference)[0, 1]),
-          "slope": float(np.polyfit(reference, estimated, 1)[0])}
+          "pearson_log": float(np.corrcoef(estimated, reference)[0, 1]), "slope": slope}
 
 
 @dataclasses.dataclass
