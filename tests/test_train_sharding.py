@@ -2,7 +2,8 @@
 for a tiny CLIP (end to end, with LIFT's adapters, with CaRot's teacher), the state's shardings,
 tensor parallelism (``train.model_parallel``) equal to replicated training, alone and under FSDP,
 a checkpoint written on 8 devices resumed on 4, and two processes × 4 devices reading their own
-shards of the data equal to one process × 8 devices."""
+shards of the data (with and without tensor-parallel pairs inside each) equal to one process ×
+8 devices."""
 import json
 import os
 
@@ -305,11 +306,12 @@ def _pipeline_data(mesh):
   return data
 
 
-def _child_main(workdir):
-  """One of the two processes: FSDP fine-tuning on its own shard of the data."""
-  mesh = make_mesh()
+def _child_main(workdir, model_parallel=1):
+  """One of the two processes: FSDP fine-tuning on its own shard of the data (with
+  ``model_parallel`` > 1, tensor-parallel groups inside each process)."""
+  mesh = make_mesh(model=model_parallel)
   params, _ = _fit("finetune", "fsdp", workdir, mesh=mesh, data=_pipeline_data(mesh),
-                   checkpoint_every=2)
+                   checkpoint_every=2, model_parallel=model_parallel)
   if jax.process_index() == 0:
     np.savez(os.path.join(workdir, "params.npz"), **params)
 
@@ -317,9 +319,10 @@ def _child_main(workdir):
 @pytest.mark.slow
 @needs_devices(DEVICES)
 @needs_cpu("two processes × 4 virtual CPU devices with gloo collectives")
-def test_two_processes_fsdp_with_their_own_shards_equal_one_process(tmp_path):
+@pytest.mark.parametrize("model_parallel", [1, 2])
+def test_two_processes_fsdp_with_their_own_shards_equal_one_process(tmp_path, model_parallel):
   workdir = str(tmp_path / "two")
-  two_jax_processes("test_train_sharding", f"_child_main({workdir!r})")
+  two_jax_processes("test_train_sharding", f"_child_main({workdir!r}, {model_parallel})")
   mesh = make_mesh()
   want, _ = _fit("finetune", "fsdp", tmp_path / "one", mesh=mesh, data=_pipeline_data(mesh),
                  checkpoint_every=2)
