@@ -118,7 +118,8 @@ def measure(model_name: str, task_name: str, devices: int, how: str,
             batch: int | None = None, model_parallel: int = 1) -> dict:
   """Per-device bytes of the compiled train step of ``model_name`` / ``task_name`` on
   ``devices`` devices, placed as ``how`` says, at ``batch`` (default: the model's), on a mesh
-  whose ``model`` axis has ``model_parallel`` devices (tensor parallelism, ``train.model_parallel``)."""
+  whose ``model`` axis has ``model_parallel`` devices (tensor parallelism,
+  ``train.model_parallel``)."""
   spec = MODELS[model_name]
   batch = spec.batch if batch is None else batch
   task, recipe = _task(task_name, nnx.eval_shape(spec.build), CLASSES)

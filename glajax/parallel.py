@@ -151,18 +151,6 @@ def key_path(path) -> str:
   return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 
-def compute_shardings(tree, mesh: Mesh, tensor_axis=None):
-  """Where a step computes with ``tree``'s arrays: whole on every device, except the
-  tensor-parallel split (:func:`tensor_spec` of ``tensor_axis(path)``) on a ``model`` axis of
-  size > 1 (FSDP's ``data`` split gathered, the ``model`` one kept)."""
-  model = axis_size(mesh, MODEL_AXIS)
-  if model == 1 or tensor_axis is None:
-    return jax.tree.map(lambda _: replicated(mesh), tree)
-  return jax.tree_util.tree_map_with_path(
-      lambda path, x: NamedSharding(mesh, tensor_spec(x.shape, model, tensor_axis(key_path(
-          path)))), tree)
-
-
 def put(tree, tree_shardings):
   """Fresh global arrays of ``tree``'s host or device values, each placed as its sharding in
   ``tree_shardings`` says (works across processes: each builds its own shards)."""

@@ -101,7 +101,8 @@ def _normal(text: str) -> str:
 
 
 def _joined_streams(outputs: list) -> list:
-  """Consecutive writes to one stream as one output: the kernel splits them by timing, not content."""
+  """Consecutive writes to one stream as one output: the kernel splits them by timing, not by
+  content."""
   joined = []
   for output in outputs:
     if (output.output_type == "stream" and joined and joined[-1].output_type == "stream"

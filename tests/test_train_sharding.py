@@ -250,8 +250,9 @@ def _abstract_state(mesh, how: str):
 @needs_devices(DEVICES)
 def test_checkpoint_written_on_8_devices_resumes_on_4(tmp_path):
   """Step 2's FSDP checkpoint of 8 devices restores bit for bit into 4 devices' FSDP placement
-  (and into one device's replicated one, and a 4 × 2 tensor-parallel one), and the run resumed there on 4 devices ends where the
-  uninterrupted 8-device run ends (loss curve and parameters within 1e-6 relative)."""
+  (and into one device's replicated one, and a 4 × 2 tensor-parallel one), and the run resumed
+  there on 4 devices ends where the uninterrupted 8-device run ends (loss curve and parameters
+  within 1e-6 relative)."""
   with pytest.raises(_Interrupted):
     _fit("finetune", "fsdp", tmp_path / "run", data=_stopping_at(3), checkpoint_every=2)
   whole, _ = _fit("finetune", "fsdp", tmp_path / "whole", checkpoint_every=2)

@@ -371,8 +371,7 @@ class Blocks(Block):
 
     def step(h, weights):
       if mesh is not None:
-        weights = jax.lax.with_sharding_constraint(
-            weights, parallel.compute_shardings(weights, mesh, tensor_axis))
+        weights = jax.lax.with_sharding_constraint(weights, _compute_shardings(weights, mesh))
       return Block.__call__(nnx.merge(graphdef, weights), h), None
 
     if self.config.remat != "none":
@@ -396,10 +395,16 @@ def tensor_axis(path: str) -> int | None:
   return next((axis for pattern, axis in TENSOR_AXES if pattern.search(path)), None)
 
 
+def _compute_shardings(tree, mesh):
+  """Where a step computes with ``tree``'s arrays: FSDP's ``data`` split gathered, the
+  ``model`` axis' split of ``tensor_axis`` kept (the "replicated" placement of ``parallel``)."""
+  return parallel.shardings(tree, mesh, "replicated", tensor_axis)
+
+
 def gather(model, mesh, by_block: bool = False):
   """Every array of ``model`` (merged inside a jitted step) gathered where the step starts, as
-  ``parallel.compute_shardings`` says (whole on each device of ``mesh``, but for the ``model``
-  axis' split of ``tensor_axis``); with ``by_block``, every ``Blocks``' stacks stay as they are
+  ``_compute_shardings`` says (whole on each device of ``mesh``, but for the ``model`` axis'
+  split of ``tensor_axis``); with ``by_block``, every ``Blocks``' stacks stay as they are
   placed and each scan step gathers its own block (FSDP: one block at a time, see ``Blocks``).
   In place; returns ``model``."""
   stacks = {path: module for path, module in nnx.iter_modules(model)
@@ -409,7 +414,7 @@ def gather(model, mesh, by_block: bool = False):
   outside = lambda path, _: not any(path[:len(stack)] == stack for stack in stacks)
   state = nnx.state(model, outside)
   nnx.update(model, jax.lax.with_sharding_constraint(
-      state, parallel.compute_shardings(state, mesh, tensor_axis)))
+      state, _compute_shardings(state, mesh)))
   return model
 
 

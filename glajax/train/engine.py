@@ -377,7 +377,8 @@ class MetricsLog:
 
 def _flat(params) -> dict:
   """{'a/b/kernel': leaf} of a nested params dict."""
-  return {parallel.key_path(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+  return {parallel.key_path(path): leaf
+          for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
 
 
 class BestSelection:
