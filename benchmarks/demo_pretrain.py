@@ -1,5 +1,5 @@
 """What the demo's foundation model knows: zero-shot accuracy of one pre-trained foundation model
-on the default world, split into its two factors (colour, shape), for pre-training variants.
+on the default world, split into its two factors (colour, pattern), for pre-training variants.
 
   python benchmarks/demo_pretrain.py --data_dir /tmp/demo/tfds \
       --variants '{}' '{"steps": 800}' '{"patch": 4}' --out benchmarks/results/demo_pretrain.md
@@ -7,15 +7,15 @@ on the default world, split into its two factors (colour, shape), for pre-traini
 Each variant is a JSON object of ``demo.pretrain.PretrainSpec`` fields (from the full scale's
 spec) and optionally "patch" (the image tower's patch size, 8 by default), "resnet" (a
 ModifiedResNet image tower instead: {"width": 8, "layers": [1, 1, 1, 1], "heads": 4}) and
-"partial" ([p_shape, p_colour]: that share of the pre-training pairs captioned with one factor
-alone, "a picture of a star." / "a picture of something red.", those captions added as
-candidates). ``--supervised`` trains each variant's image tower with a linear head on the shape
-labels alone instead (the tower's ceiling for shape in the same optimisation). ``--data_dir`` holds
-the rendered default world (a demo work directory's ``tfds``; rendered there if absent).
-A class is "colour shape": the colour and shape columns count a prediction right when it names
-the true colour (shape), whatever the other factor; head and tail are the 33 most and least
+"partial" ([p_pattern, p_colour]: that share of the pre-training pairs captioned with one factor
+alone, "a picture of a striped tile." / "a picture of a red tile.", those captions added as
+candidates). ``--supervised`` trains each variant's image tower with a linear head on the
+pattern labels alone instead (the tower's ceiling for pattern in the same optimisation).
+``--data_dir`` holds the rendered default world (a demo work directory's ``tfds``; rendered there if absent).
+A class is "pattern colour": the colour and pattern columns count a prediction right when it
+names the true colour (pattern), whatever the other factor; head and tail are the 33 most and least
 frequent classes of pre-training. ``--probe`` adds linear probes (scikit-learn's logistic
-regression on the image embeddings of 8 000 pre-training images) for shape and colour: whether
+regression on the image embeddings of 8 000 pre-training images) for pattern and colour: whether
 the image tower's features hold a factor at all, whatever the text tower makes of it.
 """
 from __future__ import annotations
@@ -45,15 +45,15 @@ def _kind(patch, resnet, partial) -> dict:
   return kind | ({"partial": partial} if partial is not None else {})
 
 
-def supervised_shape(builder, spec, seed: int) -> dict:
+def supervised_pattern(builder, spec, seed: int) -> dict:
   """The image tower's ceiling: the foundation config's image tower and a linear head trained on
-  the shape labels of ``pretrain_0`` alone (cross-entropy; the same steps, batch, augmentation,
-  AdamW, warmup-cosine and clipping as pre-training); shape accuracy on the photo test rows."""
+  the pattern labels of ``pretrain_0`` alone (cross-entropy; the same steps, batch, augmentation,
+  AdamW, warmup-cosine and clipping as pre-training); pattern accuracy on the photo test rows."""
   import optax  # noqa
   from flax import nnx  # noqa
   config = pretrain_lib.foundation_config(spec, 32)
   model = glajax.CLIP(config, rngs=nnx.Rngs(seed))
-  head = nnx.Linear(config.projection_dim, len(world.SHAPES), rngs=nnx.Rngs(seed + 1))
+  head = nnx.Linear(config.projection_dim, len(world.PATTERNS), rngs=nnx.Rngs(seed + 1))
   colours = len(world.COLOURS)
   schedule = optax.warmup_cosine_decay_schedule(0.0, spec.learning_rate, spec.warmup_steps,
                                                 spec.steps)
@@ -89,17 +89,17 @@ def supervised_shape(builder, spec, seed: int) -> dict:
   predicted = np.concatenate([np.asarray(predict(both, jnp.asarray(test["image"][i:i + 500])))
                               for i in range(0, len(test["label"]), 500)])
   return {"pretrain_s": round(seconds, 1),
-          "supervised_shape": 100 * np.mean(predicted == test["label"] // colours)}
+          "supervised_pattern": 100 * np.mean(predicted == test["label"] // colours)}
 
 
 def measure(builder, variant: dict, seed: int, probe: bool = False,
             supervised: bool = False) -> dict:
   """Pre-trains foundation model 0 as ``variant`` says; its zero-shot accuracies (percent).
-  ``supervised``: :func:`supervised_shape` for the variant's image tower instead."""
+  ``supervised``: :func:`supervised_pattern` for the variant's image tower instead."""
   variant = dict(variant)
   patch = variant.pop("patch", 8)
   resnet = variant.pop("resnet", None)
-  partial = variant.pop("partial", None)   # [p_shape, p_colour]: captions naming one factor
+  partial = variant.pop("partial", None)   # [p_pattern, p_colour]: captions naming one factor
   spec = dataclasses.replace(parts.SCALES["full"].pretrain, **variant)
   plain = pretrain_lib.foundation_config
 
@@ -116,12 +116,12 @@ def measure(builder, variant: dict, seed: int, probe: bool = False,
 
   plain_texts, plain_loss = pretrain_lib.caption_texts, pretrain_lib.caption_loss_fn
   if partial is not None:
-    p_shape, p_colour = partial
+    p_pattern, p_colour = partial
     colours = len(world.COLOURS)
 
     def texts():
-      return (plain_texts() + tuple(f"a picture of a {s}." for s in world.SHAPES)
-              + tuple(f"a picture of something {c}." for c in world.COLOURS))
+      return (plain_texts() + tuple(f"a picture of a {s} tile." for s in world.PATTERNS)
+              + tuple(f"a picture of a {c} tile." for c in world.COLOURS))
 
     def loss_fn(text_ids):
       inner = plain_loss(text_ids)
@@ -130,9 +130,9 @@ def measure(builder, variant: dict, seed: int, probe: bool = False,
         rng, draw = jax.random.split(rng)
         u = jax.random.uniform(draw, batch["label"].shape)
         label = batch["label"]
-        label = jnp.where(u < p_shape, world.NUM_CLASSES + label // colours,
-                          jnp.where(u < p_shape + p_colour,
-                                    world.NUM_CLASSES + len(world.SHAPES) + label % colours,
+        label = jnp.where(u < p_pattern, world.NUM_CLASSES + label // colours,
+                          jnp.where(u < p_pattern + p_colour,
+                                    world.NUM_CLASSES + len(world.PATTERNS) + label % colours,
                                     label))
         return inner(model, {**batch, "label": label}, rng)
       return fn
@@ -141,7 +141,7 @@ def measure(builder, variant: dict, seed: int, probe: bool = False,
   pretrain_lib.foundation_config = with_patch
   if supervised:
     try:
-      return supervised_shape(builder, spec, seed) | {"variant": _kind(patch, resnet, partial)
+      return supervised_pattern(builder, spec, seed) | {"variant": _kind(patch, resnet, partial)
                                                       | variant}
     finally:
       pretrain_lib.foundation_config = plain
@@ -186,26 +186,27 @@ def measure(builder, variant: dict, seed: int, probe: bool = False,
     if split == "test_photo":
       row.update(head=100 * per_class[head].mean(), tail=100 * per_class[tail].mean(),
                  colour=100 * np.mean(predicted % colours == labels % colours),
-                 shape=100 * np.mean(predicted // colours == labels // colours))
+                 pattern=100 * np.mean(predicted // colours == labels // colours))
       test_features = features
   if probe:
     from sklearn.linear_model import LogisticRegression  # noqa  (the probe only)
     train = pretrain_lib.caption_arrays(builder, "pretrain_0")
     train_features, train_labels = embeddings(train["image"][:8000]), train["label"][:8000]
     test_labels = pretrain_lib.caption_arrays(builder, "test_photo")["label"]
-    for factor, of in (("colour", lambda y: y % colours), ("shape", lambda y: y // colours)):
+    for factor, of in (("colour", lambda y: y % colours), ("pattern", lambda y: y // colours)):
       fit = LogisticRegression(max_iter=2000).fit(train_features, of(train_labels))
       row[f"probe_{factor}"] = 100 * fit.score(test_features, of(test_labels))
   return row
 
 
-COLUMNS = ("test_photo", "head", "tail", "colour", "shape", "test_sketch", "test_noise",
-           "test_texture", "probe_colour", "probe_shape", "supervised_shape")
+COLUMNS = ("test_photo", "head", "tail", "colour", "pattern", "test_sketch", "test_noise",
+           "test_texture", "probe_colour", "probe_pattern", "supervised_pattern")
 
 
 def table(rows: list[dict]) -> str:
-  lines = ["| variant | pre-training s | photo | head | tail | colour | shape | sketch | noise "
-           "| texture | probe: colour | probe: shape | supervised: shape |", "|---|" + "---:|" * 12]
+  lines = ["| variant | pre-training s | photo | head | tail | colour | pattern | sketch | noise "
+           "| texture | probe: colour | probe: pattern | supervised: pattern |",
+           "|---|" + "---:|" * 12]
   for r in rows:
     lines.append(f"| `{json.dumps(r['variant'])}` | {r['pretrain_s']:.1f} | "
                  + " | ".join(f"{r[k]:.1f}" if k in r else "–" for k in COLUMNS) + " |")
@@ -220,7 +221,7 @@ def main():
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--probe", action="store_true")
   parser.add_argument("--supervised", action="store_true",
-                      help="train each variant's image tower on shape labels alone instead")
+                      help="train each variant's image tower on pattern labels alone instead")
   parser.add_argument("--out")
   args = parser.parse_args()
   builder = world.builder("default", args.data_dir)

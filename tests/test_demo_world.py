@@ -43,6 +43,38 @@ def test_render_paints_the_class_colour():
     assert share.min() > 0.002, (domain, labels[share.argmin()])
 
 
+def _spectrum(pattern: str, colour: str = "yellow", n: int = 40) -> np.ndarray:
+  """Mean |2-D FFT| of the luminance of the central 8 × 8 pixels of ``n`` photos of one class
+  (always inside the tile: its centre is within ±0.2 and its inradius ≥ 0.47 of the frame)."""
+  label = world.CLASSNAMES.index(f"{pattern} {colour}")
+  images = _render(np.full(n, label), np.zeros(n, int), seed=1) / 255.0
+  centre = images[:, 12:20, 12:20].mean(-1)
+  return np.abs(np.fft.fft2(centre - centre.mean((1, 2), keepdims=True))).mean(0)
+
+
+def test_patterns_are_periodic_where_their_names_say():
+  """The FFT of a tile's centre, against the names: striped has its peak at 2 cycles per 8 px
+  down the rows (a 4-px period), barred the same across the columns; plain has no peak; checked
+  (8-px cells) has its energy off both axes. Reference: numpy's FFT, not the renderer."""
+  striped, barred, plain, checked = (_spectrum(p) for p in ("striped", "barred", "plain",
+                                                            "checked"))
+  assert np.unravel_index(np.argmax(striped), striped.shape) in ((2, 0), (6, 0))
+  assert np.unravel_index(np.argmax(barred), barred.shape) in ((0, 2), (0, 6))
+  assert striped[2, 0] > 5 * striped[0, 2] and barred[0, 2] > 5 * barred[2, 0]
+  assert plain.max() < 0.1 * striped.max()
+  assert checked[1:, 1:].sum() > 2 * (checked[0, 1:].sum() + checked[1:, 0].sum())
+
+
+def test_every_pattern_survives_a_left_right_flip():
+  """Fine-tuning flips images left–right: each pattern's flipped tiles have the spectrum of its
+  own tiles, not of another pattern's (the magnitude spectrum of a flip is the mirrored one)."""
+  spectra = {p: _spectrum(p, n=60) for p in world.PATTERNS}
+  for pattern, spectrum in spectra.items():
+    flipped = np.roll(spectrum[:, ::-1], 1, axis=1)   # |F(x → −x)| = |F|(ky, −kx)
+    distances = {p: np.abs(flipped - s).sum() for p, s in spectra.items()}
+    assert min(distances, key=distances.get) == pattern, (pattern, distances)
+
+
 def _background(images):
   """(N, 3) mean colour of each image's 4×4 corners, [0, 1]: background only (the shapes stay
   within the centre ±0.25 + scale 0.72 of the [-1, 1] frame)."""
@@ -151,5 +183,5 @@ def test_tfds_builder_round_trip(tmp_path):
   for ex in expected.values():
     images = by_caption[(ex["caption"], ex["label"])]
     assert any(np.array_equal(ex["image"], image) for image in images)
-  assert read[0]["caption"].decode() == "a picture of a {}.".format(
+  assert read[0]["caption"].decode() == "a picture of a {} tile.".format(
       world.CLASSNAMES[read[0]["label"]])

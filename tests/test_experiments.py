@@ -272,7 +272,8 @@ def test_tiny_wise_ft_end_to_end(tmp_path, capsys, monkeypatch):
   cached = np.load(workdir / "logits" / f"{tag}__demo_shapes_tiny_test_photo.npz")
   assert cached["logits"].shape == (100, 100)  # the tiny world's photo test set, 100 classes
   accuracy = np.mean(cached["logits"].argmax(-1) == cached["labels"])
-  assert result["tables"][0]["rows"][2]["values"]["ID"] == pytest.approx(accuracy, abs=1e-12)
+  # the report's statistics are float32: equal to NumPy's float64 within its rounding
+  assert result["tables"][0]["rows"][2]["values"]["ID"] == pytest.approx(accuracy, abs=1e-7)
   # WiSE-FT in closed form on the exported transformers-format tensors.
   zeroshot = _params(workdir / "models" / "tiny_0")
   finetuned = _params(workdir / "final" / "finetuned")

@@ -41,8 +41,9 @@ def _ledger(result, purpose):
 def _nll_temperature(logits, labels):
   nll = lambda log_t: -np.mean(special.log_softmax(logits / np.exp(log_t), -1)[
       np.arange(len(labels)), labels])
-  return float(np.exp(optimize.minimize_scalar(nll, bounds=(-4.6, 4.6), method="bounded",
-                                               options={"xatol": 1e-8}).x))
+  # over M.fit_temperature's range, T ∈ [0.01, 100]: a minimum at its end is that end
+  return float(np.exp(optimize.minimize_scalar(nll, bounds=(np.log(0.01), np.log(100.0)),
+                                               method="bounded", options={"xatol": 1e-8}).x))
 
 
 def test_every_stage_is_what_the_cached_logits_give(composed):

@@ -112,6 +112,23 @@ def test_prior_check_bounds_and_entropy():
   assert len(found) == 1 and "near uniform" in found[0].cause
 
 
+def test_pcv_check_fires_when_no_pseudo_split_is_feasible():
+  """A source model right on every pseudo-absent row, a fine-tuned one that no γ makes right on
+  all of them: M.pcv_gamma refuses, the kind records γ = None, and the check warns."""
+  labels = np.asarray([0, 1, 2, 3])
+  pseudo_absent = np.asarray([False, False, True, True])
+  logits = np.asarray([[5, 0, 0, 0], [0, 5, 0, 0], [0, 0, 0, 1], [0, 0, 1, 0]], np.float32)
+  with pytest.raises(Exception, match="none of 1 splits"):
+    M.pcv_gamma([(logits, labels, pseudo_absent, 1.0)])
+  summary, found = D.pcv_check(None, 3)
+  assert summary == {"gamma": None, "splits": 3} and [f.check for f in found] == ["pcv"]
+  assert "no γ in any of its 3 pseudo splits" in found[0].cause
+  assert D.pcv_check(0.7, 3)[1] == [] and D.pcv_check(None, 0)[1] == []
+  assert "- PCV: no feasible γ in 3 pseudo splits" in D.markdown({"pcv": summary})
+  assert "- PCV: γ = 0.7 over 3 pseudo splits" in D.markdown({"pcv": {"gamma": 0.7,
+                                                                       "splits": 3}})
+
+
 def test_prior_entropy_is_normalised_shannon_entropy():
   prior = np.asarray([0.5, 0.25, 0.25])
   summary, _ = D.prior_check(np.log(prior) + 3.0, 1.0, None, searched=False)  # unnormalised

@@ -5,6 +5,7 @@ loss. The official constants and computations are ported here, each with its fil
 import json
 import types
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -308,8 +309,13 @@ def test_small_training_sets_scale_the_learning_rate_as_gla_py(recipe):
     train = gla.train_config(exp)
     assert train.optimizer.learning_rate == pytest.approx(_official_small_set_lr(
         base.optimizer.learning_rate, base.batch_size, 10, shots), rel=1e-12)
-    # Dassl's loader: one batch of all N examples per epoch when N < batch (no drop_last).
-    assert train.batch_size == min(base.batch_size, 10 * shots)
+    # Dassl's loader: one batch of all N examples per epoch when N < batch (no drop_last); on
+    # d devices the largest multiple of d not above N
+    n, d = 10 * shots, jax.device_count()
+    assert train.batch_size == min(base.batch_size, n - n % d if n >= d else n)
+    one = recipes.scale_for_small_set(recipes.prompt_tuning(), 10)
+    assert one.batch_size == 10 and recipes.scale_for_small_set(
+        recipes.prompt_tuning(), 10, devices=8).batch_size == 8
 
 
 # --- backdoor: CIFAR-100-LT subset and groups, LA loss (Pre-train-Imbalance) ------------------

@@ -1,16 +1,20 @@
-"""The demo world: coloured shapes rendered procedurally, as a TFDS dataset of the project's own.
+"""The demo world: coloured, patterned tiles rendered procedurally, as a TFDS dataset of the
+project's own.
 
-Classes are ``colour × shape`` (10 × 10 = 100), captioned "a picture of a red triangle." in every
-domain (web captions name the object more often than its rendering). Four domains share the
-classes: ``photo`` (filled shape on a smooth textured background; the fine-tuning domain),
-``sketch`` (outline only, on paper), ``noise`` (a photo under heavy pixel noise) and ``texture``
-(a filled shape on high-contrast stripes). Pre-training pairs follow a steep long tail over classes
-(exponential profile, max/min = ``pretrain_imbalance``), like web data, so the pre-trained model's
-label prior is known: :func:`pretrain_class_counts` is the ground truth of GLA's prior estimation.
-The downstream photos (``DOWNSTREAM_PHOTO`` splits; ``shortcut`` of them) carry a cue of their
-own, as a curated data set does: their background's tint names the shape, inside the range of
-random tints every pre-training photo has, and absent from the shifted domains — fine-tuning that
-learns it gains in-domain and loses what it gave up elsewhere.
+Classes are ``pattern × colour`` (10 × 10 = 100: "striped red"), captioned "a picture of a striped
+red tile." in every domain (web captions name the object more often than its rendering). Both
+factors are patch statistics (a colour, a periodic pattern), so a small ViT learns both within the
+demo's few hundred pre-training steps, as CLIP reads most ImageNet classes; the tile's silhouette
+and pose are nuisances. Four domains share the classes: ``photo`` (the tile on a smooth textured
+background; the fine-tuning domain), ``sketch`` (the pattern's light half and an outline, in
+colour on paper), ``noise`` (a photo under heavy pixel noise) and ``texture`` (the tile on
+high-contrast stripes). Pre-training pairs follow a steep long tail over classes (exponential
+profile, max/min = ``pretrain_imbalance``), like web data, so the pre-trained model's label prior
+is known: :func:`pretrain_class_counts` is the ground truth of GLA's prior estimation. The
+downstream photos (``DOWNSTREAM_PHOTO`` splits; ``shortcut`` of them) carry a cue of their own, as
+a curated data set does: their background's tint names the pattern, inside the range of random
+tints every pre-training photo has, and absent from the shifted domains — fine-tuning that learns
+it gains in-domain and loses what it gave up elsewhere.
 Everything is a deterministic function of the builder config: no download, no shipped file.
 """
 from __future__ import annotations
@@ -25,16 +29,16 @@ from tensorflow_datasets.core.utils import tqdm_utils
 
 from glajax.errors import bad_argument
 
-SHAPES = ("circle", "square", "triangle", "diamond", "cross", "ring", "star", "hexagon",
-          "crescent", "ellipse")
+PATTERNS = ("plain", "striped", "barred", "checked", "dotted", "ringed", "gridded", "two-tone",
+            "harlequin", "spotted")
 COLOURS = {"red": (220, 40, 40), "orange": (245, 140, 20), "yellow": (235, 215, 40),
            "green": (40, 165, 60), "cyan": (40, 200, 210), "blue": (40, 70, 220),
            "purple": (140, 50, 190), "pink": (245, 130, 190), "brown": (130, 80, 40),
            "black": (25, 25, 25)}
 DOMAINS = ("photo", "sketch", "noise", "texture")
-CAPTION_TEMPLATE = "a picture of a {}."
-# Label = shape index · len(COLOURS) + colour index.
-CLASSNAMES = tuple(f"{colour} {shape}" for shape in SHAPES for colour in COLOURS)
+CAPTION_TEMPLATE = "a picture of a {} tile."
+# Label = pattern index · len(COLOURS) + colour index.
+CLASSNAMES = tuple(f"{pattern} {colour}" for pattern in PATTERNS for colour in COLOURS)
 NUM_CLASSES = len(CLASSNAMES)
 # The prompt of zero-shot heads and class-prompt fine-tuning: the captions' own template.
 TEMPLATES = (CAPTION_TEMPLATE,)
@@ -61,37 +65,57 @@ def long_tail_counts(total: int, imbalance: float, rng: np.random.Generator,
 
 
 # ----------------------------------------------------------------------------------------------
-# Rendering: every shape is a (signed-distance-like) function of local coordinates, negative inside.
+# Rendering: a tile's outline is a (signed-distance-like) function of local coordinates, negative
+# inside; its pattern a 0/1 field over the image, 1 where the tile shows its colour.
+
+SILHOUETTES = ("circle", "square", "hexagon")   # a nuisance: drawn at random, named by no class
 
 
 def _polygon(u, v, normal_angles, inradius):
   return np.max([u * np.cos(a) + v * np.sin(a) for a in normal_angles], axis=0) - inradius
 
 
-def _shape_distance(shape: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
-  radius = np.hypot(u, v)
-  if shape == 0:  # circle
-    return radius - 0.9
-  if shape == 1:  # square
-    return np.maximum(np.abs(u), np.abs(v)) - 0.75
-  if shape == 2:  # triangle
-    return _polygon(u, v, np.deg2rad([-90, 30, 150]), 0.5)
-  if shape == 3:  # diamond
-    return (np.abs(u) + 1.6 * np.abs(v)) / 1.9 - 0.55
-  if shape == 4:  # cross
-    return np.minimum(np.maximum(np.abs(u) - 0.28, np.abs(v) - 0.95),
-                      np.maximum(np.abs(u) - 0.95, np.abs(v) - 0.28))
-  if shape == 5:  # ring
-    return np.abs(radius - 0.7) - 0.22
-  if shape == 6:  # star
-    return radius - (0.62 + 0.36 * np.cos(5 * np.arctan2(v, u)))
-  if shape == 7:  # hexagon
-    return _polygon(u, v, np.deg2rad(np.arange(0, 360, 60)), 0.8)
-  if shape == 8:  # crescent
-    return np.maximum(radius - 0.9, 0.75 - np.hypot(u - 0.45, v))
-  if shape == 9:  # ellipse
-    return (np.hypot(u, v / 0.45) - 1.0) * 0.45
-  raise bad_argument("shape", f"an index in [0, {len(SHAPES)})", shape)
+def _silhouette_distance(silhouette: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+  if silhouette == 0:  # circle
+    return np.hypot(u, v) - 0.9
+  if silhouette == 1:  # square
+    return np.maximum(np.abs(u), np.abs(v)) - 0.78
+  if silhouette == 2:  # hexagon
+    return _polygon(u, v, np.deg2rad(np.arange(0, 360, 60)), 0.82)
+  raise bad_argument("silhouette", f"an index in [0, {len(SILHOUETTES)})", silhouette)
+
+
+def _pattern_field(pattern: int, x: np.ndarray, y: np.ndarray, phase: np.ndarray) -> np.ndarray:
+  """(N, S, S) float32 in {0, 1}: ``pattern`` at pixel offsets (x, y) from the tile's centre
+  (N, S, S; in units of a 32-px image's pixel), shifted by ``phase`` (N, 1, 1) in [0, 1).
+  A pattern's left–right mirror image is the same pattern, shifted (so the fine-tuning flip
+  keeps every label)."""
+  def wave(t, period):  # a square wave of ``period`` px, 1 on its first half
+    return ((t / period + phase) % 1.0 < 0.5).astype(np.float32)
+
+  if pattern == 0:  # plain
+    return np.ones_like(x)
+  if pattern == 1:  # striped: horizontal stripes
+    return wave(y, 4.0)
+  if pattern == 2:  # barred: vertical bars
+    return wave(x, 4.0)
+  if pattern == 3:  # checked
+    return np.abs(wave(x, 8.0) - wave(y + 4.0 * phase, 8.0))
+  if pattern == 4:  # dotted: small dark dots
+    return (np.hypot((x / 6 + phase) % 1 - 0.5, (y / 6 + phase) % 1 - 0.5) > 0.28).astype(
+        np.float32)
+  if pattern == 5:  # ringed: concentric rings around the centre
+    return wave(np.hypot(x, y), 4.0)
+  if pattern == 6:  # gridded: light cells between dark lines
+    return (((x / 6 + phase) % 1 > 0.3) & ((y / 6 + phase) % 1 > 0.3)).astype(np.float32)
+  if pattern == 7:  # two-tone: light above the centre, dark below
+    return (y < 0).astype(np.float32)
+  if pattern == 8:  # harlequin: checks turned 45°
+    return np.abs(wave(x + y, 8.0) - wave(x - y, 8.0))
+  if pattern == 9:  # spotted: large light spots on dark
+    return (np.hypot((x / 8 + phase) % 1 - 0.5, (y / 8 + phase) % 1 - 0.5) < 0.3).astype(
+        np.float32)
+  raise bad_argument("pattern", f"an index in [0, {len(PATTERNS)})", pattern)
 
 
 def _uniform(rng, low, high, shape):
@@ -121,24 +145,29 @@ def _striped_background(rng, n, grid_x, grid_y):
   return np.where(stripes[..., None], high, low)
 
 
-# The downstream photo splits' shortcut: the background tint of a cued image names its shape
-# (one direction in RGB per shape, unit length), as a data set's own cues do (ImageNet's
+# The downstream photo splits' shortcut: the background tint of a cued image names its pattern
+# (one direction in RGB per pattern, unit length), as a data set's own cues do (ImageNet's
 # backgrounds, its photographers' habits); pre-training and the shifted domains have no such cue.
 SHORTCUT_TINTS = np.asarray(
     [(np.cos(a), np.cos(a - 2 * np.pi / 3), np.cos(a + 2 * np.pi / 3))
-     for a in 2 * np.pi * np.arange(len(SHAPES)) / len(SHAPES)], np.float32) / np.sqrt(1.5)
+     for a in 2 * np.pi * np.arange(len(PATTERNS)) / len(PATTERNS)], np.float32) / np.sqrt(1.5)
 SHORTCUT_STRENGTH = 0.14   # its largest channel shift, 0.114, is inside the default world's
                            # ±0.12 random tints: pre-training has seen every cue's colour
+SHADE = 0.35               # a pattern's dark half: the colour × SHADE (light colours) or lifted
+                           # towards grey 0.7 (dark ones), so black tiles show their pattern too
 
 
 def render(labels: np.ndarray, domains: np.ndarray, rng: np.random.Generator,
            image_size: int = 32, cued: np.ndarray | None = None,
-           tint_jitter: float = 0.06) -> np.ndarray:
+           tint_jitter: float = 0.06, colour_jitter: float = 0.06) -> np.ndarray:
   """Renders one image per ``(label, domain)``: uint8 (N, image_size, image_size, 3).
 
-  Pose (centre, scale, rotation) and colour jitter are drawn from ``rng``; anti-aliased edges.
-  A photo's background is a grey tinted by a random U(±``tint_jitter``) per channel; ``cued``
-  (N,) bool: those photos' tint is their shape's ``SHORTCUT_TINTS`` row (× ``SHORTCUT_STRENGTH``).
+  A tile (a random silhouette, pose and colour jitter drawn from ``rng``; anti-aliased edges)
+  shows its class's pattern in its colour (light half) and a shade of it (dark half). photo: on
+  a grey background tinted by a random U(±``tint_jitter``) per channel; ``cued`` (N,) bool:
+  those photos' tint is their pattern's ``SHORTCUT_TINTS`` row (× ``SHORTCUT_STRENGTH``).
+  sketch: the light half and a 2-px outline in colour on paper; noise: a photo under heavy pixel
+  noise; texture: a photo's tile on high-contrast grey stripes.
   """
   labels, domains = np.asarray(labels), np.asarray(domains)
   if labels.shape != domains.shape or labels.ndim != 1:
@@ -153,38 +182,51 @@ def render(labels: np.ndarray, domains: np.ndarray, rng: np.random.Generator,
   axis = ((np.arange(image_size) + 0.5) * pixel - 1.0).astype(np.float32)
   grid_x, grid_y = np.meshgrid(axis, axis)  # x to the right, y down, both in [-1, 1]
 
-  centre = _uniform(rng, -0.25, 0.25, (n, 2, 1, 1))
-  scale = _uniform(rng, 0.5, 0.72, (n, 1, 1))
+  centre = _uniform(rng, -0.2, 0.2, (n, 2, 1, 1))
+  scale = _uniform(rng, 0.6, 0.75, (n, 1, 1))
   angle = _uniform(rng, 0, 2 * np.pi, (n, 1, 1))
+  silhouettes = rng.integers(0, len(SILHOUETTES), n)
+  phase = _uniform(rng, 0, 1, (n, 1, 1))
   dx, dy = grid_x - centre[:, 0], grid_y - centre[:, 1]
   u = (dx * np.cos(angle) + dy * np.sin(angle)) / scale
   v = (-dx * np.sin(angle) + dy * np.cos(angle)) / scale
   distance = np.empty((n, image_size, image_size), np.float32)
-  shapes = labels // len(COLOURS)
-  for shape in np.unique(shapes):
-    sel = shapes == shape
-    distance[sel] = _shape_distance(int(shape), u[sel], v[sel])
+  for silhouette in np.unique(silhouettes):
+    sel = silhouettes == silhouette
+    distance[sel] = _silhouette_distance(int(silhouette), u[sel], v[sel])
+  patterns = labels // len(COLOURS)
+  field = np.empty((n, image_size, image_size), np.float32)
+  unit = 2.0 / 32   # a 32-px image's pixel: patterns keep their size in the frame at any size
+  for pattern in np.unique(patterns):
+    sel = patterns == pattern
+    field[sel] = _pattern_field(int(pattern), dx[sel] / unit, dy[sel] / unit, phase[sel])
   distance_px = distance * scale / pixel  # distance in pixels
   fill = np.clip(0.5 - distance_px, 0.0, 1.0)
   outline = np.clip(1.5 - np.abs(distance_px + 1.0), 0.0, 1.0)  # a ~2 px stroke inside the edge
 
   palette = np.asarray(list(COLOURS.values()), np.float32) / 255.0
-  colour = palette[labels % len(COLOURS)] + _uniform(rng, -0.06, 0.06, (n, 3))
+  jitter = _uniform(rng, -colour_jitter, colour_jitter, (n, 3))
+  colour = palette[labels % len(COLOURS)] + jitter
   colour = np.clip(colour, 0.0, 1.0)[:, None, None, :]
+  dark = colour.mean(-1, keepdims=True) < 0.25
+  shade = np.where(dark, colour + (0.7 - colour) * (1 - SHADE), colour * SHADE)
+  tile = field[..., None] * colour + (1 - field[..., None]) * shade
 
   grey = _uniform(rng, 0.4, 0.65, (n, 1, 1, 1))
   tint = _uniform(rng, -tint_jitter, tint_jitter, (n, 3))
   if cued is not None:
     cued = np.asarray(cued, bool)
-    tint[cued] = SHORTCUT_STRENGTH * SHORTCUT_TINTS[shapes[cued]]
+    tint[cued] = SHORTCUT_STRENGTH * SHORTCUT_TINTS[patterns[cued]]
   image = _smooth_background(rng, grid_x, grid_y, grey + tint[:, None, None, :])
   is_texture, is_sketch = domains == DOMAINS.index("texture"), domains == DOMAINS.index("sketch")
   if is_texture.any():
     image[is_texture] = _striped_background(rng, int(is_texture.sum()), grid_x, grid_y)
   if is_sketch.any():
     image[is_sketch] = _uniform(rng, 0.88, 0.98, (int(is_sketch.sum()), 1, 1, 1))
-  alpha = np.where(is_sketch[:, None, None], outline, fill)[..., None]
-  image = (1 - alpha) * image + alpha * colour
+  sketch_alpha = np.maximum(outline, fill * field)
+  alpha = np.where(is_sketch[:, None, None], sketch_alpha, fill)[..., None]
+  tile = np.where(is_sketch[:, None, None, None], colour, tile)
+  image = (1 - alpha) * image + alpha * tile
   noise_level = np.where(domains == DOMAINS.index("noise"), 0.25, 0.02).astype(np.float32)
   image += noise_level[:, None, None, None] * rng.standard_normal(image.shape, np.float32)
   return np.clip(np.round(image * 255), 0, 255).astype(np.uint8)
@@ -207,8 +249,10 @@ class WorldSpec:
   train_lt_imbalance: float = 50.0
   validation_per_class: int = 5        # held-out photo set (temperature, γ)
   test_per_class: int = 10             # per domain
-  shortcut: float = 0.0                # share of downstream photos whose background names the shape
+  shortcut: float = 0.0                # share of downstream photos whose background names the
+                                       # pattern
   tint_jitter: float = 0.06            # every photo background's random tint, per channel
+  colour_jitter: float = 0.06          # every tile's colour: the palette's ± this, per channel
 
 
 def pretrain_class_counts(spec: WorldSpec, index: int = 0) -> np.ndarray:
@@ -268,7 +312,7 @@ def generate_split(spec: WorldSpec, split: str, chunk: int = 2048):
     cued = (rng.random(stop - start) < spec.shortcut
             if spec.shortcut and split in DOWNSTREAM_PHOTO else None)
     images = render(labels[start:stop], domains[start:stop], rng, spec.image_size, cued,
-                    spec.tint_jitter)
+                    spec.tint_jitter, spec.colour_jitter)
     for i in range(start, stop):
       domain = DOMAINS[domains[i]]
       yield i, {"image": images[i - start], "label": labels[i], "domain": domain,
@@ -292,12 +336,14 @@ def _config(name: str, description: str, **spec_fields) -> DemoShapesConfig:
 
 
 class DemoShapes(tfds.core.GeneratorBasedBuilder):
-  """Coloured shapes × domains, with a long-tailed pre-training set of image–caption pairs."""
+  """Coloured, patterned tiles × domains, with a long-tailed pre-training set of image–caption
+  pairs."""
 
-  VERSION = tfds.core.Version("3.0.0")
+  VERSION = tfds.core.Version("4.0.0")
   RELEASE_NOTES = {"1.0.0": "First release.",
                    "2.0.0": "One caption template for every domain: 'a picture of a {}.'.",
-                   "3.0.0": "The downstream photos' background shortcut; larger test splits."}
+                   "3.0.0": "The downstream photos' background shortcut; larger test splits.",
+                   "4.0.0": "Classes are colour × pattern (patterned tiles), not colour × shape."}
   BUILDER_CONFIGS = [
       _config("default", "The world of `glajax demo`.", test_per_class=25, shortcut=0.95,
               tint_jitter=0.12),

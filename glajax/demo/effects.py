@@ -53,16 +53,18 @@ EFFECTS = {
     "finetune_ood_change": Effect(
         "fine-tuning lowers OOD accuracy (mean of shifted domains)", "wise_ft",
         r"^fine-tuned \(α=1\) vs zero-shot \(α=0\)$", "Δ avg shifts", -1, "Δ ID",
-        "the downstream photos' background tint names the shape (a cue pre-training never "
-        "had); fine-tuning learns it in place of the pre-trained shape features, and the "
-        "shifted domains lack it"),
+        "fine-tuning on photos alone specialises the features to the photos' way of drawing a "
+        "pattern (colour against its dark shade; sketches draw it against paper) and to their "
+        "cue (the background tint names the pattern), which the shifted domains lack"),
     "wise_ft_ood_gain": Effect(
         "WiSE-FT α = 0.5 beats both endpoints on OOD accuracy", "wise_ft",
         r"^WiSE-FT α=0\.5 vs ", "Δ avg shifts", +1, "Δ ID",
         "the interpolated weights keep the pre-trained robustness and gain the photos' fit"),
     "gla_id_gain": Effect(
-        "GLA ensemble beats fine-tuning in-domain", "gla", r"^GLA vs fine-tuned$", "Δ ID", +1,
-        "Δ ECE ID", "the debiased zero-shot and fine-tuned models err on different images"),
+        "GLA ensemble beats the few-shot prompt-tuned model in-domain", "gla",
+        r"^GLA vs fine-tuned$", "Δ ID", +1, "Δ ECE ID",
+        "prompt tuning on one photo per class (GLA's few-shot setting) fits those shots; the "
+        "debiased zero-shot model, which read every pre-training pair, errs on other images"),
     "temperature_ece_change": Effect(
         "temperature scaling lowers in-domain ECE", "wise_ft",
         r"^temperature scaling vs ", "Δ ECE ID", -1, "Δ ECE avg shifts",

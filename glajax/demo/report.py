@@ -75,7 +75,7 @@ def markdown(results: dict, reports: dict, command: str) -> str:
       "# glajax demo report", "",
       f"Produced by `{command}` in {sum(results.get('timings_s', {}).values()):.0f} s"
       + (" (first run)" if results.get("rerun_timings_s") else "") + ".", "",
-      "The world is procedural (coloured shapes × domains, "
+      "The world is procedural (patterned, coloured tiles × domains, "
       f"{results.get('world', {}).get('classes', '?')} classes); every part is an ordinary "
       "`glajax run` config run by the same runner, with its own report. Accuracies and ECE are "
       "in percent, their differences in the effects table in percentage points (pp), each "

@@ -12,10 +12,13 @@
   grid's extensions (a larger one may fit better);
 - prior (GLA): the confidence-matched temperature T at or beyond its search's starting range
   (``M.priors.TEMPERATURE_RANGE``: the zero-shot confidence cannot be matched to its accuracy
-  there), or the estimated prior near uniform, H(π)/log C ≥ 0.99.
+  there), or the estimated prior near uniform, H(π)/log C ≥ 0.99;
+- PCV (absent classes): no pseudo split has a γ that keeps the pseudo-absent accuracy at the
+  source model's (γ undefined, no PCV row).
 
 Every check is a pure function of arrays and numbers (:func:`random_models`, :func:`near_chance`,
-:func:`training_trend`, :func:`learning_rate_check`, :func:`prior_check`); :func:`collect` gathers their inputs from a run.
+:func:`training_trend`, :func:`learning_rate_check`, :func:`prior_check`, :func:`pcv_check`);
+:func:`collect` gathers their inputs from a run.
 """
 from __future__ import annotations
 
@@ -176,6 +179,21 @@ def prior_check(log_prior, temperature: float, residual: float | None,
   return summary, findings
 
 
+def pcv_check(gamma, splits: int) -> tuple[dict, list[Finding]]:
+  """({"gamma", "splits"}, findings) of PCV's γ over ``splits`` pseudo splits: a finding when
+  there is none (``gamma`` None: no split met the constraint)."""
+  summary = {"gamma": gamma, "splits": int(splits)}
+  if gamma is not None or not splits:
+    return summary, []
+  return summary, [Finding(
+      "pcv", f"PCV found no γ in any of its {splits} pseudo splits: none keeps the pseudo-absent "
+      "accuracy at the source model's, so the report has no PCV row (the source model is "
+      "stronger on those classes than the fine-tuned one can be made by γ)",
+      "compare ALG γ with the source model's absent-class accuracy; more PCV seeds "
+      "(`absent_class.pcv_seeds`) or a larger hold-out (`absent_class.pcv_holdout`) change "
+      "the splits")]
+
+
 def _priors_in(results, path: str = ""):
   """(path, record) of each dict in ``results`` holding an estimated prior (``log_prior`` and
   ``zs_temperature``; ``zs_temperature_matched``: T was searched, ``prior_residual``)."""
@@ -208,6 +226,10 @@ def collect(exp, outcome) -> tuple[dict, list[Finding]]:
   recipe = outcome.results.get("recipe")
   if isinstance(recipe, Mapping) and "candidates" in recipe:
     diagnostics["learning_rate"], found = learning_rate_check(recipe)
+    findings += found
+  if "pcv_seeds" in outcome.results:
+    diagnostics["pcv"], found = pcv_check(outcome.results.get("gamma_pcv"),
+                                          len(outcome.results["pcv_seeds"]))
     findings += found
   diagnostics["prior"] = {}
   for name, record in _priors_in(outcome.results):
@@ -250,6 +272,11 @@ def markdown(diagnostics: Mapping) -> list[str]:
     tried = ", ".join(f"{r:g} {100 * a:.1f} %" for r, a in zip(rate["candidates"],
                                                                rate["validation_accuracy"]))
     lines.append(f"- learning rate: {rate['learning_rate']:g} chosen on validation ({tried})")
+  pcv = diagnostics.get("pcv")
+  if pcv and pcv["splits"]:
+    lines.append(f"- PCV: γ = {pcv['gamma']:.4g} over {pcv['splits']} pseudo splits"
+                 if pcv["gamma"] is not None else
+                 f"- PCV: no feasible γ in {pcv['splits']} pseudo splits")
   for name, p in diagnostics.get("prior", {}).items():
     residual = "–" if p["residual"] is None else f"{p['residual']:.2e}"
     how = (f"matched to the zero-shot confidence, search range [{p['search_range'][0]:g}, "

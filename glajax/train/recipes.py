@@ -328,17 +328,22 @@ def prompt_tuning_for_shots(config, shots: int) -> ml_collections.ConfigDict:
   return config
 
 
-def scale_for_small_set(config, num_train: int) -> ml_collections.ConfigDict:
+def scale_for_small_set(config, num_train: int, devices: int = 1) -> ml_collections.ConfigDict:
   """GLA.FS ``trainers/gla.py`` ``build_model``: when the N = C·k training shots are fewer than
   one batch B (EuroSAT at 1 and 2 shots), ``OPTIM.LR × B/N``; Dassl's loader then has no
   ``drop_last`` and yields one batch of all N examples per epoch (batch size N). In place;
-  returns ``config``; unchanged when N ≥ B."""
+  returns ``config``; unchanged when N ≥ B.
+
+  A batch is split evenly over ``devices``: when N is not a multiple of them (N ≥ devices), the
+  batch is the largest multiple below N and each epoch leaves N mod ``devices`` shots out, others
+  each epoch (the one departure from Dassl, on several devices only)."""
   if isinstance(num_train, bool) or not isinstance(num_train, numbers.Integral) or num_train < 1:
     raise bad_argument("num_train", "a positive int count", repr(num_train))
   if num_train < config.batch_size:
     config.optimizer.learning_rate = config.optimizer.learning_rate * (
         config.batch_size / num_train)
-    config.batch_size = int(num_train)
+    whole = num_train - num_train % devices if num_train >= devices else num_train
+    config.batch_size = int(whole)
   return config
 
 

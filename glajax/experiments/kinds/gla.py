@@ -25,6 +25,7 @@ shots):
 """
 from __future__ import annotations
 
+import jax
 import numpy as np
 from flax import nnx
 
@@ -94,7 +95,7 @@ def train_config(exp):
   if options.get("fewshot_recipe", "vit_b16_ep50") == "rn50_ep50":
     recipes.prompt_tuning_for_shots(train, int(options.shots))
   return recipes.scale_for_small_set(train, exp.num_classes(common.train_ref(config))
-                                     * int(options.shots))
+                                     * int(options.shots), jax.device_count())
 
 
 def _templates(exp):
