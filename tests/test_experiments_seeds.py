@@ -75,8 +75,9 @@ def test_run_over_seeds_end_to_end(tmp_path, capsys):
         assert cell["mean"] == pytest.approx(np.mean(values), abs=1e-12)
         assert cell["sd"] == pytest.approx(np.std(values, ddof=1), abs=1e-12)
   assert "mean ± standard deviation over the 2 seeds" in (workdir / "report.md").read_text()
-  # the seeds' runs differ (their fine-tuning), the prepared data is shared
-  assert runs[0]["tables"][0]["rows"][-1] != runs[1]["tables"][0]["rows"][-1]
+  # the seeds' runs differ (their fine-tuning: the paired differences, ECE included; two
+  # near-chance tiny models' accuracies on 100 rows can coincide), the prepared data is shared
+  assert runs[0]["tables"][-1]["rows"] != runs[1]["tables"][-1]["rows"]
   assert not (workdir / "seed_0" / "tfds").exists() and (workdir / "tfds").exists()
   # another experiment's directory is refused before any work
   with pytest.raises(ConfigError, match="--workdir"):
