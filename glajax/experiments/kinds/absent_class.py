@@ -61,7 +61,7 @@ def plan(config) -> list[roles.Use]:
 def _pcv_gamma(exp, models, tags, seen: np.ndarray):
   """PCV: per seed, fine-tune on the pseudo-seen half of S (minus the held-out rows) and choose
   γ for the pseudo-absent half on the held-out rows of S, against the source model's
-  pseudo-absent accuracy on the same rows; γ averaged over the seeds. NaN when no split has a γ
+  pseudo-absent accuracy on the same rows; γ averaged over the seeds. None when no split has a γ
   that keeps that accuracy (the official code skips such a split; the report warns)."""
   options, seen_ids = exp.config.absent_class, np.flatnonzero(seen)
   val = exp.use("PCV γ")
@@ -80,7 +80,7 @@ def _pcv_gamma(exp, models, tags, seen: np.ndarray):
   try:
     return float(M.pcv_gamma(splits)), pseudo_absent_classes
   except InputError:   # no feasible split: γ undefined, the report says so
-    return float("nan"), pseudo_absent_classes
+    return None, pseudo_absent_classes
 
 
 def _accuracies(evidence, logits, labels, absent) -> dict:
@@ -135,7 +135,7 @@ def run(exp) -> dict:
   marks = {"fine-tuned": "γ = 0 (fine-tuned)"}
   for method, gamma, note in (("ALG", gamma_alg, ""), ("PCV", gamma_pcv, ""),
                               ("oracle", gamma_oracle, ", chosen on test: reference only")):
-    if not np.isfinite(gamma):
+    if gamma is None:
       continue
     name = f"fine-tuned + {method} γ ({gamma:.2f}{note})"
     variants[name] = M.apply_gamma(ft_logits, absent, gamma)
@@ -154,8 +154,7 @@ def run(exp) -> dict:
   title = (f"Absent-class calibration on {use.ref.dataset} ({int(seen.sum())} seen / "
            f"{int(absent.sum())} absent classes, {config.train.recipe})")
   return common.Outcome(
-      results={"accuracy": results, "gamma_alg": gamma_alg,
-               "gamma_pcv": gamma_pcv if np.isfinite(gamma_pcv) else None,
+      results={"accuracy": results, "gamma_alg": gamma_alg, "gamma_pcv": gamma_pcv,
                "gamma_oracle": gamma_oracle, "seen_classes": np.flatnonzero(seen).tolist(),
                "pcv_seeds": list(options.pcv_seeds),
                "pcv_pseudo_absent_classes": pseudo_absent_classes,
