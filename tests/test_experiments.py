@@ -274,6 +274,19 @@ def test_tiny_wise_ft_end_to_end(tmp_path, capsys, monkeypatch):
   accuracy = np.mean(cached["logits"].argmax(-1) == cached["labels"])
   # the report's statistics are float32: equal to NumPy's float64 within its rounding
   assert result["tables"][0]["rows"][2]["values"]["ID"] == pytest.approx(accuracy, abs=1e-7)
+  # Each shift's paired change (WiSE-FT's per-shift tables) against the two cached logits.
+  zs_tag = next(n.split("__")[0] for n in os.listdir(workdir / "logits")
+                if n.startswith("zeroshot-"))
+  change = result["results"]["effects"]["fine-tuned (α=1) vs zero-shot (α=0)"]
+  for split in ("test_sketch", "test_noise"):
+    accuracies = []
+    for run in (tag, zs_tag):
+      with np.load(workdir / "logits" / f"{run}__demo_shapes_tiny_{split}.npz") as f:
+        accuracies.append(np.mean(f["logits"].argmax(-1) == f["labels"]))
+    cell = change[f"Δ {split}"]
+    assert cell["estimate"] == pytest.approx(accuracies[0] - accuracies[1], abs=1e-6)
+    assert cell["low"] <= cell["estimate"] <= cell["high"]
+  assert "Δ test_sketch" in result["tables"][-1]["columns"]
   # WiSE-FT in closed form on the exported transformers-format tensors.
   zeroshot = _params(workdir / "models" / "tiny_0")
   finetuned = _params(workdir / "final" / "finetuned")

@@ -45,6 +45,7 @@ class Scale:
   finetune_lr: float = 1e-3
   gla_shots: int = 1                 # GLA's few-shot setting: prompt tuning on k shots per class
   gla_val_shots: int = 4
+  prompt_steps: int = 50             # GLA.FS's MAX_EPOCH 50, one batch of all shots per epoch
   prompt_lr: float = 0.02
   contrastive_steps: int = 150
   contrastive_lr: float = 5e-4
@@ -62,7 +63,7 @@ SCALES = {
                    wise_alphas=(0.0, 0.25, 0.5, 0.75, 1.0), pcv_seeds=1, eval_batch=600),
     "tiny": Scale("tiny", pretrain_lib.PretrainSpec(width=32, steps=20, batch_size=64),
                   batch_size=64, finetune_steps=10, contrastive_steps=10, longtail_steps=10,
-                  gla_val_shots=1,
+                  gla_val_shots=1, prompt_steps=10,
                   wise_alphas=(0.0, 0.5, 1.0), pcv_seeds=1, eval_batch=100),
 }
 
@@ -77,7 +78,9 @@ DEMO_TRANSFORMS = dict(
 
 
 def _base(kind: str, scale: Scale, foundations, seed: int, progress: bool, recipe: str,
-          steps: int, lr: float, **recipe_arguments) -> ml_collections.ConfigDict:
+          steps: int, lr: float, validation: bool = False,
+          **recipe_arguments) -> ml_collections.ConfigDict:
+  """The part's config; ``validation``: ``data.validation`` is the world's validation photos."""
   name = world.dataset_name(scale.world_config)
   config = C.base(kind)
   config.seed, config.progress = seed, progress
@@ -85,6 +88,8 @@ def _base(kind: str, scale: Scale, foundations, seed: int, progress: bool, recip
   config.data.update(train=f"{name}@train", test=f"{name}@test_photo",
                      shifts=tuple(f"{name}@{s}" for s in OOD_SPLITS), image_size=32,
                      eval_batch_size=scale.eval_batch)
+  if validation:
+    config.data.validation = f"{name}@validation"
   config.train = C.recipe(recipe, **recipe_arguments)
   config.train.transform = ml_collections.ConfigDict(DEMO_TRANSFORMS)
   config.train.update(batch_size=scale.batch_size, total_steps=steps, checkpoint_every=0,
@@ -105,15 +110,13 @@ def configs(scale: Scale, foundations, seed: int = 0, progress: bool = True
   parts = {}
   # GLA's few-shot claim (GLA.FS): prompt tuning on k shots against its GLA ensemble; the
   # prior from every training photo (unlabelled: training-side data, not the shots alone).
-  gla = _base("gla", **common, recipe="prompt_tuning", steps=scale.finetune_steps,
-              lr=scale.prompt_lr)
+  gla = _base("gla", **common, recipe="prompt_tuning", steps=scale.prompt_steps,
+              lr=scale.prompt_lr, validation=True)
   gla.train.template = world.TEMPLATES[0]
-  gla.data.validation = gla.data.train.replace("@train", "@validation")
   gla.gla = dict(shots=scale.gla_shots, val_shots=scale.gla_val_shots, long_tail=False,
                  match_confidence=False, prior_data=gla.data.train)
   parts["gla"] = gla
-  parts["wise_ft"] = _base("wise_ft", **common, **finetune)
-  parts["wise_ft"].data.validation = parts["wise_ft"].data.train.replace("@train", "@validation")
+  parts["wise_ft"] = _base("wise_ft", **common, **finetune, validation=True)
   parts["wise_ft"].wise_ft = dict(alphas=tuple(scale.wise_alphas), export_alpha=0.5,
                                   ece_bins=15, linear=False)
   backdoor = _base("backdoor", **common, recipe="backdoor_peft", steps=scale.longtail_steps,

@@ -239,6 +239,13 @@ def wise_ft_model(zs, ft, alpha: float):
 EFFECT_COLUMNS = ("Δ ID", "Δ avg shifts", "Δ ECE ID", "Δ ECE avg shifts")
 
 
+def effect_columns(tests: list[roles.Use]) -> tuple[str, ...]:
+  """:data:`EFFECT_COLUMNS` with each shift's own accuracy change after ``Δ ID`` (the columns of
+  ``Evidence.effects(..., per_shift=True)``)."""
+  shifts = tuple(f"Δ {column(u, tests[0])}" for u in tests[1:])
+  return EFFECT_COLUMNS[:1] + shifts + EFFECT_COLUMNS[1:]
+
+
 @dataclasses.dataclass(frozen=True)
 class MeanOver:
   """A bootstrap statistic (hashable, so ``M.bootstrap`` compiles it once per shape): the mean
@@ -345,10 +352,19 @@ class Evidence:
                          {"before": M.row_summaries(before, labels),
                           "after": M.row_summaries(after, labels)})
 
-  def effects(self, before: dict, after: dict, tests: list[roles.Use]) -> dict:
+  def effects(self, before: dict, after: dict, tests: list[roles.Use],
+              per_shift: bool = False) -> dict:
     """{Δ column: Interval} of after − before on the ID test set and the mean over the shifts,
-    accuracy and ECE, each a paired bootstrap on the same rows."""
-    return self.effects_on(before, after, [u.purpose for u in tests])
+    accuracy and ECE, each a paired bootstrap on the same rows; ``per_shift``: also each
+    shift's accuracy change (columns :func:`effect_columns`)."""
+    out = self.effects_on(before, after, [u.purpose for u in tests])
+    if per_shift:
+      statistic = MeanOver("accuracy", self.bins, paired=True)
+      for u in tests[1:]:
+        out[f"Δ {column(u, tests[0])}"] = self.interval(
+            statistic, {"before": M.row_summaries(*before[u.purpose]),
+                        "after": M.row_summaries(*after[u.purpose])})
+    return out
 
   def effects_on(self, before: dict, after: dict, purposes) -> dict:
     """:meth:`effects` of outputs keyed by ``purposes``, the ID test set's first."""

@@ -119,19 +119,20 @@ def run(exp) -> dict:
     results["temperature"] = temperature
     tables.append(calibration)
   effects = [(f"{_label(1.0)} vs {_label(0.0)}",
-               evidence.effects(outputs[0.0], outputs[1.0], tests))]
+               evidence.effects(outputs[0.0], outputs[1.0], tests, per_shift=True))]
   middle = float(config.wise_ft.export_alpha)
   if 0.0 < middle < 1.0:
     effects += [(f"{_label(middle)} vs {_label(end)}",
-                 evidence.effects(outputs[end], outputs[middle], tests)) for end in (0.0, 1.0)]
+                 evidence.effects(outputs[end], outputs[middle], tests, per_shift=True))
+                for end in (0.0, 1.0)]
   if "temperature" in results:
     scaled = {u.purpose: (outputs[1.0][u.purpose][0] / results["temperature"],
                           outputs[1.0][u.purpose][1]) for u in tests}
     effects.append((f"temperature scaling vs {_label(1.0)}",
-                    evidence.effects(outputs[1.0], scaled, tests)))
+                    evidence.effects(outputs[1.0], scaled, tests, per_shift=True)))
   effects_table, results["effects"] = common.effects_outcome(
       "WiSE-FT: paired differences (95 % intervals on the same test rows)",
-      common.EFFECT_COLUMNS, effects)
+      common.effect_columns(tests), effects)
   tables.append(effects_table)
   shown = sorted({0.0, 1.0, float(config.wise_ft.export_alpha)})
   panels = {common.column(u, tests[0]): {_label(a): outputs[a][u.purpose] for a in shown}
