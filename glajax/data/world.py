@@ -159,7 +159,7 @@ SHADE = 0.35               # a pattern's dark half: the colour × SHADE (light c
 
 def render(labels: np.ndarray, domains: np.ndarray, rng: np.random.Generator,
            image_size: int = 32, cued: np.ndarray | None = None,
-           tint_jitter: float = 0.06, colour_jitter: float = 0.06) -> np.ndarray:
+           tint_jitter: float = 0.06) -> np.ndarray:
   """Renders one image per ``(label, domain)``: uint8 (N, image_size, image_size, 3).
 
   A tile (a random silhouette, pose and colour jitter drawn from ``rng``; anti-aliased edges)
@@ -205,8 +205,7 @@ def render(labels: np.ndarray, domains: np.ndarray, rng: np.random.Generator,
   outline = np.clip(1.5 - np.abs(distance_px + 1.0), 0.0, 1.0)  # a ~2 px stroke inside the edge
 
   palette = np.asarray(list(COLOURS.values()), np.float32) / 255.0
-  jitter = _uniform(rng, -colour_jitter, colour_jitter, (n, 3))
-  colour = palette[labels % len(COLOURS)] + jitter
+  colour = palette[labels % len(COLOURS)] + _uniform(rng, -0.06, 0.06, (n, 3))
   colour = np.clip(colour, 0.0, 1.0)[:, None, None, :]
   dark = colour.mean(-1, keepdims=True) < 0.25
   shade = np.where(dark, colour + (0.7 - colour) * (1 - SHADE), colour * SHADE)
@@ -252,7 +251,6 @@ class WorldSpec:
   shortcut: float = 0.0                # share of downstream photos whose background names the
                                        # pattern
   tint_jitter: float = 0.06            # every photo background's random tint, per channel
-  colour_jitter: float = 0.06          # every tile's colour: the palette's ± this, per channel
 
 
 def pretrain_class_counts(spec: WorldSpec, index: int = 0) -> np.ndarray:
@@ -312,7 +310,7 @@ def generate_split(spec: WorldSpec, split: str, chunk: int = 2048):
     cued = (rng.random(stop - start) < spec.shortcut
             if spec.shortcut and split in DOWNSTREAM_PHOTO else None)
     images = render(labels[start:stop], domains[start:stop], rng, spec.image_size, cued,
-                    spec.tint_jitter, spec.colour_jitter)
+                    spec.tint_jitter)
     for i in range(start, stop):
       domain = DOMAINS[domains[i]]
       yield i, {"image": images[i - start], "label": labels[i], "domain": domain,

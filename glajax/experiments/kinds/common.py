@@ -357,17 +357,12 @@ class Evidence:
     """{Δ column: Interval} of after − before on the ID test set and the mean over the shifts,
     accuracy and ECE, each a paired bootstrap on the same rows; ``per_shift``: also each
     shift's accuracy change (columns :func:`effect_columns`)."""
-    out = self.effects_on(before, after, [u.purpose for u in tests])
-    if per_shift:
-      statistic = MeanOver("accuracy", self.bins, paired=True)
-      for u in tests[1:]:
-        out[f"Δ {column(u, tests[0])}"] = self.interval(
-            statistic, {"before": M.row_summaries(*before[u.purpose]),
-                        "after": M.row_summaries(*after[u.purpose])})
-    return out
+    shifts = [column(u, tests[0]) for u in tests[1:]] if per_shift else ()
+    return self.effects_on(before, after, [u.purpose for u in tests], shifts)
 
-  def effects_on(self, before: dict, after: dict, purposes) -> dict:
-    """:meth:`effects` of outputs keyed by ``purposes``, the ID test set's first."""
+  def effects_on(self, before: dict, after: dict, purposes, shifts=()) -> dict:
+    """:meth:`effects` of outputs keyed by ``purposes``, the ID test set's first; ``shifts``:
+    the other purposes' column names, each adding its own accuracy change ``Δ <name>``."""
     pairs = [{"before": M.row_summaries(*before[p]), "after": M.row_summaries(*after[p])}
              for p in purposes]
     out = {}
@@ -376,6 +371,9 @@ class Evidence:
       out[prefix + "ID"] = self.interval(statistic, pairs[0])
       if len(pairs) > 1:
         out[prefix + "avg shifts"] = self.interval(statistic, *pairs[1:])
+      if metric == "accuracy":
+        for name, pair in zip(shifts, pairs[1:]):
+          out[prefix + name] = self.interval(statistic, pair)
     return out
 
 
