@@ -83,7 +83,9 @@ EFFECTS = {
     "alg_absent_gain": Effect(
         "ALG γ recovers absent-class accuracy (Acc_{U/Y})", "absent_class",
         r"^fine-tuned \+ ALG γ", "Δ Acc_{U/Y}", +1, "Δ Acc_{S/Y}",
-        "fine-tuning on the seen classes alone pushes the absent classes' logits down"),
+        "Mai et al.'s SGD fine-tuning moves the head at 10× the backbone's rate, and every "
+        "update of an absent class's row is negative (−η·p_u·x on each seen-class image): its "
+        "logits fall on every image, the training rows included, where ALG measures the gap"),
     "pcv_absent_gain": Effect(
         "PCV γ recovers absent-class accuracy (Acc_{U/Y})", "absent_class",
         r"^fine-tuned \+ PCV γ", "Δ Acc_{U/Y}", +1, "Δ Acc_{S/Y}",

@@ -10,7 +10,9 @@ wise_ft        wise_ft       fine-tuning (ID gain, shifts), the α sweep, temper
                              (T fitted on the validation split)
 backdoor       backdoor      logit-adjusted loss against CE on the long tail; Σ_m z_m over two
                              foundation models
-absent_class   absent_class  ALG and PCV γ after fine-tuning on half of the classes
+absent_class   absent_class  ALG and PCV γ after fine-tuning on half of the classes with Mai et
+                             al.'s optimiser (``finetune_sgd``: SGD, the head at 10× the
+                             backbone's learning rate)
 flyp, carot    contrastive   CaRot against FLYP, ECE under shift
 compose        compose       fine-tuning and CaRot, then WiSE-FT α, temperature and GLA, each
                              fitted on training-side data
@@ -43,6 +45,7 @@ class Scale:
   batch_size: int = 128
   finetune_steps: int = 150
   finetune_lr: float = 1e-3
+  absent_lr: float = 0.05            # finetune_sgd's head; its backbone at 0.1·absent_lr
   gla_shots: int = 1                 # GLA's few-shot setting: prompt tuning on k shots per class
   gla_val_shots: int = 4
   prompt_steps: int = 50             # GLA.FS's MAX_EPOCH 50, one batch of all shots per epoch
@@ -126,7 +129,8 @@ def configs(scale: Scale, foundations, seed: int = 0, progress: bool = True
   backdoor.train.model.adapter_dim = recipes.adapter_dim(world.NUM_CLASSES, scale.pretrain.layers)
   backdoor.backdoor = dict(imbalance_ratio=0, template=world.TEMPLATES[0], compare_ce=True)
   parts["backdoor"] = backdoor
-  absent = _base("absent_class", **common, **finetune)
+  absent = _base("absent_class", **common, recipe="finetune_sgd", steps=scale.finetune_steps,
+                 lr=scale.absent_lr)
   absent.data.shifts = ()
   absent.absent_class = dict(num_seen=world.NUM_CLASSES // 2, split_seed=seed, test_fraction=0.0,
                              pcv_seeds=tuple(1000 + k for k in range(scale.pcv_seeds)),
