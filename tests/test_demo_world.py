@@ -1,4 +1,5 @@
 """The demo world: rendering, split plans and the TFDS builder (tiny config, offline)."""
+import dataclasses
 import time
 
 import numpy as np
@@ -164,6 +165,27 @@ def test_split_plans_balance_and_domains():
 def test_split_plan_rejects_unknown_split():
   with pytest.raises(InputError, match="split"):
     world.split_plan(TINY, "pretrain_7")
+
+
+@pytest.mark.parametrize("split", ["train", "pretrain_1"])
+def test_generate_split_renders_its_chunks_in_order_from_one_generator(split):
+  """The worker thread's chunks are what rendering them one after the other from the split's
+  generator gives (``shortcut`` on, so the cue's draws interleave with the images')."""
+  spec = dataclasses.replace(TINY, shortcut=0.5)
+  labels, domains = world.split_plan(spec, split)
+  rng = np.random.default_rng([spec.seed, 4, world.split_names(spec).index(split)])
+  expected = []
+  for start in range(0, labels.size, 64):
+    stop = min(start + 64, labels.size)
+    cued = (rng.random(stop - start) < spec.shortcut) if split == "train" else None
+    expected.append(world.render(labels[start:stop], domains[start:stop], rng, spec.image_size,
+                                 cued, spec.tint_jitter))
+  expected = np.concatenate(expected)
+  examples = list(world.generate_split(spec, split, chunk=64))
+  assert labels.size > 3 * 64 and [i for i, _ in examples] == list(range(labels.size))
+  np.testing.assert_array_equal(np.stack([ex["image"] for _, ex in examples]), expected)
+  assert [ex["label"] for _, ex in examples] == labels.tolist()
+  assert [ex["domain"] for _, ex in examples] == [world.DOMAINS[d] for d in domains]
 
 
 def test_tfds_builder_round_trip(tmp_path):

@@ -19,6 +19,7 @@ Everything is a deterministic function of the builder config: no download, no sh
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 
 import numpy as np
@@ -302,19 +303,35 @@ DOWNSTREAM_PHOTO = ("train", "train_lt", "validation", "test_photo")
 
 
 def generate_split(spec: WorldSpec, split: str, chunk: int = 2048):
-  """Yields ``(index, example)`` for every example of ``split`` (rendered in chunks, seeded)."""
+  """Yields ``(index, example)`` for every example of ``split`` (rendered in chunks, seeded).
+
+  One worker thread renders the next chunk while the caller consumes this one (TFDS encodes and
+  writes it); the chunks draw from the one generator in order, so the images are the same.
+  """
   labels, domains = split_plan(spec, split)
   rng = np.random.default_rng([spec.seed, 4, split_names(spec).index(split)])
-  for start in range(0, labels.size, chunk):
+  starts = range(0, labels.size, chunk)
+
+  def draw(start):
     stop = min(start + chunk, labels.size)
     cued = (rng.random(stop - start) < spec.shortcut
             if spec.shortcut and split in DOWNSTREAM_PHOTO else None)
-    images = render(labels[start:stop], domains[start:stop], rng, spec.image_size, cued,
-                    spec.tint_jitter)
-    for i in range(start, stop):
-      domain = DOMAINS[domains[i]]
-      yield i, {"image": images[i - start], "label": labels[i], "domain": domain,
-                "caption": CAPTION_TEMPLATE.format(CLASSNAMES[labels[i]])}
+    return render(labels[start:stop], domains[start:stop], rng, spec.image_size, cued,
+                  spec.tint_jitter)
+
+  with concurrent.futures.ThreadPoolExecutor(1) as worker:
+    pending = worker.submit(draw, starts[0]) if starts else None
+    for k, start in enumerate(starts):
+      images = pending.result()   # the next draw starts only after this one has finished
+      pending = worker.submit(draw, starts[k + 1]) if k + 1 < len(starts) else None
+      yield from _examples(images, labels, domains, start)
+
+
+def _examples(images, labels, domains, start):
+  """``(index, example)`` of a rendered chunk whose first example is ``start``."""
+  for i in range(start, start + len(images)):
+    yield i, {"image": images[i - start], "label": labels[i], "domain": DOMAINS[domains[i]],
+              "caption": CAPTION_TEMPLATE.format(CLASSNAMES[labels[i]])}
 
 
 # ----------------------------------------------------------------------------------------------
