@@ -1,4 +1,6 @@
 """tf.data pipelines: exact eval coverage, shapes/dtypes/ranges, seeded training, resume, mesh."""
+import traceback
+
 import jax
 import numpy as np
 import pytest
@@ -6,7 +8,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from glajax import DatasetError, InputError
-from glajax.data import pipeline, registry, transforms
+from glajax.data import pipeline, registry, transforms, world
 from glajax import parallel as mesh_lib
 from conftest import needs_devices
 
@@ -117,6 +119,53 @@ def test_train_augments_and_reads_only_the_given_indices():
     next(pipeline.train_batches(_numbered(4), batch_size=2, seed=0, indices=[1, 9]))
   with pytest.raises(DatasetError, match="no train split"):
     next(pipeline.train_batches("imagenet_r", batch_size=2, seed=0))
+
+
+def test_train_decodes_a_small_fixed_shape_split_once_with_the_same_batches(monkeypatch,
+                                                                           tmp_path):
+  """A split whose images have one shape in the TFDS features (CIFAR's 32 × 32) and fit
+  ``DECODED_CACHE_BYTES`` is decoded once and kept in memory: its batches, a resumed run's,
+  several shards' and a subset's included, are those of decoding every epoch (the crop of
+  decoded and of encoded images is the same); a split over the limit and a tf.data.Dataset (no
+  fixed shape) are not kept."""
+  world.builder("tiny", data_dir=str(tmp_path)).download_and_prepare()
+  cached = []   # the pipeline's own calls (TFDS caches a small split's encoded records too)
+  cache = tf.data.Dataset.cache
+
+  def spy(self, *args):
+    if traceback.extract_stack(limit=2)[0].filename == pipeline.__file__:
+      cached.append(1)
+    return cache(self, *args)
+
+  monkeypatch.setattr(tf.data.Dataset, "cache", spy)
+
+  def run(start_step=0, n=6, **kwargs):   # 6 steps of 4 of 10 rows: two and a half epochs
+    return _take(pipeline.train_batches("cifar10", batch_size=4, seed=5, image_size=24,
+                                        start_step=start_step, **kwargs), n)
+
+  def sharded():   # the demo world's tiny config (200 training photos), two shards
+    return _take(pipeline.train_batches("demo_shapes_tiny", batch_size=8, seed=1, image_size=32,
+                                        shards=2, data_dir=str(tmp_path)), 3)
+
+  limit = pipeline.DECODED_CACHE_BYTES
+  with tfds.testing.mock_data(num_examples=10):
+    kept = [run(), run(indices=[0, 3, 4, 8, 9])]
+    kept_resumed = run(start_step=3, n=3)
+    assert len(cached) == 3
+    monkeypatch.setattr(pipeline, "DECODED_CACHE_BYTES", 5 * 32 * 32 * 3 - 1)
+    decoded_each_epoch = [run(), run(indices=[0, 3, 4, 8, 9])]
+  assert len(cached) == 3
+  decoded_each_epoch.append(sharded())
+  monkeypatch.setattr(pipeline, "DECODED_CACHE_BYTES", limit)
+  kept.append(sharded())
+  assert len(cached) == 5   # one per shard stream
+  for a, b in zip(sum(kept, []), sum(decoded_each_epoch, [])):
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+  for a, b in zip(kept[0][3:], kept_resumed):
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+  assert not np.array_equal(kept[0][0]["image"], kept[0][1]["image"])   # real, varied batches
+  next(pipeline.train_batches(_numbered(4), batch_size=2, seed=0, image_size=8))
+  assert len(cached) == 5
 
 
 def test_missing_manual_dir_and_corrupt_images_raise(tmp_path):

@@ -158,6 +158,23 @@ def test_resize_is_within_pils_rounding_when_enlarging_and_shrinking(height, wid
   _assert_pil_close(ours.numpy(), reference, interpolation)
 
 
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_an_image_already_at_the_size_keeps_its_pixels_as_with_pil(interpolation):
+  """Resize(S) of an image whose short side is S: PIL returns it as it is (a copy), and so does
+  ``resize_short_side``, in tf.data too; resizing at scale 1 (what it skips) gives those pixels."""
+  for height, width in [(32, 32), (32, 45), (45, 32)]:
+    image = _photo_like(height, width, seed=height * width)
+    ours = preprocess.resize_short_side(tf.constant(image), 32, interpolation).numpy()
+    assert ours.dtype == np.float32
+    np.testing.assert_array_equal(ours, np.asarray(_tv_resize(Image.fromarray(image), 32,
+                                                              interpolation)))
+    np.testing.assert_array_equal(
+        ours, preprocess.resize(tf.constant(image), height, width, interpolation).numpy())
+    in_graph = next(iter(tf.data.Dataset.from_tensors(image).map(
+        lambda x: preprocess.resize_short_side(x, 32, interpolation))))
+    np.testing.assert_array_equal(ours, in_graph.numpy())
+
+
 def test_eval_transform_scales_the_crop_fraction_and_runs_in_tf_data():
   """At S = 112, LIFT's Resize(256) + CenterCrop(224) is Resize(112 * 8 // 7 = 128); eager and
   tf.data agree."""

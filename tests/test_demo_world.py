@@ -7,6 +7,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from glajax.data import world
+from glajax.data.preprocess import tf
 from glajax.errors import InputError
 
 TINY = world.WorldSpec(pretrain_size=400, train_per_class=2, train_lt_size=200,
@@ -186,6 +187,18 @@ def test_generate_split_renders_its_chunks_in_order_from_one_generator(split):
   np.testing.assert_array_equal(np.stack([ex["image"] for _, ex in examples]), expected)
   assert [ex["label"] for _, ex in examples] == labels.tolist()
   assert [ex["domain"] for _, ex in examples] == [world.DOMAINS[d] for d in domains]
+
+
+def test_generate_split_png_is_the_rendered_images_losslessly_encoded():
+  """``png=True`` yields PNG bytes that TensorFlow's decoder (the pipeline's) reads back as the
+  arrays ``png=False`` yields, examples in the same order."""
+  arrays = list(world.generate_split(TINY, "test_noise", chunk=64))
+  encoded = list(world.generate_split(TINY, "test_noise", chunk=64, png=True))
+  assert [i for i, _ in encoded] == [i for i, _ in arrays]
+  assert all(ex["image"].startswith(b"\x89PNG\r\n\x1a\n") for _, ex in encoded)
+  decoded = np.stack([tf.io.decode_png(ex["image"], channels=3).numpy() for _, ex in encoded])
+  np.testing.assert_array_equal(decoded, np.stack([ex["image"] for _, ex in arrays]))
+  assert [ex["label"] for _, ex in encoded] == [ex["label"] for _, ex in arrays]
 
 
 def test_tfds_builder_round_trip(tmp_path):

@@ -13,10 +13,13 @@ iterator yields from step k on. Epoch e shuffles a shard with a seed drawn (Phil
 (seed, e, shard) and every example's augmentation uses the stateless seed (that epoch seed, its
 position in the shuffled epoch), so skipping k·B/S encoded records of each of the S shards (no
 decoding) lands on the same state. Resuming costs a read of at most one epoch of encoded records.
+A training shard small enough (``DECODED_CACHE_BYTES``, images of one shape) is decoded once and
+kept in memory: the same batches, without decoding every epoch again.
 """
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from typing import Iterator, NamedTuple
 
@@ -29,6 +32,10 @@ from glajax.errors import DatasetError, bad_argument
 from glajax import parallel as mesh_lib
 
 AUTOTUNE = tf.data.AUTOTUNE
+# A training shard whose decoded images take at most this many bytes (their shape fixed by the
+# TFDS features: CIFAR, the demo world) is decoded once and kept in memory: every later epoch
+# crops the same uint8 pixels (the transform of decoded and of encoded images is the same).
+DECODED_CACHE_BYTES = 1 << 30
 
 
 def _info_of(name_or_dataset) -> registry.DatasetInfo | None:
@@ -99,12 +106,14 @@ def _read(builder, info: registry.DatasetInfo, split):
 
 class _Slice(NamedTuple):
   """One contiguous slice [offset, offset + size) of a split, with its ``info`` (None for a
-  tf.data.Dataset) and every slice's example count (None when there is one slice)."""
+  tf.data.Dataset), every slice's example count (None when there is one slice) and the shape
+  every decoded image has, where the TFDS features fix it (None otherwise)."""
   ds: tf.data.Dataset
   info: registry.DatasetInfo | None
   offset: int
   size: int | None
   counts: list[int] | None
+  image_shape: tuple[int, int, int] | None = None
 
 
 def _even_counts(total: int, slices: int) -> list[int]:
@@ -129,7 +138,7 @@ def _local_examples(name_or_dataset, split, data_dir, manual_dir, slices: int | 
                            "unknown cardinality")
       counts = _even_counts(total, slices)
       ds = ds.skip(sum(counts[:me])).take(counts[me])
-    image_key, label_key = "image", "label"
+    image_key, label_key, image_shape = "image", "label", None
   else:
     split = split or info.eval_split
     builder = tfds_builder(info, data_dir, manual_dir)
@@ -141,13 +150,15 @@ def _local_examples(name_or_dataset, split, data_dir, manual_dir, slices: int | 
       raise bad_argument("split", f"a split of {info.tfds_name}", f"{split!r} ({e})",
                          DatasetError) from e
     image_key, label_key = info.image_key, info.label_key
+    image_shape = tuple(getattr(builder.info.features[image_key], "shape", ()) or ())
+    image_shape = image_shape if len(image_shape) == 3 and None not in image_shape else None
   relabel = _relabel(info)
   offset = sum(counts[:me]) if counts else 0
   size = counts[me] if counts else int(ds.cardinality())
   ds = ds.enumerate().map(lambda i, ex: {"image": ex[image_key], "label": relabel(ex[label_key]),
                                          "index": tf.cast(i, tf.int64) + offset},
                           num_parallel_calls=AUTOTUNE)
-  return _Slice(ds, info, offset, size if size >= 0 else None, counts)
+  return _Slice(ds, info, offset, size if size >= 0 else None, counts, image_shape)
 
 
 def _uint8_image(image: tf.Tensor) -> tf.Tensor:
@@ -306,7 +317,8 @@ def eval_batches(name_or_dataset, *, split: str | None = None, batch_size: int,
 def _eval_host_batches(name_or_dataset, split, local, image_size, transform, normalization,
                        indices, data_dir, manual_dir) -> Iterator[dict]:
   """:func:`eval_batches`' batches as host arrays, before they are placed on the mesh."""
-  ds, info, offset, size, counts = _local_examples(name_or_dataset, split, data_dir, manual_dir)
+  ds, info, offset, size, counts, _ = _local_examples(name_or_dataset, split, data_dir,
+                                                     manual_dir)
   if indices is not None:
     ds, _, counts = _keep_rows(ds, indices, offset, size, counts)
   border = info.border_crop if info else 0
@@ -384,13 +396,16 @@ def train_batches(name_or_dataset, *, batch_size: int, seed: int, split: str | N
     return {"image": image, "label": tf.cast(ex["label"], tf.int32)}
 
   def shard_stream(shard: int):
-    ds, _, offset, size, counts = _local_examples(name_or_dataset, split, data_dir, manual_dir,
-                                                  shards, shard)
+    ds, _, offset, size, counts, image_shape = _local_examples(
+        name_or_dataset, split, data_dir, manual_dir, shards, shard)
     if size is None:  # A tf.data.Dataset of unknown length: count it once (no decoding).
       size = int(ds.reduce(np.int64(0), lambda n, _: n + 1))
     if indices is not None:
       ds, size, _ = _keep_rows(ds, indices, offset, size, counts)
     ds = ds.map(lambda ex: {"image": ex["image"], "label": ex["label"]})
+    if image_shape is not None and size * math.prod(image_shape) <= DECODED_CACHE_BYTES:
+      ds = ds.map(lambda ex: {"image": _uint8_image(ex["image"]), "label": ex["label"]},
+                  num_parallel_calls=AUTOTUNE).cache()
     if size == 0:
       raise bad_argument("split", f"at least one example in shard {shard} of {shards}", "none",
                          DatasetError)

@@ -115,7 +115,9 @@ def resize(image: tf.Tensor, height, width, interpolation: str = "bicubic") -> t
 
 def resize_short_side(image: tf.Tensor, size: int, interpolation: str = "bicubic") -> tf.Tensor:
   """Resize so the short side is ``size``; long side ``int(size * long / short)``
-  (torchvision's Resize(size)). Returns float32 in [0, 255]."""
+  (torchvision's Resize(size)). Returns float32 in [0, 255]. An image already that size is
+  returned as it is, as PIL's ``resize`` returns a copy (the filters' weights at scale 1 are 0, 1,
+  0: the same pixels, without the resize's cost)."""
   shape = tf.shape(image)
   height, width = shape[0], shape[1]
   short, long = tf.minimum(height, width), tf.maximum(height, width)
@@ -123,7 +125,9 @@ def resize_short_side(image: tf.Tensor, size: int, interpolation: str = "bicubic
                      / tf.cast(short, tf.float64), tf.int32)
   new_height = tf.where(height <= width, size, new_long)
   new_width = tf.where(height <= width, new_long, size)
-  return resize(image, new_height, new_width, interpolation)
+  return tf.cond((new_height == height) & (new_width == width),
+                 lambda: tf.cast(image, tf.float32),
+                 lambda: resize(image, new_height, new_width, interpolation))
 
 
 def center_crop(image: tf.Tensor, size: int) -> tf.Tensor:

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import struct
+import zlib
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -302,11 +304,13 @@ def split_plan(spec: WorldSpec, split: str) -> tuple[np.ndarray, np.ndarray]:
 DOWNSTREAM_PHOTO = ("train", "train_lt", "validation", "test_photo")
 
 
-def generate_split(spec: WorldSpec, split: str, chunk: int = 2048):
+def generate_split(spec: WorldSpec, split: str, chunk: int = 2048, png: bool = False):
   """Yields ``(index, example)`` for every example of ``split`` (rendered in chunks, seeded).
 
-  One worker thread renders the next chunk while the caller consumes this one (TFDS encodes and
-  writes it); the chunks draw from the one generator in order, so the images are the same.
+  Two worker threads work ahead of the caller (who writes a chunk): one renders the chunks in
+  order from the split's one generator, so the images are the same, while the other encodes the
+  chunk rendered before. ``png``: each image as lossless PNG bytes (:func:`encode_png`; what the
+  builder stores) instead of a uint8 array.
   """
   labels, domains = split_plan(spec, split)
   rng = np.random.default_rng([spec.seed, 4, split_names(spec).index(split)])
@@ -319,12 +323,33 @@ def generate_split(spec: WorldSpec, split: str, chunk: int = 2048):
     return render(labels[start:stop], domains[start:stop], rng, spec.image_size, cued,
                   spec.tint_jitter)
 
-  with concurrent.futures.ThreadPoolExecutor(1) as worker:
-    pending = worker.submit(draw, starts[0]) if starts else None
+  with (concurrent.futures.ThreadPoolExecutor(1) as renderer,
+        concurrent.futures.ThreadPoolExecutor(1) as encoder):
+
+    def submit(k):  # the renderer takes the chunks in order: they draw from rng in order
+      rendered = renderer.submit(draw, starts[k])
+      return encoder.submit(lambda: ([encode_png(image) for image in rendered.result()]
+                                     if png else rendered.result()))
+
+    ahead = [submit(k) for k in range(min(2, len(starts)))]
     for k, start in enumerate(starts):
-      images = pending.result()   # the next draw starts only after this one has finished
-      pending = worker.submit(draw, starts[k + 1]) if k + 1 < len(starts) else None
+      images = ahead.pop(0).result()
+      if k + 2 < len(starts):
+        ahead.append(submit(k + 2))
       yield from _examples(images, labels, domains, start)
+
+
+def encode_png(image: np.ndarray) -> bytes:
+  """A uint8 (H, W, 3) image as a PNG (8-bit RGB, no filter, zlib level 6): lossless, so any PNG
+  decoder reads back ``image`` exactly."""
+  height, width, _ = image.shape
+  rows = np.concatenate([np.zeros((height, 1), np.uint8), image.reshape(height, 3 * width)], 1)
+
+  def chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+  return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+          + chunk(b"IDAT", zlib.compress(rows.tobytes(), 6)) + chunk(b"IEND", b""))
 
 
 def _examples(images, labels, domains, start):
@@ -394,7 +419,7 @@ class DemoShapes(tfds.core.GeneratorBasedBuilder):
     return {split: self._generate_examples(split) for split in split_names(spec)}
 
   def _generate_examples(self, split: str):
-    for key, example in generate_split(self.builder_config.spec, split):
+    for key, example in generate_split(self.builder_config.spec, split, png=True):
       if self._bar is not None:
         self._bar.update(1)
       yield key, example
