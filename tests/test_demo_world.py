@@ -170,7 +170,7 @@ def test_split_plan_rejects_unknown_split():
 
 @pytest.mark.parametrize("split", ["train", "pretrain_1"])
 def test_generate_split_renders_its_chunks_in_order_from_one_generator(split):
-  """The worker thread's chunks are what rendering them one after the other from the split's
+  """The worker threads' chunks are what rendering them one after the other from the split's
   generator gives (``shortcut`` on, so the cue's draws interleave with the images')."""
   spec = dataclasses.replace(TINY, shortcut=0.5)
   labels, domains = world.split_plan(spec, split)

@@ -113,7 +113,7 @@ class _Slice(NamedTuple):
   offset: int
   size: int | None
   counts: list[int] | None
-  image_shape: tuple[int, int, int] | None = None
+  image_shape: tuple[int, int, int] | None
 
 
 def _even_counts(total: int, slices: int) -> list[int]:

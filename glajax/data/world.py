@@ -21,8 +21,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import struct
-import zlib
+import io
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -340,16 +339,12 @@ def generate_split(spec: WorldSpec, split: str, chunk: int = 2048, png: bool = F
 
 
 def encode_png(image: np.ndarray) -> bytes:
-  """A uint8 (H, W, 3) image as a PNG (8-bit RGB, no filter, zlib level 6): lossless, so any PNG
-  decoder reads back ``image`` exactly."""
-  height, width, _ = image.shape
-  rows = np.concatenate([np.zeros((height, 1), np.uint8), image.reshape(height, 3 * width)], 1)
-
-  def chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-  return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-          + chunk(b"IDAT", zlib.compress(rows.tobytes(), 6)) + chunk(b"IEND", b""))
+  """A uint8 (H, W, 3) image as PNG bytes (Pillow's encoder): lossless, so any PNG decoder reads
+  back ``image`` exactly."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top  (PIL: only to write the world)
+  buffer = io.BytesIO()
+  Image.fromarray(image).save(buffer, format="PNG")
+  return buffer.getvalue()
 
 
 def _examples(images, labels, domains, start):
