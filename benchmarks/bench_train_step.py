@@ -16,6 +16,7 @@ Usage:
       [--torch-compile] [--profile-steps 3] [--attention auto|xla|cudnn] [--out result.json]
   python benchmarks/bench_train_step.py --preset vit_b16 --batch 512 --dtype bfloat16 \
       --task flyp --skip_torch
+  python benchmarks/bench_train_step.py --preset demo --batch 128 --unroll 2   # no scan loop
 
 ``--torch-compile`` makes the PyTorch anchor the way an expert runs it: ``torch.compile`` of the
 model, SDPA attention (``attn_implementation="sdpa"``), fused AdamW (``fused=True``), autocast
@@ -41,11 +42,19 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from glajax.models.clip import CLIP, CLIPConfig, CLIPTextConfig, CLIPVisionConfig
+from glajax.models.clip import CLIP, CLIPConfig
+from glajax.models.clip.modeling import CLIPTextConfig, CLIPVisionConfig
 from glajax.models.heads import LinearHead
 from glajax.train import engine, recipes
 from glajax.parallel import make_mesh, replicated, shard_batch
 from glajax.train.state import create_train_state, make_optimizer
+
+
+def _demo_foundation() -> CLIPConfig:
+  """The demo's foundation model (``glajax.demo.pretrain``): 32 px, patch 8, width 64, 2 blocks."""
+  from glajax.demo import pretrain  # pylint: disable=import-outside-toplevel  (TensorFlow)
+  return pretrain.foundation_config(pretrain.PretrainSpec())
+
 
 PRESETS = {
     "small": (CLIPConfig(vision=CLIPVisionConfig(image_size=64, patch_size=8, hidden_size=256,
@@ -57,6 +66,7 @@ PRESETS = {
                                              eos_token_id=999),
                          projection_dim=128), 100),
     "vit_b16": (CLIPConfig.vit_b16(), 1000),
+    "demo": (_demo_foundation, 100),
 }
 TASKS = ("classifier", "flyp", "carot")
 
@@ -317,6 +327,8 @@ def main():
   parser.add_argument("--skip_torch", action="store_true")
   parser.add_argument("--remat", default="none", choices=("none", "block", "dots"),
                       help="rematerialisation policy of the blocks (layers.REMAT_POLICIES)")
+  parser.add_argument("--unroll", type=int, default=1,
+                      help="blocks per scan iteration, both towers (the depth or more: no loop)")
   parser.add_argument("--attention", choices=["auto", "xla", "cudnn"], default="auto",
                       help="glajax's attention kernel (models.layers.attend)")
   parser.add_argument("--prompt-length", type=int, default=16,
@@ -331,7 +343,8 @@ def main():
   args = parser.parse_args()
 
   config, classes = PRESETS[args.preset]
-  towers = dict(remat=args.remat, attention=args.attention)
+  config = config() if callable(config) else config
+  towers = dict(remat=args.remat, attention=args.attention, unroll=args.unroll)
   config = dataclasses.replace(config, vision=dataclasses.replace(config.vision, **towers),
                                text=dataclasses.replace(config.text, **towers))
   images, labels = _data(config, args.batch, classes)
@@ -354,6 +367,7 @@ def main():
   report = {
       "preset": args.preset, "task": args.task, "batch": args.batch, "dtype": args.dtype,
       "steps": args.steps, "attention": args.attention, "remat": args.remat,
+      "unroll": args.unroll,
       "device": f"{jax.local_device_count()} x {jax.devices()[0].device_kind}",
       "platform": platform.platform(), "processor": platform.processor(),
       "versions": _versions(),

@@ -435,7 +435,9 @@ CASES = [
                               '"text_config": {}}'))),
     Case("load_clip_resnet_with_adapters", lambda c: hf.checkpoint._with_options(
         _tiny(resnet=True), adapter_dim=4, adapter_scale="learnable", remat="none",
-        attention="auto", activation=None), ConfigError, ("adapter_dim", "ResNet")),
+        attention="auto", unroll=1, activation=None), ConfigError, ("adapter_dim", "ResNet")),
+    Case("config_unroll_zero", lambda c: _tiny(vision_unroll=0), ConfigError,
+         ("vision.unroll", "an int >= 1", "0")),
     Case("blocks_indexed", lambda c: c.shared.model.vision_model.layers[0], InputError,
          ("blocks[0]", "blocks.block(i)")),
     Case("blocks_block_out_of_range", lambda c: c.shared.model.vision_model.layers.block(2),
@@ -505,6 +507,7 @@ CASES = [
         ("image_size_33", "data.image_size=33", ConfigError, "data.image_size"),
         ("data_image_size_0", "data.image_size=0", ConfigError, "data.image_size"),
         ("dtype_float17", "train.model.dtype=float17", ConfigError, "train.model.dtype"),
+        ("unroll_0", "train.model.unroll=0", ConfigError, "train.model.unroll"),
         ("sharding_zero3", "train.sharding=zero3", ConfigError, "train.sharding"),
         ("batch_stats_eval", "train.batch_stats=eval", ConfigError, "train.batch_stats"),
         ("schedule_unknown", "train.optimizer.schedule=linear", ConfigError,

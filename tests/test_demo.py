@@ -189,6 +189,7 @@ def test_foundation_config_shapes():
   assert config.vision.image_size == 32 and config.vision.grid_size == 4
   assert config.vision.hidden_size == config.text.hidden_size == 64
   assert config.text.vocab_size == 49408  # the real CLIP BPE vocabulary
+  assert config.vision.unroll == config.text.unroll == 2   # the blocks inline, no scan loop
 
 
 def test_scales_and_world_configs_agree():

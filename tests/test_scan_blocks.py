@@ -1,6 +1,7 @@
 """A tower's blocks stacked and scanned (``layers.Blocks``): the same values and gradients as the
-per-block loop under every rematerialisation policy, whole-model gradients equal to transformers'
-PyTorch backward pass, one block in the program whatever the depth, checkpoint names of stacked
+per-block loop under every rematerialisation policy and unroll, whole-model gradients equal to
+transformers' PyTorch backward pass, one block in the program whatever the depth (no loop from
+``unroll`` = the depth on), checkpoint names of stacked
 parameters (``checkpoints.stack`` / ``unstack``, LIFT's adapters file), trainable patterns that
 select some blocks of a stack, FSDP placement of the stacks, and train checkpoints written with
 one leaf per block restored stacked.
@@ -66,19 +67,20 @@ def test_blocks_hold_a_list_of_blocks_stacked():
       refused()
 
 
-@pytest.mark.parametrize("remat", POLICIES)
+@pytest.mark.parametrize("remat,unroll", [(p, 1) for p in POLICIES] + [("none", 2), ("dots", 3)])
 @pytest.mark.parametrize("tower", ["clip_vision", "clip_text", "siglip_vision"])
-def test_scan_equals_the_per_block_loop(tower, remat):
+def test_scan_equals_the_per_block_loop(tower, remat, unroll):
   """Σ sin(blocks(h)) and its gradients with respect to h and to every parameter of every
-  block, under jit, float32: the scanned stack (rematerialised as ``remat`` says) equals the
-  loop over a list of the same blocks without remat (rtol 1e-5, atol 1e-6)."""
+  block, under jit, float32: the scanned stack of 3 blocks (rematerialised as ``remat`` says,
+  ``unroll`` blocks per iteration: a loop, a loop of 2 with 1 left over, none) equals the loop
+  over a list of the same blocks without remat (rtol 1e-5, atol 1e-6)."""
   if tower == "siglip_vision":
     cfg, causal = SiglipConfig.tiny().vision, False
   else:
     cfg = getattr(CLIPConfig.tiny(adapter_dim=4, vision_num_hidden_layers=3,
                                   text_num_hidden_layers=3), tower[5:])
     causal = tower == "clip_text"
-  cfg = dataclasses.replace(cfg, remat=remat)
+  cfg = dataclasses.replace(cfg, remat=remat, unroll=unroll)
   listed, blocks = _listed_and_stacked(cfg, causal)
   h = jnp.asarray(np.random.default_rng(0).normal(size=(2, 7, cfg.hidden_size)), jnp.float32)
 
@@ -130,6 +132,28 @@ def test_the_program_holds_one_block_whatever_the_depth():
     return jax.jit(jax.grad(loss)).lower(state).as_text().count("stablehlo.dot_general")
 
   assert matmuls(2) == matmuls(6) > 0
+
+
+def test_unroll_from_the_depth_on_runs_the_blocks_without_a_loop():
+  """The lowered gradient program of a CLIP whose towers have 3 blocks holds one loop per pass of
+  each tower with ``unroll`` 1 and 2, none with 3 or more (``load_clip(unroll=...)`` sets both
+  towers')."""
+  config = CLIPConfig.tiny(vision_num_hidden_layers=3, text_num_hidden_layers=3, vocab_size=50,
+                           text_eos_token_id=49)
+
+  def program(unroll):
+    model = nnx.eval_shape(lambda: CLIP(clip_checkpoint._with_options(
+        config, adapter_dim=0, adapter_scale="learnable", remat="none", attention="auto",
+        unroll=unroll, activation=None), rngs=nnx.Rngs(0)))
+    assert model.config.vision.unroll == model.config.text.unroll == unroll
+    graphdef, state = nnx.split(model)
+    images, ids = np.zeros((2, 32, 32, 3), np.float32), np.array([[3, 5, 49], [3, 49, 0]])
+    loss = lambda state: jnp.sum(jnp.sin(nnx.merge(graphdef, state)(images, ids)))
+    text = jax.jit(jax.grad(loss)).lower(state).as_text()
+    return text.count("stablehlo.while")
+
+  assert program(1) == program(2) == 4   # forward and backward of two towers
+  assert program(3) == program(5) == 0
 
 
 # --- whole models against transformers' backward pass ----------------------------------------

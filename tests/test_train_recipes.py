@@ -119,9 +119,10 @@ def test_finetune_loss_falls_text_tower_frozen_and_exports(tmp_path):
   assert "backbone/logit_scale" not in changed
   assert logits.shape == (16, CLASSES)
   # The export: transformers-format CLIP + head, reloadable.
-  config.model.update(dtype="float32", remat="block")
+  config.model.update(dtype="float32", remat="block", unroll=2)
   reloaded = recipes.load_model(config, tmp_path / "final")
   assert reloaded.config.vision.remat == reloaded.config.text.remat == "block"
+  assert reloaded.config.vision.unroll == reloaded.config.text.unroll == 2
   batch = next(_eval_batches())
   np.testing.assert_allclose(_encode_image(reloaded, batch["image"]),
                              _encode_image(_clip_f32_copy(model.backbone), batch["image"]), 1e-4, 1e-4)

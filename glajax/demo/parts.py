@@ -98,6 +98,7 @@ def _base(kind: str, scale: Scale, foundations, seed: int, progress: bool, recip
   config.train.update(batch_size=scale.batch_size, total_steps=steps, checkpoint_every=0,
                       log_every=max(1, steps // 5), tensorboard=False)
   config.train.model.dtype = "float32"
+  config.train.model.unroll = scale.pretrain.layers   # as pre-trained: the blocks inline
   config.train.optimizer.learning_rate = lr
   if config.train.optimizer.get("warmup_steps"):
     config.train.optimizer.warmup_steps = max(1, steps // 10)

@@ -281,7 +281,7 @@ class Experiment:
 
   def load_model(self, checkpoint: str, train=None):
     """The model of ``checkpoint`` (any family) with the recipe's ``train.model`` settings
-    (dtype, remat, adapters), by ``recipes.load_model``."""
+    (dtype, remat, unroll, adapters), by ``recipes.load_model``."""
     return recipes.load_model(train or self.train, self.checkpoint_dir(checkpoint))
 
   def tokenizer(self, checkpoint: str):

@@ -65,6 +65,7 @@ def positive_size(name: str, value) -> None:
 def check_tower(cfg, name: str) -> None:
   check_attention(cfg, name)
   check_remat(f"{name}.remat", cfg.remat)
+  positive_size(f"{name}.unroll", cfg.unroll)
   if cfg.hidden_act not in ACTIVATIONS:
     raise bad_argument(f"{name}.hidden_act", f"one of {sorted(ACTIVATIONS)}", cfg.hidden_act,
                        ConfigError)
@@ -319,7 +320,10 @@ class Blocks(Block):
 
   so the compiled program holds one block whatever the depth. The scan step is
   ``jax.checkpoint``-ed with ``cfg.remat``'s policy (``REMAT_POLICIES``): each block is
-  rematerialised on its own, as a list of blocks would be.
+  rematerialised on its own, as a list of blocks would be. ``cfg.unroll`` blocks run inline per
+  iteration (``jax.lax.scan``'s ``unroll``); from the depth on, all of them with no loop: the same
+  function up to float rounding, without the loop's slicing of the stacks and stacking of
+  per-block values, which in a shallow tower of small blocks cost more than the blocks.
 
   The blocks are initialised one after the other from ``rngs``, the parameters a list of
   ``Block`` s would get. ``blocks.block(i)`` is block i as a ``Block`` (a copy; write through
@@ -376,7 +380,8 @@ class Blocks(Block):
 
     if self.config.remat != "none":
       step = jax.checkpoint(step, policy=REMAT_POLICIES[self.config.remat], prevent_cse=False)
-    return jax.lax.scan(step, h, stacked)[0]
+    unroll = True if self.config.unroll >= len(self) else self.config.unroll
+    return jax.lax.scan(step, h, stacked, unroll=unroll)[0]
 
 
 # Tensor parallelism (``parallel.tensor_spec``): the axis of each array of ``Attention`` and

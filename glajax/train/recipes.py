@@ -76,7 +76,8 @@ def _config(batch_size: int, epochs: int, transform: tuple, **optimizer
   config.optimizer.update(optimizer)
   config.batch_size = batch_size
   config.epochs = epochs
-  config.model = ml_collections.ConfigDict(dict(dtype="bfloat16", remat="none", attention="auto"))
+  config.model = ml_collections.ConfigDict(dict(dtype="bfloat16", remat="none", attention="auto",
+                                                unroll=1))
   train, evaluation = transform
   config.transform = ml_collections.ConfigDict(dict(train=dataclasses.asdict(train),
                                                     eval=dataclasses.asdict(evaluation)))
@@ -353,11 +354,12 @@ def scale_for_small_set(config, num_train: int, devices: int = 1) -> ml_collecti
 def load_model(config, path_or_hub_id):
   """The model of any family (``glajax.models.registry.load_model``) with the recipe's
   ``config.model``: compute dtype (params stay float32) and, where set, rematerialisation, the
-  attention kernel, the activation and, for ``backdoor_peft``, the adapters."""
+  attention kernel, the blocks per scan iteration (``unroll``), the activation and, for
+  ``backdoor_peft``, the adapters."""
   model = config.model
   options = dict(dtype=jnp.dtype(model.dtype))
-  for key, default in (("remat", "none"), ("attention", "auto"), ("adapter_dim", None),
-                       ("activation", None)):
+  for key, default in (("remat", "none"), ("attention", "auto"), ("unroll", 1),
+                       ("adapter_dim", None), ("activation", None)):
     if model.get(key, default) != default:
       options[key] = model[key]
   if options.get("adapter_dim"):
@@ -643,6 +645,7 @@ COMMON_FIELDS = {
     "model.dtype": Field("choice", choices=("float32", "bfloat16", "float16")),
     "model.remat": Field("choice", choices=tuple(layers.REMAT_POLICIES)),
     "model.attention": Field("choice", choices=layers.ATTENTION_IMPLEMENTATIONS),
+    "model.unroll": Field("int", 1),
     "model.adapter_dim": Field("int", 0, optional=True), "model.adapter_scale": Field("any"),
     "model.activation": Field("choice", choices=tuple(layers.ACTIVATIONS), optional=True),
     "transform": Field("any"),

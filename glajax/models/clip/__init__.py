@@ -33,7 +33,7 @@ FAMILY = family.Family(
     tiny={"": _tiny, "rn": _tiny_resnet},
     tokenizer=tokenizer.load_tokenizer,
     load_options=("dtype", "param_dtype", "image_size", "seed", "adapter_dim", "adapter_scale",
-                  "remat", "attention", "activation"),
+                  "remat", "attention", "unroll", "activation"),
     normalization=(modeling.MEAN, modeling.STD),
 )
 

@@ -75,7 +75,8 @@ def _locate(path_or_hub_id) -> tuple[str, str]:
 def load_clip(path_or_hub_id: str | os.PathLike, *, dtype=jnp.float32, param_dtype=jnp.float32,
               image_size: int | None = None, adapter_dim: int | None = None,
               adapter_scale: float | str = "learnable", remat: str = "none",
-              attention: str = "auto", activation: str | None = None, seed: int = 0) -> CLIP:
+              attention: str = "auto", unroll: int = 1, activation: str | None = None,
+              seed: int = 0) -> CLIP:
   """Loads a CLIP checkpoint (a local directory, an OpenAI ``.pt`` file or a hub id) in any of
   ``FORMATS`` as a ``CLIP``.
 
@@ -83,10 +84,10 @@ def load_clip(path_or_hub_id: str | os.PathLike, *, dtype=jnp.float32, param_dty
   initialised AdaptFormer adapters to a ViT (LIFT's, ``adapter_scale`` ``"learnable"`` or a
   fixed float; ``up`` zero, so outputs equal the checkpoint's); adapters saved by ``save_clip``
   in ``glajax_adapters.safetensors`` are restored when ``adapter_dim`` is None. ``remat`` sets
-  both towers', ``attention`` the transformers' kernel (see ``CLIPVisionConfig``; a ResNet's
-  attention pool always uses XLA's); ``activation`` (e.g. ``"quick_gelu"``) replaces the
-  transformers' activation, as OpenAI's ``build_model`` rebuilds every checkpoint with
-  QuickGELU.
+  both towers', ``attention`` and ``unroll`` the transformers' (see ``CLIPVisionConfig``; a
+  ResNet's attention pool always uses XLA's kernel); ``activation`` (e.g. ``"quick_gelu"``)
+  replaces the transformers' activation, as OpenAI's ``build_model`` rebuilds every checkpoint
+  with QuickGELU.
   """
   if image_size is not None:
     _checks.positive_int("image_size", image_size)  # before reading gigabytes of weights
@@ -96,7 +97,7 @@ def load_clip(path_or_hub_id: str | os.PathLike, *, dtype=jnp.float32, param_dty
   if adapters is not None:
     adapter_dim, adapter_scale = adapters[1], adapters[2]
   config = _with_options(config, adapter_dim=adapter_dim or 0, adapter_scale=adapter_scale,
-                         remat=remat, attention=attention, activation=activation)
+                         remat=remat, attention=attention, unroll=unroll, activation=activation)
   model = from_tensors(config, tensors, FORMATS[name].table(config), dtype=dtype,
                        param_dtype=param_dtype, seed=seed,
                        adapters=None if adapters is None else adapters[0], source=path)
@@ -105,10 +106,10 @@ def load_clip(path_or_hub_id: str | os.PathLike, *, dtype=jnp.float32, param_dty
   return model
 
 
-def _with_options(config: CLIPConfig, *, adapter_dim, adapter_scale, remat, attention,
+def _with_options(config: CLIPConfig, *, adapter_dim, adapter_scale, remat, attention, unroll,
                   activation) -> CLIPConfig:
   """``config`` with ``load_clip``'s options set in the towers they apply to."""
-  towers = dict(remat=remat, attention=attention)
+  towers = dict(remat=remat, attention=attention, unroll=unroll)
   if activation is not None:
     towers["hidden_act"] = activation
   text = dataclasses.replace(config.text, **towers)

@@ -36,7 +36,8 @@ class CLIPVisionConfig:
   ``adapter_scale`` is ``"learnable"`` (LIFT's scalar, initialised to 1) or a fixed float.
   ``remat`` rematerialises each block in the backward pass (``layers.REMAT_POLICIES``: "none",
   "block", "dots"); ``attention`` picks the kernel
-  (``attend``: ``"auto"``, ``"xla"`` or ``"cudnn"``). Neither changes the function computed."""
+  (``attend``: ``"auto"``, ``"xla"`` or ``"cudnn"``); ``unroll`` is the blocks run per scan
+  iteration (``layers.Blocks``; the depth or more: no loop). None changes the function computed."""
   image_size: int = 224
   patch_size: int = 32
   hidden_size: int = 768
@@ -49,6 +50,7 @@ class CLIPVisionConfig:
   adapter_scale: float | str = ADAPTER_SCALE_LEARNABLE
   remat: str = "none"
   attention: str = "auto"
+  unroll: int = 1
 
   def __post_init__(self):
     check_adapter_scale(self.adapter_scale)
@@ -68,7 +70,7 @@ class CLIPVisionConfig:
 @dataclasses.dataclass(frozen=True)
 class CLIPTextConfig:
   """The causal text tower. ``eos_token_id == 2`` marks legacy configs (pool at argmax id);
-  ``remat`` and ``attention`` as in ``CLIPVisionConfig``."""
+  ``remat``, ``attention`` and ``unroll`` as in ``CLIPVisionConfig``."""
   vocab_size: int = 49408
   max_position_embeddings: int = 77
   hidden_size: int = 512
@@ -82,6 +84,7 @@ class CLIPTextConfig:
   pad_token_id: int = 1
   remat: str = "none"
   attention: str = "auto"
+  unroll: int = 1
 
   def __post_init__(self):
     check_sizes(self, "text", ("vocab_size", "max_position_embeddings"))

@@ -336,11 +336,11 @@ def _architecture(config: CLIPConfig) -> CLIPConfig:
   the initial logit scale, the BOS and pad ids, which nothing computes with); a legacy EOS id 2
   (pooling at the largest id, as open_clip's argmax) as vocab_size − 1."""
   vision = dataclasses.replace(config.vision, remat="none") if config.resnet else (
-      dataclasses.replace(config.vision, remat="none", attention="auto", adapter_dim=0,
+      dataclasses.replace(config.vision, remat="none", attention="auto", unroll=1, adapter_dim=0,
                           adapter_scale="learnable"))
   eos = config.text.vocab_size - 1 if config.text.eos_token_id == 2 else config.text.eos_token_id
-  text = dataclasses.replace(config.text, remat="none", attention="auto", bos_token_id=0,
-                             pad_token_id=0, eos_token_id=eos)
+  text = dataclasses.replace(config.text, remat="none", attention="auto", unroll=1,
+                             bos_token_id=0, pad_token_id=0, eos_token_id=eos)
   return dataclasses.replace(config, vision=vision, text=text, logit_scale_init_value=0.0)
 
 

@@ -25,7 +25,7 @@ FAMILY = family.Family(
     save=export.save,
     tiny={"siglip": _tiny},
     tokenizer=tokenizer.load_tokenizer,
-    load_options=("dtype", "param_dtype", "image_size", "seed", "remat", "attention"),
+    load_options=("dtype", "param_dtype", "image_size", "seed", "remat", "attention", "unroll"),
     normalization=(modeling.MEAN, modeling.STD),
 )
 

@@ -33,21 +33,21 @@ def _locate(path_or_hub_id) -> str:
 
 def load_siglip(path_or_hub_id: str | os.PathLike, *, dtype=jnp.float32,
                 param_dtype=jnp.float32, image_size: int | None = None, remat: str = "none",
-                attention: str = "auto", seed: int = 0) -> SigLIP:
+                attention: str = "auto", unroll: int = 1, seed: int = 0) -> SigLIP:
   """Loads a transformers-format SigLIP or fixed-resolution SigLIP 2 checkpoint (local directory
   or hub id) as a ``SigLIP``.
 
-  ``image_size`` resizes the position embeddings bicubically; ``remat`` and ``attention`` set
-  both towers' (see ``SiglipVisionConfig``). Every missing, unexpected or misshapen tensor is
-  reported by name in one CheckpointError. ``seed`` is accepted as every family's loader takes
-  it; a complete checkpoint leaves nothing to initialise.
+  ``image_size`` resizes the position embeddings bicubically; ``remat``, ``attention`` and
+  ``unroll`` set both towers' (see ``SiglipVisionConfig``). Every missing, unexpected or
+  misshapen tensor is reported by name in one CheckpointError. ``seed`` is accepted as every
+  family's loader takes it; a complete checkpoint leaves nothing to initialise.
   """
   del seed
   if image_size is not None:
     _checks.positive_int("image_size", image_size)  # before reading gigabytes of weights
   directory = _locate(path_or_hub_id)
   config, tensors = params_hf.read(directory)
-  towers = dict(remat=remat, attention=attention)
+  towers = dict(remat=remat, attention=attention, unroll=unroll)
   config = dataclasses.replace(config, vision=dataclasses.replace(config.vision, **towers),
                                text=dataclasses.replace(config.text, **towers))
   model = from_tensors(config, tensors, dtype=dtype, param_dtype=param_dtype, source=directory)

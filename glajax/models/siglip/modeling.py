@@ -53,8 +53,8 @@ BYTE_VOCAB_SIZE = 3 + 256      # "bytes" (``tokenizer.byte_tokenizer``): <pad>, 
 @dataclasses.dataclass(frozen=True)
 class SiglipVisionConfig:
   """The ViT image tower with its attention-pooling head. ``remat`` rematerialises each block in
-  the backward pass; ``attention`` picks the blocks' kernel (``layers.attend``). Neither changes
-  the function computed."""
+  the backward pass; ``attention`` picks the blocks' kernel (``layers.attend``); ``unroll`` is
+  the blocks run per scan iteration (``layers.Blocks``). None changes the function computed."""
   image_size: int = 224
   patch_size: int = 16
   hidden_size: int = 768
@@ -65,6 +65,7 @@ class SiglipVisionConfig:
   layer_norm_eps: float = 1e-6
   remat: str = "none"
   attention: str = "auto"
+  unroll: int = 1
 
   def __post_init__(self):
     check_sizes(self, "vision", ("image_size", "patch_size"))
@@ -99,6 +100,7 @@ class SiglipTextConfig:
   eos_token_id: int | None = 49407
   remat: str = "none"
   attention: str = "auto"
+  unroll: int = 1
 
   def __post_init__(self):
     check_sizes(self, "text", ("vocab_size", "max_position_embeddings", "projection_size"))
