@@ -8,6 +8,7 @@ change the image tower and the head and nothing else; the fine-tuned classifier 
 with its class names and reloads with the trained weights.
 """
 import importlib
+import inspect
 import re
 import sys
 import textwrap
@@ -21,7 +22,7 @@ from flax import nnx
 import glajax
 from glajax import CheckpointError, ConfigError
 from glajax.models import family as family_lib
-from glajax.models import heads, registry
+from glajax.models import heads, layers, registry
 from glajax.models.family import ExportInfo
 from glajax.train import engine, recipes
 from glajax.parallel import key_path
@@ -141,6 +142,34 @@ def test_zero_shot_head_and_two_finetuning_steps(family, variant, tmp_path):
   if not model.spec.has_text:   # the fine-tuned head is the exported model's own classifier
     for ours, theirs in zip(again.classifier(), trained.head.as_linear()):
       np.testing.assert_array_equal(ours, theirs)
+
+
+def test_every_loader_takes_the_run_options_of_the_one_table():
+  """``layers.RUN_OPTIONS`` is the one list of a tower's run-time options: a family takes all of
+  them or none, every format's loader by the table's names and defaults, and every recipe's
+  ``model`` section starts at the same defaults; each option reaches the towers that have it
+  and an export's architecture leaves it out."""
+  defaults = {k: default for k, (default, _) in layers.RUN_OPTIONS.items()}
+  taking = []
+  for family in registry.FAMILIES.values():
+    taken = set(defaults) & set(family.load_options)
+    assert taken in (set(), set(defaults)), (family.name, taken)
+    for fmt in family.formats:
+      params = inspect.signature(fmt.load).parameters
+      assert {k: params[k].default for k in taken} == {k: defaults[k] for k in taken}, fmt
+    taking += [family.name] * bool(taken)
+  assert sorted(taking) == ["clip", "siglip"]
+  models = {name: (recipe(3) if name == "backdoor_peft" else recipe()).get("model")
+            for name, recipe in recipes.RECIPES.items()}
+  assert sum(m is not None for m in models.values()) >= 6, models
+  for name, model in models.items():
+    assert model is None or {k: model[k] for k in defaults} == defaults, name
+  text = glajax.models.clip.CLIPConfig.tiny().text
+  changed = layers.with_run_options(text, remat="block", attention="xla", unroll=2)
+  assert (changed.remat, changed.attention, changed.unroll) == ("block", "xla", 2)
+  assert layers.without_run_options(changed) == text
+  resnet = glajax.models.clip.CLIPConfig.tiny(resnet=True).vision
+  assert layers.with_run_options(resnet, remat="dots", unroll=2).remat == "dots"
 
 
 def test_unknown_group_and_option_are_refused():

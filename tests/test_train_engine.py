@@ -174,6 +174,44 @@ def test_frozen_params_and_group_learning_rates_match_plain_sgd(tmp_path):
                              init["head"]["bias"] - 0.05 * grads["head"]["bias"], 1e-5, 1e-6)
 
 
+class _WithSpare(_MLP):
+  """_MLP with a parameter the loss never reads."""
+
+  def __init__(self, spare: float):
+    super().__init__()
+    self.spare = nnx.Param(jnp.full((3,), spare, jnp.float32))
+
+
+def test_the_finiteness_check_reads_the_trained_parameters_only(tmp_path):
+  """A frozen parameter is never updated, so the step's ``finite`` skips it (``trained``): a
+  NaN in a frozen parameter that the loss never reads trains as if it were 0, and the same NaN
+  checked (``trained`` None) or trained stops the run."""
+  def config(trainable):
+    c = _config(total=3)
+    c.optimizer.trainable = trainable
+    return c
+
+  model, _ = engine.fit(_WithSpare(np.nan), _loss, config(("body", "head")), _data(),
+                        str(tmp_path / "frozen"))
+  clean, _ = engine.fit(_WithSpare(0.0), _loss, config(("body", "head")), _data(),
+                        str(tmp_path / "clean"))
+  assert np.isnan(np.asarray(model.spare[...])).all()
+  _assert_params_close(_params(model)["head"], _params(clean)["head"], 0, 0)
+  with pytest.raises(TrainingError, match="at step 1"):
+    engine.fit(_WithSpare(np.nan), _loss, config((".*",)), _data(), str(tmp_path / "trained"))
+
+  mesh = make_mesh(jax.devices()[:1])
+  graphdef, params, rest = engine.split_model(_WithSpare(np.nan))
+  tx, _ = engine.make_optimizer(config(("body", "head")).optimizer, params, 3)
+  state = engine.create_train_state(params, tx, 0, False)
+  batch = jax.tree.map(jnp.asarray, _batch(1))
+  trained = {"body": {"kernel": True, "bias": True}, "head": {"kernel": True, "bias": True},
+             "spare": False}
+  finite = [bool(engine.make_train_step(graphdef, _loss, tx, mesh, trained=t)(
+      jax.tree.map(jnp.copy, state), rest, batch)[1]["finite"]) for t in (trained, None)]
+  assert finite == [True, False]
+
+
 def test_teacher_hook_is_carot_ema_after_each_update(tmp_path):
   """The recipe's teacher update runs inside the step, after the optimiser update of 0-based
   step k, with k itself: CaRot's EMA (every 2 steps, k = 0 included) against a NumPy loop."""

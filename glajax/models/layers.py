@@ -21,6 +21,7 @@ from flax import nnx
 from glajax import parallel
 from glajax.errors import ConfigError, bad_argument
 from glajax.methods import _checks
+from glajax.schema import Field
 
 ADAPTER_SCALE_LEARNABLE = "learnable"   # LIFT's ``adaptformer_scale = "learnable"``
 
@@ -293,6 +294,30 @@ REMAT_POLICIES = {
     "block": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+
+
+# A tower's run-time options: how it computes, not what (the same values and gradients up to
+# float rounding). Every family's loader takes them by these names and defaults, every recipe's
+# ``model`` section as ``model.<name>`` (its schema field here); exports and architecture
+# comparisons leave them out (``without_run_options``). name -> (default, field).
+RUN_OPTIONS = {
+    "remat": ("none", Field("choice", choices=tuple(REMAT_POLICIES))),
+    "attention": ("auto", Field("choice", choices=ATTENTION_IMPLEMENTATIONS)),
+    "unroll": (1, Field("int", 1)),
+}
+
+
+def with_run_options(cfg, **options):
+  """``cfg`` (a tower's config dataclass) with those of the ``RUN_OPTIONS`` in ``options`` that
+  it has (a ResNet has ``remat`` alone) set to their values."""
+  names = {f.name for f in dataclasses.fields(cfg)}
+  return dataclasses.replace(cfg, **{k: v for k, v in options.items()
+                                     if k in RUN_OPTIONS and k in names})
+
+
+def without_run_options(cfg):
+  """``cfg`` with its run-time options at their defaults: its architecture alone."""
+  return with_run_options(cfg, **{k: default for k, (default, _) in RUN_OPTIONS.items()})
 
 
 def check_remat(name: str, remat) -> None:

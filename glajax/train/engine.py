@@ -168,18 +168,29 @@ def _eval_model(graphdef, params, batch_stats, rest):
                         train=False)
 
 
+def _finite(loss, params, batch_stats, trained) -> jax.Array:
+  """Whether ``loss``, the ``trained`` leaves of ``params`` (None: all) and ``batch_stats`` are
+  all finite."""
+  if trained is not None:
+    params = jax.tree.map(lambda x, t: x if t else None, params, trained)
+  return jnp.isfinite(loss) & jnp.all(jnp.asarray(
+      [jnp.isfinite(x).all() for x in jax.tree.leaves((params, batch_stats))]))
+
+
 def make_train_step(graphdef, loss_fn: LossFn, tx: optax.GradientTransformation, mesh, *,
                     accum_steps: int = 1, teacher_update: TeacherUpdate | None = None,
-                    shardings=None):
+                    shardings=None, trained=None):
   """``step(state, rest, batch) -> (state, metrics)``: jitted, ``state`` donated, ``batch``
   sharded on ``data``, ``state`` and ``rest`` placed as ``shardings`` (a pair of pytrees like
   them, from ``parallel.shardings``; None: replicated) says, in and out. Parameters (the
   teacher's too) and ``rest`` are gathered where the loss starts, except, when some parameter
   is split (FSDP), a tower's stacked blocks, gathered block by block in its scan
   (``layers.gather``); gradients, the optimiser update and the new state keep their shardings.
-  ``metrics["finite"]`` says whether the loss and every updated parameter and statistic are
-  finite. With ``teacher_update``, the teacher is updated right after the optimiser update of
-  0-based step k = ``state.step``.
+  ``metrics["finite"]`` says whether the loss, every trained parameter and every statistic
+  are finite; ``trained`` is a pytree of bools like the parameters (None: all trained; ``fit``
+  passes ``label != FROZEN`` of ``state.param_labels``): a frozen parameter is never updated,
+  so the step does not read it again. With ``teacher_update``, the teacher is updated right
+  after the optimiser update of 0-based step k = ``state.step``.
 
   BatchNorm: with ``state.batch_stats`` (a sub-tree of ``rest``'s state), the loss runs the model
   in train mode on them (``layers.BatchNorm``: batch statistics of the global batch, SyncBN's;
@@ -218,8 +229,7 @@ def make_train_step(graphdef, loss_fn: LossFn, tx: optax.GradientTransformation,
     teacher = state.teacher
     if teacher_update is not None:
       teacher = teacher_update(teacher, params, state.step)
-    finite = jnp.isfinite(loss) & jnp.all(jnp.asarray(
-        [jnp.isfinite(x).all() for x in jax.tree.leaves((params, batch_stats))]))
+    finite = _finite(loss, params, batch_stats, trained)
     state = state.replace(params=params, opt_state=opt_state, teacher=teacher,
                           batch_stats=batch_stats, step=state.step + 1)
     return state, {"loss": loss, **metrics, "finite": finite}
@@ -489,6 +499,14 @@ def _resume(checkpoints: Checkpointer, state: TrainState, kept):
   return (start, *restored) if kept is not None else (start, restored, None)
 
 
+def _trained(params, config, model):
+  """Whether each parameter is trained (``make_train_step``'s ``trained``): its optimiser label
+  (``param_labels`` of ``config.optimizer``) is not ``FROZEN``."""
+  return jax.tree.map(lambda label: label != FROZEN, param_labels(
+      params, config.optimizer.get("trainable", (".*",)), config.optimizer.get("groups", ()),
+      param_groups(model)))
+
+
 def fit(model: nnx.Module, loss_fn: LossFn, config, data: Callable[[int], Iterator],
         workdir: str, *, mesh=None, teacher_update: TeacherUpdate | None = None,
         select: BestSelection | None = None, name: str = "train"):
@@ -521,7 +539,8 @@ def fit(model: nnx.Module, loss_fn: LossFn, config, data: Callable[[int], Iterat
   kept = _initial_kept(select, params, batch_stats, config, model, mesh)
   start, state, kept = _resume(checkpoints, state, kept)
   step_fn = make_train_step(graphdef, loss_fn, tx, mesh, accum_steps=config.accum_steps,
-                            teacher_update=teacher_update, shardings=shardings)
+                            teacher_update=teacher_update, shardings=shardings,
+                            trained=_trained(params, config, model))
   log = MetricsLog(workdir, config, schedule, start, checkpoints, name)
   try:
     batches = data(start)
@@ -546,6 +565,5 @@ def fit(model: nnx.Module, loss_fn: LossFn, config, data: Callable[[int], Iterat
   finally:
     log.close()
     checkpoints.close()
-  params, batch_stats = (state.params, state.batch_stats) if select is None else select.best(
-      state, kept)
+  params, batch_stats = select.best(state, kept) if select else (state.params, state.batch_stats)
   return _eval_model(graphdef, *parallel.to_host((params, batch_stats, rest))), state

@@ -76,8 +76,8 @@ def _config(batch_size: int, epochs: int, transform: tuple, **optimizer
   config.optimizer.update(optimizer)
   config.batch_size = batch_size
   config.epochs = epochs
-  config.model = ml_collections.ConfigDict(dict(dtype="bfloat16", remat="none", attention="auto",
-                                                unroll=1))
+  config.model = ml_collections.ConfigDict(dict(
+      dtype="bfloat16", **{k: default for k, (default, _) in layers.RUN_OPTIONS.items()}))
   train, evaluation = transform
   config.transform = ml_collections.ConfigDict(dict(train=dataclasses.asdict(train),
                                                     eval=dataclasses.asdict(evaluation)))
@@ -358,8 +358,9 @@ def load_model(config, path_or_hub_id):
   ``backdoor_peft``, the adapters."""
   model = config.model
   options = dict(dtype=jnp.dtype(model.dtype))
-  for key, default in (("remat", "none"), ("attention", "auto"), ("unroll", 1),
-                       ("adapter_dim", None), ("activation", None)):
+  defaults = {**{k: default for k, (default, _) in layers.RUN_OPTIONS.items()},
+              "adapter_dim": None, "activation": None}
+  for key, default in defaults.items():
     if model.get(key, default) != default:
       options[key] = model[key]
   if options.get("adapter_dim"):
@@ -643,9 +644,7 @@ COMMON_FIELDS = {
     "recipe": Field("choice", choices=tuple(RECIPES)), "batch_size": Field("int", 1),
     "epochs": Field("int", 1), "drop_last": Field("bool"),
     "model.dtype": Field("choice", choices=("float32", "bfloat16", "float16")),
-    "model.remat": Field("choice", choices=tuple(layers.REMAT_POLICIES)),
-    "model.attention": Field("choice", choices=layers.ATTENTION_IMPLEMENTATIONS),
-    "model.unroll": Field("int", 1),
+    **{f"model.{k}": field for k, (_, field) in layers.RUN_OPTIONS.items()},
     "model.adapter_dim": Field("int", 0, optional=True), "model.adapter_scale": Field("any"),
     "model.activation": Field("choice", choices=tuple(layers.ACTIVATIONS), optional=True),
     "transform": Field("any"),

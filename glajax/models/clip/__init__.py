@@ -10,7 +10,7 @@ the checkpoint formats of ``checkpoint.FORMATS``.
   tokenizer.py         OpenAI's BPE tokenizer (offline) or the checkpoint's own
   export.py            what an export needs beyond the weights (processor, classifier)
 """
-from glajax.models import family
+from glajax.models import family, layers
 from glajax.models.clip import checkpoint, export, modeling, tokenizer
 from glajax.models.clip.checkpoint import load_clip, save_clip
 from glajax.models.clip.modeling import CLIP, CLIPConfig, init_clip
@@ -33,7 +33,7 @@ FAMILY = family.Family(
     tiny={"": _tiny, "rn": _tiny_resnet},
     tokenizer=tokenizer.load_tokenizer,
     load_options=("dtype", "param_dtype", "image_size", "seed", "adapter_dim", "adapter_scale",
-                  "remat", "attention", "unroll", "activation"),
+                  *layers.RUN_OPTIONS, "activation"),
     normalization=(modeling.MEAN, modeling.STD),
 )
 

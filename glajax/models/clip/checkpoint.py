@@ -25,7 +25,7 @@ from safetensors.numpy import save_file
 
 from glajax.errors import CheckpointError, ConfigError, InputError, bad_argument
 from glajax.methods import _checks
-from glajax.models import checkpoints
+from glajax.models import checkpoints, layers
 from glajax.models.clip import params_hf, params_open_clip, params_openai
 from glajax.models.clip.modeling import CLIP, CLIPConfig, interpolate_position_embedding
 from glajax.models.layers import Adapter
@@ -109,18 +109,17 @@ def load_clip(path_or_hub_id: str | os.PathLike, *, dtype=jnp.float32, param_dty
 def _with_options(config: CLIPConfig, *, adapter_dim, adapter_scale, remat, attention, unroll,
                   activation) -> CLIPConfig:
   """``config`` with ``load_clip``'s options set in the towers they apply to."""
-  towers = dict(remat=remat, attention=attention, unroll=unroll)
-  if activation is not None:
-    towers["hidden_act"] = activation
-  text = dataclasses.replace(config.text, **towers)
+  run = dict(remat=remat, attention=attention, unroll=unroll)
+  activation = {} if activation is None else {"hidden_act": activation}
+  text = dataclasses.replace(layers.with_run_options(config.text, **run), **activation)
+  vision = layers.with_run_options(config.vision, **run)
   if config.resnet:
     if adapter_dim:
       raise bad_argument("adapter_dim", "0 or None for a ResNet CLIP (LIFT's AdaptFormer adapters "
                          "sit in transformer blocks)", adapter_dim, ConfigError)
-    vision = dataclasses.replace(config.vision, remat=remat)
   else:
-    vision = dataclasses.replace(config.vision, adapter_dim=adapter_dim,
-                                 adapter_scale=adapter_scale, **towers)
+    vision = dataclasses.replace(vision, adapter_dim=adapter_dim, adapter_scale=adapter_scale,
+                                 **activation)
   return dataclasses.replace(config, vision=vision, text=text)
 
 

@@ -33,7 +33,7 @@ import re
 import numpy as np
 
 from glajax.errors import CheckpointError, InputError, bad_argument
-from glajax.models import checkpoints
+from glajax.models import checkpoints, layers
 from glajax.models.clip.modeling import (MEAN, STD, CLIPConfig, CLIPResNetConfig, CLIPTextConfig,
                                          CLIPVisionConfig, square_size)
 
@@ -335,12 +335,12 @@ def _architecture(config: CLIPConfig) -> CLIPConfig:
   """``config`` without what is not part of the architecture (run-time options, adapters,
   the initial logit scale, the BOS and pad ids, which nothing computes with); a legacy EOS id 2
   (pooling at the largest id, as open_clip's argmax) as vocab_size − 1."""
-  vision = dataclasses.replace(config.vision, remat="none") if config.resnet else (
-      dataclasses.replace(config.vision, remat="none", attention="auto", unroll=1, adapter_dim=0,
-                          adapter_scale="learnable"))
+  vision = layers.without_run_options(config.vision)
+  if not config.resnet:
+    vision = dataclasses.replace(vision, adapter_dim=0, adapter_scale="learnable")
   eos = config.text.vocab_size - 1 if config.text.eos_token_id == 2 else config.text.eos_token_id
-  text = dataclasses.replace(config.text, remat="none", attention="auto", unroll=1,
-                             bos_token_id=0, pad_token_id=0, eos_token_id=eos)
+  text = dataclasses.replace(layers.without_run_options(config.text), bos_token_id=0,
+                             pad_token_id=0, eos_token_id=eos)
   return dataclasses.replace(config, vision=vision, text=text, logit_scale_init_value=0.0)
 
 

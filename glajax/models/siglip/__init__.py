@@ -8,7 +8,7 @@ position, a logit scale and bias, trained with the pairwise sigmoid loss.
   tokenizer.py   the checkpoint's own tokenizer (SentencePiece or Gemma), the tiny byte one
   export.py      the family's export with the processor files
 """
-from glajax.models import family
+from glajax.models import family, layers
 from glajax.models.siglip import checkpoint, export, modeling, params_hf, tokenizer
 from glajax.models.siglip.checkpoint import load_siglip, save_siglip
 from glajax.models.siglip.modeling import SigLIP, SiglipConfig, init_siglip
@@ -25,7 +25,7 @@ FAMILY = family.Family(
     save=export.save,
     tiny={"siglip": _tiny},
     tokenizer=tokenizer.load_tokenizer,
-    load_options=("dtype", "param_dtype", "image_size", "seed", "remat", "attention", "unroll"),
+    load_options=("dtype", "param_dtype", "image_size", "seed", *layers.RUN_OPTIONS),
     normalization=(modeling.MEAN, modeling.STD),
 )
 

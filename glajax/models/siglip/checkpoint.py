@@ -14,7 +14,7 @@ from safetensors.numpy import save_file
 
 from glajax.errors import CheckpointError, InputError, bad_argument
 from glajax.methods import _checks
-from glajax.models import checkpoints
+from glajax.models import checkpoints, layers
 from glajax.models.siglip import params_hf
 from glajax.models.siglip.modeling import SigLIP, SiglipConfig, interpolate_position_embedding
 
@@ -47,9 +47,9 @@ def load_siglip(path_or_hub_id: str | os.PathLike, *, dtype=jnp.float32,
     _checks.positive_int("image_size", image_size)  # before reading gigabytes of weights
   directory = _locate(path_or_hub_id)
   config, tensors = params_hf.read(directory)
-  towers = dict(remat=remat, attention=attention, unroll=unroll)
-  config = dataclasses.replace(config, vision=dataclasses.replace(config.vision, **towers),
-                               text=dataclasses.replace(config.text, **towers))
+  run = dict(remat=remat, attention=attention, unroll=unroll)
+  config = dataclasses.replace(config, vision=layers.with_run_options(config.vision, **run),
+                               text=layers.with_run_options(config.text, **run))
   model = from_tensors(config, tensors, dtype=dtype, param_dtype=param_dtype, source=directory)
   if image_size is not None and image_size != config.vision.image_size:
     interpolate_position_embedding(model, image_size)
