@@ -47,7 +47,7 @@ from glajax.models.clip.modeling import CLIPTextConfig, CLIPVisionConfig
 from glajax.models.heads import LinearHead
 from glajax.train import engine, recipes
 from glajax.parallel import make_mesh, replicated, shard_batch
-from glajax.train.state import FROZEN, create_train_state, make_optimizer, param_labels
+from glajax.train.state import create_train_state, make_optimizer
 
 
 def _demo_foundation() -> CLIPConfig:
@@ -153,10 +153,9 @@ def bench_jax(config: CLIPConfig, classes: int, images, labels, dtype, steps: in
   state = create_train_state(params, tx, 0, built.teacher_update is not None)
   state = jax.device_put(state, replicated(mesh))
   rest = jax.device_put(rest, replicated(mesh))
-  trained = jax.tree.map(lambda label: label != FROZEN, param_labels(
-      params, recipe.optimizer.trainable, aliases=engine.param_groups(built.model)))
   step = engine.make_train_step(graphdef, built.loss_fn, tx, mesh,
-                                teacher_update=built.teacher_update, trained=trained)
+                                teacher_update=built.teacher_update,
+                                trained=engine.trained_leaves(params, recipe, built.model))
   batch = shard_batch({"image": images, "label": labels}, mesh)
   for _ in range(warmup):
     state, metrics = step(state, rest, batch)

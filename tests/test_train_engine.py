@@ -207,6 +207,7 @@ def test_the_finiteness_check_reads_the_trained_parameters_only(tmp_path):
   batch = jax.tree.map(jnp.asarray, _batch(1))
   trained = {"body": {"kernel": True, "bias": True}, "head": {"kernel": True, "bias": True},
              "spare": False}
+  assert engine.trained_leaves(params, config(("body", "head")), _WithSpare(0.0)) == trained
   finite = [bool(engine.make_train_step(graphdef, _loss, tx, mesh, trained=t)(
       jax.tree.map(jnp.copy, state), rest, batch)[1]["finite"]) for t in (trained, None)]
   assert finite == [True, False]

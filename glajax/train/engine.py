@@ -188,9 +188,9 @@ def make_train_step(graphdef, loss_fn: LossFn, tx: optax.GradientTransformation,
   (``layers.gather``); gradients, the optimiser update and the new state keep their shardings.
   ``metrics["finite"]`` says whether the loss, every trained parameter and every statistic
   are finite; ``trained`` is a pytree of bools like the parameters (None: all trained; ``fit``
-  passes ``label != FROZEN`` of ``state.param_labels``): a frozen parameter is never updated,
-  so the step does not read it again. With ``teacher_update``, the teacher is updated right
-  after the optimiser update of 0-based step k = ``state.step``.
+  passes ``trained_leaves``): a frozen parameter is never updated, so the step does not read it
+  again. With ``teacher_update``, the teacher is updated right after the optimiser update of
+  0-based step k = ``state.step``.
 
   BatchNorm: with ``state.batch_stats`` (a sub-tree of ``rest``'s state), the loss runs the model
   in train mode on them (``layers.BatchNorm``: batch statistics of the global batch, SyncBN's;
@@ -499,9 +499,9 @@ def _resume(checkpoints: Checkpointer, state: TrainState, kept):
   return (start, *restored) if kept is not None else (start, restored, None)
 
 
-def _trained(params, config, model):
-  """Whether each parameter is trained (``make_train_step``'s ``trained``): its optimiser label
-  (``param_labels`` of ``config.optimizer``) is not ``FROZEN``."""
+def trained_leaves(params, config, model):
+  """Whether each parameter of ``model`` is trained (``make_train_step``'s ``trained``): its
+  optimiser label (``param_labels`` of ``config.optimizer``) is not ``FROZEN``."""
   return jax.tree.map(lambda label: label != FROZEN, param_labels(
       params, config.optimizer.get("trainable", (".*",)), config.optimizer.get("groups", ()),
       param_groups(model)))
@@ -540,7 +540,7 @@ def fit(model: nnx.Module, loss_fn: LossFn, config, data: Callable[[int], Iterat
   start, state, kept = _resume(checkpoints, state, kept)
   step_fn = make_train_step(graphdef, loss_fn, tx, mesh, accum_steps=config.accum_steps,
                             teacher_update=teacher_update, shardings=shardings,
-                            trained=_trained(params, config, model))
+                            trained=trained_leaves(params, config, model))
   log = MetricsLog(workdir, config, schedule, start, checkpoints, name)
   try:
     batches = data(start)
