@@ -44,6 +44,7 @@ from flax import nnx
 
 from glajax.models.clip import CLIP, CLIPConfig
 from glajax.models.clip.modeling import CLIPTextConfig, CLIPVisionConfig
+from glajax.models import layers
 from glajax.models.heads import LinearHead
 from glajax.train import engine, recipes
 from glajax.parallel import make_mesh, replicated, shard_batch
@@ -326,11 +327,11 @@ def main():
   parser.add_argument("--repeats", type=int, default=2, help="alternating runs; best kept")
   parser.add_argument("--peak_tflops", type=float, default=0.0)
   parser.add_argument("--skip_torch", action="store_true")
-  parser.add_argument("--remat", default="none", choices=("none", "block", "dots"),
+  parser.add_argument("--remat", default="none", choices=tuple(layers.REMAT_POLICIES),
                       help="rematerialisation policy of the blocks (layers.REMAT_POLICIES)")
   parser.add_argument("--unroll", type=int, default=1,
                       help="blocks per scan iteration, both towers (the depth or more: no loop)")
-  parser.add_argument("--attention", choices=["auto", "xla", "cudnn"], default="auto",
+  parser.add_argument("--attention", choices=layers.ATTENTION_IMPLEMENTATIONS, default="auto",
                       help="glajax's attention kernel (models.layers.attend)")
   parser.add_argument("--prompt-length", type=int, default=16,
                       help="tokens per class prompt for --task flyp/carot (BOS..EOS)")
@@ -345,9 +346,9 @@ def main():
 
   config, classes = PRESETS[args.preset]
   config = config() if callable(config) else config
-  towers = dict(remat=args.remat, attention=args.attention, unroll=args.unroll)
-  config = dataclasses.replace(config, vision=dataclasses.replace(config.vision, **towers),
-                               text=dataclasses.replace(config.text, **towers))
+  run = dict(remat=args.remat, attention=args.attention, unroll=args.unroll)
+  config = dataclasses.replace(config, vision=layers.with_run_options(config.vision, **run),
+                               text=layers.with_run_options(config.text, **run))
   images, labels = _data(config, args.batch, classes)
   bf16 = args.dtype == "bfloat16"
   skip_torch = args.skip_torch or args.task != "classifier"

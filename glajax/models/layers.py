@@ -305,6 +305,7 @@ RUN_OPTIONS = {
     "attention": ("auto", Field("choice", choices=ATTENTION_IMPLEMENTATIONS)),
     "unroll": (1, Field("int", 1)),
 }
+RUN_DEFAULTS = {name: default for name, (default, _) in RUN_OPTIONS.items()}
 
 
 def with_run_options(cfg, **options):
@@ -317,7 +318,7 @@ def with_run_options(cfg, **options):
 
 def without_run_options(cfg):
   """``cfg`` with its run-time options at their defaults: its architecture alone."""
-  return with_run_options(cfg, **{k: default for k, (default, _) in RUN_OPTIONS.items()})
+  return with_run_options(cfg, **RUN_DEFAULTS)
 
 
 def check_remat(name: str, remat) -> None:

@@ -76,8 +76,7 @@ def _config(batch_size: int, epochs: int, transform: tuple, **optimizer
   config.optimizer.update(optimizer)
   config.batch_size = batch_size
   config.epochs = epochs
-  config.model = ml_collections.ConfigDict(dict(
-      dtype="bfloat16", **{k: default for k, (default, _) in layers.RUN_OPTIONS.items()}))
+  config.model = ml_collections.ConfigDict(dict(dtype="bfloat16", **layers.RUN_DEFAULTS))
   train, evaluation = transform
   config.transform = ml_collections.ConfigDict(dict(train=dataclasses.asdict(train),
                                                     eval=dataclasses.asdict(evaluation)))
@@ -358,9 +357,7 @@ def load_model(config, path_or_hub_id):
   ``backdoor_peft``, the adapters."""
   model = config.model
   options = dict(dtype=jnp.dtype(model.dtype))
-  defaults = {**{k: default for k, (default, _) in layers.RUN_OPTIONS.items()},
-              "adapter_dim": None, "activation": None}
-  for key, default in defaults.items():
+  for key, default in {**layers.RUN_DEFAULTS, "adapter_dim": None, "activation": None}.items():
     if model.get(key, default) != default:
       options[key] = model[key]
   if options.get("adapter_dim"):
