@@ -70,8 +70,9 @@ def test_digits_offline_on_the_demos_pretrained_clip(tmp_path):
 def test_digits_offline_on_a_random_model_warns(tmp_path):
   root = digits_folder(tmp_path / "digits", per_class=20)
   workdir = tmp_path / "run"
+  # two epochs per learning-rate candidate (own_data.min_steps would raise them to 300 steps)
   result = experiments.run(f"configs/custom.py:data.folder={root},model.checkpoints=('tiny:0',),"
-                           "train.epochs=2,progress=False", str(workdir))
+                           "train.epochs=2,own_data.min_steps=0,progress=False", str(workdir))
   assert result["config"]["data"]["image_size"] == 32   # the tiny model's own
   labels = [row["label"] for table in result["tables"] for row in table["rows"]]
   assert {"zero-shot (α=0)", "WiSE-FT α=0.5", "fine-tuned (α=1)", "GLA"} <= set(labels)
